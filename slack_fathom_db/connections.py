@@ -1,0 +1,92 @@
+"""Pooled connections and the wire protocol of a tenant transaction.
+
+The engine's connections run in driver-level autocommit, so a statement
+outside a transaction (a directory lookup) costs one round trip, and a
+tenant transaction is opened by one simple-protocol message that holds
+``BEGIN`` and the ``SET LOCAL`` statements together (see
+:func:`slack_fathom_db.tenancy.transaction_preamble`). Statements inside it go
+through SQLAlchemy as usual; ``COMMIT`` and ``ROLLBACK`` are sent the same
+way as the preamble.
+
+Invariant: a connection never returns to the pool inside a transaction. A
+pool ``reset`` listener rolls back whatever a cancelled or failed caller left
+open, and a connection whose state is unknown is invalidated, not reused.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+
+from slack_fathom_db.errors import DatabaseUnavailable, translate
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+
+DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@asynccontextmanager
+async def connect(engine: AsyncEngine, *, action: str) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection for the block, with errors of getting one translated."""
+    try:
+        conn = await engine.connect()
+    except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
+        raise translate(exc, action=action) from exc
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def send(conn: AsyncConnection, sql: str, *, action: str) -> None:
+    """Send ``sql`` (one or several statements, no parameters) in one simple-protocol message.
+
+    A connection-level failure invalidates the connection so the pool opens a
+    fresh one next time; every failure is translated.
+    """
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    try:
+        await driver.execute(sql)
+    except DRIVER_ERRORS as exc:
+        error = translate(exc, action=action)
+        if isinstance(error, DatabaseUnavailable) or driver.is_closed():
+            await conn.invalidate(exc)
+        raise error from exc
+
+
+def in_transaction(conn: AsyncConnection) -> bool:
+    """Whether the server has a transaction open on ``conn`` (as of its last reply)."""
+    raw = conn.sync_connection.connection if conn.sync_connection else None
+    if raw is None or raw.driver_connection is None:
+        return False
+    driver: asyncpg.Connection = raw.driver_connection
+    return not driver.is_closed() and driver.is_in_transaction()
+
+
+def install_rollback_on_return(engine: AsyncEngine) -> None:
+    """Roll back a transaction left open when a connection goes back to the pool."""
+
+    def _reset(
+        dbapi_connection: DBAPIConnection,
+        _record: ConnectionPoolEntry,
+        reset_state: PoolResetState,
+    ) -> None:
+        if reset_state.terminate_only or not reset_state.asyncio_safe:
+            return
+        adapted: Any = dbapi_connection
+        driver: asyncpg.Connection = adapted.driver_connection
+        if not driver.is_closed() and driver.is_in_transaction():
+            # Raising here makes the pool invalidate the connection instead of reusing it.
+            adapted.run_async(lambda connection: connection.execute("ROLLBACK"))
+
+    event.listen(engine.sync_engine, "reset", _reset)

@@ -1,0 +1,200 @@
+"""``Database``: the engine, the tenant directory, units of work and rate limits.
+
+Nothing connects at import or construction: the engine is built on first use
+and connects lazily. One ``Database`` per process (per event loop) is the
+intended shape; ``dispose()`` (or ``async with``) closes its pool.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
+
+from slack_fathom_db.connections import DRIVER_ERRORS, connect, install_rollback_on_return
+from slack_fathom_db.errors import SlackFathomDBError, translate
+from slack_fathom_db.repositories.audit import audit_values
+from slack_fathom_db.repositories.rate_limits import RateLimitDecision, window_charge
+from slack_fathom_db.settings import DatabaseSettings
+from slack_fathom_db.tenancy import TenantDirectory, TenantId
+from slack_fathom_db.uow import UnitOfWork
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from slack_fathom_db.models import AuditLog
+
+__all__ = ["Database", "DatabaseInfo"]
+
+APPLICATION_NAME = "slack_fathom_db"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseInfo:
+    """What the layer is connected to; safe to print (the password is masked)."""
+
+    url: str
+    server_version: str
+    database: str
+    user: str
+    app_role: str
+    pool_size: int
+    checked_out: int
+    overflow: int
+    pgbouncer: bool
+
+
+class Database:
+    """Entry point of the layer: ``Database(DatabaseSettings())``."""
+
+    def __init__(self, settings: DatabaseSettings | None = None) -> None:
+        self.settings = settings if settings is not None else DatabaseSettings()
+        self._engine: AsyncEngine | None = None
+        self._directory: TenantDirectory | None = None
+
+    def __repr__(self) -> str:
+        return f"Database(url={self.settings.masked_url!r})"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The async engine, built on first use (no connection is opened by building it)."""
+        if self._engine is None:
+            self._engine = self._build_engine()
+        return self._engine
+
+    @property
+    def directory(self) -> TenantDirectory:
+        """Slack workspaces ↔ tenants: ``install`` and ``resolve``."""
+        if self._directory is None:
+            self._directory = TenantDirectory(self.engine)
+        return self._directory
+
+    def unit_of_work(
+        self, tenant_id: TenantId | None = None, *, slack_team_id: str | None = None
+    ) -> UnitOfWork:
+        """One tenant, one transaction: ``async with db.unit_of_work(tenant_id) as uow:``."""
+        return UnitOfWork(
+            self.engine, self.settings, tenant_id=tenant_id, slack_team_id=slack_team_id
+        )
+
+    async def rate_limit(
+        self,
+        tenant_id: TenantId,
+        resource_type: str,
+        *,
+        limit: int,
+        period: str = "daily",
+        cost: int = 1,
+    ) -> RateLimitDecision:
+        """Spend ``cost`` of ``limit`` now, in a short transaction of its own.
+
+        One atomic statement; committed at once when allowed; a denial spends
+        nothing. It never waits behind a unit of work (their charges are
+        applied at their commit).
+        """
+        charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
+        async with self.unit_of_work(tenant_id) as uow:
+            decision = await uow.rate_limits.charge_now(charge)
+            if decision.allowed:
+                await uow.commit()
+        return decision
+
+    async def log_security_event(self, tenant_id: TenantId, **event: Any) -> AuditLog:
+        """Write an audit event in its own short transaction, so it survives a rollback.
+
+        Takes the keyword arguments of ``AuditRepo.log_event``. For denials
+        (a cross-tenant attempt, a rate-limit refusal) that must be kept even
+        when the caller's unit of work rolls back.
+        """
+        audit_values(**event)  # validate before a connection is taken
+        async with self.unit_of_work(tenant_id) as uow:
+            logged = await uow.audit.log_event(**event)
+            await uow.commit()
+        return logged
+
+    async def check_connection(self) -> bool:
+        """``True`` if a connection can be had and answers ``SELECT 1``."""
+        try:
+            async with connect(self.engine, action="check connection") as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SlackFathomDBError, SQLAlchemyError, *DRIVER_ERRORS):
+            return False
+        return True
+
+    async def info(self) -> DatabaseInfo:
+        """Server version, database, user and pool figures; the URL with its password masked."""
+        statement = text(
+            "SELECT current_setting('server_version') AS version, "
+            "current_database() AS database, current_user AS user"
+        )
+        async with connect(self.engine, action="read database info") as conn:
+            try:
+                row = (await conn.execute(statement)).one()
+            except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
+                raise translate(exc, action="read database info") from exc
+            pool = self.engine.pool
+            checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
+            overflow = pool.overflow() if isinstance(pool, QueuePool) else 0
+        return DatabaseInfo(
+            url=self.settings.masked_url or "",
+            server_version=row.version,
+            database=row.database,
+            user=row.user,
+            app_role=self.settings.app_role,
+            pool_size=self.settings.pool_size,
+            checked_out=checked_out,
+            overflow=overflow,
+            pgbouncer=self.settings.pgbouncer,
+        )
+
+    async def dispose(self) -> None:
+        """Close every pooled connection; the next use builds a fresh pool."""
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+            self._directory = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.dispose()
+
+    def _build_engine(self) -> AsyncEngine:
+        settings = self.settings
+        connect_args: dict[str, Any] = {
+            "server_settings": {"application_name": APPLICATION_NAME},
+            "timeout": settings.pool_timeout,
+        }
+        if settings.pgbouncer:
+            # Transaction pooling: a prepared statement may not outlive its transaction.
+            connect_args["statement_cache_size"] = 0
+            connect_args["prepared_statement_cache_size"] = 0
+            connect_args["prepared_statement_name_func"] = _unique_statement_name
+        engine = create_async_engine(
+            settings.sqlalchemy_url(),
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout,
+            pool_recycle=settings.pool_recycle,
+            echo=settings.echo,
+            hide_parameters=True,
+            isolation_level="AUTOCOMMIT",
+            connect_args=connect_args,
+        )
+        install_rollback_on_return(engine)
+        return engine
+
+
+def _unique_statement_name() -> str:
+    return f"__sfdb_{uuid.uuid4().hex}__"

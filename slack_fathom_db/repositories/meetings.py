@@ -1,0 +1,310 @@
+"""MeetingRepo: meetings from Fathom, their processing lifecycle and CRM sync.
+
+Processing moves pending → processing → completed | failed, and failed →
+processing for a retry. Every transition is one guarded ``UPDATE … WHERE
+status IN (…)`` that bumps ``version``; a caller that passes
+``expected_version`` gets :class:`Conflict` if someone else changed the
+meeting first (a lost update), and :class:`InvalidStateTransition` if the
+move is not allowed from the current status.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import tuple_
+
+from slack_fathom_db import validation
+from slack_fathom_db.errors import Conflict, InvalidStateTransition, NotFound
+from slack_fathom_db.models import MeetingSession
+from slack_fathom_db.models.base import utcnow
+from slack_fathom_db.models.meetings import CRM_SYNC_STATUSES
+from slack_fathom_db.repositories.base import TenantRepository
+
+if TYPE_CHECKING:
+    import uuid
+    from collections.abc import Iterable, Mapping
+
+__all__ = ["MeetingRepo"]
+
+_ALLOWED_FROM: Final = {
+    "processing": ("pending", "failed"),
+    "completed": ("processing",),
+    "failed": ("processing",),
+}
+_MAX_DAYS: Final = 3660
+_MAX_LIMIT: Final = 1000
+
+
+class MeetingRepo(TenantRepository[MeetingSession]):
+    """``uow.meetings``."""
+
+    model = MeetingSession
+
+    async def create(
+        self,
+        *,
+        user_id: uuid.UUID,
+        fathom_recording_id: str,
+        title: str,
+        crm_connection_id: uuid.UUID | None = None,
+        meeting_url: str | None = None,
+        started_at: datetime | None = None,
+        duration_seconds: int | None = None,
+        participants: Iterable[Mapping[str, Any] | str] = (),
+    ) -> MeetingSession:
+        """Record a meeting as ``pending``; a second delivery of the same recording returns it.
+
+        Idempotent on ``fathom_recording_id`` among live meetings, also under
+        concurrency: two deliveries racing give one row, and both get it.
+        """
+        recording = validation.text(
+            fathom_recording_id, field="fathom_recording_id", max_length=validation.MAX_NAME
+        )
+        values = {
+            "user_id": validation.uuid_value(user_id, field="user_id"),
+            "fathom_recording_id": recording,
+            "title": validation.text(title, field="title", max_length=1000),
+            "crm_connection_id": validation.optional_uuid(
+                crm_connection_id, field="crm_connection_id"
+            ),
+            "meeting_url": validation.optional_text(
+                meeting_url, field="meeting_url", max_length=2048
+            ),
+            "started_at": validation.aware_datetime(started_at, field="started_at"),
+            "duration_seconds": None
+            if duration_seconds is None
+            else validation.integer(duration_seconds, field="duration_seconds"),
+            "participants": validation.json_list(list(participants), field="participants"),
+        }
+        statement = (
+            self._insert(MeetingSession, **values)
+            .on_conflict_do_nothing(
+                index_elements=[MeetingSession.tenant_id, MeetingSession.fathom_recording_id],
+                index_where=MeetingSession.deleted_at.is_(None),
+            )
+            .returning(MeetingSession)
+        )
+        created: MeetingSession | None = await self._one_or_none(statement, action="create meeting")
+        if created is not None:
+            return created
+        existing = await self.get_by_fathom_id(recording)
+        if existing is None:  # the other delivery was rolled back in between: try once more
+            created = await self._one_or_none(statement, action="create meeting")
+            existing = created or await self.get_by_fathom_id(recording)
+        if existing is None:
+            raise Conflict("create meeting: the recording is being created concurrently; retry")
+        return existing
+
+    async def get(self, meeting_id: uuid.UUID) -> MeetingSession | None:
+        """A live meeting by id."""
+        mid = validation.uuid_value(meeting_id, field="meeting_id")
+        result: MeetingSession | None = await self._one_or_none(
+            self._live().where(MeetingSession.id == mid), action="get meeting"
+        )
+        return result
+
+    async def get_by_fathom_id(self, fathom_recording_id: str) -> MeetingSession | None:
+        """A live meeting by its Fathom recording id."""
+        rec = validation.text(
+            fathom_recording_id, field="fathom_recording_id", max_length=validation.MAX_NAME
+        )
+        result: MeetingSession | None = await self._one_or_none(
+            self._live().where(MeetingSession.fathom_recording_id == rec), action="get meeting"
+        )
+        return result
+
+    async def start_processing(
+        self, meeting_id: uuid.UUID, *, expected_version: int | None = None
+    ) -> MeetingSession:
+        """pending or failed → processing; counts an attempt."""
+        return await self._transition(
+            meeting_id,
+            "processing",
+            expected_version,
+            processing_attempts=MeetingSession.processing_attempts + 1,
+            processing_started_at=utcnow(),
+            processing_error=None,
+        )
+
+    async def complete_processing(
+        self,
+        meeting_id: uuid.UUID,
+        *,
+        summary: str,
+        action_items: Iterable[Mapping[str, Any] | str] = (),
+        ai_output: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> MeetingSession:
+        """processing → completed, with the summary, action items and raw AI output."""
+        return await self._transition(
+            meeting_id,
+            "completed",
+            expected_version,
+            summary=validation.text(summary, field="summary", max_length=validation.MAX_LONG_TEXT),
+            action_items=validation.json_list(list(action_items), field="action_items"),
+            ai_output=None
+            if ai_output is None
+            else validation.json_object(ai_output, field="ai_output"),
+            processed_at=utcnow(),
+            processing_error=None,
+        )
+
+    async def fail_processing(
+        self, meeting_id: uuid.UUID, *, error: str, expected_version: int | None = None
+    ) -> MeetingSession:
+        """processing → failed, keeping the error; :meth:`start_processing` retries it."""
+        return await self._transition(
+            meeting_id,
+            "failed",
+            expected_version,
+            processing_error=validation.text(error, field="error", max_length=validation.MAX_TEXT),
+            processed_at=utcnow(),
+        )
+
+    async def claim_pending(self, *, limit: int) -> list[MeetingSession]:
+        """Move up to ``limit`` pending meetings, oldest first, to processing and return them.
+
+        ``FOR UPDATE SKIP LOCKED``: concurrent workers never claim the same meeting.
+        """
+        count = validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT)
+        pending = (
+            self._live()
+            .with_only_columns(MeetingSession.tenant_id, MeetingSession.id)
+            .where(MeetingSession.status == "pending")
+            .order_by(MeetingSession.created_at)
+            .limit(count)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            self._update()
+            .where(tuple_(MeetingSession.tenant_id, MeetingSession.id).in_(pending))
+            .values(
+                status="processing",
+                processing_attempts=MeetingSession.processing_attempts + 1,
+                processing_started_at=utcnow(),
+                version=MeetingSession.version + 1,
+                updated_at=utcnow(),
+            )
+            .returning(MeetingSession)
+        )
+        claimed = await self._all(statement, action="claim pending meetings")
+        return sorted(claimed, key=lambda meeting: meeting.created_at)
+
+    async def record_crm_sync(
+        self,
+        meeting_id: uuid.UUID,
+        *,
+        status: str,
+        crm_record_id: str | None = None,
+        error: str | None = None,
+    ) -> MeetingSession:
+        """Record a CRM sync attempt of a completed meeting.
+
+        ``synced`` needs ``crm_record_id`` and ``failed`` needs ``error``; both
+        count an attempt. ``pending`` marks the meeting as queued for sync.
+        """
+        sync_status = validation.choice(
+            status, field="status", allowed=[s for s in CRM_SYNC_STATUSES if s != "not_synced"]
+        )
+        values: dict[str, Any] = {"crm_sync_status": sync_status}
+        if sync_status == "synced":
+            values["crm_record_id"] = validation.text(
+                crm_record_id, field="crm_record_id", max_length=validation.MAX_NAME
+            )
+            values["crm_synced_at"] = utcnow()
+            values["crm_last_error"] = None
+        elif sync_status == "failed":
+            values["crm_last_error"] = validation.text(error, field="error")
+        if sync_status != "pending":
+            values["crm_sync_attempts"] = MeetingSession.crm_sync_attempts + 1
+        mid = validation.uuid_value(meeting_id, field="meeting_id")
+        statement = (
+            self._update()
+            .where(
+                MeetingSession.id == mid,
+                MeetingSession.deleted_at.is_(None),
+                MeetingSession.status == "completed",
+            )
+            .values(**values, version=MeetingSession.version + 1, updated_at=utcnow())
+            .returning(MeetingSession)
+        )
+        meeting: MeetingSession | None = await self._one_or_none(
+            statement, action="record CRM sync"
+        )
+        if meeting is None:
+            current = await self.get(mid)
+            if current is None:
+                raise NotFound("record CRM sync: no live meeting with that id")
+            raise InvalidStateTransition(
+                f"record CRM sync: the meeting is {current.status}; only completed meetings sync"
+            )
+        return meeting
+
+    async def for_user(
+        self, user_id: uuid.UUID, *, days: int = 30, limit: int = 50
+    ) -> list[MeetingSession]:
+        """A user's live meetings of the last ``days`` days, newest first."""
+        uid = validation.uuid_value(user_id, field="user_id")
+        return await self._recent(days, limit, MeetingSession.user_id == uid)
+
+    async def recent(self, *, days: int = 30, limit: int = 50) -> list[MeetingSession]:
+        """The tenant's live meetings of the last ``days`` days, newest first."""
+        return await self._recent(days, limit)
+
+    async def soft_delete(self, meeting_id: uuid.UUID) -> None:
+        """Soft-delete a meeting; its recording id may then be delivered again."""
+        mid = validation.uuid_value(meeting_id, field="meeting_id")
+        await self._soft_delete(MeetingSession, mid, action="delete meeting")
+
+    async def _recent(self, days: int, limit: int, *conditions: Any) -> list[MeetingSession]:
+        since = utcnow() - timedelta(
+            days=validation.integer(days, field="days", minimum=1, maximum=_MAX_DAYS)
+        )
+        count = validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT)
+        statement = (
+            self._live()
+            .where(MeetingSession.created_at >= since, *conditions)
+            .order_by(MeetingSession.created_at.desc())
+            .limit(count)
+        )
+        return await self._all(statement, action="list meetings")
+
+    async def _transition(
+        self,
+        meeting_id: uuid.UUID,
+        target: str,
+        expected_version: int | None,
+        **values: Any,
+    ) -> MeetingSession:
+        mid = validation.uuid_value(meeting_id, field="meeting_id")
+        allowed = _ALLOWED_FROM[target]
+        statement = self._update().where(
+            MeetingSession.id == mid,
+            MeetingSession.deleted_at.is_(None),
+            MeetingSession.status.in_(allowed),
+        )
+        if expected_version is not None:
+            version = validation.integer(expected_version, field="expected_version", minimum=1)
+            statement = statement.where(MeetingSession.version == version)
+        statement = statement.values(
+            status=target, version=MeetingSession.version + 1, updated_at=utcnow(), **values
+        ).returning(MeetingSession)
+        meeting: MeetingSession | None = await self._one_or_none(
+            statement, action=f"move meeting to {target}"
+        )
+        if meeting is not None:
+            return meeting
+        current = await self.get(mid)
+        if current is None:
+            raise NotFound(f"move meeting to {target}: no live meeting with that id")
+        if expected_version is not None and current.version != expected_version:
+            raise Conflict(
+                f"move meeting to {target}: the meeting changed concurrently "
+                f"(version {current.version}, expected {expected_version}); reload and retry"
+            )
+        raise InvalidStateTransition(
+            f"move meeting to {target}: not allowed from {current.status} "
+            f"(allowed from {', '.join(allowed)})"
+        )

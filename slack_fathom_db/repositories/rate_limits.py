@@ -1,0 +1,336 @@
+"""RateLimitRepo: fixed-window counters and token buckets, decided atomically by PostgreSQL.
+
+Each charge is one statement: an ``INSERT … ON CONFLICT DO UPDATE … WHERE
+count + cost <= limit`` whose ``WHERE`` is evaluated under the row lock, so N
+concurrent callers against a limit L are granted exactly min(N, L), and a
+denied call changes nothing. Windows are aligned to UTC.
+
+Inside a unit of work, :meth:`RateLimitRepo.consume` and
+:meth:`RateLimitRepo.take` answer at once from what is committed plus what
+this unit of work has already asked for, and defer the charge itself to
+``commit()``: it counts only if the unit of work commits, and the counter's
+row lock is held for the commit alone, so ``db.rate_limit`` never waits
+behind a unit of work. If the limit was reached meanwhile, ``commit()``
+raises :class:`~slack_fathom_db.errors.RateLimitExceeded` and rolls back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import Float, cast, extract, func, select
+
+from slack_fathom_db import validation
+from slack_fathom_db.errors import RateLimitExceeded
+from slack_fathom_db.models import ApiRateLimit
+from slack_fathom_db.models.base import utcnow
+from slack_fathom_db.repositories.base import TenantRepository
+
+__all__ = ["PERIODS", "RateLimitDecision", "RateLimitRepo", "window", "window_charge"]
+
+PERIODS: Final = ("minute", "hourly", "daily", "monthly")
+_BUCKET: Final = "bucket"
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_LIMIT: Final = 2**31 - 1
+_KEY: Final = (
+    ApiRateLimit.tenant_id,
+    ApiRateLimit.resource_type,
+    ApiRateLimit.period,
+    ApiRateLimit.window_start,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitDecision:
+    """The answer to a rate-limit request.
+
+    ``current`` is what is spent in the window (or bucket) after this call,
+    ``remaining`` what is left, ``resets_at`` when the window ends (or the
+    bucket is full again), ``retry_after`` the seconds to wait before the same
+    request could succeed (``0.0`` when allowed).
+    """
+
+    allowed: bool
+    current: int
+    limit: int
+    remaining: int
+    resets_at: datetime
+    retry_after: float
+
+
+def window(period: str, now: datetime) -> tuple[datetime, datetime]:
+    """The UTC window ``[start, end)`` of ``period`` that contains ``now``."""
+    now = now.astimezone(UTC)
+    if period == "minute":
+        start = now.replace(second=0, microsecond=0)
+        return start, start + timedelta(minutes=1)
+    if period == "hourly":
+        start = now.replace(minute=0, second=0, microsecond=0)
+        return start, start + timedelta(hours=1)
+    if period == "daily":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start, (start + timedelta(days=32)).replace(day=1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    resource_type: str
+    period: str
+    limit: int
+    cost: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.resource_type, self.period)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bucket:
+    bucket: str
+    capacity: int
+    refill_per_second: float
+    tokens: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.bucket, _BUCKET)
+
+
+@dataclass(slots=True)
+class _Deferred:
+    charges: list[_Window | _Bucket] = field(default_factory=list)
+
+    def spent(self, key: tuple[str, str]) -> int:
+        return sum(
+            charge.cost if isinstance(charge, _Window) else charge.tokens
+            for charge in self.charges
+            if charge.key == key
+        )
+
+
+class RateLimitRepo(TenantRepository[ApiRateLimit]):
+    """``uow.rate_limits``."""
+
+    model = ApiRateLimit
+
+    def __init__(self, uow: Any) -> None:
+        super().__init__(uow)
+        self._deferred = _Deferred()
+
+    async def consume(
+        self, resource_type: str, *, limit: int, period: str = "daily", cost: int = 1
+    ) -> RateLimitDecision:
+        """Spend ``cost`` of ``limit`` in the current ``period`` window, charged at commit."""
+        charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
+        decision = await self._peek_window(charge, already=self._deferred.spent(charge.key))
+        if decision.allowed:
+            self._deferred.charges.append(charge)
+        return decision
+
+    async def peek(
+        self, resource_type: str, *, limit: int, period: str = "daily", cost: int = 1
+    ) -> RateLimitDecision:
+        """What :meth:`consume` would decide, without spending anything."""
+        charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
+        return await self._peek_window(charge, already=self._deferred.spent(charge.key))
+
+    async def take(
+        self, bucket: str, *, capacity: int, refill_per_second: float, tokens: int = 1
+    ) -> RateLimitDecision:
+        """Take ``tokens`` from a token bucket that refills continuously, charged at commit."""
+        charge = _Bucket(
+            bucket=validation.resource_name(bucket, field="bucket"),
+            capacity=validation.integer(capacity, field="capacity", minimum=1),
+            refill_per_second=validation.positive_number(
+                refill_per_second, field="refill_per_second"
+            ),
+            tokens=validation.integer(tokens, field="tokens", minimum=1),
+        )
+        decision = await self._peek_bucket(charge, already=self._deferred.spent(charge.key))
+        if decision.allowed:
+            self._deferred.charges.append(charge)
+        return decision
+
+    # -- used by the unit of work and by Database.rate_limit --------------------------
+
+    async def apply_deferred_charges(self) -> None:
+        """Apply the charges deferred to commit, in key order; raise if one no longer fits."""
+        charges = sorted(self._deferred.charges, key=lambda charge: charge.key)
+        self._deferred = _Deferred()
+        for charge in charges:
+            decision = await self.charge_now(charge)
+            if not decision.allowed:
+                name = charge.key[0]
+                raise RateLimitExceeded(
+                    f"commit: the rate limit of {name!r} was reached before this unit of work "
+                    f"committed; retry after {decision.retry_after:.1f}s"
+                )
+
+    def discard_deferred_charges(self) -> None:
+        """Forget charges deferred to a commit that will not happen."""
+        self._deferred = _Deferred()
+
+    async def charge_now(self, charge: _Window | _Bucket) -> RateLimitDecision:
+        """Apply one charge in the current transaction, atomically."""
+        if isinstance(charge, _Bucket):
+            return await self._take_bucket(charge)
+        return await self._consume_window(charge)
+
+    # -- fixed windows ---------------------------------------------------------------
+
+    def _window_row(self, resource_type: str, period: str, start: datetime) -> Any:
+        return self._select().where(
+            ApiRateLimit.resource_type == resource_type,
+            ApiRateLimit.period == period,
+            ApiRateLimit.window_start == start,
+        )
+
+    async def _peek_window(self, charge: _Window, *, already: int) -> RateLimitDecision:
+        now = utcnow()
+        start, end = window(charge.period, now)
+        statement = self._window_row(charge.resource_type, charge.period, start).with_only_columns(
+            ApiRateLimit.request_count
+        )
+        spent = (await self._one_or_none(statement, action="read rate limit") or 0) + already
+        allowed = spent + charge.cost <= charge.limit
+        current = spent + charge.cost if allowed else spent
+        return _window_decision(charge, spent=current, allowed=allowed, now=now, end=end)
+
+    async def _consume_window(self, charge: _Window) -> RateLimitDecision:
+        now = utcnow()
+        start, end = window(charge.period, now)
+        if charge.cost > charge.limit:
+            return await self._peek_window(charge, already=0)
+        insert = self._insert(
+            ApiRateLimit,
+            resource_type=charge.resource_type,
+            period=charge.period,
+            window_start=start,
+            request_count=charge.cost,
+        )
+        total = ApiRateLimit.request_count + insert.excluded.request_count
+        charged = (
+            insert.on_conflict_do_update(
+                index_elements=list(_KEY),
+                set_={"request_count": total, "updated_at": func.now()},
+                where=total <= charge.limit,
+            )
+            .returning(ApiRateLimit.request_count)
+            .cte("charged")
+        )
+        prior = self._window_row(charge.resource_type, charge.period, start).with_only_columns(
+            ApiRateLimit.request_count
+        )
+        statement = select(
+            select(charged.c.request_count).scalar_subquery().label("granted"),
+            prior.scalar_subquery().label("prior"),
+        )
+        row = (await self._execute(statement, action="consume rate limit")).one()
+        if row.granted is not None:
+            return _window_decision(charge, spent=row.granted, allowed=True, now=now, end=end)
+        return _window_decision(charge, spent=row.prior or 0, allowed=False, now=now, end=end)
+
+    # -- token buckets ---------------------------------------------------------------
+
+    def _available(self, charge: _Bucket) -> Any:
+        elapsed = cast(
+            extract("epoch", func.statement_timestamp() - ApiRateLimit.updated_at), Float
+        )
+        return func.least(
+            cast(charge.capacity, Float),
+            ApiRateLimit.tokens + elapsed * charge.refill_per_second,
+        )
+
+    async def _peek_bucket(self, charge: _Bucket, *, already: int) -> RateLimitDecision:
+        statement = self._window_row(charge.bucket, _BUCKET, _EPOCH).with_only_columns(
+            self._available(charge)
+        )
+        available = await self._one_or_none(statement, action="read token bucket")
+        left = (charge.capacity if available is None else float(available)) - already
+        allowed = left >= charge.tokens
+        return _bucket_decision(
+            charge, after=left - charge.tokens if allowed else left, allowed=allowed
+        )
+
+    async def _take_bucket(self, charge: _Bucket) -> RateLimitDecision:
+        if charge.tokens > charge.capacity:
+            return await self._peek_bucket(charge, already=0)
+        insert = self._insert(
+            ApiRateLimit,
+            resource_type=charge.bucket,
+            period=_BUCKET,
+            window_start=_EPOCH,
+            request_count=0,
+            tokens=float(charge.capacity - charge.tokens),
+            updated_at=func.statement_timestamp(),
+        )
+        available = self._available(charge)
+        taken = (
+            insert.on_conflict_do_update(
+                index_elements=list(_KEY),
+                set_={
+                    "tokens": available - charge.tokens,
+                    "updated_at": func.statement_timestamp(),
+                },
+                where=available >= charge.tokens,
+            )
+            .returning(ApiRateLimit.tokens)
+            .cte("taken")
+        )
+        prior = self._window_row(charge.bucket, _BUCKET, _EPOCH).with_only_columns(available)
+        statement = select(
+            select(taken.c.tokens).scalar_subquery().label("left"),
+            prior.scalar_subquery().label("prior"),
+        )
+        row = (await self._execute(statement, action="take from token bucket")).one()
+        if row.left is not None:
+            return _bucket_decision(charge, after=float(row.left), allowed=True)
+        prior_left = charge.capacity if row.prior is None else float(row.prior)
+        return _bucket_decision(charge, after=prior_left, allowed=False)
+
+
+def window_charge(resource_type: str, *, limit: int, period: str, cost: int) -> _Window:
+    """A validated fixed-window charge."""
+    return _Window(
+        resource_type=validation.resource_name(resource_type, field="resource_type"),
+        period=validation.choice(period, field="period", allowed=PERIODS),
+        limit=validation.integer(limit, field="limit", minimum=0, maximum=_MAX_LIMIT),
+        cost=validation.integer(cost, field="cost", minimum=1, maximum=_MAX_LIMIT),
+    )
+
+
+def _window_decision(
+    charge: _Window, *, spent: int, allowed: bool, now: datetime, end: datetime
+) -> RateLimitDecision:
+    # A denial read its count from the statement's snapshot, which a concurrent
+    # grant may have overtaken: never report room for a request just refused.
+    current = spent if allowed else max(spent, charge.limit - charge.cost + 1)
+    return RateLimitDecision(
+        allowed=allowed,
+        current=current,
+        limit=charge.limit,
+        remaining=max(0, charge.limit - current),
+        resets_at=end,
+        retry_after=0.0 if allowed else max(0.0, (end - now).total_seconds()),
+    )
+
+
+def _bucket_decision(charge: _Bucket, *, after: float, allowed: bool) -> RateLimitDecision:
+    """``after``: the tokens left once this call is done (taken or not)."""
+    after = max(0.0, after)
+    remaining = math.floor(after)
+    missing = 0.0 if allowed else max(0.0, charge.tokens - after)
+    return RateLimitDecision(
+        allowed=allowed,
+        current=charge.capacity - remaining,
+        limit=charge.capacity,
+        remaining=remaining,
+        resets_at=utcnow()
+        + timedelta(seconds=(charge.capacity - after) / charge.refill_per_second),
+        retry_after=missing / charge.refill_per_second,
+    )

@@ -1,0 +1,118 @@
+"""Connection settings, read from the environment and ``.env``.
+
+There is no module-level instance: the application builds one where it
+starts (``DatabaseSettings()``), tests build their own. The URL carries a
+password, so it is held as a secret: the repr, ``model_dump`` and every error
+show it masked (``postgresql+asyncpg://user:***@host/db``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+__all__ = ["DatabaseSettings", "normalize_url"]
+
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ACCEPTED_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"}
+
+
+def normalize_url(raw: str) -> URL:
+    """Parse a PostgreSQL URL and return it driven through asyncpg.
+
+    ``postgresql://`` and ``postgres://`` are accepted; another driver or
+    database is refused. The error never repeats the URL (it may hold a
+    password).
+    """
+    try:
+        url = make_url(raw.strip())
+    except ArgumentError:
+        raise ValueError(
+            "DATABASE_URL is not a valid URL; expected postgresql://user:password@host:port/database"
+        ) from None
+    if url.drivername not in _ACCEPTED_SCHEMES:
+        raise ValueError(
+            f"DATABASE_URL must use postgresql:// or postgres:// (got scheme {url.drivername!r})"
+        )
+    if not url.database:
+        raise ValueError("DATABASE_URL must name a database (…/database)")
+    return url.set(drivername="postgresql+asyncpg")
+
+
+class DatabaseSettings(BaseSettings):
+    """Where the database is and how the pool behaves.
+
+    Environment names: ``DATABASE_URL``, ``DATABASE_POOL_SIZE``,
+    ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
+    ``DATABASE_POOL_RECYCLE``, ``DATABASE_ECHO``, ``DATABASE_PGBOUNCER``,
+    ``DATABASE_STATEMENT_TIMEOUT_MS``, ``DATABASE_APP_ROLE``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="DATABASE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+        frozen=True,
+    )
+
+    url: SecretStr | None = Field(
+        default=None, description="postgresql:// URL of the server and database."
+    )
+    pool_size: Annotated[int, Field(ge=1, le=1000)] = 20
+    max_overflow: Annotated[int, Field(ge=0, le=1000)] = 10
+    pool_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    pool_recycle: Annotated[int, Field(ge=-1)] = 3600
+    echo: bool = False
+    pgbouncer: bool = Field(
+        default=False,
+        description="Transaction pooling in front: no prepared-statement cache.",
+    )
+    statement_timeout_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 30_000
+    app_role: str = Field(
+        default="sfdb_app",
+        description="The NOSUPERUSER NOBYPASSRLS role every unit of work runs as.",
+    )
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _normalize(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        return SecretStr(normalize_url(raw).render_as_string(hide_password=False))
+
+    @field_validator("app_role")
+    @classmethod
+    def _check_role(cls, value: str) -> str:
+        if not _ROLE_NAME.fullmatch(value):
+            raise ValueError(
+                "DATABASE_APP_ROLE must be a lower-case identifier ([a-z_][a-z0-9_]*, 63 at most)"
+            )
+        return value
+
+    def sqlalchemy_url(self) -> URL:
+        """The URL to connect with, password included; never log it."""
+        if self.url is None:
+            raise ValueError(
+                "DATABASE_URL is not set; export DATABASE_URL=postgresql://user:password@host/db "
+                "or write it into .env"
+            )
+        return make_url(self.url.get_secret_value())
+
+    @property
+    def masked_url(self) -> str | None:
+        """The URL with its password replaced by ``***``; safe to print."""
+        if self.url is None:
+            return None
+        return make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield (name, self.masked_url) if name == "url" else (name, value)

@@ -1,0 +1,129 @@
+"""Tenant identity and the directory of workspaces: the only surface not scoped to a tenant.
+
+Invariants:
+
+* A :data:`TenantId` is minted only here, by :class:`TenantDirectory` (and by
+  :func:`tenant_id_from_trusted` for values read back from the database).
+  Everything scoped to a tenant takes one, so the type checker shows where a
+  tenant comes from.
+* The directory reads and writes ``tenants`` only, one autocommitted
+  statement per call, as the connecting (owner) role.
+* :func:`transaction_preamble` renders the statements that open every tenant
+  transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
+  app.tenant_id = '<uuid>'`` and the statement timeout, sent as one
+  simple-protocol message. ``SET LOCAL`` (rather than ``set_config()``) is
+  what Citus propagates to its workers; the literal comes from a validated
+  :class:`uuid.UUID` and the role name from a validated identifier, so no
+  input reaches the text unchecked.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, NewType
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import SQLAlchemyError
+
+from slack_fathom_db import validation
+from slack_fathom_db.connections import connect
+from slack_fathom_db.errors import translate
+from slack_fathom_db.models import Tenant
+from slack_fathom_db.models.base import utcnow
+from slack_fathom_db.models.tenants import PLAN_TIERS
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["TenantDirectory", "TenantId", "tenant_id_from_trusted", "transaction_preamble"]
+
+TenantId = NewType("TenantId", uuid.UUID)
+"""The id of a live tenant, as resolved or installed by the directory."""
+
+
+def tenant_id_from_trusted(value: uuid.UUID) -> TenantId:
+    """Wrap a tenant id read back from the database (never from user input)."""
+    return TenantId(value)
+
+
+def transaction_preamble(
+    tenant_id: uuid.UUID, *, role: str, statement_timeout_ms: int, check_tenant: bool
+) -> str:
+    """The one message that opens a tenant transaction (see the module docstring)."""
+    if not isinstance(tenant_id, uuid.UUID):  # a str would be injected verbatim
+        raise TypeError("tenant_id must be a uuid.UUID")
+    statements = [
+        "BEGIN",
+        f'SET LOCAL ROLE "{role}"',
+        f"SET LOCAL app.tenant_id = '{tenant_id}'",
+        f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}",
+    ]
+    if check_tenant:
+        statements.append("SELECT sfdb_require_tenant()")
+    return "; ".join(statements)
+
+
+class TenantDirectory:
+    """Maps Slack workspaces to tenants: ``install`` and ``resolve``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def install(
+        self,
+        *,
+        slack_team_id: str,
+        slack_team_name: str,
+        plan_tier: str = "free",
+        slack_enterprise_id: str | None = None,
+    ) -> TenantId:
+        """Create the tenant of a workspace, or return the existing one.
+
+        Idempotent: a second install of a live workspace returns the same id
+        and updates its name; installing a soft-deleted workspace reactivates
+        it (same id, ``deleted_at`` cleared). One atomic statement.
+        """
+        team_id = validation.slack_team_id(slack_team_id)
+        name = validation.text(slack_team_name, field="slack_team_name", max_length=255)
+        tier = validation.choice(plan_tier, field="plan_tier", allowed=PLAN_TIERS)
+        enterprise = validation.slack_enterprise_id(slack_enterprise_id)
+        upsert = insert(Tenant).values(
+            slack_team_id=team_id,
+            slack_team_name=name,
+            plan_tier=tier,
+            slack_enterprise_id=enterprise,
+        )
+        statement = upsert.on_conflict_do_update(
+            index_elements=[Tenant.slack_team_id],
+            set_={
+                "slack_team_name": upsert.excluded.slack_team_name,
+                "slack_enterprise_id": upsert.excluded.slack_enterprise_id,
+                "deleted_at": None,
+                "updated_at": utcnow(),
+            },
+        ).returning(Tenant.id)
+        async with connect(self._engine, action="install tenant") as conn:
+            try:
+                value = (await conn.execute(statement)).scalar_one()
+            except SQLAlchemyError as exc:
+                raise translate(exc, action="install tenant") from exc
+        return TenantId(value)
+
+    async def resolve(self, slack_team_id: str) -> TenantId | None:
+        """The tenant of a workspace; ``None`` if unknown or soft-deleted."""
+        team_id = validation.slack_team_id(slack_team_id)
+        async with connect(self._engine, action="resolve tenant") as conn:
+            return await resolve_on(conn, team_id)
+
+
+async def resolve_on(conn: AsyncConnection, slack_team_id: str) -> TenantId | None:
+    """Resolve a validated Slack team id on an open connection (autocommit)."""
+    statement = select(Tenant.id).where(
+        Tenant.slack_team_id == slack_team_id, Tenant.deleted_at.is_(None)
+    )
+    try:
+        value = (await conn.execute(statement)).scalar_one_or_none()
+    except SQLAlchemyError as exc:
+        raise translate(exc, action="resolve tenant") from exc
+    return None if value is None else TenantId(value)

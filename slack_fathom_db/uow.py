@@ -1,0 +1,212 @@
+"""The unit of work: one tenant, one session, one connection, one task.
+
+Invariants:
+
+* Repositories exist only here and take the tenant and the session from the
+  unit of work; they may execute statements, they never commit.
+* Every transaction of a unit of work starts with the tenant preamble
+  (``BEGIN; SET LOCAL ROLE <app role>; SET LOCAL app.tenant_id = '<uuid>'``,
+  one round trip), so row-level security scopes every statement, and the
+  settings vanish at ``COMMIT`` or ``ROLLBACK``. The first transaction also
+  checks that the tenant is live (:class:`TenantNotFound` otherwise).
+* Leaving the block without :meth:`UnitOfWork.commit` rolls back. After a
+  commit, the next statement opens a new transaction, scoped again.
+* Rate-limit charges made inside are applied atomically at commit, so they
+  count only if the unit of work commits and never hold a counter's row lock
+  while the caller works.
+* Single use, one task: entering twice, or using it from another task, raises
+  :class:`UsageError`. Objects it returned stay readable after it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Self
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from slack_fathom_db import validation
+from slack_fathom_db.connections import connect, send
+from slack_fathom_db.errors import TenantNotFound, UsageError
+from slack_fathom_db.repositories.audit import AuditRepo
+from slack_fathom_db.repositories.meetings import MeetingRepo
+from slack_fathom_db.repositories.rate_limits import RateLimitRepo
+from slack_fathom_db.repositories.tenants import TenantRepo
+from slack_fathom_db.tenancy import TenantId, resolve_on, transaction_preamble
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+    from types import TracebackType
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from slack_fathom_db.settings import DatabaseSettings
+
+__all__ = ["UnitOfWork"]
+
+
+class UnitOfWork:
+    """``async with db.unit_of_work(tenant_id) as uow:`` — see the module docstring."""
+
+    tenants: TenantRepo
+    meetings: MeetingRepo
+    audit: AuditRepo
+    rate_limits: RateLimitRepo
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: DatabaseSettings,
+        *,
+        tenant_id: TenantId | None = None,
+        slack_team_id: str | None = None,
+    ) -> None:
+        if (tenant_id is None) == (slack_team_id is None):
+            raise UsageError("unit_of_work() takes a tenant_id or a slack_team_id, not both")
+        self._engine = engine
+        self._settings = settings
+        self._tenant_id = (
+            None
+            if tenant_id is None
+            else TenantId(validation.uuid_value(tenant_id, field="tenant_id"))
+        )
+        self._slack_team_id = (
+            None if slack_team_id is None else validation.slack_team_id(slack_team_id)
+        )
+        self._state = "new"
+        self._task: asyncio.Task[object] | None = None
+        self._connection_cm: AbstractAsyncContextManager[AsyncConnection] | None = None
+        self._conn: AsyncConnection | None = None
+        self._session: AsyncSession | None = None
+        self._in_transaction = False
+
+    @property
+    def tenant_id(self) -> TenantId:
+        """The tenant every statement of this unit of work is scoped to."""
+        if self._tenant_id is None:
+            raise UsageError("the tenant is known once the unit of work is entered")
+        return self._tenant_id
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise UsageError("a UnitOfWork is single use: create a new one for each block")
+        self._state = "open"
+        self._task = asyncio.current_task()
+        self._connection_cm = connect(self._engine, action="open unit of work")
+        self._conn = await self._connection_cm.__aenter__()
+        try:
+            if self._slack_team_id is not None:
+                self._tenant_id = await resolve_on(self._conn, self._slack_team_id)
+                await self._conn.commit()
+                if self._tenant_id is None:
+                    raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
+            self._session = AsyncSession(bind=self._conn, expire_on_commit=False, autoflush=False)
+            await self._begin(check_tenant=True)
+        except BaseException:
+            await self._close()
+            raise
+        self.tenants = TenantRepo(self)
+        self.meetings = MeetingRepo(self)
+        self.audit = AuditRepo(self)
+        self.rate_limits = RateLimitRepo(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._in_transaction:
+                await self._rollback_transaction()
+        finally:
+            await self._close()
+
+    async def commit(self) -> None:
+        """Commit the current transaction, applying deferred rate-limit charges first."""
+        session = self._usable_session()
+        if session.new or session.dirty or session.deleted:
+            raise UsageError(
+                "objects returned by repositories are read-only; change rows through "
+                "repository methods (e.g. uow.meetings.complete_processing)"
+            )
+        try:
+            await self.rate_limits.apply_deferred_charges()
+        except BaseException:
+            await self._rollback_transaction()
+            raise
+        if self._in_transaction:
+            self._in_transaction = False
+            try:
+                await send(self._connection(), "COMMIT", action="commit")
+            except BaseException:
+                await self._forget_session_state()
+                raise
+        await session.commit()
+
+    async def rollback(self) -> None:
+        """Roll back the current transaction; deferred rate-limit charges are dropped."""
+        self._usable_session()
+        await self._rollback_transaction()
+
+    async def session(self) -> AsyncSession:
+        """The session, inside an open, tenant-scoped transaction (for repositories)."""
+        session = self._usable_session()
+        if not self._in_transaction:
+            await self._begin(check_tenant=False)
+        return session
+
+    async def _begin(self, *, check_tenant: bool) -> None:
+        preamble = transaction_preamble(
+            self.tenant_id,
+            role=self._settings.app_role,
+            statement_timeout_ms=self._settings.statement_timeout_ms,
+            check_tenant=check_tenant,
+        )
+        try:
+            await send(self._connection(), preamble, action="unit_of_work")
+        except BaseException:
+            await self._rollback_transaction()
+            raise
+        self._in_transaction = True
+
+    async def _rollback_transaction(self) -> None:
+        if hasattr(self, "rate_limits"):
+            self.rate_limits.discard_deferred_charges()
+        self._in_transaction = False
+        conn = self._connection()
+        try:
+            if not conn.invalidated:
+                await send(conn, "ROLLBACK", action="rollback")
+        finally:
+            await self._forget_session_state()
+
+    async def _forget_session_state(self) -> None:
+        # Detach instead of expiring, so objects already returned stay readable.
+        if self._session is not None:
+            self._session.expunge_all()
+            await self._session.rollback()
+
+    async def _close(self) -> None:
+        self._state = "closed"
+        try:
+            if self._session is not None:
+                self._session.expunge_all()
+                await self._session.close()
+        finally:
+            if self._connection_cm is not None:
+                await self._connection_cm.__aexit__(None, None, None)
+            self._conn = None
+
+    def _connection(self) -> AsyncConnection:
+        if self._conn is None:
+            raise UsageError("the unit of work is not open")
+        return self._conn
+
+    def _usable_session(self) -> AsyncSession:
+        if self._state != "open" or self._session is None:
+            raise UsageError("the unit of work is not open: use it inside its `async with` block")
+        if asyncio.current_task() is not self._task:
+            raise UsageError("a unit of work belongs to the task that entered it; do not share it")
+        return self._session

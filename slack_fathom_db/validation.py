@@ -1,0 +1,264 @@
+"""Input rules, checked before any SQL is sent.
+
+Every function either returns the value in its canonical form or raises
+:class:`~slack_fathom_db.errors.ValidationError` naming the field and the
+rule. Messages never repeat the offending value: it may be a secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+import idna
+
+from slack_fathom_db.errors import ValidationError
+
+MAX_TEXT: Final = 10_000
+MAX_NAME: Final = 255
+MAX_LONG_TEXT: Final = 200_000
+MAX_JSON_DEPTH: Final = 32
+
+_SLACK_TEAM_ID: Final = re.compile(r"[TE][A-Z0-9]{2,30}")
+_SLACK_ENTERPRISE_ID: Final = re.compile(r"E[A-Z0-9]{2,30}")
+_SLACK_USER_ID: Final = re.compile(r"[UWB][A-Z0-9]{2,30}")
+_RESOURCE_NAME: Final = re.compile(r"[a-z][a-z0-9_.:-]{0,62}")
+_EMAIL_LOCAL: Final = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}")
+# What a reference into a secrets manager looks like; anything else (a raw token) is refused.
+_SECRET_REFERENCES: Final = (
+    re.compile(r"arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}"),
+    re.compile(r"arn:aws[a-z-]*:ssm:[a-z0-9-]+:\d{12}:parameter/[A-Za-z0-9/_.-]{1,1011}"),
+    re.compile(r"projects/[a-z0-9-]{1,63}/secrets/[A-Za-z0-9_-]{1,255}(/versions/(latest|\d+))?"),
+    re.compile(
+        r"https://[a-z0-9-]{3,24}\.vault\.azure\.net/secrets/[A-Za-z0-9-]{1,127}(/[0-9a-f]{32})?"
+    ),
+    re.compile(r"vault:[A-Za-z0-9_/.-]{1,512}(#[A-Za-z0-9_.-]{1,128})?"),
+)
+
+
+def _fail(field: str, rule: str) -> ValidationError:
+    return ValidationError(f"{field}: {rule}")
+
+
+def text(
+    value: object, *, field: str, max_length: int = MAX_TEXT, allow_empty: bool = False
+) -> str:
+    """A string without NUL characters, at most ``max_length`` characters, stripped."""
+    if not isinstance(value, str):
+        raise _fail(field, f"must be a string, not {type(value).__name__}")
+    if "\x00" in value:
+        raise _fail(field, "must not contain NUL characters")
+    stripped = value.strip()
+    if not stripped and not allow_empty:
+        raise _fail(field, "must not be empty")
+    if len(stripped) > max_length:
+        raise _fail(field, f"must be at most {max_length} characters")
+    return stripped
+
+
+def optional_text(value: object, *, field: str, max_length: int = MAX_TEXT) -> str | None:
+    """Like :func:`text`, but ``None`` passes through."""
+    return None if value is None else text(value, field=field, max_length=max_length)
+
+
+def choice(value: object, *, field: str, allowed: Iterable[str]) -> str:
+    """One of ``allowed`` exactly."""
+    options = tuple(allowed)
+    if not isinstance(value, str) or value not in options:
+        raise _fail(field, f"must be one of {', '.join(options)}")
+    return value
+
+
+def _pattern(value: object, pattern: re.Pattern[str], *, field: str, rule: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise _fail(field, rule)
+    return value
+
+
+def slack_team_id(value: object) -> str:
+    """A Slack team (workspace) id: ``T`` or ``E`` and upper-case letters and digits."""
+    return _pattern(value, _SLACK_TEAM_ID, field="slack_team_id", rule="must look like T0123ABCD")
+
+
+def slack_enterprise_id(value: object) -> str | None:
+    """A Slack Enterprise Grid id (``E…``), or ``None``."""
+    if value is None:
+        return None
+    return _pattern(
+        value, _SLACK_ENTERPRISE_ID, field="slack_enterprise_id", rule="must look like E0123ABCD"
+    )
+
+
+def slack_user_id(value: object) -> str:
+    """A Slack user id: ``U``, ``W`` or ``B`` and upper-case letters and digits."""
+    return _pattern(value, _SLACK_USER_ID, field="slack_user_id", rule="must look like U0123ABCD")
+
+
+def resource_name(value: object, *, field: str) -> str:
+    """A short lower-case name such as a rate-limit resource or bucket."""
+    return _pattern(
+        value, _RESOURCE_NAME, field=field, rule="must match [a-z][a-z0-9_.:-]*, 63 at most"
+    )
+
+
+def domain(value: object, *, field: str = "email_domain") -> str:
+    """A domain in canonical form: lower case, IDNA (punycode), no leading ``@`` or trailing dot."""
+    raw = text(value, field=field, max_length=253).lstrip("@").rstrip(".").lower()
+    if not raw or any(ch.isspace() for ch in raw):
+        raise _fail(field, "must be a domain such as example.com")
+    try:
+        encoded = idna.encode(raw, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        raise _fail(field, "must be a valid internationalised domain name") from None
+    if "." not in encoded or len(encoded) > 253:
+        raise _fail(field, "must be a domain such as example.com")
+    return encoded
+
+
+def email(value: object, *, field: str = "slack_email") -> str:
+    """An email address; the domain is canonicalised like :func:`domain`."""
+    raw = text(value, field=field, max_length=320)
+    local, at, host = raw.rpartition("@")
+    if not at or not _EMAIL_LOCAL.fullmatch(local):
+        raise _fail(field, "must be an email address such as name@example.com")
+    return f"{local}@{domain(host, field=field)}"
+
+
+def optional_email(value: object, *, field: str = "slack_email") -> str | None:
+    """Like :func:`email`, but ``None`` passes through."""
+    return None if value is None else email(value, field=field)
+
+
+def domain_of(email_or_domain: object, *, field: str = "email_or_domain") -> str:
+    """The canonical domain of an email address, or of a bare domain."""
+    raw = text(email_or_domain, field=field, max_length=320)
+    return domain(raw.rpartition("@")[2], field=field)
+
+
+def secret_reference(value: object, *, field: str = "credentials_secret_id") -> str:
+    """A reference into a secrets manager (AWS ARN, GCP, Azure Key Vault, ``vault:``)."""
+    raw = text(value, field=field, max_length=2048)
+    if not any(pattern.fullmatch(raw) for pattern in _SECRET_REFERENCES):
+        raise _fail(
+            field,
+            "must be a secrets-manager reference (arn:aws:secretsmanager:…, "
+            "projects/…/secrets/…, https://….vault.azure.net/secrets/…, vault:…), "
+            "never a raw token",
+        )
+    return raw
+
+
+def uuid_value(value: object, *, field: str) -> uuid.UUID:
+    """A UUID, given as :class:`uuid.UUID` or its string form."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise _fail(field, "must be a UUID")
+
+
+def optional_uuid(value: object, *, field: str) -> uuid.UUID | None:
+    """Like :func:`uuid_value`, but ``None`` passes through."""
+    return None if value is None else uuid_value(value, field=field)
+
+
+def boolean(value: object, *, field: str) -> bool:
+    """``True`` or ``False`` exactly (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise _fail(field, "must be True or False")
+    return value
+
+
+def integer(value: object, *, field: str, minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+    """An ``int`` (not a ``bool``) within ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(field, "must be an integer")
+    if not minimum <= value <= maximum:
+        raise _fail(field, f"must be between {minimum} and {maximum}")
+    return value
+
+
+def positive_number(value: object, *, field: str, maximum: float = 1e12) -> float:
+    """A finite number greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(field, "must be a number")
+    number = float(value)
+    if not math.isfinite(number) or not 0 < number <= maximum:
+        raise _fail(field, f"must be greater than 0 and at most {maximum:g}")
+    return number
+
+
+def aware_datetime(value: object, *, field: str) -> datetime | None:
+    """A timezone-aware datetime, or ``None``; a naive one is refused, not guessed."""
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise _fail(field, "must be a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise _fail(field, "must be timezone-aware (UTC recommended)")
+    return value
+
+
+def ip_address(value: object, *, field: str = "ip_address") -> str | None:
+    """An IPv4 or IPv6 address in canonical form, or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    raw = text(value, field=field, max_length=64)
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        raise _fail(field, "must be an IPv4 or IPv6 address") from None
+
+
+def json_value(value: object, *, field: str, _depth: int = 0) -> Any:
+    """A JSON-compatible value PostgreSQL's ``jsonb`` accepts (no NUL, finite numbers)."""
+    if _depth > MAX_JSON_DEPTH:
+        raise _fail(field, f"must be nested at most {MAX_JSON_DEPTH} levels")
+    if value is None or isinstance(value, bool | int):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
+            raise _fail(field, "holds an integer too large for JSON")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail(field, "must not hold NaN or infinity")
+        return value
+    if isinstance(value, str):
+        if "\x00" in value or len(value) > MAX_LONG_TEXT:
+            raise _fail(field, f"strings must be NUL-free and at most {MAX_LONG_TEXT} characters")
+        return value
+    if isinstance(value, Mapping):
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or "\x00" in key:
+                raise _fail(field, "must have string keys without NUL characters")
+            result[key] = json_value(item, field=field, _depth=_depth + 1)
+        return result
+    if isinstance(value, list | tuple):
+        return [json_value(item, field=field, _depth=_depth + 1) for item in value]
+    raise _fail(field, f"must be JSON-compatible, not {type(value).__name__}")
+
+
+def json_object(value: object, *, field: str) -> dict[str, Any]:
+    """A JSON object (a mapping with string keys)."""
+    if not isinstance(value, Mapping):
+        raise _fail(field, "must be a mapping")
+    result: dict[str, Any] = json_value(value, field=field)
+    return result
+
+
+def json_list(value: object, *, field: str) -> list[Any]:
+    """A JSON array, given as a list or tuple."""
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        raise _fail(field, "must be a list")
+    result: list[Any] = json_value(value, field=field)
+    return result
