@@ -1,0 +1,74 @@
+"""Alembic environment: async, URL and app role from DatabaseSettings.
+
+Run from the command line (``alembic upgrade head``) it opens its own asyncpg
+engine. Called programmatically (``slack_fathom_db.migrations``) it uses the
+connection handed over in ``config.attributes["connection"]``, so it works
+from inside a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from alembic import context
+from sqlalchemy import pool
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from slack_fathom_db.models import Base
+from slack_fathom_db.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _settings() -> DatabaseSettings:
+    settings = config.attributes.get("settings")
+    if settings is None:
+        settings = DatabaseSettings()
+        config.attributes["settings"] = settings
+    return settings
+
+
+def _configure(**kwargs: object) -> None:
+    config.attributes.setdefault("app_role", _settings().app_role)
+    context.configure(
+        target_metadata=target_metadata,
+        compare_type=True,
+        compare_server_default=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def run_migrations_offline() -> None:
+    """Emit SQL to stdout instead of running it (``alembic upgrade head --sql``)."""
+    _configure(url=_settings().sqlalchemy_url(), literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def do_run_migrations(connection: Connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations() -> None:
+    engine = create_async_engine(_settings().sqlalchemy_url(), poolclass=pool.NullPool)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(do_run_migrations)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+elif (shared := config.attributes.get("connection")) is not None:
+    do_run_migrations(shared)
+else:
+    asyncio.run(run_async_migrations())
