@@ -1,0 +1,78 @@
+"""Fixtures shared by the suite: one migrated database per run, tenants per test.
+
+The database comes from the ``slack_fathom_db.testing`` plugin (real
+PostgreSQL, never a stand-in). Tests commit for real, so each test installs
+tenants of its own with unique Slack team ids instead of relying on rollback.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from slack_fathom_db import Database, DatabaseSettings, TenantId
+
+pytest_plugins = ["slack_fathom_db.testing"]
+
+TenantFactory = Callable[..., Awaitable[TenantId]]
+
+
+def unique_team_id() -> str:
+    """A Slack team id no other test uses."""
+    return "T" + secrets.token_hex(6).upper()
+
+
+def unique_user_id() -> str:
+    """A Slack user id no other test uses."""
+    return "U" + secrets.token_hex(6).upper()
+
+
+@pytest.fixture(scope="session")
+def settings(sfdb_settings: DatabaseSettings) -> DatabaseSettings:
+    """Settings of the migrated test database."""
+    return sfdb_settings
+
+
+@pytest.fixture(scope="session")
+def db(sfdb_database: Database) -> Database:
+    """The shared ``Database`` of the run."""
+    return sfdb_database
+
+
+@pytest.fixture
+def make_tenant(db: Database) -> TenantFactory:
+    """Install a fresh workspace and return its tenant id."""
+
+    async def make(name: str = "Acme", plan_tier: str = "free") -> TenantId:
+        return await db.directory.install(
+            slack_team_id=unique_team_id(), slack_team_name=name, plan_tier=plan_tier
+        )
+
+    return make
+
+
+@pytest_asyncio.fixture
+async def tenant_a(make_tenant: TenantFactory) -> TenantId:
+    """A tenant of this test."""
+    return await make_tenant("Tenant A")
+
+
+@pytest_asyncio.fixture
+async def tenant_b(make_tenant: TenantFactory) -> TenantId:
+    """A second tenant of this test, for isolation checks."""
+    return await make_tenant("Tenant B")
+
+
+@pytest_asyncio.fixture
+async def admin(settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection as the connecting (superuser) role, outside the layer."""
+    url = settings.sqlalchemy_url().set(drivername="postgresql")
+    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        yield conn
+    finally:
+        await conn.close()
