@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import asyncpg
 from pydantic import ValidationError as SettingsError
@@ -19,6 +19,9 @@ from slack_fathom_db import __version__, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["main"]
 

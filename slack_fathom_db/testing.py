@@ -25,9 +25,8 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -36,6 +35,9 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
 
 __all__ = [
     "NoPostgreSQL",
@@ -92,11 +94,12 @@ def local_cluster() -> Iterator[URL]:
         f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
         "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
     )
-    run = {"check": True, "capture_output": True, "timeout": 120}
     try:
         subprocess.run(  # noqa: S603 - fixed argv, no shell
             [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"],
-            **run,  # type: ignore[call-overload]
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         subprocess.run(  # noqa: S603
             [
@@ -111,7 +114,9 @@ def local_cluster() -> Iterator[URL]:
                 str(root / "server.log"),
                 "start",
             ],
-            **run,  # type: ignore[call-overload]
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         shutil.rmtree(root, ignore_errors=True)
