@@ -216,7 +216,7 @@ async def throwaway_database(
         app_role=app_role,
         pool_size=10,
         max_overflow=20,
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
     )
     try:
         if migrate:
