@@ -137,9 +137,9 @@ class Database:
                 row = (await conn.execute(statement)).one()
             except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
                 raise translate(exc, action="read database info") from exc
-            pool = self.engine.pool
-            checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
-            overflow = pool.overflow() if isinstance(pool, QueuePool) else 0
+        pool = self.engine.pool
+        checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
+        overflow = max(0, pool.overflow()) if isinstance(pool, QueuePool) else 0
         return DatabaseInfo(
             url=self.settings.masked_url or "",
             server_version=row.version,

@@ -48,17 +48,20 @@ def _fail(field: str, rule: str) -> ValidationError:
 def text(
     value: object, *, field: str, max_length: int = MAX_TEXT, allow_empty: bool = False
 ) -> str:
-    """A string without NUL characters, at most ``max_length`` characters, stripped."""
+    """A string without NUL characters, at most ``max_length`` characters, kept as given."""
     if not isinstance(value, str):
         raise _fail(field, f"must be a string, not {type(value).__name__}")
     if "\x00" in value:
         raise _fail(field, "must not contain NUL characters")
-    stripped = value.strip()
-    if not stripped and not allow_empty:
-        raise _fail(field, "must not be empty")
-    if len(stripped) > max_length:
+    if not allow_empty and not value.strip():
+        raise _fail(field, "must not be empty or blank")
+    if len(value) > max_length:
         raise _fail(field, f"must be at most {max_length} characters")
-    return stripped
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(field, "must be valid Unicode (no lone surrogates)") from None
+    return value
 
 
 def optional_text(value: object, *, field: str, max_length: int = MAX_TEXT) -> str | None:
@@ -108,7 +111,7 @@ def resource_name(value: object, *, field: str) -> str:
 
 def domain(value: object, *, field: str = "email_domain") -> str:
     """A domain in canonical form: lower case, IDNA (punycode), no leading ``@`` or trailing dot."""
-    raw = text(value, field=field, max_length=253).lstrip("@").rstrip(".").lower()
+    raw = text(value, field=field, max_length=253).strip().lstrip("@").rstrip(".").lower()
     if not raw or any(ch.isspace() for ch in raw):
         raise _fail(field, "must be a domain such as example.com")
     try:
@@ -122,7 +125,7 @@ def domain(value: object, *, field: str = "email_domain") -> str:
 
 def email(value: object, *, field: str = "slack_email") -> str:
     """An email address; the domain is canonicalised like :func:`domain`."""
-    raw = text(value, field=field, max_length=320)
+    raw = text(value, field=field, max_length=320).strip()
     local, at, host = raw.rpartition("@")
     if not at or not _EMAIL_LOCAL.fullmatch(local):
         raise _fail(field, "must be an email address such as name@example.com")
@@ -136,13 +139,13 @@ def optional_email(value: object, *, field: str = "slack_email") -> str | None:
 
 def domain_of(email_or_domain: object, *, field: str = "email_or_domain") -> str:
     """The canonical domain of an email address, or of a bare domain."""
-    raw = text(email_or_domain, field=field, max_length=320)
+    raw = text(email_or_domain, field=field, max_length=320).strip()
     return domain(raw.rpartition("@")[2], field=field)
 
 
 def secret_reference(value: object, *, field: str = "credentials_secret_id") -> str:
     """A reference into a secrets manager (AWS ARN, GCP, Azure Key Vault, ``vault:``)."""
-    raw = text(value, field=field, max_length=2048)
+    raw = text(value, field=field, max_length=2048).strip()
     if not any(pattern.fullmatch(raw) for pattern in _SECRET_REFERENCES):
         raise _fail(
             field,
@@ -213,7 +216,7 @@ def ip_address(value: object, *, field: str = "ip_address") -> str | None:
         return None
     if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return str(value)
-    raw = text(value, field=field, max_length=64)
+    raw = text(value, field=field, max_length=64).strip()
     try:
         return str(ipaddress.ip_address(raw))
     except ValueError:
@@ -233,14 +236,13 @@ def json_value(value: object, *, field: str, _depth: int = 0) -> Any:
             raise _fail(field, "must not hold NaN or infinity")
         return value
     if isinstance(value, str):
-        if "\x00" in value or len(value) > MAX_LONG_TEXT:
-            raise _fail(field, f"strings must be NUL-free and at most {MAX_LONG_TEXT} characters")
-        return value
+        return text(value, field=field, max_length=MAX_LONG_TEXT, allow_empty=True)
     if isinstance(value, Mapping):
         result: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str) or "\x00" in key:
-                raise _fail(field, "must have string keys without NUL characters")
+            if not isinstance(key, str):
+                raise _fail(field, "must have string keys")
+            text(key, field=field, max_length=MAX_NAME, allow_empty=True)
             result[key] = json_value(item, field=field, _depth=_depth + 1)
         return result
     if isinstance(value, list | tuple):

@@ -61,9 +61,6 @@ class TenantRepository(Generic[ModelT]):
         target: Any = model or self.model
         return self._select(target).where(target.deleted_at.is_(None))
 
-    def _select_columns(self, *columns: Any) -> Select[Any]:
-        return select(*columns).where(self.model.tenant_id == self.tenant_id)  # type: ignore[attr-defined]
-
     def _update(self, model: type[Base] | None = None) -> Update:
         target: Any = model or self.model
         return update(target).where(target.tenant_id == self.tenant_id)
@@ -96,7 +93,7 @@ class TenantRepository(Generic[ModelT]):
         statement = (
             self._update(model)
             .where(model.id == row_id, model.deleted_at.is_(None))
-            .values(deleted_at=utcnow(), updated_at=utcnow(), **extra)
+            .values(deleted_at=utcnow(), **extra)
             .returning(model.id)
         )
         if await self._one_or_none(statement, action=action) is None:

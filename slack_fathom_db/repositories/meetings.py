@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import tuple_
+from sqlalchemy import select, tuple_
 
 from slack_fathom_db import validation
 from slack_fathom_db.errors import Conflict, InvalidStateTransition, NotFound
@@ -176,16 +176,22 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             .order_by(MeetingSession.created_at)
             .limit(count)
             .with_for_update(skip_locked=True)
+            # Materialized: the locking subquery runs exactly once, whatever the plan.
+            .cte("pending")
+            .prefix_with("MATERIALIZED")
         )
         statement = (
             self._update()
-            .where(tuple_(MeetingSession.tenant_id, MeetingSession.id).in_(pending))
+            .where(
+                tuple_(MeetingSession.tenant_id, MeetingSession.id).in_(
+                    select(pending.c.tenant_id, pending.c.id)
+                )
+            )
             .values(
                 status="processing",
                 processing_attempts=MeetingSession.processing_attempts + 1,
                 processing_started_at=utcnow(),
                 version=MeetingSession.version + 1,
-                updated_at=utcnow(),
             )
             .returning(MeetingSession)
         )
@@ -227,7 +233,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
                 MeetingSession.deleted_at.is_(None),
                 MeetingSession.status == "completed",
             )
-            .values(**values, version=MeetingSession.version + 1, updated_at=utcnow())
+            .values(**values, version=MeetingSession.version + 1)
             .returning(MeetingSession)
         )
         meeting: MeetingSession | None = await self._one_or_none(
@@ -289,7 +295,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             version = validation.integer(expected_version, field="expected_version", minimum=1)
             statement = statement.where(MeetingSession.version == version)
         statement = statement.values(
-            status=target, version=MeetingSession.version + 1, updated_at=utcnow(), **values
+            status=target, version=MeetingSession.version + 1, **values
         ).returning(MeetingSession)
         meeting: MeetingSession | None = await self._one_or_none(
             statement, action=f"move meeting to {target}"

@@ -215,7 +215,7 @@ class TenantRepo(TenantRepository[User]):
         statement = (
             self._update(CrmConnection)
             .where(CrmConnection.id == cid, CrmConnection.deleted_at.is_(None))
-            .values(is_default=True, updated_at=utcnow())
+            .values(is_default=True)
             .returning(CrmConnection)
         )
         connection: CrmConnection | None = await self._one_or_none(
@@ -246,7 +246,7 @@ class TenantRepo(TenantRepository[User]):
         if keep is not None:
             statement = statement.where(CrmConnection.id != keep)
         await self._execute(
-            statement.values(is_default=False, updated_at=utcnow()),
+            statement.values(is_default=False),
             action="clear default CRM connection",
         )
 
