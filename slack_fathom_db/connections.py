@@ -47,16 +47,18 @@ async def connect(engine: AsyncEngine, *, action: str) -> AsyncIterator[AsyncCon
         await conn.close()
 
 
-async def send(conn: AsyncConnection, sql: str, *, action: str) -> None:
+async def send(conn: AsyncConnection, sql: str, *, action: str) -> str:
     """Send ``sql`` (one or several statements, no parameters) in one simple-protocol message.
 
-    A connection-level failure invalidates the connection so the pool opens a
+    Returns the command tag of the last statement (``COMMIT``, or ``ROLLBACK``
+    when PostgreSQL answers a ``COMMIT`` of an aborted transaction). A
+    connection-level failure invalidates the connection so the pool opens a
     fresh one next time; every failure is translated.
     """
     raw = await conn.get_raw_connection()
     driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
     try:
-        await driver.execute(sql)
+        return await driver.execute(sql)
     except DRIVER_ERRORS as exc:
         error = translate(exc, action=action)
         if isinstance(error, DatabaseUnavailable) or driver.is_closed():

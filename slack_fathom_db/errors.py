@@ -24,6 +24,7 @@ __all__ = [
     "SlackFathomDBError",
     "TenantIsolationError",
     "TenantNotFound",
+    "TransactionAborted",
     "UsageError",
     "ValidationError",
     "translate",
@@ -64,6 +65,10 @@ class TenantIsolationError(SlackFathomDBError):
 
 class UsageError(SlackFathomDBError, RuntimeError):
     """The API was used out of order: a unit of work entered twice, shared across tasks, …"""
+
+
+class TransactionAborted(UsageError):
+    """A statement of the transaction failed, so PostgreSQL aborted it; roll back and retry."""
 
 
 class DatabaseUnavailable(SlackFathomDBError):

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from slack_fathom_db import validation
 from slack_fathom_db.connections import connect, send
-from slack_fathom_db.errors import TenantNotFound, UsageError
+from slack_fathom_db.errors import TenantNotFound, TransactionAborted, UsageError
 from slack_fathom_db.repositories.audit import AuditRepo
 from slack_fathom_db.repositories.meetings import MeetingRepo
 from slack_fathom_db.repositories.rate_limits import RateLimitRepo
@@ -79,6 +79,7 @@ class UnitOfWork:
         self._conn: AsyncConnection | None = None
         self._session: AsyncSession | None = None
         self._in_transaction = False
+        self._aborted_by: str | None = None
 
     @property
     def tenant_id(self) -> TenantId:
@@ -124,8 +125,19 @@ class UnitOfWork:
             await self._close()
 
     async def commit(self) -> None:
-        """Commit the current transaction, applying deferred rate-limit charges first."""
+        """Commit the current transaction, applying deferred rate-limit charges first.
+
+        Raises :class:`TransactionAborted` (after rolling back) if a statement of
+        the transaction failed: PostgreSQL keeps nothing of an aborted transaction.
+        """
         session = self._usable_session()
+        if self._aborted_by is not None:
+            reason = self._aborted_by
+            await self._rollback_transaction()
+            raise TransactionAborted(
+                f"commit: nothing was committed; the transaction was aborted by an earlier "
+                f"error ({reason})"
+            )
         if session.new or session.dirty or session.deleted:
             raise UsageError(
                 "objects returned by repositories are read-only; change rows through "
@@ -139,10 +151,15 @@ class UnitOfWork:
         if self._in_transaction:
             self._in_transaction = False
             try:
-                await send(self._connection(), "COMMIT", action="commit")
+                tag = await send(self._connection(), "COMMIT", action="commit")
             except BaseException:
                 await self._forget_session_state()
                 raise
+            if tag != "COMMIT":
+                await self._forget_session_state()
+                raise TransactionAborted(
+                    "commit: the server rolled the transaction back (a statement of it failed)"
+                )
         await session.commit()
 
     async def rollback(self) -> None:
@@ -153,9 +170,19 @@ class UnitOfWork:
     async def session(self) -> AsyncSession:
         """The session, inside an open, tenant-scoped transaction (for repositories)."""
         session = self._usable_session()
+        if self._aborted_by is not None:
+            raise TransactionAborted(
+                f"the transaction was aborted by an earlier error ({self._aborted_by}); "
+                "call rollback() and start again"
+            )
         if not self._in_transaction:
             await self._begin(check_tenant=False)
         return session
+
+    def transaction_failed(self, error: BaseException) -> None:
+        """Record that a statement failed, which aborts the transaction in PostgreSQL."""
+        if self._in_transaction and self._aborted_by is None:
+            self._aborted_by = f"{type(error).__name__}: {error}"
 
     async def _begin(self, *, check_tenant: bool) -> None:
         preamble = transaction_preamble(
@@ -175,6 +202,7 @@ class UnitOfWork:
         if hasattr(self, "rate_limits"):
             self.rate_limits.discard_deferred_charges()
         self._in_transaction = False
+        self._aborted_by = None
         conn = self._connection()
         try:
             if not conn.invalidated:

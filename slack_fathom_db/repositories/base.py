@@ -81,7 +81,9 @@ class TenantRepository(Generic[ModelT]):
         try:
             return await session.execute(statement, execution_options=EXECUTION_OPTIONS)
         except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
-            raise translate(exc, action=action) from exc
+            error = translate(exc, action=action)
+            self._uow.transaction_failed(error)
+            raise error from exc
 
     async def _one_or_none(self, statement: Executable, *, action: str) -> Any:
         return (await self._execute(statement, action=action)).scalar_one_or_none()

@@ -211,6 +211,9 @@ class TenantRepo(TenantRepository[User]):
     async def set_default_crm_connection(self, crm_connection_id: uuid.UUID) -> CrmConnection:
         """Make a live connection the default (and the previous default not)."""
         cid = validation.uuid_value(crm_connection_id, field="crm_connection_id")
+        target = self._live(CrmConnection).where(CrmConnection.id == cid).with_for_update()
+        if await self._one_or_none(target, action="set default CRM connection") is None:
+            raise NotFound("set default CRM connection: no live connection with that id")
         await self._clear_default(keep=cid)
         statement = (
             self._update(CrmConnection)

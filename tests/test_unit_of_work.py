@@ -1,0 +1,695 @@
+"""Unit of work semantics: commit, rollback, single use, tenant context, the pool after it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
+from slack_fathom_db.errors import NotFound, TenantNotFound, UsageError
+from tests.conftest import unique_team_id, unique_user_id
+
+CONTEXT = text(
+    "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
+    "pg_backend_pid() AS pid, txid_current_if_assigned() AS txid"
+)
+
+
+class Boom(Exception):
+    """Raised on purpose inside a unit of work."""
+
+
+@pytest_asyncio.fixture
+async def small_db(settings: DatabaseSettings) -> AsyncIterator[Database]:
+    """A Database with a single pooled connection: a leaked checkout fails fast."""
+    database = Database(
+        settings.model_copy(update={"pool_size": 1, "max_overflow": 0, "pool_timeout": 5.0})
+    )
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+def login_user(settings: DatabaseSettings) -> str:
+    user = settings.sqlalchemy_url().username
+    assert user
+    return user
+
+
+def checked_out(db: Database) -> int:
+    pool: Any = db.engine.pool
+    return pool.checkedout()
+
+
+async def enter(uow: UnitOfWork) -> None:
+    async with uow:
+        pass
+
+
+async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
+    return await admin.fetchval(
+        "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2 "
+        "AND deleted_at IS NULL",
+        tenant,
+        slack_user,
+    )
+
+
+async def context(uow: UnitOfWork) -> Any:
+    session = await uow.session()
+    return (await session.execute(CONTEXT)).one()
+
+
+async def assert_clean_pooled_connection(
+    db: Database, settings: DatabaseSettings, *, expected_pid: int | None = None
+) -> None:
+    """A connection from ``db``'s pool is outside any transaction, as the login role."""
+    async with db.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+        assert not driver.is_in_transaction()  # before we send anything
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT current_user AS usr, current_setting('role') AS role, "
+                    "current_setting('app.tenant_id', true) AS tenant, "
+                    "pg_backend_pid() AS pid, txid_current_if_assigned() AS txid, 1 AS one"
+                )
+            )
+        ).one()
+        assert row.usr == login_user(settings)
+        assert row.role == "none"
+        assert row.tenant in (None, "")
+        assert row.txid is None
+        assert row.one == 1
+        if expected_pid is not None:
+            assert row.pid == expected_pid
+        assert not driver.is_in_transaction()
+
+
+# -- commit and rollback ------------------------------------------------------------------
+
+
+async def test_commit_persists(db: Database, tenant_a: TenantId, admin: asyncpg.Connection) -> None:
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.add_user(slack_user_id=slack_user, display_name="Ada")
+        await uow.commit()
+
+    assert await count_users(admin, tenant_a, slack_user) == 1
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.get_user_by_slack_id(slack_user)
+    assert user is not None
+    assert user.display_name == "Ada"
+
+
+async def test_leaving_without_commit_rolls_back(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=slack_user)
+        # visible inside its own transaction
+        assert await uow.tenants.get_user(user.id) is not None
+
+    assert await count_users(admin, tenant_a, slack_user) == 0
+    async with db.unit_of_work(tenant_a) as uow:
+        assert await uow.tenants.get_user_by_slack_id(slack_user) is None
+
+
+async def test_exception_rolls_back_and_propagates_unchanged(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    slack_user = unique_user_id()
+    raised = Boom("the handler failed")
+
+    async def failing_handler() -> None:
+        async with db.unit_of_work(tenant_a) as uow:
+            await uow.tenants.add_user(slack_user_id=slack_user)
+            raise raised
+
+    with pytest.raises(Boom) as excinfo:
+        await failing_handler()
+
+    assert excinfo.value is raised
+    assert excinfo.value.__cause__ is None
+    assert str(excinfo.value) == "the handler failed"
+    assert await count_users(admin, tenant_a, slack_user) == 0
+
+
+async def test_exception_after_commit_keeps_the_committed_part(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    kept, lost = unique_user_id(), unique_user_id()
+
+    async def handler() -> None:
+        async with db.unit_of_work(tenant_a) as uow:
+            await uow.tenants.add_user(slack_user_id=kept)
+            await uow.commit()
+            await uow.tenants.add_user(slack_user_id=lost)
+            raise Boom
+
+    with pytest.raises(Boom):
+        await handler()
+
+    assert await count_users(admin, tenant_a, kept) == 1
+    assert await count_users(admin, tenant_a, lost) == 0
+
+
+async def test_explicit_rollback_then_more_work_then_commit(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    dropped, kept = unique_user_id(), unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.add_user(slack_user_id=dropped)
+        await uow.rollback()
+        assert await uow.tenants.get_user_by_slack_id(dropped) is None
+        await uow.tenants.add_user(slack_user_id=kept)
+        await uow.commit()
+
+    assert await count_users(admin, tenant_a, dropped) == 0
+    assert await count_users(admin, tenant_a, kept) == 1
+
+
+async def test_multiple_commits_in_one_unit_of_work(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    first, second, third = unique_user_id(), unique_user_id(), unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.add_user(slack_user_id=first)
+        await uow.commit()
+        assert await count_users(admin, tenant_a, first) == 1  # committed for real, now
+        await uow.tenants.add_user(slack_user_id=second)
+        await uow.commit()
+        await uow.commit()  # nothing pending: still fine
+        await uow.tenants.add_user(slack_user_id=third)
+        # leaves without a last commit
+
+    assert await count_users(admin, tenant_a, first) == 1
+    assert await count_users(admin, tenant_a, second) == 1
+    assert await count_users(admin, tenant_a, third) == 0
+
+
+# -- single use, one task -----------------------------------------------------------------
+
+
+async def test_entering_twice_raises(db: Database, tenant_a: TenantId) -> None:
+    uow = db.unit_of_work(tenant_a)
+    async with uow:
+        with pytest.raises(UsageError):
+            await enter(uow)  # nested, while open
+        # the open unit of work is unharmed
+        await uow.tenants.list_users()
+        await uow.commit()
+
+    with pytest.raises(UsageError):
+        await enter(uow)  # again, after it ended
+
+
+async def test_using_it_from_another_task_raises(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.add_user(slack_user_id=slack_user)
+        with pytest.raises(UsageError):
+            await asyncio.create_task(uow.tenants.list_users())
+        with pytest.raises(UsageError):
+            await asyncio.create_task(uow.commit())
+        with pytest.raises(UsageError):
+            await asyncio.create_task(uow.rollback())
+        with pytest.raises(UsageError):
+            await asyncio.create_task(uow.session())
+        # still usable, and nothing was committed or rolled back by the other task
+        assert await count_users(admin, tenant_a, slack_user) == 0
+        assert await uow.tenants.get_user_by_slack_id(slack_user) is not None
+        await uow.commit()
+
+    assert await count_users(admin, tenant_a, slack_user) == 1
+
+
+async def test_using_it_after_the_block_raises(db: Database, tenant_a: TenantId) -> None:
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.list_users()
+        await uow.commit()
+
+    with pytest.raises(UsageError):
+        await uow.tenants.list_users()
+    with pytest.raises(UsageError):
+        await uow.meetings.recent()
+    with pytest.raises(UsageError):
+        await uow.tenants.add_user(slack_user_id=unique_user_id())
+    with pytest.raises(UsageError):
+        await uow.commit()
+    with pytest.raises(UsageError):
+        await uow.rollback()
+    with pytest.raises(UsageError):
+        await uow.session()
+
+
+async def test_using_repositories_before_entering_is_impossible(
+    db: Database, tenant_a: TenantId
+) -> None:
+    uow = db.unit_of_work(tenant_a)
+    with pytest.raises(UsageError):
+        await uow.commit()
+    with pytest.raises(UsageError):
+        await uow.session()
+    # and it can still be entered normally afterwards
+    async with uow:
+        await uow.commit()
+
+
+def test_unit_of_work_needs_exactly_one_of_tenant_or_team(db: Database, tenant_a: TenantId) -> None:
+    with pytest.raises(UsageError):
+        db.unit_of_work()
+    with pytest.raises(UsageError):
+        db.unit_of_work(tenant_a, slack_team_id="T0123ABC")
+
+
+# -- tenants at entry ---------------------------------------------------------------------
+
+
+async def test_unknown_tenant_id_raises_at_entry(small_db: Database) -> None:
+    unknown = TenantId(uuid.uuid4())
+    with pytest.raises(TenantNotFound):
+        await enter(small_db.unit_of_work(unknown))
+    assert checked_out(small_db) == 0
+
+
+async def test_unknown_slack_team_raises_at_entry(small_db: Database) -> None:
+    with pytest.raises(TenantNotFound):
+        await enter(small_db.unit_of_work(slack_team_id=unique_team_id()))
+    assert checked_out(small_db) == 0
+
+
+async def test_soft_deleted_tenant_raises_at_entry_in_both_forms(
+    db: Database, small_db: Database, settings: DatabaseSettings
+) -> None:
+    team = unique_team_id()
+    tenant = await db.directory.install(slack_team_id=team, slack_team_name="Gone Soon")
+    async with db.unit_of_work(tenant) as uow:
+        await uow.tenants.soft_delete()
+        await uow.commit()
+
+    with pytest.raises(TenantNotFound):
+        await enter(small_db.unit_of_work(tenant))
+    with pytest.raises(TenantNotFound):
+        await enter(small_db.unit_of_work(slack_team_id=team))
+    assert checked_out(small_db) == 0
+    await assert_clean_pooled_connection(small_db, settings)
+
+
+async def test_tenant_id_of_slack_team_form_is_the_resolved_tenant(db: Database) -> None:
+    team = unique_team_id()
+    tenant = await db.directory.install(slack_team_id=team, slack_team_name="Resolved")
+    uow = db.unit_of_work(slack_team_id=team)
+    with pytest.raises(UsageError):
+        _ = uow.tenant_id  # not known before entry
+    async with uow:
+        assert uow.tenant_id == tenant
+        assert isinstance(uow.tenant_id, uuid.UUID)
+        row = await context(uow)
+        assert row.tenant == str(tenant)
+        current = await uow.tenants.get()
+        assert current is not None
+        assert current.id == tenant
+        assert current.slack_team_id == team
+
+    by_id = db.unit_of_work(tenant)
+    assert by_id.tenant_id == tenant
+
+
+# -- the directory ------------------------------------------------------------------------
+
+
+async def test_install_is_idempotent_and_updates_the_name(
+    db: Database, admin: asyncpg.Connection
+) -> None:
+    team = unique_team_id()
+    first = await db.directory.install(slack_team_id=team, slack_team_name="Old Name")
+    second = await db.directory.install(slack_team_id=team, slack_team_name="New Name")
+
+    assert second == first
+    rows = await admin.fetch(
+        "SELECT id, slack_team_name FROM tenants WHERE slack_team_id = $1", team
+    )
+    assert [(r["id"], r["slack_team_name"]) for r in rows] == [(first, "New Name")]
+    assert await db.directory.resolve(team) == first
+
+
+async def test_concurrent_installs_of_one_workspace_give_one_tenant(
+    db: Database, admin: asyncpg.Connection
+) -> None:
+    team = unique_team_id()
+    ids = await asyncio.gather(
+        *[db.directory.install(slack_team_id=team, slack_team_name=f"W{n}") for n in range(8)]
+    )
+    assert len(set(ids)) == 1
+    count = await admin.fetchval("SELECT count(*) FROM tenants WHERE slack_team_id = $1", team)
+    assert count == 1
+
+
+async def test_reinstall_after_soft_delete_reactivates_same_tenant(
+    db: Database, admin: asyncpg.Connection
+) -> None:
+    team = unique_team_id()
+    tenant = await db.directory.install(slack_team_id=team, slack_team_name="Comeback")
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant) as uow:
+        await uow.tenants.add_user(slack_user_id=slack_user)
+        await uow.tenants.soft_delete()
+        await uow.commit()
+    assert await db.directory.resolve(team) is None
+    deleted_at = await admin.fetchval("SELECT deleted_at FROM tenants WHERE id = $1", tenant)
+    assert deleted_at is not None
+
+    again = await db.directory.install(slack_team_id=team, slack_team_name="Comeback Inc")
+
+    assert again == tenant
+    row = await admin.fetchrow(
+        "SELECT deleted_at, slack_team_name FROM tenants WHERE id = $1", tenant
+    )
+    assert row["deleted_at"] is None
+    assert row["slack_team_name"] == "Comeback Inc"
+    assert await db.directory.resolve(team) == tenant
+    async with db.unit_of_work(slack_team_id=team) as uow:
+        assert uow.tenant_id == tenant
+        # the workspace's data is still there
+        assert await uow.tenants.get_user_by_slack_id(slack_user) is not None
+
+
+async def test_resolve_returns_none_for_unknown_and_soft_deleted(db: Database) -> None:
+    assert await db.directory.resolve(unique_team_id()) is None
+
+    team = unique_team_id()
+    tenant = await db.directory.install(slack_team_id=team, slack_team_name="Resolver")
+    assert await db.directory.resolve(team) == tenant
+    async with db.unit_of_work(tenant) as uow:
+        await uow.tenants.soft_delete()
+        # not committed yet: still resolves for everyone else
+        assert await db.directory.resolve(team) == tenant
+        await uow.commit()
+    assert await db.directory.resolve(team) is None
+
+
+# -- the tenant context, inside and after -------------------------------------------------
+
+
+async def test_tenant_context_is_set_in_every_transaction(
+    db: Database, tenant_a: TenantId, settings: DatabaseSettings
+) -> None:
+    async with db.unit_of_work(tenant_a) as uow:
+        before = await context(uow)
+        assert (before.usr, before.tenant) == (settings.app_role, str(tenant_a))
+        await uow.tenants.add_user(slack_user_id=unique_user_id())
+        await uow.commit()
+
+        after_commit = await context(uow)
+        assert (after_commit.usr, after_commit.tenant) == (settings.app_role, str(tenant_a))
+        assert after_commit.pid == before.pid  # same connection, a new transaction
+        await uow.tenants.add_user(slack_user_id=unique_user_id())
+        await uow.rollback()
+
+        after_rollback = await context(uow)
+        assert (after_rollback.usr, after_rollback.tenant) == (settings.app_role, str(tenant_a))
+        await uow.commit()
+        await uow.commit()
+
+        after_two_commits = await context(uow)
+        assert (after_two_commits.usr, after_two_commits.tenant) == (
+            settings.app_role,
+            str(tenant_a),
+        )
+        # statements really run inside a transaction (SET LOCAL would be void otherwise)
+        session = await uow.session()
+        txid = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        assert txid is not None
+        in_tx = (
+            await session.execute(text("SELECT now() = statement_timestamp() AS fresh"))
+        ).scalar_one()
+        assert in_tx is False
+
+
+async def test_context_of_two_tenants_does_not_mix(
+    db: Database, tenant_a: TenantId, tenant_b: TenantId, settings: DatabaseSettings
+) -> None:
+    async with db.unit_of_work(tenant_a) as uow_a, db.unit_of_work(tenant_b) as uow_b:
+        row_a, row_b = await context(uow_a), await context(uow_b)
+        assert row_a.tenant == str(tenant_a)
+        assert row_b.tenant == str(tenant_b)
+        assert row_a.pid != row_b.pid
+        await uow_a.commit()
+        assert (await context(uow_b)).tenant == str(tenant_b)
+        assert (await context(uow_a)).tenant == str(tenant_a)
+
+
+async def test_pooled_connection_is_reset_after_the_unit_of_work(
+    small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
+) -> None:
+    async with small_db.unit_of_work(tenant_a) as uow:
+        inside = await context(uow)
+        assert (inside.usr, inside.tenant) == (settings.app_role, str(tenant_a))
+        await uow.tenants.add_user(slack_user_id=unique_user_id())
+        await uow.commit()
+        await uow.tenants.add_user(slack_user_id=unique_user_id())
+        # leaves with a transaction open: rolled back on the way out
+
+    assert checked_out(small_db) == 0
+    await assert_clean_pooled_connection(small_db, settings, expected_pid=inside.pid)
+
+
+async def test_pooled_connection_is_reset_after_an_exception(
+    small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
+) -> None:
+    pids: list[int] = []
+
+    async def failing() -> None:
+        async with small_db.unit_of_work(tenant_a) as uow:
+            pids.append((await context(uow)).pid)
+            await uow.tenants.add_user(slack_user_id=unique_user_id())
+            raise Boom
+
+    with pytest.raises(Boom):
+        await failing()
+    assert checked_out(small_db) == 0
+    await assert_clean_pooled_connection(small_db, settings, expected_pid=pids[0])
+
+
+async def test_pooled_connection_is_reset_after_a_failed_statement(
+    small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
+) -> None:
+    async def failing() -> None:
+        async with small_db.unit_of_work(tenant_a) as uow:
+            await uow.meetings.create(
+                user_id=uuid.uuid4(), fathom_recording_id="rec-orphan", title="No such user"
+            )
+
+    with pytest.raises(NotFound):  # the foreign key refused it, translated
+        await failing()
+    assert checked_out(small_db) == 0
+    await assert_clean_pooled_connection(small_db, settings)
+    async with small_db.unit_of_work(tenant_a) as uow:
+        row = await context(uow)
+        assert (row.usr, row.tenant) == (settings.app_role, str(tenant_a))
+
+
+async def test_rollback_after_a_failed_statement_lets_the_unit_of_work_continue(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        with pytest.raises(NotFound):
+            await uow.meetings.create(
+                user_id=uuid.uuid4(), fathom_recording_id="rec-orphan", title="No such user"
+            )
+        await uow.rollback()
+        await uow.tenants.add_user(slack_user_id=slack_user)
+        await uow.commit()
+
+    assert await count_users(admin, tenant_a, slack_user) == 1
+
+
+# -- returned objects ---------------------------------------------------------------------
+
+
+async def test_returned_objects_stay_readable_after_the_block_and_after_rollback(
+    db: Database, tenant_a: TenantId
+) -> None:
+    kept_id = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        kept = await uow.tenants.add_user(slack_user_id=kept_id, display_name="Kept")
+        meeting = await uow.meetings.create(
+            user_id=kept.id, fathom_recording_id=f"rec-{uuid.uuid4()}", title="Readable"
+        )
+        await uow.commit()
+        # readable after a commit inside the block, server defaults included
+        assert meeting.status == "pending"
+        assert meeting.version == 1
+        rolled = await uow.tenants.add_user(slack_user_id=unique_user_id(), display_name="Gone")
+        await uow.rollback()
+        assert rolled.display_name == "Gone"
+        assert rolled.id is not None
+        assert rolled.created_at is not None
+
+    assert kept.slack_user_id == kept_id
+    assert kept.display_name == "Kept"
+    assert kept.tenant_id == tenant_a
+    assert kept.created_at is not None
+    assert meeting.title == "Readable"
+    assert meeting.user_id == kept.id
+    assert meeting.created_at is not None
+    assert meeting.status == "pending"
+    assert rolled.display_name == "Gone"
+
+
+async def test_returned_objects_are_readable_after_leaving_without_commit(
+    db: Database, tenant_a: TenantId
+) -> None:
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=unique_user_id(), display_name="Ghost")
+    assert user.display_name == "Ghost"
+    assert user.id is not None
+    assert user.updated_at is not None
+
+
+async def test_changing_a_returned_object_then_commit_raises(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.add_user(slack_user_id=slack_user, display_name="Original")
+        await uow.commit()
+
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.get_user_by_slack_id(slack_user)
+        assert user is not None
+        user.display_name = "Sneaky"
+        with pytest.raises(UsageError):
+            await uow.commit()
+
+    stored = await admin.fetchval(
+        "SELECT display_name FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
+        tenant_a,
+        slack_user,
+    )
+    assert stored == "Original"
+
+
+async def test_changing_an_object_after_an_earlier_commit_then_commit_raises(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=slack_user, display_name="Original")
+        await uow.commit()
+        user.display_name = "Sneaky"
+        with pytest.raises(UsageError):
+            await uow.commit()
+
+    stored = await admin.fetchval(
+        "SELECT display_name FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
+        tenant_a,
+        slack_user,
+    )
+    assert stored == "Original"
+
+
+# -- cancellation -------------------------------------------------------------------------
+
+
+async def test_cancelled_unit_of_work_rolls_back_and_returns_its_connection(
+    small_db: Database,
+    tenant_a: TenantId,
+    settings: DatabaseSettings,
+    admin: asyncpg.Connection,
+) -> None:
+    slack_user = unique_user_id()
+    inside = asyncio.Event()
+    pids: list[int] = []
+
+    async def handler() -> None:
+        async with small_db.unit_of_work(tenant_a) as uow:
+            pids.append((await context(uow)).pid)
+            await uow.tenants.add_user(slack_user_id=slack_user)
+            inside.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    task = asyncio.create_task(handler())
+    await asyncio.wait_for(inside.wait(), timeout=30)
+    assert checked_out(small_db) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert checked_out(small_db) == 0
+    assert await count_users(admin, tenant_a, slack_user) == 0
+    state = await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pids[0])
+    assert state in (None, "idle")
+    await assert_clean_pooled_connection(small_db, settings)
+
+
+async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
+    small_db: Database,
+    tenant_a: TenantId,
+    settings: DatabaseSettings,
+    admin: asyncpg.Connection,
+) -> None:
+    slack_user = unique_user_id()
+    loop = asyncio.get_running_loop()
+
+    async def slow_handler() -> None:
+        async with asyncio.timeout(None) as deadline:
+            async with small_db.unit_of_work(tenant_a) as uow:
+                await uow.tenants.add_user(slack_user_id=slack_user)
+                session = await uow.session()
+                deadline.reschedule(loop.time() + 0.2)
+                await session.execute(text("SELECT pg_sleep(60)"))
+
+    with pytest.raises(TimeoutError):
+        await slow_handler()
+
+    assert checked_out(small_db) == 0
+    assert await count_users(admin, tenant_a, slack_user) == 0
+    # The pool's only connection (or its replacement) is usable at once, not after the sleep.
+    await asyncio.wait_for(assert_clean_pooled_connection(small_db, settings), timeout=20)
+
+    async def next_handler() -> str:
+        async with small_db.unit_of_work(tenant_a) as uow:
+            row = await context(uow)
+            await uow.tenants.add_user(slack_user_id=slack_user)
+            await uow.commit()
+            return row.tenant
+
+    assert await asyncio.wait_for(next_handler(), timeout=20) == str(tenant_a)
+    assert await count_users(admin, tenant_a, slack_user) == 1
+
+
+async def test_many_cancelled_units_of_work_do_not_leak_connections(
+    small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
+) -> None:
+    # More cancellations than the pool holds: a single leak would exhaust it.
+    for _ in range(5):
+        inside = asyncio.Event()
+
+        async def handler(ready: asyncio.Event = inside) -> None:
+            async with small_db.unit_of_work(tenant_a) as uow:
+                await uow.tenants.add_user(slack_user_id=unique_user_id())
+                ready.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(handler())
+        await asyncio.wait_for(inside.wait(), timeout=30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert checked_out(small_db) == 0
+    await assert_clean_pooled_connection(small_db, settings)
