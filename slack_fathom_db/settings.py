@@ -9,9 +9,11 @@ show it masked (``postgresql+asyncpg://user:***@host/db``).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -19,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 __all__ = ["DatabaseSettings", "normalize_url"]
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_MASKED = "**********"
 _ACCEPTED_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"}
 
 
@@ -80,13 +83,38 @@ class DatabaseSettings(BaseSettings):
         description="The NOSUPERUSER NOBYPASSRLS role every unit of work runs as.",
     )
 
-    @field_validator("url", mode="before")
-    @classmethod
-    def _normalize(cls, value: Any) -> Any:
-        if value is None or value == "":
-            return None
-        raw = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-        return SecretStr(normalize_url(raw).render_as_string(hide_password=False))
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except PydanticValidationError as exc:
+            # pydantic keeps each offending input in ValidationError.errors(); the URL
+            # input holds a password, so the error is rebuilt with every input masked.
+            raise PydanticValidationError.from_exception_data(
+                exc.title,
+                [
+                    InitErrorDetails(
+                        type=error["type"],
+                        loc=error["loc"],
+                        input=_MASKED,
+                        ctx=error.get("ctx", {}),
+                    )
+                    for error in exc.errors()
+                ],
+                hide_input=True,
+            ) from None
+
+    @model_validator(mode="after")
+    def _normalize_url(self) -> Self:
+        # A model-level check: pydantic has already wrapped the URL in SecretStr, so
+        # not even the structured errors (ValidationError.errors()) hold it in clear.
+        if self.url is None or not self.url.get_secret_value():
+            object.__setattr__(self, "url", None)
+            return self
+        normalized = normalize_url(self.url.get_secret_value())
+        object.__setattr__(
+            self, "url", SecretStr(normalized.render_as_string(hide_password=False))
+        )
+        return self
 
     @field_validator("app_role")
     @classmethod

@@ -1,0 +1,885 @@
+"""The schema after ``upgrade head``, read back from the PostgreSQL catalog, and enforced by it.
+
+Nothing here looks at the SQLAlchemy models: the catalog (``pg_class``,
+``pg_constraint``, ``pg_index``/``pg_indexes``, ``pg_policy``, ``pg_trigger``,
+``pg_proc``, ``pg_roles``, ``information_schema``) is what the migrations
+actually built. The second half writes real rows with raw SQL on a superuser
+connection and shows that the database itself refuses what the design
+forbids, and that row-level security scopes the app role to one tenant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from slack_fathom_db import DatabaseSettings
+from tests.conftest import unique_team_id, unique_user_id
+
+TABLES = frozenset(
+    {
+        "tenants",
+        "users",
+        "crm_connections",
+        "meeting_sessions",
+        "account_mappings",
+        "audit_logs",
+        "api_rate_limits",
+    }
+)
+TENANT_OWNED = sorted(TABLES - {"tenants"})
+SOFT_DELETED = ("tenants", "users", "crm_connections", "meeting_sessions", "account_mappings")
+
+CURRENT_TENANT = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
+
+# TRIGGER_TYPE_* bits of pg_trigger.tgtype (src/include/catalog/pg_trigger.h).
+TRIGGER_ROW, TRIGGER_BEFORE, TRIGGER_DELETE, TRIGGER_UPDATE, TRIGGER_TRUNCATE = 1, 2, 8, 16, 32
+
+INDEXES_SQL = """
+SELECT c.relname AS table_name,
+       ic.relname AS index_name,
+       i.indisunique AS is_unique,
+       i.indisprimary AS is_primary,
+       ARRAY(
+           SELECT coalesce(a.attname::text, '<expression>')
+           FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+           LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+           WHERE k.ord <= i.indnkeyatts
+           ORDER BY k.ord
+       ) AS columns,
+       pg_get_expr(i.indpred, i.indrelid) AS predicate
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indrelid
+JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE c.relnamespace = 'public'::regnamespace
+"""
+
+CONSTRAINTS_SQL = """
+SELECT con.conname AS name,
+       con.contype AS kind,
+       c.relname AS table_name,
+       rc.relname AS ref_table,
+       ARRAY(
+           SELECT a.attname::text
+           FROM unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+           ORDER BY k.ord
+       ) AS columns,
+       ARRAY(
+           SELECT a.attname::text
+           FROM unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
+           JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum
+           ORDER BY k.ord
+       ) AS ref_columns,
+       con.confdeltype AS on_delete,
+       con.confupdtype AS on_update,
+       pg_get_constraintdef(con.oid) AS definition
+FROM pg_constraint con
+JOIN pg_class c ON c.oid = con.conrelid
+LEFT JOIN pg_class rc ON rc.oid = con.confrelid
+WHERE con.connamespace = 'public'::regnamespace
+"""
+
+
+def _normalise(expression: str) -> str:
+    """An SQL expression without casts to text, parentheses and blanks, for comparison."""
+    return re.sub(r"[()\s]", "", expression.replace("::text", ""))
+
+
+@contextlib.asynccontextmanager
+async def rolled_back(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction that is always rolled back, so a test leaves nothing behind."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield conn
+    finally:
+        await transaction.rollback()
+
+
+@contextlib.asynccontextmanager
+async def as_app_role(
+    conn: asyncpg.Connection, role: str, tenant: uuid.UUID | str | None
+) -> AsyncIterator[asyncpg.Connection]:
+    """``BEGIN; SET LOCAL ROLE <app role>; SET LOCAL app.tenant_id = ...``, rolled back after."""
+    async with rolled_back(conn):
+        await conn.execute(f'SET LOCAL ROLE "{role}"')
+        if tenant is not None:
+            await conn.execute(f"SET LOCAL app.tenant_id = '{tenant}'")
+        yield conn
+
+
+def insert_sql(table: str, values: dict[str, object]) -> tuple[str, list[object]]:
+    """``INSERT INTO table (...) VALUES ($1, ...)`` and its arguments."""
+    placeholders = ", ".join(f"${n}" for n in range(1, len(values) + 1))
+    return f"INSERT INTO {table} ({', '.join(values)}) VALUES ({placeholders})", list(
+        values.values()
+    )
+
+
+async def insert(conn: asyncpg.Connection, table: str, values: dict[str, object]) -> None:
+    """Insert one row with raw SQL."""
+    sql, args = insert_sql(table, values)
+    await conn.execute(sql, *args)
+
+
+# -- seeded rows ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Seeded:
+    """One tenant with a row in every tenant-owned table."""
+
+    tenant_id: uuid.UUID
+    user_id: uuid.UUID
+    crm_connection_id: uuid.UUID
+    meeting_id: uuid.UUID
+    account_mapping_id: uuid.UUID
+    audit_id: uuid.UUID
+
+
+def minimal_row(table: str, seed: Seeded) -> dict[str, object]:
+    """A valid new row of ``table`` for ``seed``'s tenant (a new tenant for ``tenants``)."""
+    tag = secrets.token_hex(4)
+    rows: dict[str, dict[str, object]] = {
+        "tenants": {"slack_team_id": unique_team_id(), "slack_team_name": "Schema test"},
+        "users": {"tenant_id": seed.tenant_id, "slack_user_id": unique_user_id()},
+        "crm_connections": {
+            "tenant_id": seed.tenant_id,
+            "provider_type": "hubspot",
+            "credentials_secret_id": "vault:crm/acme",
+        },
+        "meeting_sessions": {
+            "tenant_id": seed.tenant_id,
+            "user_id": seed.user_id,
+            "fathom_recording_id": f"rec-{tag}",
+            "title": "Pipeline review",
+        },
+        "account_mappings": {
+            "tenant_id": seed.tenant_id,
+            "crm_connection_id": seed.crm_connection_id,
+            "email_domain": f"d{tag}.example.com",
+            "crm_account_id": f"acct-{tag}",
+        },
+        "audit_logs": {
+            "tenant_id": seed.tenant_id,
+            "event_type": "schema.test",
+            "event_category": "data",
+            "action_description": "Inserted by the schema tests",
+        },
+        "api_rate_limits": {
+            "tenant_id": seed.tenant_id,
+            "resource_type": f"schema-{tag}",
+            "period": "daily",
+            "window_start": datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+            "request_count": 1,
+        },
+    }
+    return rows[table]
+
+
+async def seed_tenant(conn: asyncpg.Connection, name: str) -> Seeded:
+    """Insert, as superuser, a tenant with one row in each tenant-owned table."""
+    tenant_id = await conn.fetchval(
+        "INSERT INTO tenants (slack_team_id, slack_team_name) VALUES ($1, $2) RETURNING id",
+        unique_team_id(),
+        name,
+    )
+    user_id = await conn.fetchval(
+        "INSERT INTO users (tenant_id, slack_user_id, slack_email, display_name) "
+        "VALUES ($1, $2, 'ana@acme.example.com', 'Ana') RETURNING id",
+        tenant_id,
+        unique_user_id(),
+    )
+    crm_id = await conn.fetchval(
+        "INSERT INTO crm_connections "
+        "(tenant_id, provider_type, credentials_secret_id, connected_by_user_id, is_default) "
+        "VALUES ($1, 'hubspot', 'vault:crm/acme', $2, true) RETURNING id",
+        tenant_id,
+        user_id,
+    )
+    mapping_id = await conn.fetchval(
+        "INSERT INTO account_mappings (tenant_id, crm_connection_id, email_domain, crm_account_id) "
+        "VALUES ($1, $2, 'acme.example.com', 'acct-1') RETURNING id",
+        tenant_id,
+        crm_id,
+    )
+    meeting_id = await conn.fetchval(
+        "INSERT INTO meeting_sessions "
+        "(tenant_id, user_id, crm_connection_id, fathom_recording_id, title) "
+        "VALUES ($1, $2, $3, $4, 'Discovery call') RETURNING id",
+        tenant_id,
+        user_id,
+        crm_id,
+        f"rec-{secrets.token_hex(6)}",
+    )
+    audit_id = await conn.fetchval(
+        "INSERT INTO audit_logs (tenant_id, user_id, event_type, event_category, "
+        "action_description, resource_type, resource_id, ip_address) "
+        "VALUES ($1, $2, 'meeting.created', 'data', 'Meeting received from Fathom', "
+        "'meeting_session', $3, '192.0.2.10') RETURNING id",
+        tenant_id,
+        user_id,
+        str(meeting_id),
+    )
+    await insert(
+        conn,
+        "api_rate_limits",
+        {
+            "tenant_id": tenant_id,
+            "resource_type": "meetings_processed",
+            "period": "daily",
+            "window_start": datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
+            "request_count": 3,
+        },
+    )
+    return Seeded(tenant_id, user_id, crm_id, meeting_id, mapping_id, audit_id)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def seeded(settings: DatabaseSettings) -> tuple[Seeded, Seeded]:
+    """Two tenants, A and B, each with a committed row in every tenant-owned table."""
+    url = settings.sqlalchemy_url().set(drivername="postgresql")
+    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+    try:
+        return await seed_tenant(conn, "Tenant A"), await seed_tenant(conn, "Tenant B")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def seed_a(seeded: tuple[Seeded, Seeded]) -> Seeded:
+    """Tenant A of the module."""
+    return seeded[0]
+
+
+@pytest.fixture
+def seed_b(seeded: tuple[Seeded, Seeded]) -> Seeded:
+    """Tenant B of the module."""
+    return seeded[1]
+
+
+@pytest_asyncio.fixture
+async def fresh(admin: asyncpg.Connection) -> Seeded:
+    """A tenant of this test alone, for tests that change its rows."""
+    return await seed_tenant(admin, "Fresh")
+
+
+# -- the catalog ----------------------------------------------------------------------
+
+
+async def test_the_seven_tables_exist_and_nothing_else(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(
+        "SELECT relname FROM pg_class "
+        "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')"
+    )
+    assert {r["relname"] for r in rows} == TABLES | {"alembic_version"}
+
+
+@pytest.mark.parametrize("table", TENANT_OWNED)
+async def test_tenant_id_is_a_non_null_uuid(admin: asyncpg.Connection, table: str) -> None:
+    row = await admin.fetchrow(
+        "SELECT format_type(atttypid, atttypmod) AS type, attnotnull FROM pg_attribute "
+        "WHERE attrelid = $1::regclass AND attname = 'tenant_id' AND NOT attisdropped",
+        f"public.{table}",
+    )
+    assert row is not None, f"{table} has no tenant_id column"
+    assert row["type"] == "uuid"
+    assert row["attnotnull"] is True
+
+
+async def test_primary_keys_lead_with_tenant_id(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(CONSTRAINTS_SQL + " AND con.contype = 'p'")
+    primary = {r["table_name"]: list(r["columns"]) for r in rows}
+    assert set(primary) == TABLES | {"alembic_version"}
+    assert primary["tenants"] == ["id"]
+    for table in TENANT_OWNED:
+        assert primary[table][0] == "tenant_id", (table, primary[table])
+        assert len(primary[table]) >= 2, (table, primary[table])
+
+
+async def test_every_unique_index_of_a_tenant_owned_table_leads_with_tenant_id(
+    admin: asyncpg.Connection,
+) -> None:
+    indexes = await admin.fetch(INDEXES_SQL + " AND i.indisunique")
+    constraints = await admin.fetch(CONSTRAINTS_SQL + " AND con.contype IN ('u', 'p', 'x')")
+    owned = [r for r in indexes if r["table_name"] in TENANT_OWNED]
+    # Every tenant-owned table has its primary key; four have more unique indexes besides.
+    assert len(owned) >= len(TENANT_OWNED) + 4
+    for row in owned:
+        assert row["columns"][0] == "tenant_id", (row["index_name"], row["columns"])
+    for row in constraints:
+        if row["table_name"] in TENANT_OWNED:
+            assert row["columns"][0] == "tenant_id", (row["name"], row["columns"])
+
+
+async def test_tenants_is_global_with_a_unique_slack_team_id(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(INDEXES_SQL + " AND i.indisunique AND c.relname = 'tenants'")
+    unique = [list(r["columns"]) for r in rows]
+    assert ["id"] in unique
+    assert ["slack_team_id"] in unique
+
+
+async def test_foreign_keys_between_tenant_owned_tables_are_composite(
+    admin: asyncpg.Connection,
+) -> None:
+    rows = await admin.fetch(CONSTRAINTS_SQL + " AND con.contype = 'f'")
+    found: set[tuple[str, str, str]] = set()
+    to_tenants: set[str] = set()
+    for row in rows:
+        columns, ref_columns = list(row["columns"]), list(row["ref_columns"])
+        if row["ref_table"] == "tenants":
+            assert (columns, ref_columns) == (["tenant_id"], ["id"]), row["definition"]
+            to_tenants.add(row["table_name"])
+            continue
+        assert row["table_name"] in TENANT_OWNED, row["definition"]
+        assert row["ref_table"] in TENANT_OWNED, row["definition"]
+        assert len(columns) == 2, row["definition"]
+        assert columns[0] == "tenant_id", row["definition"]
+        assert ref_columns == ["tenant_id", "id"], row["definition"]
+        found.add((row["table_name"], columns[1], row["ref_table"]))
+    assert to_tenants == set(TENANT_OWNED)
+    assert found >= {
+        ("crm_connections", "connected_by_user_id", "users"),
+        ("meeting_sessions", "user_id", "users"),
+        ("meeting_sessions", "crm_connection_id", "crm_connections"),
+        ("account_mappings", "crm_connection_id", "crm_connections"),
+        ("audit_logs", "user_id", "users"),
+    }
+
+
+async def test_no_foreign_key_sets_null(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(CONSTRAINTS_SQL + " AND con.contype = 'f'")
+    assert rows, "no foreign keys at all"
+    for row in rows:
+        assert row["on_delete"] != b"n", row["definition"]
+        assert row["on_update"] != b"n", row["definition"]
+        assert "SET NULL" not in row["definition"], row["definition"]
+
+
+@pytest.mark.parametrize(
+    ("table", "columns"),
+    [
+        ("users", ["tenant_id", "slack_user_id"]),
+        ("meeting_sessions", ["tenant_id", "fathom_recording_id"]),
+        ("account_mappings", ["tenant_id", "crm_connection_id", "email_domain"]),
+    ],
+)
+async def test_re_creatable_uniqueness_is_a_partial_index_on_live_rows(
+    admin: asyncpg.Connection, table: str, columns: list[str]
+) -> None:
+    rows = await admin.fetch(INDEXES_SQL + " AND i.indisunique AND c.relname = $1", table)
+    matching = [r for r in rows if list(r["columns"]) == columns]
+    assert len(matching) == 1, [(r["index_name"], r["columns"]) for r in rows]
+    assert matching[0]["predicate"] is not None
+    assert _normalise(matching[0]["predicate"]) == "deleted_atISNULL"
+
+
+async def test_one_default_crm_connection_per_tenant_is_a_partial_unique_index(
+    admin: asyncpg.Connection,
+) -> None:
+    rows = await admin.fetch(INDEXES_SQL + " AND i.indisunique AND c.relname = 'crm_connections'")
+    matching = [r for r in rows if list(r["columns"]) == ["tenant_id"]]
+    assert len(matching) == 1, [(r["index_name"], r["columns"]) for r in rows]
+    predicate = matching[0]["predicate"]
+    assert predicate is not None
+    assert "is_default" in predicate
+    assert "deleted_at IS NULL" in predicate
+
+
+ENUMERATIONS = [
+    ("tenants", "plan_tier", {"free", "starter", "pro", "enterprise"}),
+    ("tenants", "subscription_status", {"trialing", "active", "past_due", "canceled"}),
+    ("users", "role", {"owner", "admin", "member"}),
+    ("crm_connections", "provider_type", {"hubspot", "salesforce", "crono"}),
+    ("crm_connections", "status", {"active", "error"}),
+    ("meeting_sessions", "status", {"pending", "processing", "completed", "failed"}),
+    ("meeting_sessions", "crm_sync_status", {"not_synced", "pending", "synced", "failed"}),
+    (
+        "audit_logs",
+        "event_category",
+        {"auth", "data", "integration", "admin", "security", "billing", "system"},
+    ),
+    ("audit_logs", "status", {"success", "failure", "denied"}),
+    ("api_rate_limits", "period", {"minute", "hourly", "daily", "monthly", "bucket"}),
+]
+
+
+@pytest.mark.parametrize(("table", "column", "allowed"), ENUMERATIONS)
+async def test_enumerations_are_text_with_a_check_constraint(
+    admin: asyncpg.Connection, table: str, column: str, allowed: set[str]
+) -> None:
+    data_type = await admin.fetchval(
+        "SELECT data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name = $1 AND column_name = $2",
+        table,
+        column,
+    )
+    assert data_type == "text"
+    rows = await admin.fetch(CONSTRAINTS_SQL + " AND con.contype = 'c' AND c.relname = $1", table)
+    checks = [r for r in rows if list(r["columns"]) == [column]]
+    assert len(checks) == 1, [r["definition"] for r in rows]
+    assert set(re.findall(r"'([^']*)'::text", checks[0]["definition"])) == allowed
+
+
+async def test_timestamps_are_timestamptz(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name <> 'alembic_version'"
+    )
+    types = {(r["table_name"], r["column_name"]): r["data_type"] for r in rows}
+    timestamps = {key: t for key, t in types.items() if t.startswith("timestamp")}
+    assert set(timestamps.values()) == {"timestamp with time zone"}, timestamps
+    for table in TABLES:
+        assert types[(table, "created_at")] == "timestamp with time zone"
+        if table != "audit_logs":  # append-only: there is nothing to update
+            assert types[(table, "updated_at")] == "timestamp with time zone"
+    for table in SOFT_DELETED:
+        assert types[(table, "deleted_at")] == "timestamp with time zone"
+    for key, data_type in types.items():
+        if key[1].endswith("_at"):
+            assert data_type == "timestamp with time zone", key
+
+
+async def test_audit_ip_is_inet_and_metadata_jsonb(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name = 'audit_logs'"
+    )
+    types = {r["column_name"]: r["data_type"] for r in rows}
+    assert types["ip_address"] == "inet"
+    assert types["metadata"] == "jsonb"
+
+
+NAMED_INDEXES = {
+    "users": ["uq_users_tenant_id_slack_user_id_live"],
+    "crm_connections": ["uq_crm_connections_tenant_id_default_live"],
+    "account_mappings": ["uq_account_mappings_tenant_id_connection_domain_live"],
+    "audit_logs": [
+        "ix_audit_logs_tenant_id_created_at",
+        "ix_audit_logs_tenant_id_created_at_failures",
+    ],
+    "meeting_sessions": [
+        "ix_meeting_sessions_tenant_id_created_at_live",
+        "ix_meeting_sessions_tenant_id_created_at_pending",
+        "ix_meeting_sessions_tenant_id_user_id_created_at_live",
+        "uq_meeting_sessions_tenant_id_fathom_recording_id_live",
+    ],
+}
+
+
+async def test_the_named_indexes_exist(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(
+        "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+    )
+    present = {(r["tablename"], r["indexname"]): r["indexdef"] for r in rows}
+    for table, names in NAMED_INDEXES.items():
+        for name in names:
+            assert (table, name) in present, f"missing index {name} on {table}"
+            assert "(tenant_id" in present[(table, name)], present[(table, name)]
+
+
+async def test_indexes_serve_recency_user_and_pending_queries(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(INDEXES_SQL)
+    keyed = {(r["table_name"], tuple(r["columns"]), r["predicate"] or "") for r in rows}
+    tables_columns = {(table, columns) for table, columns, _ in keyed}
+    assert ("audit_logs", ("tenant_id", "created_at")) in tables_columns
+    assert ("meeting_sessions", ("tenant_id", "created_at")) in tables_columns
+    assert ("meeting_sessions", ("tenant_id", "user_id", "created_at")) in tables_columns
+    pending = [
+        predicate
+        for table, columns, predicate in keyed
+        if table == "meeting_sessions" and columns[0] == "tenant_id" and "pending" in predicate
+    ]
+    assert pending, "no index for pending meetings"
+
+
+@pytest.mark.parametrize("table", TENANT_OWNED)
+async def test_row_level_security_is_enabled_forced_and_nullif_safe(
+    admin: asyncpg.Connection, table: str
+) -> None:
+    flags = await admin.fetchrow(
+        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = $1::regclass",
+        f"public.{table}",
+    )
+    assert flags is not None
+    assert flags["relrowsecurity"] is True
+    assert flags["relforcerowsecurity"] is True
+    policies = await admin.fetch(
+        "SELECT polname, polcmd, polpermissive, polroles, "
+        "pg_get_expr(polqual, polrelid) AS using_expr, "
+        "pg_get_expr(polwithcheck, polrelid) AS check_expr "
+        "FROM pg_policy WHERE polrelid = $1::regclass",
+        f"public.{table}",
+    )
+    assert policies, f"{table} has no policy"
+    expected = _normalise(f"tenant_id = {CURRENT_TENANT}")
+    for policy in policies:
+        # Permissive policies are OR-ed: a single wider one would open the table.
+        assert policy["using_expr"] is not None, policy["polname"]
+        assert _normalise(policy["using_expr"]) == expected, policy["using_expr"]
+        if policy["check_expr"] is not None:
+            assert _normalise(policy["check_expr"]) == expected, policy["check_expr"]
+    assert any(p["polcmd"] == b"*" and p["polpermissive"] for p in policies)
+
+
+async def test_the_app_role_is_not_superuser_and_does_not_bypass_rls(
+    admin: asyncpg.Connection, settings: DatabaseSettings
+) -> None:
+    role = await admin.fetchrow(
+        "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles "
+        "WHERE rolname = $1",
+        settings.app_role,
+    )
+    assert role is not None, f"role {settings.app_role} does not exist"
+    assert role["rolsuper"] is False
+    assert role["rolbypassrls"] is False
+    assert role["rolcreaterole"] is False
+    assert role["rolcreatedb"] is False
+
+
+async def test_the_app_role_may_only_insert_and_select_audit_rows(
+    admin: asyncpg.Connection, settings: DatabaseSettings
+) -> None:
+    rows = await admin.fetch(
+        "SELECT privilege_type FROM information_schema.role_table_grants "
+        "WHERE grantee = $1 AND table_schema = 'public' AND table_name = 'audit_logs'",
+        settings.app_role,
+    )
+    granted = {r["privilege_type"] for r in rows}
+    assert {"INSERT", "SELECT"} <= granted
+    assert not granted & {"UPDATE", "DELETE", "TRUNCATE"}, granted
+    # has_table_privilege also counts grants to PUBLIC and to roles it is a member of.
+    for privilege, expected in [
+        ("INSERT", True),
+        ("SELECT", True),
+        ("UPDATE", False),
+        ("DELETE", False),
+        ("TRUNCATE", False),
+    ]:
+        actual = await admin.fetchval(
+            "SELECT has_table_privilege($1, 'public.audit_logs', $2)", settings.app_role, privilege
+        )
+        assert actual is expected, privilege
+
+
+async def test_the_app_role_can_read_and_write_its_tables(
+    admin: asyncpg.Connection, settings: DatabaseSettings
+) -> None:
+    for table in TENANT_OWNED:
+        for privilege in ("SELECT", "INSERT"):
+            assert await admin.fetchval(
+                "SELECT has_table_privilege($1, $2, $3)",
+                settings.app_role,
+                f"public.{table}",
+                privilege,
+            ), (table, privilege)
+
+
+async def test_audit_logs_has_append_only_triggers(admin: asyncpg.Connection) -> None:
+    rows = await admin.fetch(
+        "SELECT t.tgname, t.tgtype, t.tgenabled, p.proname, l.lanname "
+        "FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
+        "JOIN pg_language l ON l.oid = p.prolang "
+        "WHERE t.tgrelid = 'public.audit_logs'::regclass AND NOT t.tgisinternal"
+    )
+    assert rows
+    covered = 0
+    for row in rows:
+        assert row["tgenabled"] in (b"O", b"A"), row["tgname"]  # enabled (origin or always)
+        assert row["tgtype"] & TRIGGER_BEFORE, row["tgname"]
+        covered |= row["tgtype"]
+    assert covered & TRIGGER_UPDATE
+    assert covered & TRIGGER_DELETE
+    assert covered & TRIGGER_TRUNCATE
+    row_level = [r for r in rows if r["tgtype"] & TRIGGER_ROW]
+    assert any(r["tgtype"] & TRIGGER_UPDATE and r["tgtype"] & TRIGGER_DELETE for r in row_level)
+    functions = await admin.fetch(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace "
+        "AND proname LIKE 'sfdb\\_%'"
+    )
+    assert {r["proname"] for r in rows} <= {f["proname"] for f in functions}
+
+
+# -- what the database refuses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "target"),
+    [
+        ("meeting_sessions", "user_id", "user_id"),
+        ("meeting_sessions", "crm_connection_id", "crm_connection_id"),
+        ("account_mappings", "crm_connection_id", "crm_connection_id"),
+        ("audit_logs", "user_id", "user_id"),
+        ("crm_connections", "connected_by_user_id", "user_id"),
+    ],
+)
+async def test_a_row_cannot_reference_another_tenants_row(
+    admin: asyncpg.Connection, seeded: tuple[Seeded, Seeded], table: str, column: str, target: str
+) -> None:
+    seed_a, seed_b = seeded
+    own = minimal_row(table, seed_a) | {column: getattr(seed_a, target)}
+    async with rolled_back(admin):  # the same row pointing at its own tenant is fine
+        await insert(admin, table, own)
+    foreign = minimal_row(table, seed_a) | {column: getattr(seed_b, target)}
+    with pytest.raises(asyncpg.ForeignKeyViolationError) as caught:
+        await insert(admin, table, foreign)
+    assert caught.value.sqlstate == "23503"
+    columns = await admin.fetchval(
+        "SELECT ARRAY(SELECT a.attname::text FROM unnest(con.conkey) WITH ORDINALITY k(n, o) "
+        "JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.o) "
+        "FROM pg_constraint con WHERE con.conname = $1 AND con.conrelid = $2::regclass",
+        caught.value.constraint_name,
+        f"public.{table}",
+    )
+    assert columns == ["tenant_id", column]
+
+
+async def test_a_second_live_default_crm_connection_is_refused(
+    admin: asyncpg.Connection, fresh: Seeded, seed_b: Seeded
+) -> None:
+    crm = minimal_row("crm_connections", fresh)
+    await insert(admin, "crm_connections", crm | {"is_default": False})  # non-default: fine
+    with pytest.raises(asyncpg.UniqueViolationError) as caught:
+        await insert(admin, "crm_connections", crm | {"is_default": True})
+    assert caught.value.sqlstate == "23505"
+    assert caught.value.table_name == "crm_connections"
+    # Another tenant's default does not count (seed_b has one too).
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM crm_connections WHERE tenant_id = $1 AND is_default "
+            "AND deleted_at IS NULL",
+            seed_b.tenant_id,
+        )
+        == 1
+    )
+    # Once the default is soft-deleted, a new default may be set.
+    await admin.execute(
+        "UPDATE crm_connections SET deleted_at = now() WHERE tenant_id = $1 AND id = $2",
+        fresh.tenant_id,
+        fresh.crm_connection_id,
+    )
+    await insert(admin, "crm_connections", crm | {"is_default": True})
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM crm_connections WHERE tenant_id = $1 AND is_default",
+            fresh.tenant_id,
+        )
+        == 2
+    )
+
+
+async def test_a_slack_user_is_unique_among_live_users_of_a_tenant(
+    admin: asyncpg.Connection, fresh: Seeded, seed_b: Seeded
+) -> None:
+    slack_user = unique_user_id()
+    row = {"tenant_id": fresh.tenant_id, "slack_user_id": slack_user}
+    await insert(admin, "users", row)
+    with pytest.raises(asyncpg.UniqueViolationError) as caught:
+        await insert(admin, "users", row)
+    assert caught.value.sqlstate == "23505"
+    assert caught.value.table_name == "users"
+    # The same Slack user id in another tenant is another user.
+    await insert(admin, "users", row | {"tenant_id": seed_b.tenant_id})
+    # After a soft delete the id can be used again.
+    await admin.execute(
+        "UPDATE users SET deleted_at = now() WHERE tenant_id = $1 AND slack_user_id = $2",
+        fresh.tenant_id,
+        slack_user,
+    )
+    await insert(admin, "users", row)
+    counts = await admin.fetchrow(
+        "SELECT count(*) AS total, count(*) FILTER (WHERE deleted_at IS NULL) AS live "
+        "FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
+        fresh.tenant_id,
+        slack_user,
+    )
+    assert counts is not None
+    assert (counts["total"], counts["live"]) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "value"),
+    [
+        ("tenants", "plan_tier", "platinum"),
+        ("tenants", "subscription_status", "free_forever"),
+        ("users", "role", "superadmin"),
+        ("crm_connections", "provider_type", "pipedrive"),
+        ("meeting_sessions", "status", "archived"),
+        ("meeting_sessions", "crm_sync_status", "maybe"),
+        ("audit_logs", "event_category", "gossip"),
+        ("audit_logs", "status", "ok"),
+        ("api_rate_limits", "period", "weekly"),
+    ],
+)
+async def test_unknown_enumeration_values_are_refused(
+    admin: asyncpg.Connection, seed_a: Seeded, table: str, column: str, value: str
+) -> None:
+    row = minimal_row(table, seed_a)
+    async with rolled_back(admin):  # the row itself is valid
+        await insert(admin, table, row)
+    with pytest.raises(asyncpg.CheckViolationError) as caught:
+        await insert(admin, table, minimal_row(table, seed_a) | {column: value})
+    assert caught.value.sqlstate == "23514"
+
+
+async def test_an_existing_tenant_cannot_move_to_an_unknown_plan_tier(
+    admin: asyncpg.Connection, fresh: Seeded
+) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await admin.execute(
+            "UPDATE tenants SET plan_tier = 'platinum' WHERE id = $1", fresh.tenant_id
+        )
+    assert (
+        await admin.fetchval("SELECT plan_tier FROM tenants WHERE id = $1", fresh.tenant_id)
+        == "free"
+    )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_logs SET action_description = 'rewritten' WHERE tenant_id = $1 AND id = $2",
+        "UPDATE audit_logs SET tenant_id = tenant_id WHERE tenant_id = $1 AND id = $2",
+        "DELETE FROM audit_logs WHERE tenant_id = $1 AND id = $2",
+        "TRUNCATE audit_logs",
+        "TRUNCATE audit_logs CASCADE",
+    ],
+)
+async def test_audit_rows_cannot_be_changed_even_by_a_superuser(
+    admin: asyncpg.Connection, seed_a: Seeded, statement: str
+) -> None:
+    assert await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    args = [] if statement.startswith("TRUNCATE") else [seed_a.tenant_id, seed_a.audit_id]
+    async with rolled_back(admin):  # should the trigger be missing, nothing is lost
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
+            await admin.execute(statement, *args)
+    assert caught.value.sqlstate == "42501"
+    stored = await admin.fetchval(
+        "SELECT action_description FROM audit_logs WHERE tenant_id = $1 AND id = $2",
+        seed_a.tenant_id,
+        seed_a.audit_id,
+    )
+    assert stored == "Meeting received from Fathom"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_logs SET action_description = 'rewritten' WHERE tenant_id = $1 AND id = $2",
+        "DELETE FROM audit_logs WHERE tenant_id = $1 AND id = $2",
+    ],
+)
+async def test_the_app_role_cannot_change_its_own_audit_rows(
+    admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, statement: str
+) -> None:
+    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await admin.execute(statement, seed_a.tenant_id, seed_a.audit_id)
+
+
+# -- row-level security as the app role -------------------------------------------------
+
+
+@pytest.mark.parametrize("table", TENANT_OWNED)
+async def test_another_tenants_rows_are_invisible(
+    admin: asyncpg.Connection,
+    settings: DatabaseSettings,
+    seed_a: Seeded,
+    seed_b: Seeded,
+    table: str,
+) -> None:
+    count_of = f"SELECT count(*) FROM {table} WHERE tenant_id = $1"
+    own = await admin.fetchval(count_of, seed_a.tenant_id)
+    assert own >= 1
+    assert await admin.fetchval(count_of, seed_b.tenant_id) >= 1  # as superuser: visible
+    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+        assert await admin.fetchval("SELECT current_user") == settings.app_role
+        assert await admin.fetchval(count_of, seed_b.tenant_id) == 0
+        assert await admin.fetchval(f"SELECT count(*) FROM {table}") == own
+        visible = await admin.fetch(f"SELECT DISTINCT tenant_id FROM {table}")
+        assert [r["tenant_id"] for r in visible] == [seed_a.tenant_id]
+
+
+@pytest.mark.parametrize("table", TENANT_OWNED)
+async def test_an_insert_for_another_tenant_is_refused(
+    admin: asyncpg.Connection,
+    settings: DatabaseSettings,
+    seed_a: Seeded,
+    seed_b: Seeded,
+    table: str,
+) -> None:
+    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+        await insert(admin, table, minimal_row(table, seed_a))  # its own tenant: allowed
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
+            await insert(admin, table, minimal_row(table, seed_b))
+    assert caught.value.sqlstate == "42501"
+    assert "row-level security" in str(caught.value)
+
+
+async def test_a_row_cannot_be_moved_to_another_tenant(
+    admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, seed_b: Seeded
+) -> None:
+    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+        # Another tenant's rows are not there to update.
+        assert (
+            await admin.execute(
+                "UPDATE users SET display_name = 'hijacked' WHERE tenant_id = $1",
+                seed_b.tenant_id,
+            )
+            == "UPDATE 0"
+        )
+    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await admin.execute(
+                "UPDATE api_rate_limits SET tenant_id = $1 WHERE tenant_id = $2",
+                seed_b.tenant_id,
+                seed_a.tenant_id,
+            )
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM users WHERE tenant_id = $1 AND display_name = 'hijacked'",
+            seed_b.tenant_id,
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize("tenant_setting", [None, ""], ids=["unset", "empty"])
+async def test_without_a_tenant_no_rows_are_visible_and_nothing_fails(
+    admin: asyncpg.Connection,
+    settings: DatabaseSettings,
+    seed_a: Seeded,
+    tenant_setting: str | None,
+) -> None:
+    for table in TENANT_OWNED:
+        assert await admin.fetchval(f"SELECT count(*) FROM {table}") >= 1, table
+    async with as_app_role(admin, settings.app_role, tenant_setting):
+        assert await admin.fetchval("SELECT current_user") == settings.app_role
+        for table in TENANT_OWNED:
+            assert await admin.fetch(f"SELECT * FROM {table}") == [], table
+            assert await admin.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    async with as_app_role(admin, settings.app_role, tenant_setting):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await insert(admin, "users", minimal_row("users", seed_a))
+
+
+async def test_tenant_settings_do_not_outlive_the_transaction(
+    admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded
+) -> None:
+    superuser = await admin.fetchval("SELECT current_user")
+    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+        assert await admin.fetchval("SELECT current_setting('app.tenant_id')") == str(
+            seed_a.tenant_id
+        )
+    assert await admin.fetchval("SELECT current_user") == superuser
+    assert await admin.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
