@@ -111,9 +111,7 @@ class DatabaseSettings(BaseSettings):
             object.__setattr__(self, "url", None)
             return self
         normalized = normalize_url(self.url.get_secret_value())
-        object.__setattr__(
-            self, "url", SecretStr(normalized.render_as_string(hide_password=False))
-        )
+        object.__setattr__(self, "url", SecretStr(normalized.render_as_string(hide_password=False)))
         return self
 
     @field_validator("app_role")
