@@ -163,6 +163,10 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return Conflict(f"{action}: a concurrent transaction won [{code}]; retry")
     if code == _TENANT_MISSING:
         return TenantNotFound(f"{action}: the tenant is unknown or soft-deleted")
+    if code is not None and code.startswith("53"):  # insufficient resources
+        return DatabaseUnavailable(
+            f"{action}: the server is out of resources (too many connections?) [{code}]"
+        )
     if code == _QUERY_CANCELED:
         return DatabaseUnavailable(f"{action}: the statement timed out or was cancelled")
     if code == _RAISE_EXCEPTION:
