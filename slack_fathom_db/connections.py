@@ -20,16 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
 from slack_fathom_db.errors import DatabaseUnavailable, translate
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from sqlalchemy.engine import Result
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+    from sqlalchemy.sql import Executable
 
 DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -75,8 +77,43 @@ def in_transaction(conn: AsyncConnection) -> bool:
     return not driver.is_closed() and driver.is_in_transaction()
 
 
-def install_rollback_on_return(engine: AsyncEngine) -> None:
-    """Roll back a transaction left open when a connection goes back to the pool."""
+async def execute_outside_tenant(
+    conn: AsyncConnection, statement: Executable, *, pgbouncer: bool, action: str
+) -> Result[Any]:
+    """Run one statement outside any tenant transaction (autocommit), errors translated.
+
+    Through PgBouncer in transaction mode the statement is wrapped in
+    ``BEGIN``/``COMMIT``: the driver prepares and executes in two exchanges,
+    which must reach the same server connection.
+    """
+    if pgbouncer:
+        await send(conn, "BEGIN", action=action)
+    try:
+        result = await conn.execute(statement)
+    except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
+        if pgbouncer and not conn.invalidated:
+            await send(conn, "ROLLBACK", action=action)
+        raise translate(exc, action=action) from exc
+    if pgbouncer:
+        await send(conn, "COMMIT", action=action)
+    return result
+
+
+def install_pool_guards(engine: AsyncEngine) -> None:
+    """Keep broken and mid-transaction connections out of the pool.
+
+    * On checkout, a connection whose socket is already closed (a killed
+      backend, a restarted server) is replaced before anyone uses it; no I/O.
+    * On return, a transaction left open (a cancelled or failed caller) is
+      rolled back; if that fails the pool invalidates the connection.
+    """
+
+    def _checkout(
+        dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry, _proxy: object
+    ) -> None:
+        adapted: Any = dbapi_connection
+        if adapted.driver_connection.is_closed():
+            raise DisconnectionError("the server closed this pooled connection")
 
     def _reset(
         dbapi_connection: DBAPIConnection,
@@ -91,4 +128,5 @@ def install_rollback_on_return(engine: AsyncEngine) -> None:
             # Raising here makes the pool invalidate the connection instead of reusing it.
             adapted.run_async(lambda connection: connection.execute("ROLLBACK"))
 
+    event.listen(engine.sync_engine, "checkout", _checkout)
     event.listen(engine.sync_engine, "reset", _reset)

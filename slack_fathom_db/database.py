@@ -16,10 +16,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from slack_fathom_db.connections import DRIVER_ERRORS, connect, install_rollback_on_return
-from slack_fathom_db.errors import SlackFathomDBError, translate
+from slack_fathom_db.connections import (
+    DRIVER_ERRORS,
+    connect,
+    execute_outside_tenant,
+    install_pool_guards,
+)
+from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.repositories.audit import audit_values
 from slack_fathom_db.repositories.rate_limits import RateLimitDecision, window_charge
+from slack_fathom_db.retries import retry_conflicts
 from slack_fathom_db.settings import DatabaseSettings
 from slack_fathom_db.tenancy import TenantDirectory, TenantId
 from slack_fathom_db.uow import UnitOfWork
@@ -71,7 +77,7 @@ class Database:
     def directory(self) -> TenantDirectory:
         """Slack workspaces ↔ tenants: ``install`` and ``resolve``."""
         if self._directory is None:
-            self._directory = TenantDirectory(self.engine)
+            self._directory = TenantDirectory(self.engine, pgbouncer=self.settings.pgbouncer)
         return self._directory
 
     def unit_of_work(
@@ -98,11 +104,15 @@ class Database:
         applied at their commit).
         """
         charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
-        async with self.unit_of_work(tenant_id) as uow:
-            decision = await uow.rate_limits.charge_now(charge)
-            if decision.allowed:
-                await uow.commit()
-        return decision
+
+        async def attempt() -> RateLimitDecision:
+            async with self.unit_of_work(tenant_id) as uow:
+                decision = await uow.rate_limits.charge_now(charge)
+                if decision.allowed:
+                    await uow.commit()
+            return decision
+
+        return await retry_conflicts(attempt)
 
     async def log_security_event(self, tenant_id: TenantId, **event: Any) -> AuditLog:
         """Write an audit event in its own short transaction, so it survives a rollback.
@@ -121,7 +131,9 @@ class Database:
         """``True`` if a connection can be had and answers ``SELECT 1``."""
         try:
             async with connect(self.engine, action="check connection") as conn:
-                await conn.execute(text("SELECT 1"))
+                await execute_outside_tenant(
+                    conn, text("SELECT 1"), pgbouncer=self.settings.pgbouncer, action="check"
+                )
         except (SlackFathomDBError, SQLAlchemyError, *DRIVER_ERRORS):
             return False
         return True
@@ -133,10 +145,10 @@ class Database:
             "current_database() AS database, current_user AS user"
         )
         async with connect(self.engine, action="read database info") as conn:
-            try:
-                row = (await conn.execute(statement)).one()
-            except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
-                raise translate(exc, action="read database info") from exc
+            result = await execute_outside_tenant(
+                conn, statement, pgbouncer=self.settings.pgbouncer, action="read database info"
+            )
+            row = result.one()
         pool = self.engine.pool
         checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
         overflow = max(0, pool.overflow()) if isinstance(pool, QueuePool) else 0
@@ -192,7 +204,7 @@ class Database:
             isolation_level="AUTOCOMMIT",
             connect_args=connect_args,
         )
-        install_rollback_on_return(engine)
+        install_pool_guards(engine)
         return engine
 
 

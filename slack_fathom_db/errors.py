@@ -21,7 +21,9 @@ __all__ = [
     "InvalidStateTransition",
     "NotFound",
     "RateLimitExceeded",
+    "SerializationConflict",
     "SlackFathomDBError",
+    "StatementTimeout",
     "TenantIsolationError",
     "TenantNotFound",
     "TransactionAborted",
@@ -51,6 +53,10 @@ class Conflict(SlackFathomDBError):
     """The write collides with a concurrent or existing one (unique key, lost update)."""
 
 
+class SerializationConflict(Conflict):
+    """A serialization failure or deadlock: the transaction lost a race; a rerun is safe."""
+
+
 class RateLimitExceeded(Conflict):
     """A rate-limit charge deferred to commit no longer fits; the unit of work rolled back."""
 
@@ -75,6 +81,10 @@ class DatabaseUnavailable(SlackFathomDBError):
     """The database cannot be reached, the pool is exhausted, or a statement timed out."""
 
 
+class StatementTimeout(DatabaseUnavailable):
+    """A statement ran past ``DATABASE_STATEMENT_TIMEOUT_MS`` and the server cancelled it."""
+
+
 # SQLSTATE classes and codes, as PostgreSQL documents them (Appendix A).
 _UNIQUE_VIOLATION: Final = "23505"
 _FOREIGN_KEY_VIOLATION: Final = "23503"
@@ -86,7 +96,6 @@ _SERIALIZATION_FAILURE: Final = "40001"
 _DEADLOCK_DETECTED: Final = "40P01"
 _QUERY_CANCELED: Final = "57014"
 _TENANT_MISSING: Final = "P0002"  # raised by sfdb_require_tenant() in the migrations
-_RAISE_EXCEPTION: Final = "P0001"  # raised by the audit trigger
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -160,7 +169,7 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
             f"security policy or the app role's grants{where}"
         )
     if code in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED):
-        return Conflict(f"{action}: a concurrent transaction won [{code}]; retry")
+        return SerializationConflict(f"{action}: a concurrent transaction won [{code}]; retry")
     if code == _TENANT_MISSING:
         return TenantNotFound(f"{action}: the tenant is unknown or soft-deleted")
     if code is not None and code.startswith("53"):  # insufficient resources
@@ -168,9 +177,9 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
             f"{action}: the server is out of resources (too many connections?) [{code}]"
         )
     if code == _QUERY_CANCELED:
-        return DatabaseUnavailable(f"{action}: the statement timed out or was cancelled")
-    if code == _RAISE_EXCEPTION:
-        return TenantIsolationError(f"{action}: the database refused the change [{code}]")
+        return StatementTimeout(
+            f"{action}: the statement was cancelled (statement timeout) [{code}]"
+        )
     if _is_connection_error(exc):
         return DatabaseUnavailable(f"{action}: the database is unreachable ({type(exc).__name__})")
     return SlackFathomDBError(f"{action}: unexpected database error [{code or type(exc).__name__}]")

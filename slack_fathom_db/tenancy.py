@@ -24,11 +24,9 @@ from typing import TYPE_CHECKING, NewType
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import connect
-from slack_fathom_db.errors import translate
+from slack_fathom_db.connections import connect, execute_outside_tenant
 from slack_fathom_db.models import Tenant
 from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.models.tenants import PLAN_TIERS
@@ -67,8 +65,9 @@ def transaction_preamble(
 class TenantDirectory:
     """Maps Slack workspaces to tenants: ``install`` and ``resolve``."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, pgbouncer: bool = False) -> None:
         self._engine = engine
+        self._pgbouncer = pgbouncer
 
     async def install(
         self,
@@ -104,26 +103,27 @@ class TenantDirectory:
             },
         ).returning(Tenant.id)
         async with connect(self._engine, action="install tenant") as conn:
-            try:
-                value = (await conn.execute(statement)).scalar_one()
-            except SQLAlchemyError as exc:
-                raise translate(exc, action="install tenant") from exc
-        return TenantId(value)
+            result = await execute_outside_tenant(
+                conn, statement, pgbouncer=self._pgbouncer, action="install tenant"
+            )
+        return TenantId(result.scalar_one())
 
     async def resolve(self, slack_team_id: str) -> TenantId | None:
         """The tenant of a workspace; ``None`` if unknown or soft-deleted."""
         team_id = validation.slack_team_id(slack_team_id)
         async with connect(self._engine, action="resolve tenant") as conn:
-            return await resolve_on(conn, team_id)
+            return await resolve_on(conn, team_id, pgbouncer=self._pgbouncer)
 
 
-async def resolve_on(conn: AsyncConnection, slack_team_id: str) -> TenantId | None:
+async def resolve_on(
+    conn: AsyncConnection, slack_team_id: str, *, pgbouncer: bool
+) -> TenantId | None:
     """Resolve a validated Slack team id on an open connection (autocommit)."""
     statement = select(Tenant.id).where(
         Tenant.slack_team_id == slack_team_id, Tenant.deleted_at.is_(None)
     )
-    try:
-        value = (await conn.execute(statement)).scalar_one_or_none()
-    except SQLAlchemyError as exc:
-        raise translate(exc, action="resolve tenant") from exc
+    result = await execute_outside_tenant(
+        conn, statement, pgbouncer=pgbouncer, action="resolve tenant"
+    )
+    value = result.scalar_one_or_none()
     return None if value is None else TenantId(value)

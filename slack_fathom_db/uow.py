@@ -21,20 +21,28 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from slack_fathom_db import validation
 from slack_fathom_db.connections import connect, send
-from slack_fathom_db.errors import TenantNotFound, TransactionAborted, UsageError
+from slack_fathom_db.errors import (
+    DatabaseUnavailable,
+    SerializationConflict,
+    TenantNotFound,
+    TransactionAborted,
+    UsageError,
+)
 from slack_fathom_db.repositories.audit import AuditRepo
 from slack_fathom_db.repositories.meetings import MeetingRepo
 from slack_fathom_db.repositories.rate_limits import RateLimitRepo
 from slack_fathom_db.repositories.tenants import TenantRepo
+from slack_fathom_db.retries import retry_conflicts
 from slack_fathom_db.tenancy import TenantId, resolve_on, transaction_preamble
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
@@ -43,6 +51,8 @@ if TYPE_CHECKING:
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = ["UnitOfWork"]
+
+T = TypeVar("T")
 
 
 class UnitOfWork:
@@ -93,24 +103,43 @@ class UnitOfWork:
             raise UsageError("a UnitOfWork is single use: create a new one for each block")
         self._state = "open"
         self._task = asyncio.current_task()
-        self._connection_cm = connect(self._engine, action="open unit of work")
-        self._conn = await self._connection_cm.__aenter__()
         try:
-            if self._slack_team_id is not None:
-                self._tenant_id = await resolve_on(self._conn, self._slack_team_id)
-                await self._conn.commit()
-                if self._tenant_id is None:
-                    raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
-            self._session = AsyncSession(bind=self._conn, expire_on_commit=False, autoflush=False)
-            await self._begin(check_tenant=True)
+            await self._open()
         except BaseException:
-            await self._close()
+            self._state = "closed"
             raise
         self.tenants = TenantRepo(self)
         self.meetings = MeetingRepo(self)
         self.audit = AuditRepo(self)
         self.rate_limits = RateLimitRepo(self)
         return self
+
+    async def _open(self) -> None:
+        for attempt in (1, 2):
+            self._connection_cm = connect(self._engine, action="open unit of work")
+            conn = self._conn = await self._connection_cm.__aenter__()
+            try:
+                if self._slack_team_id is not None:
+                    self._tenant_id = await resolve_on(
+                        conn, self._slack_team_id, pgbouncer=self._settings.pgbouncer
+                    )
+                    await conn.commit()
+                    if self._tenant_id is None:
+                        raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
+                self._session = AsyncSession(bind=conn, expire_on_commit=False, autoflush=False)
+                await self._begin(check_tenant=True)
+            except DatabaseUnavailable:
+                # A pooled connection that died since its last use fails here, before
+                # anything was done: one attempt on a fresh connection is safe.
+                stale = conn.invalidated
+                await self._release()
+                if attempt == 2 or not stale:
+                    raise
+            except BaseException:
+                await self._release()
+                raise
+            else:
+                return
 
     async def __aexit__(
         self,
@@ -179,6 +208,29 @@ class UnitOfWork:
             await self._begin(check_tenant=False)
         return session
 
+    async def retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
+        """Run ``operation`` in a savepoint; after a serialization failure or deadlock,
+        roll back to the savepoint and run it again (bounded, with jitter).
+
+        The rest of the transaction is untouched by a retry; any other error
+        propagates and leaves the transaction aborted as usual.
+        """
+        await self.session()
+        conn = self._connection()
+
+        async def attempt() -> T:
+            await send(conn, "SAVEPOINT sfdb_retry", action=action)
+            try:
+                result = await operation()
+            except SerializationConflict:
+                await send(conn, "ROLLBACK TO SAVEPOINT sfdb_retry", action=action)
+                self._aborted_by = None
+                raise
+            await send(conn, "RELEASE SAVEPOINT sfdb_retry", action=action)
+            return result
+
+        return await retry_conflicts(attempt)
+
     def transaction_failed(self, error: BaseException) -> None:
         """Record that a statement failed, which aborts the transaction in PostgreSQL."""
         if self._in_transaction and self._aborted_by is None:
@@ -218,6 +270,9 @@ class UnitOfWork:
 
     async def _close(self) -> None:
         self._state = "closed"
+        await self._release()
+
+    async def _release(self) -> None:
         try:
             if self._session is not None:
                 self._session.expunge_all()
@@ -225,6 +280,8 @@ class UnitOfWork:
         finally:
             if self._connection_cm is not None:
                 await self._connection_cm.__aexit__(None, None, None)
+            self._connection_cm = None
+            self._session = None
             self._conn = None
 
     def _connection(self) -> AsyncConnection:

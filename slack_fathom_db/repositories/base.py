@@ -28,6 +28,8 @@ from slack_fathom_db.models import Tenant
 from slack_fathom_db.models.base import Base, utcnow
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from sqlalchemy.engine import Result
     from sqlalchemy.sql import Executable
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from slack_fathom_db.uow import UnitOfWork
 
 ModelT = TypeVar("ModelT", bound=Base)
+T = TypeVar("T")
 
 EXECUTION_OPTIONS = {"populate_existing": True}
 """Rows returned refresh objects already in the identity map: READ COMMITTED, not stale copies."""
@@ -84,6 +87,10 @@ class TenantRepository(Generic[ModelT]):
             error = translate(exc, action=action)
             self._uow.transaction_failed(error)
             raise error from exc
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
+        """Run ``operation`` in a savepoint, again after a serialization failure or deadlock."""
+        return await self._uow.retrying(operation, action=action)
 
     async def _one_or_none(self, statement: Executable, *, action: str) -> Any:
         return (await self._execute(statement, action=action)).scalar_one_or_none()

@@ -195,7 +195,10 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             )
             .returning(MeetingSession)
         )
-        claimed = await self._all(statement, action="claim pending meetings")
+        claimed: list[MeetingSession] = await self._retrying(
+            lambda: self._all(statement, action="claim pending meetings"),
+            action="claim pending meetings",
+        )
         return sorted(claimed, key=lambda meeting: meeting.created_at)
 
     async def record_crm_sync(

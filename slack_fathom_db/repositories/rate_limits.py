@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Final
 
 from sqlalchemy import Float, cast, extract, func, select
@@ -163,7 +164,9 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
         charges = sorted(self._deferred.charges, key=lambda charge: charge.key)
         self._deferred = _Deferred()
         for charge in charges:
-            decision = await self.charge_now(charge)
+            decision = await self._retrying(
+                partial(self.charge_now, charge), action="apply rate-limit charge"
+            )
             if not decision.allowed:
                 name = charge.key[0]
                 raise RateLimitExceeded(
