@@ -1,12 +1,10 @@
-# Two commands for a newcomer: `make demo` (migrate a database and show what the
-# layer is connected to) and `make test` (the whole suite on real PostgreSQL).
+# Two commands for a newcomer: `make demo` (the layer's main job, end to end) and
+# `make test` (the whole suite on real PostgreSQL). Without DATABASE_URL, the demo
+# runs on an embedded PostgreSQL.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/slack_fathom_db
-export DATABASE_URL
-
-.PHONY: install test lint typecheck check demo clean
+.PHONY: install test lint typecheck check demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +30,11 @@ typecheck: install
 check: lint typecheck test
 
 demo: install
-	$(BIN)/sfdb migrate
-	$(BIN)/sfdb info
+	$(BIN)/sfdb demo
+
+# Creates its own databases on the server of DATABASE_URL, drops them after; writes docs/benchmarks.md.
+bench: install
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

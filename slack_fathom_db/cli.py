@@ -1,56 +1,180 @@
-"""The ``sfdb`` command: migrate a database and show what the layer is connected to.
+"""The ``sfdb`` command: migrate, check, inspect, and a demo of the whole layer.
 
-Exit codes: 0 success, 1 the database refused or could not be reached, 2 bad
-usage or configuration. Expected failures print one line, never a traceback.
+Exit codes: 0 success, 1 a check failed or the database refused or could not
+be reached, 2 bad usage or configuration. Expected failures print one line on
+stderr, never a traceback.
+
+With ``DATABASE_URL`` unset, ``sfdb`` runs on an embedded PostgreSQL (the
+``embedded`` extra, ``pgserver``) whose data lives in a local directory; it
+says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
+import os
 import sys
-from typing import TYPE_CHECKING
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from pydantic import SecretStr
 from pydantic import ValidationError as SettingsError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import __version__, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
-from slack_fathom_db.settings import DatabaseSettings
+from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
+
+    from slack_fathom_db.repositories import RateLimitDecision
+    from slack_fathom_db.tenancy import TenantId
 
 __all__ = ["main"]
+
+TENANT_OWNED = (
+    "users",
+    "crm_connections",
+    "meeting_sessions",
+    "account_mappings",
+    "audit_logs",
+    "api_rate_limits",
+)
+DEMO_TEAM_ID = "TDEMO00001"
+EMBEDDED_DATABASE = "slack_fathom_db"
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class CommandError(Exception):
+    """An expected failure: printed as one line, exit code 1."""
+
+
+class UsageProblem(Exception):
+    """Bad configuration or arguments: printed as one line, exit code 2."""
+
+
+# -- the parser ------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfdb",
-        description="slack_fathom_db: migrate and inspect the database (reads DATABASE_URL).",
+        description=(
+            "slack_fathom_db: migrate, check and inspect the database. Reads DATABASE_URL "
+            "(and .env); without it, runs on an embedded PostgreSQL."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"sfdb {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     migrate = commands.add_parser(
         "migrate", help="create the database if missing and upgrade it (default: to head)"
     )
-    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument("revision", nargs="?", default="head", help="target revision")
+    downgrade = commands.add_parser("downgrade", help="downgrade to REVISION (e.g. base)")
+    downgrade.add_argument("revision", help="target revision, e.g. base or -1")
+    commands.add_parser("current", help="print the revision the database is at")
+    commands.add_parser(
+        "check", help="connection, server version, migrations, app role and row-level security"
+    )
     commands.add_parser("info", help="print server, database, user and pool figures")
+    demo = commands.add_parser(
+        "demo", help="migrate, then run a demo workspace through the whole layer"
+    )
+    demo.add_argument(
+        "--meetings", type=_positive, default=20, help="meetings to ingest (default 20)"
+    )
+    stats = commands.add_parser("stats", help="statistics of one workspace")
+    stats.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    audit = commands.add_parser("audit", help="recent audit events of one workspace")
+    audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
+    audit.add_argument("--days", type=_positive, default=7, help="look back N days (default 7)")
+    audit.add_argument("--limit", type=_positive, default=50, help="at most N events (default 50)")
     return parser
 
 
-async def _ensure_database(settings: DatabaseSettings) -> None:
-    url = settings.sqlalchemy_url().set(drivername="postgresql")
-    target = url.database
-    maintenance = url.set(database="postgres").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(maintenance)
+def _positive(raw: str) -> int:
     try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", target)
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+# -- where the database is ---------------------------------------------------------------
+
+
+def _embedded_data_dir() -> Path:
+    """Project-local data, except as root (see README: pgserver opens parent folders)."""
+    override = os.environ.get("SFDB_EMBEDDED_DIR")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        tag = hashlib.sha256(str(Path.cwd()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "sfdb-embedded" / tag
+    return Path.cwd() / ".sfdb" / "pgdata"
+
+
+@contextlib.contextmanager
+def _settings() -> Iterator[DatabaseSettings]:
+    try:
+        settings = DatabaseSettings()
+    except (SettingsError, ValueError) as exc:
+        raise UsageProblem(f"configuration error: {_first_line(exc)}") from None
+    if settings.url is not None:
+        yield settings
+        return
+    # pgserver's platformdirs complains when XDG_RUNTIME_DIR is unset (containers, CI).
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    try:
+        from pgserver.postgres_server import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+            get_server,
+        )
+    except ImportError:
+        raise UsageProblem(
+            "DATABASE_URL is not set and the embedded server is not installed: "
+            "export DATABASE_URL=postgresql://… or pip install 'slack-fathom-db[embedded]'"
+        ) from None
+    data_dir = _embedded_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    err.print(f"DATABASE_URL is not set: using the embedded PostgreSQL in {data_dir}")
+    server: Any = get_server(data_dir, cleanup_mode="stop")
+    try:
+        url = normalize_url(server.get_uri()).set(database=EMBEDDED_DATABASE)
+        yield settings.model_copy(update={"url": SecretStr(url.render_as_string(False))})
+    finally:
+        server.cleanup()
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+async def _ensure_database(settings: DatabaseSettings) -> None:
+    url = settings.sqlalchemy_url()
+    maintenance = url.set(drivername="postgresql", database="postgres")
+    conn = await asyncpg.connect(maintenance.render_as_string(hide_password=False))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
         if not exists:
-            await conn.execute(f'CREATE DATABASE "{target}"')
-            print(f"created database {target}")
+            await conn.execute(f'CREATE DATABASE "{url.database}"')
+            out.print(f"created database {url.database}")
     finally:
         await conn.close()
 
@@ -58,35 +182,382 @@ async def _ensure_database(settings: DatabaseSettings) -> None:
 async def _migrate(settings: DatabaseSettings, revision: str) -> None:
     await _ensure_database(settings)
     await schema.upgrade(settings, revision)
-    print(f"{settings.masked_url} is at revision {await schema.current(settings)}")
+    out.print(f"{settings.masked_url} is at revision {await schema.current(settings)}")
+
+
+async def _downgrade(settings: DatabaseSettings, revision: str) -> None:
+    await schema.downgrade(settings, revision)
+    out.print(f"{settings.masked_url} is at revision {await schema.current(settings) or 'base'}")
+
+
+async def _current(settings: DatabaseSettings) -> None:
+    out.print(await schema.current(settings) or "base (no revision applied)")
+
+
+async def _check(settings: DatabaseSettings) -> bool:
+    results: list[tuple[str, bool, str]] = []
+    url = settings.sqlalchemy_url().set(drivername="postgresql")
+    try:
+        conn = await asyncio.wait_for(
+            asyncpg.connect(url.render_as_string(hide_password=False)),
+            timeout=settings.pool_timeout,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        _print_checks([("connection", False, _first_line(exc))])
+        return False
+    try:
+        results.append(("connection", True, settings.masked_url or ""))
+        version = await conn.fetchval("SHOW server_version_num")
+        results.append(
+            (
+                "server version >= 15",
+                int(version) >= 150000,
+                await conn.fetchval("SHOW server_version"),
+            )
+        )
+        current = await _current_on(conn)
+        head = schema.head()
+        results.append(("migrations at head", current == head, f"at {current}, head {head}"))
+        role = await conn.fetchrow(
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", settings.app_role
+        )
+        results.append(("app role present", role is not None, settings.app_role))
+        safe = role is not None and not role["rolsuper"] and not role["rolbypassrls"]
+        results.append(("app role is NOSUPERUSER NOBYPASSRLS", safe, settings.app_role))
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) "
+            "AND relkind = 'r' AND relrowsecurity AND relforcerowsecurity "
+            "AND relnamespace = 'public'::regnamespace",
+            list(TENANT_OWNED),
+        )
+        missing = sorted(set(TENANT_OWNED) - {row["relname"] for row in rows})
+        results.append(
+            (
+                "row-level security forced on tenant-owned tables",
+                not missing,
+                f"missing on {', '.join(missing)}" if missing else f"{len(TENANT_OWNED)} tables",
+            )
+        )
+    finally:
+        await conn.close()
+    _print_checks(results)
+    return all(ok for _, ok, _ in results)
+
+
+async def _current_on(conn: asyncpg.Connection) -> str | None:
+    exists = await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
+    if not exists:
+        return None
+    value: str | None = await conn.fetchval("SELECT version_num FROM alembic_version")
+    return value
+
+
+def _print_checks(results: list[tuple[str, bool, str]]) -> None:
+    for name, ok, detail in results:
+        mark = "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+        out.print(f"{mark}  {name}  [dim]{detail}[/dim]")
 
 
 async def _info(settings: DatabaseSettings) -> None:
     async with Database(settings) as db:
         info = await db.info()
-    width = max(len(name) for name in info.__dataclass_fields__)
+    table = Table(show_header=False, box=None)
     for name in info.__dataclass_fields__:
-        print(f"{name:<{width}}  {getattr(info, name)}")
+        table.add_row(name, str(getattr(info, name)))
+    out.print(table)
+
+
+async def _tenant_of(db: Database, slack_team_id: str) -> TenantId:
+    tenant_id = await db.directory.resolve(slack_team_id)
+    if tenant_id is None:
+        raise CommandError(f"no live workspace with slack_team_id {slack_team_id}")
+    return tenant_id
+
+
+async def _stats(settings: DatabaseSettings, slack_team_id: str) -> None:
+    async with Database(settings) as db:
+        tenant_id = await _tenant_of(db, slack_team_id)
+        async with db.unit_of_work(tenant_id) as uow:
+            tenant = await uow.tenants.get()
+            stats = await uow.tenants.stats()
+    table = Table(title=f"{tenant.slack_team_name if tenant else slack_team_id} ({slack_team_id})")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for name in stats.__dataclass_fields__:
+        table.add_row(name.replace("_", " "), str(getattr(stats, name)))
+    out.print(table)
+
+
+async def _audit(
+    settings: DatabaseSettings, slack_team_id: str, *, failures: bool, days: int, limit: int
+) -> None:
+    async with Database(settings) as db:
+        tenant_id = await _tenant_of(db, slack_team_id)
+        async with db.unit_of_work(tenant_id) as uow:
+            if failures:
+                events = await uow.audit.recent_failures(hours=days * 24, limit=limit)
+            else:
+                events = await uow.audit.recent(days=days, limit=limit)
+    out.print(_audit_table(events, title=f"audit events of {slack_team_id}, last {days} days"))
+
+
+def _audit_table(events: Sequence[Any], *, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("when (UTC)", "event", "category", "status", "description"):
+        table.add_column(column)
+    for event in events:
+        style = "" if event.status == "success" else "red"
+        table.add_row(
+            event.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            event.event_type,
+            event.event_category,
+            event.status,
+            event.action_description,
+            style=style,
+        )
+    return table
+
+
+# -- the demo --------------------------------------------------------------------------
+
+DEMO_ACCOUNTS = {
+    "acme.example": ("hs-1001", "Acme Corp"),
+    "globex.example": ("hs-1002", "Globex"),
+    "initech.example": ("hs-1003", "Initech"),
+}
+
+
+async def _demo(settings: DatabaseSettings, meetings: int) -> None:
+    await _migrate(settings, "head")
+    async with Database(settings) as db:
+        tenant_id = await db.directory.install(
+            slack_team_id=DEMO_TEAM_ID, slack_team_name="Demo Sales Team", plan_tier="pro"
+        )
+        users = await _demo_workspace(db, tenant_id)
+        outcome = await _demo_meetings(db, tenant_id, users, meetings)
+        decisions = await _demo_rate_limits(db, tenant_id)
+        async with db.unit_of_work(tenant_id) as uow:
+            stats = await uow.tenants.stats()
+            events = await uow.audit.recent(days=1, limit=8)
+    out.print(
+        f"\ningested {meetings} meetings: {outcome['completed']} completed "
+        f"({outcome['retried']} after a failed first attempt), "
+        f"{outcome['synced']} synced to the CRM, {outcome['sync_failed']} CRM syncs failed"
+    )
+    table = Table(title=f"workspace {DEMO_TEAM_ID}")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for name in stats.__dataclass_fields__:
+        table.add_row(name.replace("_", " "), str(getattr(stats, name)))
+    out.print(table)
+    out.print(_audit_table(events, title="last audit events"))
+    limits = Table(title="rate limit demo_exports (5 per minute)")
+    for column in ("call", "allowed", "current", "remaining", "retry after (s)"):
+        limits.add_column(column, justify="right")
+    for n, decision in enumerate(decisions, start=1):
+        limits.add_row(
+            str(n),
+            "yes" if decision.allowed else "[red]no[/red]",
+            str(decision.current),
+            str(decision.remaining),
+            f"{decision.retry_after:.0f}",
+        )
+    out.print(limits)
+
+
+async def _demo_workspace(db: Database, tenant_id: TenantId) -> list[Any]:
+    async with db.unit_of_work(tenant_id) as uow:
+        users = [
+            await uow.tenants.add_user(
+                slack_user_id=f"UDEMO{n:04d}",
+                slack_email=f"rep{n}@demo-sales.example",
+                display_name=f"Sales Rep {n}",
+                role="owner" if n == 0 else "member",
+            )
+            for n in range(3)
+        ]
+        crm = await uow.tenants.default_crm_connection()
+        if crm is None:
+            crm = await uow.tenants.connect_crm(
+                provider_type="hubspot",
+                credentials_secret_id="vault:demo/crm/hubspot",  # noqa: S106 - a reference
+                connected_by_user_id=users[0].id,
+                is_default=True,
+            )
+            await uow.audit.log_event(
+                event_type="crm.connected",
+                event_category="integration",
+                action_description="HubSpot connected",
+                user_id=users[0].id,
+                resource_type="crm_connection",
+                resource_id=crm.id,
+            )
+        for domain, (account_id, name) in DEMO_ACCOUNTS.items():
+            await uow.tenants.map_account(
+                crm_connection_id=crm.id,
+                email_domain=domain,
+                crm_account_id=account_id,
+                crm_account_name=name,
+                verified=True,
+            )
+        await uow.commit()
+    return users
+
+
+async def _demo_meetings(
+    db: Database, tenant_id: TenantId, users: list[Any], count: int
+) -> dict[str, int]:
+    outcome = {"completed": 0, "retried": 0, "synced": 0, "sync_failed": 0}
+    run = time.strftime("%Y%m%d%H%M%S")
+    domains = list(DEMO_ACCOUNTS)
+    with _progress(count) as advance:
+        for n in range(count):
+            user = users[n % len(users)]
+            domain = domains[n % len(domains)]
+            async with db.unit_of_work(tenant_id) as uow:
+                meeting = await uow.meetings.create(
+                    user_id=user.id,
+                    fathom_recording_id=f"demo-{run}-{n:05d}",
+                    title=f"Discovery call #{n + 1} with {DEMO_ACCOUNTS[domain][1]}",
+                    participants=[{"email": f"buyer{n}@{domain}"}, {"email": user.slack_email}],
+                )
+                meeting = await uow.meetings.start_processing(meeting.id)
+                if n % 7 == 3:  # the summariser fails once; the retry succeeds
+                    meeting = await uow.meetings.fail_processing(
+                        meeting.id, error="summariser timed out"
+                    )
+                    meeting = await uow.meetings.start_processing(meeting.id)
+                    outcome["retried"] += 1
+                meeting = await uow.meetings.complete_processing(
+                    meeting.id,
+                    summary="Budget confirmed; follow-up demo next week.",
+                    action_items=[{"owner": user.display_name, "text": "Send the proposal"}],
+                    expected_version=meeting.version,
+                )
+                outcome["completed"] += 1
+                account = await uow.tenants.find_account(f"buyer{n}@{domain}")
+                if account is not None and n % 11 != 5:
+                    meeting = await uow.meetings.record_crm_sync(
+                        meeting.id, status="synced", crm_record_id=f"note-{run}-{n}"
+                    )
+                    outcome["synced"] += 1
+                else:
+                    meeting = await uow.meetings.record_crm_sync(
+                        meeting.id, status="failed", error="CRM answered 429"
+                    )
+                    outcome["sync_failed"] += 1
+                synced = meeting.crm_sync_status == "synced"
+                await uow.audit.log_event(
+                    event_type="meeting.processed",
+                    event_category="data",
+                    action_description=f"Meeting {n + 1} summarised"
+                    + (", note sent to the CRM" if synced else "; CRM sync failed"),
+                    user_id=user.id,
+                    resource_type="meeting_session",
+                    resource_id=meeting.id,
+                    status="success" if synced else "failure",
+                )
+                await uow.commit()
+            advance()
+    return outcome
+
+
+async def _demo_rate_limits(db: Database, tenant_id: TenantId) -> list[RateLimitDecision]:
+    decisions: list[RateLimitDecision] = []
+    while not decisions or decisions[-1].allowed:
+        decisions.append(await db.rate_limit(tenant_id, "demo_exports", limit=5, period="minute"))
+    await db.log_security_event(
+        tenant_id,
+        event_type="rate_limit.denied",
+        event_category="security",
+        action_description="demo_exports limit reached",
+        status="denied",
+    )
+    return decisions
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Any]:
+    """A progress bar on stderr that appears only if the work takes more than a second."""
+    started = time.monotonic()
+    progress = Progress(
+        TextColumn("ingesting meetings"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    task = progress.add_task("meetings", total=total)
+    shown = False
+
+    def advance() -> None:
+        nonlocal shown
+        progress.advance(task)
+        if not shown and time.monotonic() - started > 1.0:
+            progress.start()
+            shown = True
+
+    try:
+        yield advance
+    finally:
+        if shown:
+            progress.stop()
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    with _settings() as settings:
+        if args.command == "migrate":
+            asyncio.run(_migrate(settings, args.revision))
+        elif args.command == "downgrade":
+            asyncio.run(_downgrade(settings, args.revision))
+        elif args.command == "current":
+            asyncio.run(_current(settings))
+        elif args.command == "check":
+            return 0 if asyncio.run(_check(settings)) else 1
+        elif args.command == "info":
+            asyncio.run(_info(settings))
+        elif args.command == "demo":
+            asyncio.run(_demo(settings, args.meetings))
+        elif args.command == "stats":
+            asyncio.run(_stats(settings, args.slack_team_id))
+        elif args.command == "audit":
+            asyncio.run(
+                _audit(
+                    settings,
+                    args.slack_team_id,
+                    failures=args.failures,
+                    days=args.days,
+                    limit=args.limit,
+                )
+            )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sfdb``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        settings = DatabaseSettings()
-        settings.sqlalchemy_url()
-    except (SettingsError, ValueError) as exc:
-        print(f"sfdb: configuration error: {_first_line(exc)}", file=sys.stderr)
+        return _run(args)
+    except UsageProblem as exc:
+        err.print(f"sfdb: {exc}", markup=False)
         return 2
-    try:
-        if args.command == "migrate":
-            asyncio.run(_migrate(settings, args.revision))
-        else:
-            asyncio.run(_info(settings))
-    except (SlackFathomDBError, SQLAlchemyError, asyncpg.PostgresError, OSError) as exc:
-        print(f"sfdb: {args.command} failed: {_first_line(exc)}", file=sys.stderr)
+    except (
+        CommandError,
+        SlackFathomDBError,
+        SQLAlchemyError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OSError,
+        TimeoutError,
+    ) as exc:
+        err.print(f"sfdb {args.command}: {_first_line(exc)}", markup=False)
         return 1
-    return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 def _first_line(exc: BaseException) -> str:

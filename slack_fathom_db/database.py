@@ -114,16 +114,41 @@ class Database:
 
         return await retry_conflicts(attempt)
 
-    async def log_security_event(self, tenant_id: TenantId, **event: Any) -> AuditLog:
+    async def log_security_event(
+        self,
+        tenant_id: TenantId,
+        *,
+        event_type: str,
+        event_category: str,
+        action_description: str,
+        status: str = "denied",
+        user_id: uuid.UUID | None = None,
+        resource_type: str | None = None,
+        resource_id: uuid.UUID | str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AuditLog:
         """Write an audit event in its own short transaction, so it survives a rollback.
 
-        Takes the keyword arguments of ``AuditRepo.log_event``. For denials
-        (a cross-tenant attempt, a rate-limit refusal) that must be kept even
-        when the caller's unit of work rolls back.
+        Same fields as ``AuditRepo.log_event``; for denials (a cross-tenant
+        attempt, a rate-limit refusal) that must be kept even when the caller's
+        unit of work rolls back.
         """
-        audit_values(**event)  # validate before a connection is taken
+        event = audit_values(
+            event_type=event_type,
+            event_category=event_category,
+            action_description=action_description,
+            status=status,
+            user_id=user_id,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            ip_address=ip_address,
+            user_agent=user_agent,
+            metadata=metadata,
+        )  # validated before a connection is taken
         async with self.unit_of_work(tenant_id) as uow:
-            logged = await uow.audit.log_event(**event)
+            logged = await uow.audit._insert_event(event)
             await uow.commit()
         return logged
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -25,7 +26,15 @@ if TYPE_CHECKING:
 
     from slack_fathom_db.settings import DatabaseSettings
 
-__all__ = ["alembic_config", "check", "current", "downgrade", "script_location", "upgrade"]
+__all__ = [
+    "alembic_config",
+    "check",
+    "current",
+    "downgrade",
+    "head",
+    "script_location",
+    "upgrade",
+]
 
 
 def script_location() -> Path:
@@ -43,6 +52,13 @@ def alembic_config(settings: DatabaseSettings) -> Config:
     config.attributes["settings"] = settings
     config.attributes["app_role"] = settings.app_role
     return config
+
+
+def head() -> str | None:
+    """The newest revision the package ships."""
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
+    return ScriptDirectory.from_config(config).get_current_head()
 
 
 async def _run(settings: DatabaseSettings, fn: Callable[[Config], Any]) -> Any:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, NewType
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from slack_fathom_db import validation
@@ -107,6 +107,26 @@ class TenantDirectory:
                 conn, statement, pgbouncer=self._pgbouncer, action="install tenant"
             )
         return TenantId(result.scalar_one())
+
+    async def uninstall(self, slack_team_id: str) -> TenantId | None:
+        """Soft-delete the tenant of a workspace; idempotent (``None`` if none was live).
+
+        For ``app_uninstalled`` events, which Slack may deliver more than once.
+        The rows stay; :meth:`install` reactivates the same tenant.
+        """
+        team_id = validation.slack_team_id(slack_team_id)
+        statement = (
+            update(Tenant)
+            .where(Tenant.slack_team_id == team_id, Tenant.deleted_at.is_(None))
+            .values(deleted_at=utcnow())
+            .returning(Tenant.id)
+        )
+        async with connect(self._engine, action="uninstall tenant") as conn:
+            result = await execute_outside_tenant(
+                conn, statement, pgbouncer=self._pgbouncer, action="uninstall tenant"
+            )
+        value = result.scalar_one_or_none()
+        return None if value is None else TenantId(value)
 
     async def resolve(self, slack_team_id: str) -> TenantId | None:
         """The tenant of a workspace; ``None`` if unknown or soft-deleted."""

@@ -159,11 +159,13 @@ def _docker_container() -> Iterator[URL]:
 @contextlib.contextmanager
 def _embedded() -> Iterator[URL]:
     try:
-        import pgserver  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+        from pgserver.postgres_server import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
+            get_server,
+        )
     except ImportError as exc:
         raise NoPostgreSQL("pgserver is not installed") from exc
     root = Path(tempfile.mkdtemp(prefix="sfdb-embedded-"))
-    server: Any = pgserver.get_server(root, cleanup_mode="stop")
+    server: Any = get_server(root, cleanup_mode="stop")
     try:
         yield normalize_url(server.get_uri())
     finally:

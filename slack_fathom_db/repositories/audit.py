@@ -95,6 +95,10 @@ class AuditRepo(TenantRepository[AuditLog]):
             user_agent=user_agent,
             metadata=metadata,
         )
+        return await self._insert_event(values)
+
+    async def _insert_event(self, values: dict[str, Any]) -> AuditLog:
+        """Insert an event whose values :func:`audit_values` already validated."""
         statement = self._insert(AuditLog, **values).returning(AuditLog)
         event: AuditLog = (await self._execute(statement, action="log audit event")).scalar_one()
         return event

@@ -1,0 +1,1 @@
+"""Runnable examples of slack_fathom_db in an application."""
