@@ -68,9 +68,12 @@ async def tenant_b(make_tenant: TenantFactory) -> TenantId:
 
 
 @pytest_asyncio.fixture
-async def admin(settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
-    """A raw asyncpg connection as the connecting (superuser) role, outside the layer."""
-    url = settings.sqlalchemy_url().set(drivername="postgresql")
+async def admin(sfdb_direct_settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection as the connecting (superuser) role, outside the layer.
+
+    Straight to the server, also in the PgBouncer pass.
+    """
+    url = sfdb_direct_settings.sqlalchemy_url().set(drivername="postgresql")
     conn = await asyncpg.connect(url.render_as_string(hide_password=False))
     try:
         yield conn
