@@ -30,6 +30,7 @@ from slack_fathom_db.connections import connect, send
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
     SerializationConflict,
+    SlackFathomDBError,
     TenantNotFound,
     TransactionAborted,
     UsageError,
@@ -72,7 +73,7 @@ class UnitOfWork:
         slack_team_id: str | None = None,
     ) -> None:
         if (tenant_id is None) == (slack_team_id is None):
-            raise UsageError("unit_of_work() takes a tenant_id or a slack_team_id, not both")
+            raise UsageError("unit_of_work() takes exactly one of tenant_id and slack_team_id")
         self._engine = engine
         self._settings = settings
         self._tenant_id = (
@@ -150,6 +151,11 @@ class UnitOfWork:
         try:
             if self._in_transaction:
                 await self._rollback_transaction()
+        except SlackFathomDBError:
+            # The connection is gone (and invalidated): nothing was committed. Let the
+            # block's own exception, if any, be the one the caller sees.
+            if exc is None:
+                raise
         finally:
             await self._close()
 
