@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
+    import asyncpg
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from slack_fathom_db.settings import DatabaseSettings
@@ -89,6 +90,7 @@ class UnitOfWork:
         self._connection_cm: AbstractAsyncContextManager[AsyncConnection] | None = None
         self._conn: AsyncConnection | None = None
         self._session: AsyncSession | None = None
+        self._driver: asyncpg.Connection | None = None
         self._in_transaction = False
         self._aborted_by: str | None = None
 
@@ -127,7 +129,8 @@ class UnitOfWork:
                     await conn.commit()
                     if self._tenant_id is None:
                         raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
-                self._session = AsyncSession(bind=conn, expire_on_commit=False, autoflush=False)
+                raw = await conn.get_raw_connection()
+                self._driver = raw.driver_connection
                 await self._begin(check_tenant=True)
             except DatabaseUnavailable:
                 # A pooled connection that died since its last use fails here, before
@@ -165,7 +168,8 @@ class UnitOfWork:
         Raises :class:`TransactionAborted` (after rolling back) if a statement of
         the transaction failed: PostgreSQL keeps nothing of an aborted transaction.
         """
-        session = self._usable_session()
+        self._check_usable()
+        session = self._session
         if self._aborted_by is not None:
             reason = self._aborted_by
             await self._rollback_transaction()
@@ -173,7 +177,7 @@ class UnitOfWork:
                 f"commit: nothing was committed; the transaction was aborted by an earlier "
                 f"error ({reason})"
             )
-        if session.new or session.dirty or session.deleted:
+        if session is not None and (session.new or session.dirty or session.deleted):
             raise UsageError(
                 "objects returned by repositories are read-only; change rows through "
                 "repository methods (e.g. uow.meetings.complete_processing)"
@@ -195,16 +199,38 @@ class UnitOfWork:
                 raise TransactionAborted(
                     "commit: the server rolled the transaction back (a statement of it failed)"
                 )
-        await session.commit()
+        if session is not None:
+            await session.commit()
 
     async def rollback(self) -> None:
         """Roll back the current transaction; deferred rate-limit charges are dropped."""
-        self._usable_session()
+        self._check_usable()
         await self._rollback_transaction()
 
     async def session(self) -> AsyncSession:
         """The session, inside an open, tenant-scoped transaction (for repositories)."""
-        session = self._usable_session()
+        await self._ensure_transaction()
+        if self._session is None:
+            self._session = AsyncSession(
+                bind=self._connection(), expire_on_commit=False, autoflush=False
+            )
+        return self._session
+
+    async def driver(self) -> asyncpg.Connection:
+        """The asyncpg connection, inside an open, tenant-scoped transaction (hot paths)."""
+        await self._ensure_transaction()
+        if self._driver is None:
+            raise UsageError("the unit of work is not open")
+        return self._driver
+
+    async def statement_failed(self, error: SlackFathomDBError, cause: BaseException) -> None:
+        """A driver-level statement failed: the transaction is aborted; a dead link is dropped."""
+        self.transaction_failed(error)
+        if isinstance(error, DatabaseUnavailable) and self._conn is not None:
+            await self._conn.invalidate(cause)
+
+    async def _ensure_transaction(self) -> None:
+        self._check_usable()
         if self._aborted_by is not None:
             raise TransactionAborted(
                 f"the transaction was aborted by an earlier error ({self._aborted_by}); "
@@ -212,7 +238,6 @@ class UnitOfWork:
             )
         if not self._in_transaction:
             await self._begin(check_tenant=False)
-        return session
 
     async def retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
         """Run ``operation`` in a savepoint; after a serialization failure or deadlock,
@@ -288,6 +313,7 @@ class UnitOfWork:
                 await self._connection_cm.__aexit__(None, None, None)
             self._connection_cm = None
             self._session = None
+            self._driver = None
             self._conn = None
 
     def _connection(self) -> AsyncConnection:
@@ -295,9 +321,8 @@ class UnitOfWork:
             raise UsageError("the unit of work is not open")
         return self._conn
 
-    def _usable_session(self) -> AsyncSession:
-        if self._state != "open" or self._session is None:
+    def _check_usable(self) -> None:
+        if self._state != "open" or self._conn is None:
             raise UsageError("the unit of work is not open: use it inside its `async with` block")
         if asyncio.current_task() is not self._task:
             raise UsageError("a unit of work belongs to the task that entered it; do not share it")
-        return self._session

@@ -12,14 +12,23 @@ Invariants:
 * Row-level security scopes the same statements again in the database, so a
   mistake here yields no rows rather than another tenant's rows.
 * Database errors are translated here, at the boundary, and chained.
+
+Hot paths run *compiled* statements: built once per repository class by the
+same helpers (the tenant is the bind parameter ``sfdb_tenant``, every other
+value a named bind parameter), compiled once to PostgreSQL's SQL, and run on
+the unit of work's asyncpg connection with the tenant supplied on every call.
+Rows come back as ORM objects built directly from the record: detached
+snapshots, read-only like every object a repository returns.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, cast
 
-from sqlalchemy import Select, Update, select, update
-from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy import BindParameter, Select, Update, bindparam, inspect, select, update
+from sqlalchemy.dialects.postgresql import UUID, Insert, insert
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db.connections import DRIVER_ERRORS
@@ -31,7 +40,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Result
-    from sqlalchemy.sql import Executable
+    from sqlalchemy.orm import Mapper
+    from sqlalchemy.sql import ClauseElement, Executable
+    from sqlalchemy.sql.compiler import SQLCompiler
 
     from slack_fathom_db.tenancy import TenantId
     from slack_fathom_db.uow import UnitOfWork
@@ -42,14 +53,62 @@ T = TypeVar("T")
 EXECUTION_OPTIONS = {"populate_existing": True}
 """Rows returned refresh objects already in the identity map: READ COMMITTED, not stale copies."""
 
+TENANT_KEY: Final = "sfdb_tenant"
+_DIALECT: Final = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStatement:
+    """A statement compiled once: its SQL and the order of its named parameters."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    def arguments(self, tenant_id: object, params: dict[str, Any]) -> list[Any]:
+        """The positional arguments, the tenant included."""
+        return [tenant_id if name == TENANT_KEY else params[name] for name in self.names]
+
+
+def compile_statement(statement: ClauseElement) -> CompiledStatement:
+    """Compile for asyncpg (``$n`` placeholders); only named, value-less parameters allowed."""
+    compiled = cast("SQLCompiler", statement.compile(dialect=_DIALECT))
+    names = tuple(compiled.positiontup or ())
+    return CompiledStatement(sql=str(compiled), names=names)
+
+
+def loader(model: type[ModelT]) -> Callable[[Any], ModelT]:
+    """A function that builds a detached, fully loaded ``model`` from a record."""
+    mapper: Mapper[Any] = inspect(model)
+    keys = [(column.name, prop.key) for prop in mapper.column_attrs for column in prop.columns]
+    new_instance = mapper.class_manager.new_instance
+
+    def load(record: Any) -> ModelT:
+        instance: ModelT = new_instance()
+        values = instance.__dict__  # the instance's loaded state, as SQLAlchemy keeps it
+        for column, key in keys:
+            values[key] = record[column]
+        return instance
+
+    return load
+
 
 class TenantRepository(Generic[ModelT]):
     """Base of every repository: tenant-scoped statement builders and execution."""
 
     model: type[ModelT]
+    _compiled: ClassVar[dict[str, CompiledStatement]]
+    _loaders: ClassVar[dict[type[Any], Callable[[Any], Any]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._compiled = {}
 
     def __init__(self, uow: UnitOfWork) -> None:
         self._uow = uow
+
+    def _tenant(self) -> BindParameter[Any]:
+        """The tenant as the bind parameter every helper filters and stamps with."""
+        return bindparam(TENANT_KEY, self.tenant_id, type_=UUID(as_uuid=True))
 
     @property
     def tenant_id(self) -> TenantId:
@@ -58,7 +117,7 @@ class TenantRepository(Generic[ModelT]):
 
     def _select(self, model: type[Base] | None = None) -> Select[Any]:
         target: Any = model or self.model
-        return select(target).where(target.tenant_id == self.tenant_id)
+        return select(target).where(target.tenant_id == self._tenant())
 
     def _live(self, model: type[Base] | None = None) -> Select[Any]:
         target: Any = model or self.model
@@ -66,18 +125,18 @@ class TenantRepository(Generic[ModelT]):
 
     def _update(self, model: type[Base] | None = None) -> Update:
         target: Any = model or self.model
-        return update(target).where(target.tenant_id == self.tenant_id)
+        return update(target).where(target.tenant_id == self._tenant())
 
     def _insert(self, model: type[Base] | None = None, **values: Any) -> Insert:
         if "tenant_id" in values:
             raise TypeError("the tenant is stamped by the repository, never passed in")
-        return insert(model or self.model).values(tenant_id=self.tenant_id, **values)
+        return insert(model or self.model).values(tenant_id=self._tenant(), **values)
 
     def _tenant_row(self) -> Select[Tenant]:
-        return select(Tenant).where(Tenant.id == self.tenant_id, Tenant.deleted_at.is_(None))
+        return select(Tenant).where(Tenant.id == self._tenant(), Tenant.deleted_at.is_(None))
 
     def _update_tenant_row(self) -> Update:
-        return update(Tenant).where(Tenant.id == self.tenant_id, Tenant.deleted_at.is_(None))
+        return update(Tenant).where(Tenant.id == self._tenant(), Tenant.deleted_at.is_(None))
 
     async def _execute(self, statement: Executable, *, action: str) -> Result[Any]:
         session = await self._uow.session()
@@ -107,3 +166,42 @@ class TenantRepository(Generic[ModelT]):
         )
         if await self._one_or_none(statement, action=action) is None:
             raise NotFound(f"{action}: no live row with that id")
+
+    # -- compiled statements on the driver (hot paths) ----------------------------------
+
+    def _compiled_statement(
+        self, name: str, build: Callable[[], ClauseElement]
+    ) -> CompiledStatement:
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = compile_statement(build())
+        return compiled
+
+    async def _fetch(
+        self, name: str, build: Callable[[], ClauseElement], *, action: str, **params: Any
+    ) -> list[Any]:
+        """Run the compiled statement ``name`` (built by ``build`` once) and return its records."""
+        compiled = self._compiled_statement(name, build)
+        driver = await self._uow.driver()
+        try:
+            return list(
+                await driver.fetch(compiled.sql, *compiled.arguments(self.tenant_id, params))
+            )
+        except DRIVER_ERRORS as exc:
+            error = translate(exc, action=action)
+            await self._uow.statement_failed(error, exc)
+            raise error from exc
+
+    async def _fetch_models(
+        self,
+        model: type[T],
+        name: str,
+        build: Callable[[], ClauseElement],
+        *,
+        action: str,
+        **params: Any,
+    ) -> list[T]:
+        load = self._loaders.get(model)
+        if load is None:
+            load = self._loaders[model] = loader(model)
+        return [load(record) for record in await self._fetch(name, build, action=action, **params)]
