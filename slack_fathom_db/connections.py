@@ -99,6 +99,28 @@ async def execute_outside_tenant(
     return result
 
 
+async def fetchval_outside_tenant(
+    conn: AsyncConnection, sql: str, *args: Any, pgbouncer: bool, action: str
+) -> Any:
+    """Like :func:`execute_outside_tenant`, for compiled SQL run on the driver: the first value."""
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    if pgbouncer:
+        await send(conn, "BEGIN", action=action)
+    try:
+        value = await driver.fetchval(sql, *args)
+    except DRIVER_ERRORS as exc:
+        error = translate(exc, action=action)
+        if isinstance(error, DatabaseUnavailable) or driver.is_closed():
+            await conn.invalidate(exc)
+        elif pgbouncer:
+            await send(conn, "ROLLBACK", action=action)
+        raise error from exc
+    if pgbouncer:
+        await send(conn, "COMMIT", action=action)
+    return value
+
+
 def install_pool_guards(engine: AsyncEngine) -> None:
     """Keep broken and mid-transaction connections out of the pool.
 

@@ -19,17 +19,23 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import TYPE_CHECKING, NewType
 
-from sqlalchemy import select, update
+from sqlalchemy import Text, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import connect, execute_outside_tenant
+from slack_fathom_db.connections import (
+    connect,
+    execute_outside_tenant,
+    fetchval_outside_tenant,
+)
 from slack_fathom_db.models import Tenant
 from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.models.tenants import PLAN_TIERS
+from slack_fathom_db.repositories.base import compile_statement
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -139,11 +145,17 @@ async def resolve_on(
     conn: AsyncConnection, slack_team_id: str, *, pgbouncer: bool
 ) -> TenantId | None:
     """Resolve a validated Slack team id on an open connection (autocommit)."""
-    statement = select(Tenant.id).where(
-        Tenant.slack_team_id == slack_team_id, Tenant.deleted_at.is_(None)
+    value = await fetchval_outside_tenant(
+        conn, _resolve_sql(), slack_team_id, pgbouncer=pgbouncer, action="resolve tenant"
     )
-    result = await execute_outside_tenant(
-        conn, statement, pgbouncer=pgbouncer, action="resolve tenant"
-    )
-    value = result.scalar_one_or_none()
     return None if value is None else TenantId(value)
+
+
+@functools.cache
+def _resolve_sql() -> str:
+    """The lookup every Slack event starts with, compiled once."""
+    statement = select(Tenant.id).where(
+        Tenant.slack_team_id == bindparam("slack_team_id", type_=Text),
+        Tenant.deleted_at.is_(None),
+    )
+    return compile_statement(statement).sql

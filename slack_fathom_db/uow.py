@@ -21,9 +21,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm.attributes import instance_state
 
 from slack_fathom_db import validation
 from slack_fathom_db.connections import connect, send
@@ -91,6 +92,7 @@ class UnitOfWork:
         self._conn: AsyncConnection | None = None
         self._session: AsyncSession | None = None
         self._driver: asyncpg.Connection | None = None
+        self._returned: list[object] = []  # objects built from records, to keep read-only
         self._in_transaction = False
         self._aborted_by: str | None = None
 
@@ -177,7 +179,9 @@ class UnitOfWork:
                 f"commit: nothing was committed; the transaction was aborted by an earlier "
                 f"error ({reason})"
             )
-        if session is not None and (session.new or session.dirty or session.deleted):
+        if (session is not None and (session.new or session.dirty or session.deleted)) or any(
+            instance_state(instance).modified for instance in self._returned
+        ):
             raise UsageError(
                 "objects returned by repositories are read-only; change rows through "
                 "repository methods (e.g. uow.meetings.complete_processing)"
@@ -222,6 +226,10 @@ class UnitOfWork:
         if self._driver is None:
             raise UsageError("the unit of work is not open")
         return self._driver
+
+    def track(self, instances: list[Any]) -> None:
+        """Remember objects a repository built, so ``commit()`` can refuse changes to them."""
+        self._returned.extend(instances)
 
     async def statement_failed(self, error: SlackFathomDBError, cause: BaseException) -> None:
         """A driver-level statement failed: the transaction is aborted; a dead link is dropped."""

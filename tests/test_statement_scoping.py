@@ -57,6 +57,9 @@ HELPERS = frozenset(
     }
 )
 EXECUTORS = frozenset({"_execute", "_one_or_none", "_all"})
+# Executors of compiled statements, and the position of their builder argument: a
+# reference to a method of the repository that returns a helper-built statement.
+COMPILED_EXECUTORS = {"_fetch": 1, "_fetch_models": 2}
 # Statement builders and raw-SQL constructs of SQLAlchemy; ``select`` is handled by rule 2.
 FORBIDDEN_BUILDERS = frozenset(
     {
@@ -423,6 +426,22 @@ class _Checker:
                     )
                 else:
                     self.scoped_statements += 1
+            if func.attr in COMPILED_EXECUTORS:
+                index = COMPILED_EXECUTORS[func.attr]
+                builder = node.args[index] if len(node.args) > index else None
+                if (
+                    isinstance(builder, ast.Attribute)
+                    and isinstance(builder.value, ast.Name)
+                    and builder.value.id == "self"
+                    and (builder.attr in self.methods or builder.attr in HELPERS)
+                ):
+                    self.scoped_statements += 1
+                else:
+                    self.flag(
+                        node,
+                        f"self.{func.attr}(...) compiles a statement whose builder is not a "
+                        "method returning a helper-built statement",
+                    )
             if func.attr == "_select_columns":
                 self._foreign_models(node, self.class_model, scope, func.attr)
             return
@@ -685,3 +704,25 @@ def test_checker_accepts_scoped_wrappers_and_helper_chains() -> None:
     checker = _Checker(dedent(GOOD_SOURCE), "<memory>")
     assert checker.run() == []
     assert checker.scoped_statements == 3
+
+
+def test_a_compiled_statement_needs_a_helper_built_builder() -> None:
+    source = _repo(
+        """
+        def _unscoped(self):
+            return select(User)
+
+        async def bad(self):
+            return await self._fetch("x", self._unscoped, action="x")
+
+        def _scoped(self):
+            return self._select().where(User.id == 1)
+
+        async def good(self):
+            return await self._fetch("y", self._scoped, action="y")
+        """
+    )
+    checker = _Checker(source, "example.py")
+    messages = [violation.message for violation in checker.run()]
+    assert any("compiles a statement whose builder" in message for message in messages)
+    assert checker.scoped_statements == 1

@@ -53,7 +53,7 @@ class Timestamps:
 class SoftDelete:
     """``deleted_at``: a row with a value is gone for every lookup and live uniqueness."""
 
-    deleted_at: Mapped[datetime | None] = mapped_column(default=None, sort_order=92)
+    deleted_at: Mapped[datetime | None] = mapped_column(sort_order=92)
 
 
 class TenantOwned:
@@ -63,10 +63,7 @@ class TenantOwned:
         ForeignKey("tenants.id", ondelete="RESTRICT"), primary_key=True, sort_order=-2
     )
     id: Mapped[uuid.UUID] = mapped_column(
-        primary_key=True,
-        default=uuid.uuid4,
-        server_default=text("gen_random_uuid()"),
-        sort_order=-1,
+        primary_key=True, server_default=text("gen_random_uuid()"), sort_order=-1
     )
 
 

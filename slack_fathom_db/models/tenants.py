@@ -49,7 +49,7 @@ class Tenant(Timestamps, SoftDelete, Base):
     )
 
     id: Mapped[uuid.UUID] = mapped_column(
-        primary_key=True, default=uuid.uuid4, server_default=text("gen_random_uuid()")
+        primary_key=True, server_default=text("gen_random_uuid()")
     )
     slack_team_id: Mapped[str] = mapped_column(String(32), unique=True)
     slack_team_name: Mapped[str] = mapped_column(Text)

@@ -12,6 +12,8 @@ import uuid
 from datetime import timedelta
 from typing import Any, Final
 
+from sqlalchemy import bindparam
+
 from slack_fathom_db import validation
 from slack_fathom_db.models import AuditLog
 from slack_fathom_db.models.audit import EVENT_CATEGORIES, EVENT_STATUSES
@@ -21,6 +23,18 @@ from slack_fathom_db.repositories.base import TenantRepository
 __all__ = ["AuditRepo", "audit_values"]
 
 _MAX_LIMIT: Final = 1000
+_COLUMNS: Final = {  # attribute -> column, of what audit_values() returns
+    "event_type": "event_type",
+    "event_category": "event_category",
+    "action_description": "action_description",
+    "status": "status",
+    "user_id": "user_id",
+    "resource_type": "resource_type",
+    "resource_id": "resource_id",
+    "ip_address": "ip_address",
+    "user_agent": "user_agent",
+    "event_metadata": "metadata",
+}
 
 
 def audit_values(
@@ -99,9 +113,15 @@ class AuditRepo(TenantRepository[AuditLog]):
 
     async def _insert_event(self, values: dict[str, Any]) -> AuditLog:
         """Insert an event whose values :func:`audit_values` already validated."""
-        statement = self._insert(AuditLog, **values).returning(AuditLog)
-        event: AuditLog = (await self._execute(statement, action="log audit event")).scalar_one()
+        (event,) = await self._fetch_models(
+            AuditLog, "insert_event", self._insert_statement, action="log audit event", **values
+        )
         return event
+
+    def _insert_statement(self) -> Any:
+        columns = AuditLog.__table__.c
+        values = {key: bindparam(key, type_=columns[name].type) for key, name in _COLUMNS.items()}
+        return self._insert(AuditLog, **values).returning(*AuditLog.__table__.c)
 
     async def recent(self, *, days: int = 7, limit: int = 100) -> list[AuditLog]:
         """Events of the last ``days`` days, newest first."""

@@ -63,30 +63,49 @@ class CompiledStatement:
 
     sql: str
     names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
 
     def arguments(self, tenant_id: object, params: dict[str, Any]) -> list[Any]:
-        """The positional arguments, the tenant included."""
-        return [tenant_id if name == TENANT_KEY else params[name] for name in self.names]
+        """The positional arguments, the tenant included, as the driver wants them."""
+        values = [tenant_id if name == TENANT_KEY else params[name] for name in self.names]
+        return [
+            value if process is None or value is None else process(value)
+            for value, process in zip(values, self.processors, strict=True)
+        ]
 
 
 def compile_statement(statement: ClauseElement) -> CompiledStatement:
     """Compile for asyncpg (``$n`` placeholders); only named, value-less parameters allowed."""
     compiled = cast("SQLCompiler", statement.compile(dialect=_DIALECT))
     names = tuple(compiled.positiontup or ())
-    return CompiledStatement(sql=str(compiled), names=names)
+    processors = []
+    for name in names:
+        bind = compiled.binds.get(name)
+        if bind is None or (
+            name != TENANT_KEY and (bind.callable is not None or bind.value is not None)
+        ):
+            raise TypeError(f"compiled statements take named, value-less parameters; not {name!r}")
+        # The type's own conversion, as SQLAlchemy would apply it (e.g. JSON serialisation).
+        processors.append(bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT))
+    return CompiledStatement(sql=str(compiled), names=names, processors=tuple(processors))
 
 
 def loader(model: type[ModelT]) -> Callable[[Any], ModelT]:
     """A function that builds a detached, fully loaded ``model`` from a record."""
     mapper: Mapper[Any] = inspect(model)
-    keys = [(column.name, prop.key) for prop in mapper.column_attrs for column in prop.columns]
+    fields = [
+        (column.name, prop.key, column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, None))
+        for prop in mapper.column_attrs
+        for column in prop.columns
+    ]
     new_instance = mapper.class_manager.new_instance
 
     def load(record: Any) -> ModelT:
         instance: ModelT = new_instance()
         values = instance.__dict__  # the instance's loaded state, as SQLAlchemy keeps it
-        for column, key in keys:
-            values[key] = record[column]
+        for column, key, process in fields:
+            value = record[column]
+            values[key] = value if process is None or value is None else process(value)
         return instance
 
     return load
@@ -204,4 +223,7 @@ class TenantRepository(Generic[ModelT]):
         load = self._loaders.get(model)
         if load is None:
             load = self._loaders[model] = loader(model)
-        return [load(record) for record in await self._fetch(name, build, action=action, **params)]
+        records = await self._fetch(name, build, action=action, **params)
+        instances = [load(record) for record in records]
+        self._uow.track(instances)
+        return instances

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import DateTime, Integer, Text, Uuid, bindparam, select, tuple_
 
 from slack_fathom_db import validation
 from slack_fathom_db.errors import Conflict, InvalidStateTransition, NotFound
@@ -34,6 +34,16 @@ _ALLOWED_FROM: Final = {
     "failed": ("processing",),
 }
 _MAX_DAYS: Final = 3660
+_CREATE_COLUMNS: Final = (
+    "user_id",
+    "fathom_recording_id",
+    "title",
+    "crm_connection_id",
+    "meeting_url",
+    "started_at",
+    "duration_seconds",
+    "participants",
+)
 _MAX_LIMIT: Final = 1000
 
 
@@ -76,44 +86,58 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             "duration_seconds": None
             if duration_seconds is None
             else validation.integer(duration_seconds, field="duration_seconds"),
-            "participants": validation.json_list(list(participants), field="participants"),
+            "participants": validation.json_items(participants, field="participants"),
         }
-        statement = (
-            self._insert(MeetingSession, **values)
+        for _ in range(2):  # a racing delivery rolled back in between: try once more
+            created = await self._fetch_models(
+                MeetingSession, "create", self._create_statement, action="create meeting", **values
+            )
+            if created:
+                return created[0]
+            existing = await self.get_by_fathom_id(recording)
+            if existing is not None:
+                return existing
+        raise Conflict("create meeting: the recording is being created concurrently; retry")
+
+    def _create_statement(self) -> Any:
+        columns = MeetingSession.__table__.c
+        return (
+            self._insert(
+                MeetingSession,
+                **{name: bindparam(name, type_=columns[name].type) for name in _CREATE_COLUMNS},
+            )
             .on_conflict_do_nothing(
                 index_elements=[MeetingSession.tenant_id, MeetingSession.fathom_recording_id],
                 index_where=MeetingSession.deleted_at.is_(None),
             )
-            .returning(MeetingSession)
+            .returning(*columns)
         )
-        created: MeetingSession | None = await self._one_or_none(statement, action="create meeting")
-        if created is not None:
-            return created
-        existing = await self.get_by_fathom_id(recording)
-        if existing is None:  # the other delivery was rolled back in between: try once more
-            created = await self._one_or_none(statement, action="create meeting")
-            existing = created or await self.get_by_fathom_id(recording)
-        if existing is None:
-            raise Conflict("create meeting: the recording is being created concurrently; retry")
-        return existing
 
     async def get(self, meeting_id: uuid.UUID) -> MeetingSession | None:
         """A live meeting by id."""
         mid = validation.uuid_value(meeting_id, field="meeting_id")
-        result: MeetingSession | None = await self._one_or_none(
-            self._live().where(MeetingSession.id == mid), action="get meeting"
+        found = await self._fetch_models(
+            MeetingSession, "get", self._by_id, action="get meeting", meeting_id=mid
         )
-        return result
+        return found[0] if found else None
+
+    def _by_id(self) -> Any:
+        return self._live().where(MeetingSession.id == bindparam("meeting_id", type_=Uuid))
 
     async def get_by_fathom_id(self, fathom_recording_id: str) -> MeetingSession | None:
         """A live meeting by its Fathom recording id."""
         rec = validation.text(
             fathom_recording_id, field="fathom_recording_id", max_length=validation.MAX_NAME
         )
-        result: MeetingSession | None = await self._one_or_none(
-            self._live().where(MeetingSession.fathom_recording_id == rec), action="get meeting"
+        found = await self._fetch_models(
+            MeetingSession, "by_fathom_id", self._by_fathom_id, action="get meeting", rec=rec
         )
-        return result
+        return found[0] if found else None
+
+    def _by_fathom_id(self) -> Any:
+        return self._live().where(
+            MeetingSession.fathom_recording_id == bindparam("rec", type_=Text)
+        )
 
     async def start_processing(
         self, meeting_id: uuid.UUID, *, expected_version: int | None = None
@@ -143,7 +167,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             "completed",
             expected_version,
             summary=validation.text(summary, field="summary", max_length=validation.MAX_LONG_TEXT),
-            action_items=validation.json_list(list(action_items), field="action_items"),
+            action_items=validation.json_items(action_items, field="action_items"),
             ai_output=None
             if ai_output is None
             else validation.json_object(ai_output, field="ai_output"),
@@ -256,29 +280,42 @@ class MeetingRepo(TenantRepository[MeetingSession]):
     ) -> list[MeetingSession]:
         """A user's live meetings of the last ``days`` days, newest first."""
         uid = validation.uuid_value(user_id, field="user_id")
-        return await self._recent(days, limit, MeetingSession.user_id == uid)
+        return await self._fetch_models(
+            MeetingSession,
+            "for_user",
+            self._for_user_statement,
+            action="list a user's meetings",
+            user_id=uid,
+            **_page(days, limit),
+        )
 
     async def recent(self, *, days: int = 30, limit: int = 50) -> list[MeetingSession]:
         """The tenant's live meetings of the last ``days`` days, newest first."""
-        return await self._recent(days, limit)
+        return await self._fetch_models(
+            MeetingSession,
+            "recent",
+            self._recent_statement,
+            action="list recent meetings",
+            **_page(days, limit),
+        )
 
     async def soft_delete(self, meeting_id: uuid.UUID) -> None:
         """Soft-delete a meeting; its recording id may then be delivered again."""
         mid = validation.uuid_value(meeting_id, field="meeting_id")
         await self._soft_delete(MeetingSession, mid, action="delete meeting")
 
-    async def _recent(self, days: int, limit: int, *conditions: Any) -> list[MeetingSession]:
-        since = utcnow() - timedelta(
-            days=validation.integer(days, field="days", minimum=1, maximum=_MAX_DAYS)
-        )
-        count = validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT)
-        statement = (
+    def _recent_statement(self) -> Any:
+        return (
             self._live()
-            .where(MeetingSession.created_at >= since, *conditions)
+            .where(MeetingSession.created_at >= bindparam("since", type_=DateTime(timezone=True)))
             .order_by(MeetingSession.created_at.desc())
-            .limit(count)
+            .limit(bindparam("limit", type_=Integer))
         )
-        return await self._all(statement, action="list meetings")
+
+    def _for_user_statement(self) -> Any:
+        return self._recent_statement().where(
+            MeetingSession.user_id == bindparam("user_id", type_=Uuid)
+        )
 
     async def _transition(
         self,
@@ -317,3 +354,12 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             f"move meeting to {target}: not allowed from {current.status} "
             f"(allowed from {', '.join(allowed)})"
         )
+
+
+def _page(days: int, limit: int) -> dict[str, Any]:
+    """The ``since`` and ``limit`` parameters of a recency listing, validated."""
+    window = validation.integer(days, field="days", minimum=1, maximum=_MAX_DAYS)
+    return {
+        "since": utcnow() - timedelta(days=window),
+        "limit": validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT),
+    }

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final
 
-from sqlalchemy import Float, cast, extract, func, select
+from sqlalchemy import DateTime, Float, Integer, Text, bindparam, cast, extract, func, select
 
 from slack_fathom_db import validation
 from slack_fathom_db.errors import RateLimitExceeded
@@ -36,6 +36,7 @@ PERIODS: Final = ("minute", "hourly", "daily", "monthly")
 _BUCKET: Final = "bucket"
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_LIMIT: Final = 2**31 - 1
+_FAR_AWAY_SECONDS: Final = 100 * 366 * 86_400.0
 _KEY: Final = (
     ApiRateLimit.tenant_id,
     ApiRateLimit.resource_type,
@@ -185,21 +186,54 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
         return await self._consume_window(charge)
 
     # -- fixed windows ---------------------------------------------------------------
+    # Every statement here is compiled once (named parameters, the tenant bound per
+    # call) and run on the driver: rate limits sit on every handler's hot path.
 
-    def _window_row(self, resource_type: str, period: str, start: datetime) -> Any:
+    def _counter_row(self) -> Any:
         return self._select().where(
-            ApiRateLimit.resource_type == resource_type,
-            ApiRateLimit.period == period,
-            ApiRateLimit.window_start == start,
+            ApiRateLimit.resource_type == bindparam("resource", type_=Text),
+            ApiRateLimit.period == bindparam("period", type_=Text),
+            ApiRateLimit.window_start == bindparam("window_start", type_=DateTime(timezone=True)),
+        )
+
+    def _window_count(self) -> Any:
+        return self._counter_row().with_only_columns(ApiRateLimit.request_count)
+
+    def _consume_statement(self) -> Any:
+        insert = self._insert(
+            ApiRateLimit,
+            resource_type=bindparam("resource", type_=Text),
+            period=bindparam("period", type_=Text),
+            window_start=bindparam("window_start", type_=DateTime(timezone=True)),
+            request_count=bindparam("cost", type_=Integer),
+        )
+        total = ApiRateLimit.request_count + insert.excluded.request_count
+        charged = (
+            insert.on_conflict_do_update(
+                index_elements=list(_KEY),
+                set_={"request_count": total, "updated_at": func.now()},
+                where=total <= bindparam("limit", type_=Integer),
+            )
+            .returning(ApiRateLimit.request_count)
+            .cte("charged")
+        )
+        return select(
+            select(charged.c.request_count).scalar_subquery().label("granted"),
+            self._window_count().scalar_subquery().label("prior"),
         )
 
     async def _peek_window(self, charge: _Window, *, already: int) -> RateLimitDecision:
         now = utcnow()
         start, end = window(charge.period, now)
-        statement = self._window_row(charge.resource_type, charge.period, start).with_only_columns(
-            ApiRateLimit.request_count
+        rows = await self._fetch(
+            "window_count",
+            self._window_count,
+            action="read rate limit",
+            resource=charge.resource_type,
+            period=charge.period,
+            window_start=start,
         )
-        spent = (await self._one_or_none(statement, action="read rate limit") or 0) + already
+        spent = (rows[0][0] if rows else 0) + already
         allowed = spent + charge.cost <= charge.limit
         current = spent + charge.cost if allowed else spent
         return _window_decision(charge, spent=current, allowed=allowed, now=now, end=end)
@@ -209,51 +243,79 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
         start, end = window(charge.period, now)
         if charge.cost > charge.limit:
             return await self._peek_window(charge, already=0)
-        insert = self._insert(
-            ApiRateLimit,
-            resource_type=charge.resource_type,
+        (row,) = await self._fetch(
+            "consume",
+            self._consume_statement,
+            action="consume rate limit",
+            resource=charge.resource_type,
             period=charge.period,
             window_start=start,
-            request_count=charge.cost,
+            cost=charge.cost,
+            limit=charge.limit,
         )
-        total = ApiRateLimit.request_count + insert.excluded.request_count
-        charged = (
-            insert.on_conflict_do_update(
-                index_elements=list(_KEY),
-                set_={"request_count": total, "updated_at": func.now()},
-                where=total <= charge.limit,
-            )
-            .returning(ApiRateLimit.request_count)
-            .cte("charged")
-        )
-        prior = self._window_row(charge.resource_type, charge.period, start).with_only_columns(
-            ApiRateLimit.request_count
-        )
-        statement = select(
-            select(charged.c.request_count).scalar_subquery().label("granted"),
-            prior.scalar_subquery().label("prior"),
-        )
-        row = (await self._execute(statement, action="consume rate limit")).one()
-        if row.granted is not None:
-            return _window_decision(charge, spent=row.granted, allowed=True, now=now, end=end)
-        return _window_decision(charge, spent=row.prior or 0, allowed=False, now=now, end=end)
+        if row["granted"] is not None:
+            return _window_decision(charge, spent=row["granted"], allowed=True, now=now, end=end)
+        return _window_decision(charge, spent=row["prior"] or 0, allowed=False, now=now, end=end)
 
     # -- token buckets ---------------------------------------------------------------
 
-    def _available(self, charge: _Bucket) -> Any:
+    def _available(self) -> Any:
         elapsed = cast(
             extract("epoch", func.statement_timestamp() - ApiRateLimit.updated_at), Float
         )
         return func.least(
-            cast(charge.capacity, Float),
-            ApiRateLimit.tokens + elapsed * charge.refill_per_second,
+            bindparam("capacity", type_=Float),
+            ApiRateLimit.tokens + elapsed * bindparam("rate", type_=Float),
         )
 
-    async def _peek_bucket(self, charge: _Bucket, *, already: int) -> RateLimitDecision:
-        statement = self._window_row(charge.bucket, _BUCKET, _EPOCH).with_only_columns(
-            self._available(charge)
+    def _bucket_available(self) -> Any:
+        return self._counter_row().with_only_columns(self._available())
+
+    def _take_statement(self) -> Any:
+        insert = self._insert(
+            ApiRateLimit,
+            resource_type=bindparam("resource", type_=Text),
+            period=bindparam("period", type_=Text),
+            window_start=bindparam("window_start", type_=DateTime(timezone=True)),
+            request_count=bindparam("zero", type_=Integer),
+            tokens=bindparam("first_left", type_=Float),
+            updated_at=func.statement_timestamp(),
         )
-        available = await self._one_or_none(statement, action="read token bucket")
+        available = self._available()
+        taken = (
+            insert.on_conflict_do_update(
+                index_elements=list(_KEY),
+                set_={
+                    "tokens": available - bindparam("tokens", type_=Float),
+                    "updated_at": func.statement_timestamp(),
+                },
+                where=available >= bindparam("tokens", type_=Float),
+            )
+            .returning(ApiRateLimit.tokens)
+            .cte("taken")
+        )
+        return select(
+            select(taken.c.tokens).scalar_subquery().label("left"),
+            self._bucket_available().scalar_subquery().label("prior"),
+        )
+
+    def _bucket_params(self, charge: _Bucket) -> dict[str, Any]:
+        return {
+            "resource": charge.bucket,
+            "period": _BUCKET,
+            "window_start": _EPOCH,
+            "capacity": float(charge.capacity),
+            "rate": charge.refill_per_second,
+        }
+
+    async def _peek_bucket(self, charge: _Bucket, *, already: int) -> RateLimitDecision:
+        rows = await self._fetch(
+            "bucket_available",
+            self._bucket_available,
+            action="read token bucket",
+            **self._bucket_params(charge),
+        )
+        available = rows[0][0] if rows else None
         left = (charge.capacity if available is None else float(available)) - already
         allowed = left >= charge.tokens
         return _bucket_decision(
@@ -263,37 +325,18 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
     async def _take_bucket(self, charge: _Bucket) -> RateLimitDecision:
         if charge.tokens > charge.capacity:
             return await self._peek_bucket(charge, already=0)
-        insert = self._insert(
-            ApiRateLimit,
-            resource_type=charge.bucket,
-            period=_BUCKET,
-            window_start=_EPOCH,
-            request_count=0,
-            tokens=float(charge.capacity - charge.tokens),
-            updated_at=func.statement_timestamp(),
+        (row,) = await self._fetch(
+            "take",
+            self._take_statement,
+            action="take from token bucket",
+            zero=0,
+            first_left=float(charge.capacity - charge.tokens),
+            tokens=float(charge.tokens),
+            **self._bucket_params(charge),
         )
-        available = self._available(charge)
-        taken = (
-            insert.on_conflict_do_update(
-                index_elements=list(_KEY),
-                set_={
-                    "tokens": available - charge.tokens,
-                    "updated_at": func.statement_timestamp(),
-                },
-                where=available >= charge.tokens,
-            )
-            .returning(ApiRateLimit.tokens)
-            .cte("taken")
-        )
-        prior = self._window_row(charge.bucket, _BUCKET, _EPOCH).with_only_columns(available)
-        statement = select(
-            select(taken.c.tokens).scalar_subquery().label("left"),
-            prior.scalar_subquery().label("prior"),
-        )
-        row = (await self._execute(statement, action="take from token bucket")).one()
-        if row.left is not None:
-            return _bucket_decision(charge, after=float(row.left), allowed=True)
-        prior_left = charge.capacity if row.prior is None else float(row.prior)
+        if row["left"] is not None:
+            return _bucket_decision(charge, after=float(row["left"]), allowed=True)
+        prior_left = charge.capacity if row["prior"] is None else float(row["prior"])
         return _bucket_decision(charge, after=prior_left, allowed=False)
 
 
@@ -333,7 +376,10 @@ def _bucket_decision(charge: _Bucket, *, after: float, allowed: bool) -> RateLim
         current=charge.capacity - remaining,
         limit=charge.capacity,
         remaining=remaining,
+        # A very slow refill may be further away than a datetime can reach: say "not soon".
         resets_at=utcnow()
-        + timedelta(seconds=(charge.capacity - after) / charge.refill_per_second),
+        + timedelta(
+            seconds=min((charge.capacity - after) / charge.refill_per_second, _FAR_AWAY_SECONDS)
+        ),
         retry_after=missing / charge.refill_per_second,
     )

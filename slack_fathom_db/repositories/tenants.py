@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import Text, bindparam, func, select
 
 from slack_fathom_db import validation
 from slack_fathom_db.errors import NotFound, ValidationError
@@ -146,10 +146,13 @@ class TenantRepo(TenantRepository[User]):
     async def get_user_by_slack_id(self, slack_user_id: str) -> User | None:
         """A live user by Slack user id."""
         sid = validation.slack_user_id(slack_user_id)
-        result: User | None = await self._one_or_none(
-            self._live().where(User.slack_user_id == sid), action="get user"
+        users = await self._fetch_models(
+            User, "user_by_slack_id", self._user_by_slack_id, action="get user", slack_user_id=sid
         )
-        return result
+        return users[0] if users else None
+
+    def _user_by_slack_id(self) -> Any:
+        return self._live().where(User.slack_user_id == bindparam("slack_user_id", type_=Text))
 
     async def list_users(self) -> list[User]:
         """Every live user, oldest first."""
