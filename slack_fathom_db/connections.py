@@ -49,7 +49,9 @@ async def connect(engine: AsyncEngine, *, action: str) -> AsyncIterator[AsyncCon
         await conn.close()
 
 
-async def send(conn: AsyncConnection, sql: str, *, action: str) -> str:
+async def send(
+    conn: AsyncConnection, sql: str, *, action: str, driver: asyncpg.Connection | None = None
+) -> str:
     """Send ``sql`` (one or several statements, no parameters) in one simple-protocol message.
 
     Returns the command tag of the last statement (``COMMIT``, or ``ROLLBACK``
@@ -57,8 +59,10 @@ async def send(conn: AsyncConnection, sql: str, *, action: str) -> str:
     connection-level failure invalidates the connection so the pool opens a
     fresh one next time; every failure is translated.
     """
-    raw = await conn.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    if driver is None:  # the caller may pass the one it holds: this costs a greenlet switch
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+    assert driver is not None  # noqa: S101 - a pooled connection always has its driver
     try:
         return await driver.execute(sql)
     except DRIVER_ERRORS as exc:

@@ -194,7 +194,7 @@ class UnitOfWork:
         if self._in_transaction:
             self._in_transaction = False
             try:
-                tag = await send(self._connection(), "COMMIT", action="commit")
+                tag = await send(self._connection(), "COMMIT", action="commit", driver=self._driver)
             except BaseException:
                 await self._forget_session_state()
                 raise
@@ -258,14 +258,16 @@ class UnitOfWork:
         conn = self._connection()
 
         async def attempt() -> T:
-            await send(conn, "SAVEPOINT sfdb_retry", action=action)
+            await send(conn, "SAVEPOINT sfdb_retry", action=action, driver=self._driver)
             try:
                 result = await operation()
             except SerializationConflict:
-                await send(conn, "ROLLBACK TO SAVEPOINT sfdb_retry", action=action)
+                await send(
+                    conn, "ROLLBACK TO SAVEPOINT sfdb_retry", action=action, driver=self._driver
+                )
                 self._aborted_by = None
                 raise
-            await send(conn, "RELEASE SAVEPOINT sfdb_retry", action=action)
+            await send(conn, "RELEASE SAVEPOINT sfdb_retry", action=action, driver=self._driver)
             return result
 
         return await retry_conflicts(attempt)
@@ -283,7 +285,7 @@ class UnitOfWork:
             check_tenant=check_tenant,
         )
         try:
-            await send(self._connection(), preamble, action="unit_of_work")
+            await send(self._connection(), preamble, action="unit_of_work", driver=self._driver)
         except BaseException:
             await self._rollback_transaction()
             raise
@@ -297,7 +299,7 @@ class UnitOfWork:
         conn = self._connection()
         try:
             if not conn.invalidated:
-                await send(conn, "ROLLBACK", action="rollback")
+                await send(conn, "ROLLBACK", action="rollback", driver=self._driver)
         finally:
             await self._forget_session_state()
 

@@ -1,0 +1,255 @@
+"""``python -m bench`` (``make bench``): create the databases, count, explain, measure, report.
+
+Steps: create and load the benchmark databases (COPY, then VACUUM ANALYZE);
+EXPLAIN the layer's named queries; count round trips per operation of every
+implementation through a wire-level proxy; then several rounds in which
+every workload runs for each implementation in turn (the order rotates from
+round to round), at concurrency 1 and 32; print the medians and the targets,
+write them to ``docs/benchmarks.md``, and drop the databases.
+
+``--quick`` is for development: 100,000 meetings, one short round, and no
+document unless ``--output`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from sqlalchemy.engine import URL, make_url
+
+from bench import dataset, document, report
+from bench.counting import count_round_trips
+from bench.explain import explain_layer_queries
+from bench.impls import ALL
+from bench.runner import run_load
+from bench.workloads import WORKLOADS
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from bench.counting import Counts
+    from bench.dataset import Dataset
+    from bench.explain import Plan
+    from bench.impls.base import Implementation
+    from bench.report import Results
+    from bench.workloads import Workload
+
+POOL_SIZE: Final = max(report.CONCURRENCIES)
+DEFAULT_OUTPUT: Final = Path("docs/benchmarks.md")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How big and how long."""
+
+    name: str
+    large: dataset.DatasetSpec
+    small: dataset.DatasetSpec
+    rounds: int
+    seconds: float
+    """Measured time of each timed run."""
+    warmup: float
+    """Unmeasured run at concurrency 32 after a pool is opened."""
+    audit_ops: int
+
+
+SMALL: Final = dataset.DatasetSpec(database="sfdb_bench_10k", tenants=10)
+FULL: Final = Profile(
+    name="full",
+    large=dataset.DatasetSpec(database="sfdb_bench_1m", tenants=1000),
+    small=SMALL,
+    rounds=4,
+    seconds=0.8,
+    warmup=0.3,
+    audit_ops=10_000,
+)
+QUICK: Final = Profile(
+    name="quick",
+    large=dataset.DatasetSpec(database="sfdb_bench_100k", tenants=100),
+    small=SMALL,
+    rounds=1,
+    seconds=0.3,
+    warmup=0.15,
+    audit_ops=1_000,
+)
+
+
+def log(message: str) -> None:
+    """Progress, to stderr, so stdout holds the tables."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def server_url(explicit: str | None) -> URL:
+    """The server to create the benchmark databases on (its ``postgres`` database)."""
+    raw = (
+        explicit
+        or os.environ.get("SFDB_BENCH_SERVER_URL")
+        or os.environ.get("DATABASE_URL")
+        or "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    return make_url(raw).set(drivername="postgresql", database="postgres")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small and short, for development")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 4, quick: 1)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per run")
+    parser.add_argument("--audit-ops", type=int, help="log_event calls per audit burst")
+    parser.add_argument(
+        "--impl",
+        action="append",
+        choices=[impl.key for impl in ALL],
+        help="only this implementation (repeatable)",
+    )
+    parser.add_argument(
+        "--workload",
+        action="append",
+        choices=[w.key for w in WORKLOADS],
+        help="only this workload (repeatable)",
+    )
+    parser.add_argument("--server", help="server URL (default: $DATABASE_URL's server)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse databases loaded by an earlier --keep run"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the databases afterwards")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help=f"Markdown report (default: {DEFAULT_OUTPUT} for a full run, none for --quick)",
+    )
+    parser.add_argument("--no-output", action="store_true", help="write no Markdown report")
+    parser.add_argument("--skip-counts", action="store_true", help="no round-trip counting pass")
+    parser.add_argument("--skip-explain", action="store_true", help="no EXPLAIN pass")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite; the exit status is 0 even when a target is missed (it is reported)."""
+    args = parse_args(argv)
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    profile = QUICK if args.quick else FULL
+    profile = replace(
+        profile,
+        rounds=args.rounds or profile.rounds,
+        seconds=args.seconds or profile.seconds,
+        audit_ops=args.audit_ops or profile.audit_ops,
+    )
+    server = server_url(args.server)
+    impls: list[Implementation] = [cls() for cls in ALL if not args.impl or cls.key in args.impl]
+    workloads = [w for w in WORKLOADS if not args.workload or w.key in args.workload]
+    host = await report.machine(dataset.database_url(server, "postgres"))
+    log(f"sfdb benchmark, {profile.name} run, on {host['cpu']}")
+    log("loading the databases")
+    datasets = {
+        "large": await dataset.prepare(server, profile.large, reuse=args.reuse, log=log),
+        "small": await dataset.prepare(server, profile.small, reuse=args.reuse, log=log),
+    }
+    try:
+        plans: list[Plan] = []
+        if not args.skip_explain:
+            log("EXPLAIN of the layer's named queries")
+            plans = await explain_layer_queries(datasets["large"])
+        counts: list[Counts] = []
+        if not args.skip_counts:
+            log("counting round trips on the wire")
+            tag = uuid.uuid4().hex[:8]
+            counts = [await count_round_trips(impl, datasets["large"], tag) for impl in impls]
+        results = await measure(profile, impls, workloads, datasets)
+    finally:
+        if not args.keep:
+            for data in datasets.values():
+                await dataset.drop(server, data.spec.database)
+    elapsed = time.perf_counter() - started
+    host["load average at end"] = report.load_average()
+    run = document.Run(
+        profile=profile.name,
+        rounds=profile.rounds,
+        seconds=profile.seconds,
+        warmup=profile.warmup,
+        audit_ops=profile.audit_ops,
+        pool_size=POOL_SIZE,
+        host=host,
+        impls=impls,
+        workloads=workloads,
+        datasets=datasets,
+        results=results,
+        counts=counts,
+        plans=plans,
+        targets=report.targets(results, counts, plans, datasets),
+        elapsed=elapsed,
+    )
+    print(document.render(run, markdown=False))
+    output = None if args.no_output else args.output or (None if args.quick else DEFAULT_OUTPUT)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(document.render(run, markdown=True))
+        log(f"wrote {output}")
+    log(f"done in {elapsed / 60:.1f} min")
+    return 0
+
+
+async def measure(
+    profile: Profile,
+    impls: Sequence[Implementation],
+    workloads: Sequence[Workload],
+    datasets: dict[str, Dataset],
+) -> Results:
+    """Every workload for each implementation in turn, for several rounds."""
+    results: Results = defaultdict(list)
+    groups: dict[str, list[Workload]] = {}
+    for workload in workloads:
+        groups.setdefault(workload.group, []).append(workload)
+    for round_index in range(profile.rounds):
+        for position, (name, members) in enumerate(groups.items()):
+            if all(w.fixed_ops for w in members) and round_index > 0:
+                continue
+            shift = (round_index + position) % len(impls)
+            order = [*impls[shift:], *impls[:shift]]
+            line = []
+            for impl in order:
+                for workload in members:
+                    await _turn(profile, impl, workload, datasets[workload.dataset], results)
+                    top = results[(workload.key, POOL_SIZE, impl.key)][-1]
+                    line.append(f"{workload.key}/{impl.key} {top.throughput:,.0f}")
+            log(
+                f"  round {round_index + 1}/{profile.rounds} {name} (c{POOL_SIZE} ops/s): "
+                + ", ".join(line)
+            )
+    return results
+
+
+async def _turn(
+    profile: Profile, impl: Implementation, workload: Workload, data: Dataset, results: Results
+) -> None:
+    """Open a pool, warm up at concurrency 32, measure at 1 and 32, close."""
+    await impl.open(data.dsn, pool_size=POOL_SIZE)
+    try:
+        tag = f"{impl.key}{uuid.uuid4().hex[:8]}"
+        warm = workload.build(impl, data, POOL_SIZE, tag + "w")
+        await run_load(warm, concurrency=POOL_SIZE, seconds=profile.warmup)
+        for concurrency in report.CONCURRENCIES:
+            op = workload.build(impl, data, concurrency, f"{tag}c{concurrency}")
+            sample = await run_load(
+                op,
+                concurrency=concurrency,
+                seconds=None if workload.fixed_ops else profile.seconds,
+                total=profile.audit_ops if workload.fixed_ops else None,
+            )
+            results[(workload.key, concurrency, impl.key)].append(sample)
+    finally:
+        await impl.close()

@@ -1,0 +1,101 @@
+"""The counting pass: round trips per operation, for every implementation, on the wire.
+
+Each implementation gets a pool of one connection through
+:class:`bench.wire.CountingProxy`, warms up (prepares, type introspection),
+and then runs a fixed number of operations one after another while the
+proxy counts. The first measured handler call is also traced, statement by
+statement, for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from sqlalchemy.engine import make_url
+
+from bench.impls.base import HandlerEvent
+from bench.wire import CountingProxy
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from bench.dataset import Dataset
+    from bench.impls.base import Implementation
+
+WARMUP: Final = 10
+MEASURED: Final = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Per operation, after warm-up."""
+
+    round_trips: float
+    prepares: float
+    result: object
+    """What the last operation returned (rows for reads), to check that all agree."""
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """One implementation's counts, by operation, and the trace of one handler call."""
+
+    impl: str
+    ops: dict[str, Count]
+    handler_trace: tuple[str, ...]
+
+
+async def count_round_trips(impl: Implementation, data: Dataset, tag: str) -> Counts:
+    """Run every operation through the counting proxy (see the module docstring)."""
+    url = make_url(data.dsn)
+    tenant = data.tenants[0]
+    user_id = tenant.user_ids[0]
+    sequence = 0
+
+    def handler() -> Awaitable[object]:
+        nonlocal sequence
+        sequence += 1
+        return impl.handler(
+            HandlerEvent(
+                slack_team_id=tenant.slack_team_id,
+                slack_user_id=tenant.slack_user_ids[1],
+                fathom_recording_id=f"count-{tag}-{impl.key}-{sequence}",
+                title="Weekly pipeline review",
+            )
+        )
+
+    operations: dict[str, Callable[[], Awaitable[object]]] = {
+        "handler": handler,
+        "recent": lambda: impl.recent_meetings(tenant),
+        "for_user": lambda: impl.user_meetings(tenant, user_id),
+        "rate_limit": lambda: impl.rate_limit(tenant, "bench_count"),
+        "audit": lambda: impl.audit_event(tenant, user_id),
+    }
+    ops: dict[str, Count] = {}
+    trace: tuple[str, ...] = ()
+    async with CountingProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        await impl.open(
+            url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            pool_size=1,
+        )
+        try:
+            for name, operation in operations.items():
+                for _ in range(WARMUP):
+                    await operation()
+                if name == "handler":
+                    proxy.counter.reset(trace=True)
+                    await operation()
+                    trace = tuple(proxy.counter.trace or ())
+                proxy.counter.reset()
+                result: object = None
+                for _ in range(MEASURED):
+                    result = await operation()
+                ops[name] = Count(
+                    round_trips=proxy.counter.round_trips / MEASURED,
+                    prepares=proxy.counter.prepares / MEASURED,
+                    result=result,
+                )
+        finally:
+            await impl.close()
+    return Counts(impl=impl.key, ops=ops, handler_trace=trace)

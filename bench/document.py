@@ -1,0 +1,199 @@
+"""The report of a run: printed to the terminal, and written as Markdown to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bench import report
+from bench.explain import SMALL_TABLE
+from bench.impls.sync_orm import DEFAULT_EXECUTOR_THREADS
+from bench.workloads import SPREAD_TENANTS
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from bench.counting import Counts
+    from bench.dataset import Dataset
+    from bench.explain import Plan
+    from bench.impls.base import Implementation
+    from bench.report import Results, Target
+    from bench.workloads import Workload
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Everything a report shows."""
+
+    profile: str
+    rounds: int
+    seconds: float
+    warmup: float
+    audit_ops: int
+    pool_size: int
+    host: dict[str, str]
+    impls: Sequence[Implementation]
+    workloads: Sequence[Workload]
+    datasets: dict[str, Dataset]
+    results: Results
+    counts: Sequence[Counts]
+    plans: Sequence[Plan]
+    targets: Sequence[Target]
+    elapsed: float
+
+
+def _heading(text: str, level: int, *, markdown: bool) -> str:
+    if markdown:
+        return "#" * level + " " + text
+    return f"{text}\n{'=' if level <= 2 else '-'}" + ("=" if level <= 2 else "-") * (len(text) - 1)
+
+
+def _code(text: str, *, markdown: bool) -> str:
+    return f"```\n{text}\n```" if markdown else text
+
+
+def _data_lines(run: Run) -> list[str]:
+    lines = []
+    for role, data in (("large", run.datasets["large"]), ("small", run.datasets["small"])):
+        spec = data.spec
+        lines.append(
+            f"- {role}: `{spec.database}`, {spec.tenants:,} tenants x "
+            f"{spec.meetings_per_tenant:,} meetings = {spec.meetings:,} meetings; per tenant "
+            f"{spec.users_per_tenant} users, 1 default CRM connection, "
+            f"{spec.mappings_per_tenant} account mappings, {spec.audit_per_tenant} audit "
+            f"events. Loaded with COPY (`copy_records_to_table`), then `VACUUM (ANALYZE)` "
+            f"and `CHECKPOINT`, in {data.load_seconds:.1f} s"
+            + (" (reused from an earlier load)." if data.reused else ".")
+        )
+    lines.append(
+        "- Meetings are spread evenly over the last year (about 8% in the last 30 days, so a "
+        "tenant's recent-meetings page is full at 50 rows and a user's holds about 8), 2% "
+        "pending, 1% failed, 1% soft-deleted. Both sizes have the same tenants' shape, so a "
+        "read returns the same rows on both: only the table grows."
+    )
+    return lines
+
+
+def _method_lines(run: Run) -> list[str]:
+    fixed = f"{run.audit_ops:,} `log_event` calls"
+    return [
+        f"- Rounds: {run.rounds}. In every round each workload runs for each implementation in "
+        "turn, and the order of the implementations rotates from workload to workload and "
+        "round to round. For its turn an implementation opens a pool of "
+        f"{run.pool_size} connections (the layer: `pool_size={run.pool_size}, max_overflow=0`), "
+        f"warms up for {run.warmup:g} s at concurrency {run.pool_size} (statements prepared on "
+        f"every connection), then runs {run.seconds:g} s at concurrency 1 and {run.seconds:g} s "
+        f"at concurrency {run.pool_size} (the audit burst: {fixed} at each), and closes the "
+        "pool.",
+        "- Closed loop: each of the c workers starts its next operation when its previous one "
+        "ends. Throughput is operations per second; p50 and p99 are per-operation latencies "
+        "in milliseconds. Each cell is the median over the rounds of the round's throughput, "
+        "p50 and p99.",
+        "- **handler**: the design's sketch: `directory.resolve(team)`, `db.rate_limit(tenant, "
+        "'meetings_processed', period='daily')` (its own short transaction), then one unit of "
+        "work: user by Slack id, create meeting, audit event, commit. The team and user are "
+        "drawn at random among all tenants; every call creates a new meeting.",
+        "- **read**: one transaction per read: a random tenant's meetings of the last 30 days "
+        "(50 rows), or a random user's (same filter, `LIMIT 50`).",
+        f"- **rate_limit**: `db.rate_limit` alone. *One hot tenant*: every worker charges the "
+        f"same tenant and resource. *{SPREAD_TENANTS} tenants*: worker w charges tenant w.",
+        f"- **audit burst**: {fixed}, each in a unit of work of its own (what "
+        "`db.log_security_event` does), spread over the tenants. One burst per implementation "
+        "and concurrency, in the first round only (at concurrency 1 it is the longest run of "
+        "all).",
+        f"- The synchronous design runs each call with `asyncio.to_thread`, i.e. in the event "
+        f"loop's default thread pool ({DEFAULT_EXECUTOR_THREADS} threads here: "
+        "`min(32, cores + 4)`).",
+        "- Fairness: all four run the same statements as the app role, with `SET LOCAL ROLE` "
+        "and the tenant set inside every tenant transaction (row-level security is FORCEd; "
+        "the benchmark logs in as a superuser, which would bypass it otherwise). The table "
+        "below says how each one does it.",
+        "- Beyond the tenant context, the baselines differ only where their style does: raw "
+        "asyncpg sends the layer's own statements (the same columns returned, `jsonb` "
+        "decoded); the two ORM baselines insert with `session.add()` + flush (no `ON "
+        "CONFLICT` idempotency) and charge a rate limit as ORM code usually does, `SELECT … "
+        "FOR UPDATE` of the counter, then an UPDATE of the object at commit (the layer and "
+        "raw asyncpg: one `INSERT … ON CONFLICT DO UPDATE … WHERE` statement).",
+        "- The client and PostgreSQL share the same cores: at concurrency 32 the Python "
+        "client's CPU time per operation is most of what limits throughput.",
+    ]
+
+
+def render(run: Run, *, markdown: bool) -> str:
+    """The whole report."""
+    md = markdown
+    parts: list[str] = []
+    minutes = run.elapsed / 60
+    if md:
+        parts.append("# Benchmarks")
+        parts.append(
+            f"The last run of `make bench` (`python -m bench`): a **{run.profile}** run "
+            f"({run.rounds} rounds) that took {minutes:.1f} minutes, loading included. "
+            "Re-run it to refresh this file (`python -m bench --quick` is the short "
+            "version for development; it writes no file)."
+        )
+    else:
+        parts.append(
+            _heading(
+                f"sfdb benchmark: {run.profile} run, {run.rounds} rounds, {minutes:.1f} min",
+                1,
+                markdown=md,
+            )
+        )
+    parts.append(_heading("Machine", 2, markdown=md))
+    parts.append(
+        report.table(["", ""], [[k, v] for k, v in run.host.items()], markdown=md, numeric=False)
+        if md
+        else "\n".join(f"{k:<24} {v}" for k, v in run.host.items())
+    )
+    parts.append(_heading("Data", 2, markdown=md))
+    parts.append("\n".join(_data_lines(run)))
+    parts.append(_heading("Implementations", 2, markdown=md))
+    parts.append(
+        report.table(
+            ["key", "implementation", "tenant context"],
+            [[impl.key, impl.title, impl.isolation] for impl in run.impls],
+            markdown=md,
+            numeric=False,
+        )
+    )
+    if md:
+        parts.append(_heading("Method", 2, markdown=md))
+        parts.append("\n".join(_method_lines(run)))
+    parts.append(_heading("Results", 2, markdown=md))
+    parts.append(
+        report.results_table(run.results, run.workloads, run.impls, run.datasets, markdown=md)
+    )
+    parts.append("ops/s: operations per second; p50, p99: latency in ms; c: concurrency.")
+    parts.append(_heading("Targets", 2, markdown=md))
+    parts.append(report.targets_table(run.targets, markdown=md))
+    note = report.scale_note(run.results)
+    if note:
+        parts.append(note)
+    if run.counts:
+        parts.append(_heading("Round trips per operation", 2, markdown=md))
+        parts.append(
+            "Counted on the wire: every implementation connects through a proxy that counts "
+            "the server's ReadyForQuery messages (one per simple-protocol query or "
+            "extended-protocol Sync), on one connection, after a warm-up; prepares still "
+            "happening after the warm-up are shown apart."
+        )
+        parts.append(report.counts_table(run.counts, markdown=md))
+        parts.append(_heading("One handler call on the wire", 3, markdown=md))
+        for counts in run.counts:
+            title = next(impl.title for impl in run.impls if impl.key == counts.impl)
+            lines = [f"{i:>2}. {line}" for i, line in enumerate(counts.handler_trace, start=1)]
+            parts.append(f"{'**' if md else ''}{title}{'**' if md else ''}")
+            parts.append(_code("\n".join(lines), markdown=md))
+    if run.plans:
+        parts.append(_heading("EXPLAIN of the layer's queries", 2, markdown=md))
+        parts.append(
+            "On the large database, as the app role inside a tenant transaction (so row-level "
+            "security is in the plan), with the parameters the layer sent. A sequential scan of "
+            f"a table of fewer than {SMALL_TABLE:,} rows is accepted (and shown): there the "
+            "planner rightly prefers it. * = named in "
+            'DESIGN.md ("tenant + recency, tenant + user + recency, pending work, domain '
+            'lookup").'
+        )
+        parts.append(report.plans_table(run.plans, markdown=md))
+    return "\n\n".join(parts) + "\n"

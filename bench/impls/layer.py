@@ -1,0 +1,117 @@
+"""slack_fathom_db through its public API only."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bench.impls.base import (
+    APP_ROLE,
+    HANDLER_RESOURCE,
+    NEVER_DENY,
+    RECENT_DAYS,
+    RECENT_LIMIT,
+    STATEMENT_TIMEOUT_MS,
+    Implementation,
+)
+from slack_fathom_db import Database, DatabaseSettings
+from slack_fathom_db.tenancy import tenant_id_from_trusted
+
+if TYPE_CHECKING:
+    import uuid
+
+    from bench.impls.base import BenchTenant, HandlerEvent
+
+
+class LayerImpl(Implementation):
+    """``Database`` + ``unit_of_work`` + ``rate_limit``, as the design's handler sketch."""
+
+    key = "layer"
+    title = "slack_fathom_db"
+    isolation = (
+        "the layer's own: one simple-protocol message `BEGIN; SET LOCAL ROLE; "
+        "SET LOCAL app.tenant_id; SET LOCAL statement_timeout; SELECT sfdb_require_tenant()` "
+        "per transaction"
+    )
+
+    def __init__(self) -> None:
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        """The open ``Database``."""
+        if self._db is None:
+            raise RuntimeError("open() first")
+        return self._db
+
+    async def open(self, dsn: str, *, pool_size: int) -> None:
+        settings = DatabaseSettings(
+            url=dsn,
+            pool_size=pool_size,
+            max_overflow=0,
+            app_role=APP_ROLE,
+            statement_timeout_ms=STATEMENT_TIMEOUT_MS,
+            _env_file=None,
+        )
+        self._db = Database(settings)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.dispose()
+            self._db = None
+
+    async def handler(self, event: HandlerEvent) -> None:
+        db = self.db
+        tenant_id = await db.directory.resolve(event.slack_team_id)
+        if tenant_id is None:
+            raise RuntimeError("unknown team")
+        decision = await db.rate_limit(
+            tenant_id, HANDLER_RESOURCE, limit=NEVER_DENY, period="daily"
+        )
+        if not decision.allowed:
+            raise RuntimeError("rate limited")
+        async with db.unit_of_work(tenant_id) as uow:
+            user = await uow.tenants.get_user_by_slack_id(event.slack_user_id)
+            if user is None:
+                raise RuntimeError("unknown user")
+            meeting = await uow.meetings.create(
+                user_id=user.id,
+                fathom_recording_id=event.fathom_recording_id,
+                title=event.title,
+            )
+            await uow.audit.log_event(
+                event_type="meeting.created",
+                event_category="data",
+                action_description="Meeting received from Fathom",
+                resource_type="meeting_session",
+                resource_id=meeting.id,
+                user_id=user.id,
+            )
+            await uow.commit()
+
+    async def recent_meetings(self, tenant: BenchTenant) -> int:
+        async with self.db.unit_of_work(tenant_id_from_trusted(tenant.id)) as uow:
+            meetings = await uow.meetings.recent(days=RECENT_DAYS, limit=RECENT_LIMIT)
+        return len(meetings)
+
+    async def user_meetings(self, tenant: BenchTenant, user_id: uuid.UUID) -> int:
+        async with self.db.unit_of_work(tenant_id_from_trusted(tenant.id)) as uow:
+            meetings = await uow.meetings.for_user(user_id, days=RECENT_DAYS, limit=RECENT_LIMIT)
+        return len(meetings)
+
+    async def rate_limit(self, tenant: BenchTenant, resource: str) -> bool:
+        decision = await self.db.rate_limit(
+            tenant_id_from_trusted(tenant.id), resource, limit=NEVER_DENY, period="daily"
+        )
+        return decision.allowed
+
+    async def audit_event(self, tenant: BenchTenant, user_id: uuid.UUID) -> None:
+        async with self.db.unit_of_work(tenant_id_from_trusted(tenant.id)) as uow:
+            await uow.audit.log_event(
+                event_type="security.denied",
+                event_category="security",
+                action_description="Request refused",
+                status="denied",
+                user_id=user_id,
+                resource_type="slack_event",
+            )
+            await uow.commit()
