@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
 from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Text, func, text
@@ -46,7 +47,8 @@ class AuditLog(TenantOwned, Base):
     user_id: Mapped[uuid.UUID | None]
     resource_type: Mapped[str | None] = mapped_column(Text)
     resource_id: Mapped[str | None] = mapped_column(Text)
-    ip_address: Mapped[str | None] = mapped_column(INET)
+    # asyncpg returns inet as ipaddress objects; they are written as given or as text.
+    ip_address: Mapped[IPv4Address | IPv6Address | None] = mapped_column(INET)
     user_agent: Mapped[str | None] = mapped_column(Text)
     event_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
