@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-.PHONY: install test lint typecheck check demo bench clean
+.PHONY: install test test-pgbouncer lint typecheck check demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/pytest
+
+# The isolation, rate-limit, unit-of-work and fault tests again, through PgBouncer in
+# transaction pooling mode (Debian: apt-get install pgbouncer). Tests marked
+# not_through_pgbouncer say why they cannot run that way, and are deselected here.
+PGBOUNCER_TESTS := tests/test_isolation.py tests/test_audit_and_rate_limits.py \
+	tests/test_unit_of_work.py tests/test_concurrency.py tests/test_faults.py \
+	tests/test_audit_integrity.py tests/test_pgbouncer.py
+test-pgbouncer: install
+	SFDB_TEST_PGBOUNCER=1 $(BIN)/pytest -m "not not_through_pgbouncer" $(PGBOUNCER_TESTS)
 
 lint: install
 	$(BIN)/ruff check .

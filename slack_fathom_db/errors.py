@@ -20,6 +20,7 @@ __all__ = [
     "DatabaseUnavailable",
     "InvalidStateTransition",
     "NotFound",
+    "PoolExhausted",
     "RateLimitExceeded",
     "SerializationConflict",
     "SlackFathomDBError",
@@ -81,6 +82,10 @@ class DatabaseUnavailable(SlackFathomDBError):
     """The database cannot be reached, the pool is exhausted, or a statement timed out."""
 
 
+class PoolExhausted(DatabaseUnavailable):
+    """Every pooled connection stayed in use for ``DATABASE_POOL_TIMEOUT``; nothing was sent."""
+
+
 class StatementTimeout(DatabaseUnavailable):
     """A statement ran past ``DATABASE_STATEMENT_TIMEOUT_MS`` and the server cancelled it."""
 
@@ -95,6 +100,7 @@ _INSUFFICIENT_PRIVILEGE: Final = "42501"
 _SERIALIZATION_FAILURE: Final = "40001"
 _DEADLOCK_DETECTED: Final = "40P01"
 _QUERY_CANCELED: Final = "57014"
+_UNKNOWN_DATABASE: Final = "3D000"
 _TENANT_MISSING: Final = "P0002"  # raised by sfdb_require_tenant() in the migrations
 
 
@@ -150,7 +156,7 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
     if isinstance(exc, SlackFathomDBError):
         return exc
     if isinstance(exc, sa_exc.TimeoutError):
-        return DatabaseUnavailable(
+        return PoolExhausted(
             f"{action}: the connection pool is exhausted (no connection became free "
             "within DATABASE_POOL_TIMEOUT); raise DATABASE_POOL_SIZE or shorten units of work"
         )
@@ -172,6 +178,11 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return SerializationConflict(f"{action}: a concurrent transaction won [{code}]; retry")
     if code == _TENANT_MISSING:
         return TenantNotFound(f"{action}: the tenant is unknown or soft-deleted")
+    if code is not None and (code.startswith("28") or code == _UNKNOWN_DATABASE):
+        return DatabaseUnavailable(
+            f"{action}: the server refused the login (check the user, password and database "
+            f"of DATABASE_URL) [{code}]"
+        )
     if code is not None and code.startswith("53"):  # insufficient resources
         return DatabaseUnavailable(
             f"{action}: the server is out of resources (too many connections?) [{code}]"

@@ -264,3 +264,10 @@ def json_list(value: object, *, field: str) -> list[Any]:
         raise _fail(field, "must be a list")
     result: list[Any] = json_value(value, field=field)
     return result
+
+
+def json_items(value: object, *, field: str) -> list[Any]:
+    """A JSON array, given as any iterable but a string, bytes or a mapping (never split one)."""
+    if isinstance(value, str | bytes | bytearray | Mapping) or not isinstance(value, Iterable):
+        raise _fail(field, "must be a list")
+    return json_list(list(value), field=field)

@@ -1,0 +1,278 @@
+"""Audit integrity: audit rows cannot be changed, and denials outlive the caller's rollback.
+
+Append-only is enforced by the database itself (grants for the app role, a
+trigger for everyone, the owner included), so each attempt here is raw SQL
+outside the layer: the layer has no update or delete to try.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db.errors import NotFound, ValidationError
+from tests.conftest import unique_user_id
+
+ATTEMPTS = {
+    "update": "UPDATE audit_logs SET action_description = 'rewritten' WHERE tenant_id = $1",
+    "update status": "UPDATE audit_logs SET status = 'success' WHERE tenant_id = $1",
+    "delete": "DELETE FROM audit_logs WHERE tenant_id = $1",
+    "delete by id": "DELETE FROM audit_logs WHERE tenant_id = $1 AND id IS NOT NULL",
+    "upsert": (
+        "INSERT INTO audit_logs (tenant_id, id, event_type, event_category, "
+        "action_description) SELECT tenant_id, id, 'x', 'data', 'x' FROM audit_logs "
+        "WHERE tenant_id = $1 ON CONFLICT (tenant_id, id) DO UPDATE SET event_type = 'rewritten'"
+    ),
+    "truncate": "TRUNCATE audit_logs",
+    "truncate cascade": "TRUNCATE audit_logs CASCADE",
+}
+
+
+async def snapshot(admin: asyncpg.Connection, tenant: TenantId) -> list[str]:
+    rows = await admin.fetch(
+        "SELECT to_jsonb(a) AS row FROM audit_logs a WHERE tenant_id = $1 ORDER BY id", tenant
+    )
+    return [json.dumps(json.loads(r["row"]), sort_keys=True) for r in rows]
+
+
+@pytest_asyncio.fixture
+async def logged(db: Database, tenant_a: TenantId, admin: asyncpg.Connection) -> list[str]:
+    """Two committed audit events of tenant A; the table's rows of A as stored."""
+    async with db.unit_of_work(tenant_a) as uow:
+        for n in range(2):
+            await uow.audit.log_event(
+                event_type="auth.login",
+                event_category="auth",
+                action_description=f"login {n}",
+                status="failure",
+                metadata={"n": n},
+            )
+        await uow.commit()
+    rows = await snapshot(admin, tenant_a)
+    assert len(rows) == 2
+    return rows
+
+
+async def _attempt_as_app_role(
+    admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, sql: str
+) -> asyncpg.PostgresError:
+    """Run ``sql`` as the app role, scoped to ``tenant`` like a unit of work; its error."""
+    args = [] if "$1" not in sql else [tenant]
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{settings.app_role}"')
+        await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant))}'")
+        assert await admin.fetchval("SELECT current_user") == settings.app_role
+        try:
+            await admin.execute(sql, *args)
+        except asyncpg.PostgresError as exc:
+            return exc
+    pytest.fail(f"the app role was allowed to run: {sql}")
+
+
+async def _attempt_as_owner(
+    admin: asyncpg.Connection, tenant: TenantId, sql: str
+) -> asyncpg.PostgresError:
+    args = [] if "$1" not in sql else [tenant]
+    owner = await admin.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'audit_logs'")
+    assert await admin.fetchval("SELECT current_user") == owner
+    async with admin.transaction():
+        try:
+            await admin.execute(sql, *args)
+        except asyncpg.PostgresError as exc:
+            return exc
+    pytest.fail(f"the table owner was allowed to run: {sql}")
+
+
+@pytest.mark.parametrize("attempt", list(ATTEMPTS))
+async def test_app_role_cannot_change_audit_rows(
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    attempt: str,
+) -> None:
+    error = await _attempt_as_app_role(admin, sfdb_direct_settings, tenant_a, ATTEMPTS[attempt])
+    assert error.sqlstate == "42501"  # insufficient_privilege: no UPDATE/DELETE/TRUNCATE grant
+    assert await snapshot(admin, tenant_a) == logged
+
+
+@pytest.mark.parametrize("attempt", list(ATTEMPTS))
+async def test_table_owner_cannot_change_audit_rows(
+    logged: list[str], tenant_a: TenantId, admin: asyncpg.Connection, attempt: str
+) -> None:
+    error = await _attempt_as_owner(admin, tenant_a, ATTEMPTS[attempt])
+    assert error.sqlstate == "42501"
+    assert "append-only" in str(error)  # the trigger, not a missing grant, refused it
+    assert await snapshot(admin, tenant_a) == logged
+
+
+async def test_owner_update_of_a_single_row_by_id_is_refused(
+    logged: list[str], tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    row_id = await admin.fetchval(
+        "SELECT id FROM audit_logs WHERE tenant_id = $1 LIMIT 1", tenant_a
+    )
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+        await admin.execute("UPDATE audit_logs SET metadata = '{}' WHERE id = $1", row_id)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+        await admin.execute("DELETE FROM audit_logs WHERE id = $1", row_id)
+    assert await snapshot(admin, tenant_a) == logged
+
+
+async def test_append_only_triggers_are_enabled(admin: asyncpg.Connection) -> None:
+    triggers = dict(
+        await admin.fetch(
+            "SELECT tgname, tgenabled FROM pg_trigger "
+            "WHERE tgrelid = 'audit_logs'::regclass AND NOT tgisinternal"
+        )
+    )
+    # 'O': fires in origin and local mode; also 'A' (always) would do. Never 'D' (disabled).
+    assert triggers.get("audit_logs_append_only") in (b"O", b"A", "O", "A")
+    assert triggers.get("audit_logs_no_truncate") in (b"O", b"A", "O", "A")
+
+
+async def test_app_role_has_only_insert_and_select_on_audit_logs(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    privileges = {
+        row["privilege_type"]
+        for row in await admin.fetch(
+            "SELECT privilege_type FROM information_schema.role_table_grants "
+            "WHERE table_name = 'audit_logs' AND grantee = $1",
+            sfdb_direct_settings.app_role,
+        )
+    }
+    assert privileges == {"INSERT", "SELECT"}
+
+
+# -- security events survive the caller's rollback -----------------------------------------
+
+
+async def _events(admin: asyncpg.Connection, tenant: TenantId, event_type: str) -> list[dict]:
+    rows = await admin.fetch(
+        "SELECT event_type, event_category, status, action_description, resource_type, "
+        "resource_id, metadata FROM audit_logs WHERE tenant_id = $1 AND event_type = $2",
+        tenant,
+        event_type,
+    )
+    return [dict(row) for row in rows]
+
+
+class Denied(Exception):
+    """The handler's refusal, raised after logging it."""
+
+
+async def test_cross_tenant_write_attempt_is_logged_and_survives_the_rollback(
+    db: Database, tenant_a: TenantId, tenant_b: TenantId, admin: asyncpg.Connection
+) -> None:
+    async with db.unit_of_work(tenant_b) as uow:
+        crm_of_b = await uow.tenants.connect_crm(
+            provider_type="hubspot", credentials_secret_id="vault:b/hubspot"
+        )
+        await uow.commit()
+    slack_user = unique_user_id()
+
+    with pytest.raises(Denied):  # noqa: PT012
+        async with db.unit_of_work(tenant_a) as uow:
+            await uow.tenants.add_user(slack_user_id=slack_user)  # rolled back below
+            try:
+                await uow.tenants.map_account(
+                    crm_connection_id=crm_of_b.id,
+                    email_domain="acme.com",
+                    crm_account_id="001",
+                )
+            except NotFound:
+                event = await db.log_security_event(
+                    tenant_a,
+                    event_type="security.cross_tenant_write",
+                    event_category="security",
+                    action_description="map_account named a CRM connection of no live row here",
+                    status="denied",
+                    resource_type="crm_connection",
+                    resource_id=crm_of_b.id,
+                )
+                # Committed already, while the caller's transaction is still open.
+                assert len(await _events(admin, tenant_a, "security.cross_tenant_write")) == 1
+                raise Denied from None
+
+    assert event.status == "denied"
+    assert await _events(admin, tenant_a, "security.cross_tenant_write") == [
+        {
+            "event_type": "security.cross_tenant_write",
+            "event_category": "security",
+            "status": "denied",
+            "action_description": "map_account named a CRM connection of no live row here",
+            "resource_type": "crm_connection",
+            "resource_id": str(crm_of_b.id),
+            "metadata": "{}",
+        }
+    ]
+    # The caller's own writes were rolled back; tenant B saw nothing at all.
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
+            tenant_a,
+            slack_user,
+        )
+        == 0
+    )
+    assert (
+        await admin.fetchval("SELECT count(*) FROM audit_logs WHERE tenant_id = $1", tenant_b) == 0
+    )
+    assert (
+        await admin.fetchval("SELECT count(*) FROM account_mappings WHERE tenant_id = $1", tenant_a)
+        == 0
+    )
+
+
+async def test_rate_limit_denial_is_logged_and_survives_the_rollback(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    assert (await db.rate_limit(tenant_a, "exports", limit=1)).allowed
+    with pytest.raises(Denied):  # noqa: PT012
+        async with db.unit_of_work(tenant_a) as uow:
+            await uow.audit.log_event(
+                event_type="export.started", event_category="data", action_description="x"
+            )
+            decision = await db.rate_limit(tenant_a, "exports", limit=1)
+            if not decision.allowed:
+                await db.log_security_event(
+                    tenant_a,
+                    event_type="rate_limit.denied",
+                    event_category="security",
+                    action_description="exports: daily limit reached",
+                    metadata={"limit": decision.limit, "retry_after": decision.retry_after},
+                )
+                raise Denied
+    events = await _events(admin, tenant_a, "rate_limit.denied")
+    assert len(events) == 1
+    assert events[0]["status"] == "denied"  # the default of log_security_event
+    assert json.loads(events[0]["metadata"])["limit"] == 1
+    assert await _events(admin, tenant_a, "export.started") == []
+
+
+async def test_log_security_event_validates_before_taking_a_connection(
+    settings: DatabaseSettings, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    # A pool with one connection, held by the caller: an invalid event must fail at once
+    # (validation), not wait for the pool.
+    small = Database(
+        settings.model_copy(update={"pool_size": 1, "max_overflow": 0, "pool_timeout": 30.0})
+    )
+    try:
+        async with small.unit_of_work(tenant_a):
+            with pytest.raises(ValidationError, match="event_category"):
+                await small.log_security_event(
+                    tenant_a,
+                    event_type="security.denied",
+                    event_category="not-a-category",
+                    action_description="x",
+                )
+    finally:
+        await small.dispose()
+    assert await _events(admin, tenant_a, "security.denied") == []

@@ -1,0 +1,210 @@
+"""Through PgBouncer in transaction pooling mode: two server connections, many tenants.
+
+Each test here starts its own PgBouncer (``slack_fathom_db.testing.pgbouncer``)
+in front of the suite's server with ``default_pool_size = 2``, so it runs in
+every pass. The PgBouncer pass (``make test-pgbouncer``) also runs the
+isolation, rate-limit and unit-of-work tests through a PgBouncer of
+``PGBOUNCER_POOL_SIZE`` server connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
+from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db.connections import send
+from slack_fathom_db.testing import pgbouncer, pgbouncer_binary
+from tests.conftest import unique_team_id, unique_user_id
+
+SERVER_CONNECTIONS = 2
+TENANTS = 24
+UNITS_PER_TENANT = 5
+CLIENTS = 16
+
+PROBE = text(
+    "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
+    "current_setting('statement_timeout') AS timeout, pg_backend_pid() AS pid"
+)
+
+
+@pytest.fixture(scope="module")
+def two_connection_bouncer(sfdb_server: URL) -> Iterator[URL]:
+    if pgbouncer_binary() is None:
+        pytest.fail("pgbouncer is not installed: apt-get install pgbouncer", pytrace=False)
+    with pgbouncer(sfdb_server, pool_size=SERVER_CONNECTIONS) as url:
+        yield url
+
+
+@pytest_asyncio.fixture
+async def bounced(
+    two_connection_bouncer: URL, sfdb_direct_settings: DatabaseSettings
+) -> AsyncIterator[Database]:
+    """The layer on the test database through PgBouncer: 16 clients, 2 server connections."""
+    database = sfdb_direct_settings.sqlalchemy_url().database
+    settings = DatabaseSettings(
+        url=two_connection_bouncer.set(database=database).render_as_string(False),
+        app_role=sfdb_direct_settings.app_role,
+        pgbouncer=True,
+        pool_size=CLIENTS,
+        max_overflow=0,
+        statement_timeout_ms=7_000,
+        _env_file=None,
+    )
+    db = Database(settings)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+@dataclass(frozen=True)
+class Seen:
+    tenant: TenantId
+    probes: list[Any]
+    users: set[str]
+    recordings: set[str]
+    raw_users: set[str]
+    outside: Any
+
+
+async def test_through_pgbouncer_the_server_sees_pgbouncer(
+    bounced: Database, admin: asyncpg.Connection
+) -> None:
+    info = await bounced.info()
+    assert info.pgbouncer is True
+    url = bounced.settings.sqlalchemy_url()
+    server_port = await admin.fetchval("SELECT inet_server_port()")
+    assert url.port != server_port  # the layer talks to PgBouncer, not to the server
+
+
+async def test_many_interleaved_tenants_over_two_server_connections(
+    bounced: Database, admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    tenants = [
+        await bounced.directory.install(slack_team_id=unique_team_id(), slack_team_name=f"B{i}")
+        for i in range(TENANTS)
+    ]
+    planned = {t: [unique_user_id() for _ in range(UNITS_PER_TENANT)] for t in tenants}
+    # Round robin: consecutive units of work belong to different tenants.
+    jobs = [(t, planned[t][j]) for j in range(UNITS_PER_TENANT) for t in tenants]
+
+    async def work(tenant: TenantId, slack_user: str) -> Seen:
+        probes = []
+        async with bounced.unit_of_work(tenant) as uow:
+            probes.append((await (await uow.session()).execute(PROBE)).one())
+            user = await uow.tenants.add_user(slack_user_id=slack_user)
+            await asyncio.sleep(0)
+            await uow.meetings.create(
+                user_id=user.id, fathom_recording_id=f"rec-{slack_user}", title="Call"
+            )
+            decision = await uow.rate_limits.consume("bounced", limit=1000)
+            assert decision.allowed
+            probes.append((await (await uow.session()).execute(PROBE)).one())
+            await uow.commit()
+            await asyncio.sleep(0)
+            # A new transaction on whichever server connection PgBouncer hands out.
+            session = await uow.session()
+            probes.append((await session.execute(PROBE)).one())
+            users = {u.slack_user_id for u in await uow.tenants.list_users()}
+            recordings = {m.fathom_recording_id for m in await uow.meetings.recent(limit=1000)}
+            raw_users = set(
+                (await session.execute(text("SELECT slack_user_id FROM users"))).scalars()
+            )
+            probes.append((await session.execute(PROBE)).one())
+            await uow.commit()
+        # Outside any unit of work, on the same client connection pool: no tenant context.
+        async with bounced.engine.connect() as conn:
+            await send(conn, "BEGIN", action="probe")  # simple protocol, as the layer does
+            outside = (await conn.execute(PROBE)).one()
+            await send(conn, "COMMIT", action="probe")
+        assert await bounced.directory.resolve("T0NOBODY") is None
+        return Seen(tenant, probes, users, recordings, raw_users, outside)
+
+    results = await asyncio.wait_for(asyncio.gather(*(work(t, s) for t, s in jobs)), timeout=120)
+
+    login = sfdb_direct_settings.sqlalchemy_url().username
+    pids = set()
+    tenants_per_pid: dict[int, set[TenantId]] = {}
+    for seen in results:
+        own = set(planned[seen.tenant])
+        for probe in seen.probes:
+            assert (probe.usr, probe.tenant, probe.timeout) == (
+                bounced.settings.app_role,
+                str(seen.tenant),
+                "7s",
+            )
+            pids.add(probe.pid)
+            tenants_per_pid.setdefault(probe.pid, set()).add(seen.tenant)
+        assert seen.users <= own
+        assert seen.raw_users <= own
+        assert seen.recordings <= {f"rec-{u}" for u in own}
+        assert seen.outside.usr == login
+        assert seen.outside.tenant in (None, "")
+        assert seen.outside.timeout != "7s"
+    # Every transaction ran on one of two server connections, each serving many tenants.
+    assert len(pids) <= SERVER_CONNECTIONS
+    assert min(len(ts) for ts in tenants_per_pid.values()) > 1
+    for tenant in tenants:
+        rows = await admin.fetch("SELECT slack_user_id FROM users WHERE tenant_id = $1", tenant)
+        assert {r["slack_user_id"] for r in rows} == set(planned[tenant])
+        spent = await admin.fetchval(
+            "SELECT request_count FROM api_rate_limits WHERE tenant_id = $1 "
+            "AND resource_type = 'bounced'",
+            tenant,
+        )
+        assert spent == UNITS_PER_TENANT
+    # No server connection was left inside a transaction or holding a tenant's role.
+    leftover = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state LIKE 'idle in transaction%'"
+    )
+    assert leftover == 0
+
+
+async def test_rate_limits_through_two_server_connections_grant_exactly_the_limit(
+    bounced: Database, make_tenant: Any, admin: asyncpg.Connection
+) -> None:
+    tenant = await make_tenant("Bounced")
+    resource = f"bounce-{secrets.token_hex(3)}"
+    decisions = await asyncio.wait_for(
+        asyncio.gather(*(bounced.rate_limit(tenant, resource, limit=25) for _ in range(80))),
+        timeout=120,
+    )
+    assert sum(d.allowed for d in decisions) == 25
+    assert (
+        await admin.fetchval(
+            "SELECT request_count FROM api_rate_limits WHERE tenant_id = $1 AND resource_type = $2",
+            tenant,
+            resource,
+        )
+        == 25
+    )
+
+
+async def test_a_failed_statement_through_pgbouncer_leaves_no_prepared_statement_errors(
+    bounced: Database, make_tenant: Any
+) -> None:
+    tenant = await make_tenant("Bounced")
+    # The same statements again and again, on server connections that change under them:
+    # a prepared-statement cache would fail here ("prepared statement ... does not exist").
+    for n in range(30):
+        async with bounced.unit_of_work(tenant) as uow:
+            await uow.tenants.add_user(slack_user_id=f"UPREP{n:04d}")
+            assert await uow.tenants.get_user_by_slack_id(f"UPREP{n:04d}") is not None
+            if n % 3 == 0:
+                await uow.commit()
+        assert await bounced.directory.resolve("T0NOBODY") is None
+        assert await bounced.check_connection() is True
+    async with bounced.unit_of_work(tenant) as uow:
+        users = {u.slack_user_id for u in await uow.tenants.list_users()}
+    assert users == {f"UPREP{n:04d}" for n in range(0, 30, 3)}
