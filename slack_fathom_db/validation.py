@@ -23,6 +23,7 @@ MAX_TEXT: Final = 10_000
 MAX_NAME: Final = 255
 MAX_LONG_TEXT: Final = 200_000
 MAX_JSON_DEPTH: Final = 32
+_FLOAT_EXPONENT_FROM: Final = 1e16
 
 _SLACK_TEAM_ID: Final = re.compile(r"[TE][A-Z0-9]{2,30}")
 _SLACK_ENTERPRISE_ID: Final = re.compile(r"E[A-Z0-9]{2,30}")
@@ -234,6 +235,10 @@ def json_value(value: object, *, field: str, _depth: int = 0) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _fail(field, "must not hold NaN or infinity")
+        if abs(value) >= _FLOAT_EXPONENT_FROM:
+            # Python writes such floats as 1e+16; jsonb keeps the number and gives back
+            # 10000000000000000, an int: refuse rather than change the value's type.
+            raise _fail(field, "floats of 1e16 or more do not round-trip; pass an int")
         return value
     if isinstance(value, str):
         return text(value, field=field, max_length=MAX_LONG_TEXT, allow_empty=True)
