@@ -5,8 +5,9 @@ outside a transaction (a directory lookup) costs one round trip, and a
 tenant transaction is opened by one simple-protocol message that holds
 ``BEGIN`` and the ``SET LOCAL`` statements together (see
 :func:`slack_fathom_db.tenancy.transaction_preamble`). Statements inside it go
-through SQLAlchemy as usual; ``COMMIT`` and ``ROLLBACK`` are sent the same
-way as the preamble.
+through SQLAlchemy, or, on hot paths, straight to the asyncpg connection as SQL
+compiled once; ``COMMIT`` and ``ROLLBACK`` are sent the same way as the
+preamble.
 
 Invariant: a connection never returns to the pool inside a transaction. A
 pool ``reset`` listener rolls back whatever a cancelled or failed caller left
@@ -70,15 +71,6 @@ async def send(
         if isinstance(error, DatabaseUnavailable) or driver.is_closed():
             await conn.invalidate(exc)
         raise error from exc
-
-
-def in_transaction(conn: AsyncConnection) -> bool:
-    """Whether the server has a transaction open on ``conn`` (as of its last reply)."""
-    raw = conn.sync_connection.connection if conn.sync_connection else None
-    if raw is None or raw.driver_connection is None:
-        return False
-    driver: asyncpg.Connection = raw.driver_connection
-    return not driver.is_closed() and driver.is_in_transaction()
 
 
 async def execute_outside_tenant(
