@@ -95,16 +95,16 @@ async def execute_outside_tenant(
     return result
 
 
-async def fetchval_outside_tenant(
+async def fetchrow_outside_tenant(
     conn: AsyncConnection, sql: str, *args: Any, pgbouncer: bool, action: str
 ) -> Any:
-    """Like :func:`execute_outside_tenant`, for compiled SQL run on the driver: the first value."""
+    """Like :func:`execute_outside_tenant`, for SQL run on the driver: the first row or None."""
     raw = await conn.get_raw_connection()
     driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
     if pgbouncer:
         await send(conn, "BEGIN", action=action)
     try:
-        value = await driver.fetchval(sql, *args)
+        row = await driver.fetchrow(sql, *args)
     except DRIVER_ERRORS as exc:
         error = translate(exc, action=action)
         if isinstance(error, DatabaseUnavailable) or driver.is_closed():
@@ -114,7 +114,7 @@ async def fetchval_outside_tenant(
         raise error from exc
     if pgbouncer:
         await send(conn, "COMMIT", action=action)
-    return value
+    return row
 
 
 def install_pool_guards(engine: AsyncEngine) -> None:

@@ -16,15 +16,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
+from slack_fathom_db import validation
 from slack_fathom_db.connections import (
     DRIVER_ERRORS,
     connect,
     execute_outside_tenant,
+    fetchrow_outside_tenant,
     install_pool_guards,
 )
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.repositories.audit import audit_values
-from slack_fathom_db.repositories.rate_limits import RateLimitDecision, window_charge
+from slack_fathom_db.repositories.rate_limits import (
+    RateLimitDecision,
+    window,
+    window_charge,
+    window_decision,
+)
 from slack_fathom_db.retries import retry_conflicts
 from slack_fathom_db.settings import DatabaseSettings
 from slack_fathom_db.tenancy import TenantDirectory, TenantId
@@ -34,10 +41,12 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from slack_fathom_db.models import AuditLog
+from slack_fathom_db.models.base import utcnow
 
 __all__ = ["Database", "DatabaseInfo"]
 
 APPLICATION_NAME = "slack_fathom_db"
+_CONSUME_SQL = "SELECT granted, prior FROM sfdb_consume_rate_limit($1, $2, $3, $4, $5, $6, $7)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +113,32 @@ class Database:
         applied at their commit).
         """
         charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
+        tenant = validation.uuid_value(tenant_id, field="tenant_id")
 
         async def attempt() -> RateLimitDecision:
-            async with self.unit_of_work(tenant_id) as uow:
-                decision = await uow.rate_limits.charge_now(charge)
-                if decision.allowed:
-                    await uow.commit()
-            return decision
+            # One statement in autocommit (sfdb_consume_rate_limit, migration 0002): it
+            # switches to the app role and the tenant itself, so the counter's row lock
+            # lasts as long as the statement, not a client round trip.
+            now = utcnow()
+            start, end = window(charge.period, now)
+            async with connect(self.engine, action="rate limit") as conn:
+                row = await fetchrow_outside_tenant(
+                    conn,
+                    _CONSUME_SQL,
+                    tenant,
+                    charge.resource_type,
+                    charge.period,
+                    start,
+                    charge.cost,
+                    charge.limit,
+                    self.settings.statement_timeout_ms,
+                    pgbouncer=self.settings.pgbouncer,
+                    action="rate limit",
+                )
+            granted, prior = row["granted"], row["prior"]
+            if granted is not None:
+                return window_decision(charge, spent=granted, allowed=True, now=now, end=end)
+            return window_decision(charge, spent=prior or 0, allowed=False, now=now, end=end)
 
         return await retry_conflicts(attempt)
 

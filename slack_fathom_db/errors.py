@@ -100,6 +100,7 @@ _INSUFFICIENT_PRIVILEGE: Final = "42501"
 _SERIALIZATION_FAILURE: Final = "40001"
 _DEADLOCK_DETECTED: Final = "40P01"
 _QUERY_CANCELED: Final = "57014"
+_LOCK_NOT_AVAILABLE: Final = "55P03"
 _UNKNOWN_DATABASE: Final = "3D000"
 _TENANT_MISSING: Final = "P0002"  # raised by sfdb_require_tenant() in the migrations
 
@@ -187,6 +188,8 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return DatabaseUnavailable(
             f"{action}: the server is out of resources (too many connections?) [{code}]"
         )
+    if code == _LOCK_NOT_AVAILABLE:
+        return StatementTimeout(f"{action}: waited too long for a row lock (lock timeout) [{code}]")
     if code == _QUERY_CANCELED:
         return StatementTimeout(
             f"{action}: the statement was cancelled (statement timeout) [{code}]"

@@ -30,7 +30,7 @@ from slack_fathom_db import validation
 from slack_fathom_db.connections import (
     connect,
     execute_outside_tenant,
-    fetchval_outside_tenant,
+    fetchrow_outside_tenant,
 )
 from slack_fathom_db.models import Tenant
 from slack_fathom_db.models.base import utcnow
@@ -145,10 +145,10 @@ async def resolve_on(
     conn: AsyncConnection, slack_team_id: str, *, pgbouncer: bool
 ) -> TenantId | None:
     """Resolve a validated Slack team id on an open connection (autocommit)."""
-    value = await fetchval_outside_tenant(
+    row = await fetchrow_outside_tenant(
         conn, _resolve_sql(), slack_team_id, pgbouncer=pgbouncer, action="resolve tenant"
     )
-    return None if value is None else TenantId(value)
+    return None if row is None else TenantId(row[0])
 
 
 @functools.cache

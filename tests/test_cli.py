@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import URL
 
-from slack_fathom_db import DatabaseSettings
+from slack_fathom_db import DatabaseSettings, schema
 from slack_fathom_db.cli import main
 from slack_fathom_db.testing import throwaway_database
 
@@ -96,13 +96,13 @@ def test_migrate_creates_and_upgrades_then_current(demo_url: str, tmp_path: Path
     first = sfdb("migrate", url=demo_url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "created database" in first.stdout
-    assert "is at revision 0001" in first.stdout
+    assert f"is at revision {schema.head()}" in first.stdout
     again = sfdb("migrate", url=demo_url, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "created database" not in again.stdout
     current = sfdb("current", url=demo_url, cwd=tmp_path)
     assert current.returncode == 0, current.stderr
-    assert current.stdout.strip() == "0001"
+    assert current.stdout.strip() == schema.head()
 
 
 def test_check_passes_on_a_migrated_database(demo_url: str, tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ async def test_check_fails_on_an_empty_database(sfdb_server: URL, tmp_path: Path
     async with throwaway_database(sfdb_server, migrate=False) as settings:
         result = sfdb("check", url=url_of(settings), cwd=tmp_path)
     assert result.returncode == 1
-    assert "FAIL  migrations at head  at None, head 0001" in result.stdout
+    assert f"FAIL  migrations at head  at None, head {schema.head()}" in result.stdout
 
 
 def test_demo_then_stats_and_audit(demo_url: str, tmp_path: Path) -> None:

@@ -30,7 +30,14 @@ from slack_fathom_db.models import ApiRateLimit
 from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.repositories.base import TenantRepository
 
-__all__ = ["PERIODS", "RateLimitDecision", "RateLimitRepo", "window", "window_charge"]
+__all__ = [
+    "PERIODS",
+    "RateLimitDecision",
+    "RateLimitRepo",
+    "window",
+    "window_charge",
+    "window_decision",
+]
 
 PERIODS: Final = ("minute", "hourly", "daily", "monthly")
 _BUCKET: Final = "bucket"
@@ -236,7 +243,7 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
         spent = (rows[0][0] if rows else 0) + already
         allowed = spent + charge.cost <= charge.limit
         current = spent + charge.cost if allowed else spent
-        return _window_decision(charge, spent=current, allowed=allowed, now=now, end=end)
+        return window_decision(charge, spent=current, allowed=allowed, now=now, end=end)
 
     async def _consume_window(self, charge: _Window) -> RateLimitDecision:
         now = utcnow()
@@ -254,8 +261,8 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
             limit=charge.limit,
         )
         if row["granted"] is not None:
-            return _window_decision(charge, spent=row["granted"], allowed=True, now=now, end=end)
-        return _window_decision(charge, spent=row["prior"] or 0, allowed=False, now=now, end=end)
+            return window_decision(charge, spent=row["granted"], allowed=True, now=now, end=end)
+        return window_decision(charge, spent=row["prior"] or 0, allowed=False, now=now, end=end)
 
     # -- token buckets ---------------------------------------------------------------
 
@@ -350,7 +357,7 @@ def window_charge(resource_type: str, *, limit: int, period: str, cost: int) -> 
     )
 
 
-def _window_decision(
+def window_decision(
     charge: _Window, *, spent: int, allowed: bool, now: datetime, end: datetime
 ) -> RateLimitDecision:
     # A denial read its count from the statement's snapshot, which a concurrent
