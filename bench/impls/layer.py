@@ -30,7 +30,8 @@ class LayerImpl(Implementation):
     isolation = (
         "the layer's own: one simple-protocol message `BEGIN; SET LOCAL ROLE; "
         "SET LOCAL app.tenant_id; SET LOCAL statement_timeout; SELECT sfdb_require_tenant()` "
-        "per transaction"
+        "per unit of work; `db.rate_limit` is one autocommitted statement, "
+        "`sfdb_consume_rate_limit()`, which sets the role and the tenant itself"
     )
 
     def __init__(self) -> None:
