@@ -178,7 +178,7 @@ def plans_table(plans: Sequence[Plan], *, markdown: bool) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One target of the issue, measured."""
+    """One performance target, measured."""
 
     name: str
     measured: str
@@ -209,7 +209,7 @@ def targets(
     plans: Sequence[Plan],
     datasets: dict[str, Dataset],
 ) -> list[Target]:
-    """Every target of the issue, with what this run measured."""
+    """Every performance target, with what this run measured."""
     large = _size(datasets["large"].spec.meetings)
     small = _size(datasets["small"].spec.meetings)
     found = [
