@@ -12,6 +12,9 @@ this unit of work has already asked for, and defer the charge itself to
 row lock is held for the commit alone, so ``db.rate_limit`` never waits
 behind a unit of work. If the limit was reached meanwhile, ``commit()``
 raises :class:`~slack_fathom_db.errors.RateLimitExceeded` and rolls back.
+
+``db.rate_limit`` runs the same upsert inside ``sfdb_consume_rate_limit()``
+(migration 0002): one autocommitted statement, whose lock lasts that long.
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
             self._deferred.charges.append(charge)
         return decision
 
-    # -- used by the unit of work and by Database.rate_limit --------------------------
+    # -- used by the unit of work at commit ---------------------------------------------
 
     async def apply_deferred_charges(self) -> None:
         """Apply the charges deferred to commit, in key order; raise if one no longer fits."""
