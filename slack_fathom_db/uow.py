@@ -128,7 +128,6 @@ class UnitOfWork:
                     self._tenant_id = await resolve_on(
                         conn, self._slack_team_id, pgbouncer=self._settings.pgbouncer
                     )
-                    await conn.commit()
                     if self._tenant_id is None:
                         raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
                 raw = await conn.get_raw_connection()
