@@ -7,6 +7,8 @@ intended shape; ``dispose()`` (or ``async with``) closes its pool.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -46,6 +48,7 @@ from slack_fathom_db.models.base import utcnow
 __all__ = ["Database", "DatabaseInfo"]
 
 APPLICATION_NAME = "slack_fathom_db"
+_log = logging.getLogger(__name__)
 _CONSUME_SQL = "SELECT granted, prior FROM sfdb_consume_rate_limit($1, $2, $3, $4, $5, $6, $7)"
 
 
@@ -218,11 +221,19 @@ class Database:
         )
 
     async def dispose(self) -> None:
-        """Close every pooled connection; the next use builds a fresh pool."""
-        if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
-            self._directory = None
+        """Close every pooled connection; the next use builds a fresh pool.
+
+        Bounded by ``DATABASE_POOL_TIMEOUT``: a connection whose graceful close
+        gets no answer (seen through PgBouncer) is dropped instead of waited for.
+        """
+        engine, self._engine, self._directory = self._engine, None, None
+        if engine is None:
+            return
+        try:
+            await asyncio.wait_for(engine.dispose(), timeout=self.settings.pool_timeout)
+        except TimeoutError:
+            _log.warning("dispose: a connection did not close in time; it was dropped")
+            await engine.dispose(close=False)
 
     async def __aenter__(self) -> Self:
         return self

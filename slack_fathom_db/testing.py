@@ -24,7 +24,6 @@ marked ``not_through_pgbouncer`` say why they cannot run that way.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
@@ -448,11 +447,4 @@ async def sfdb_database(sfdb_settings: DatabaseSettings) -> AsyncIterator[Databa
     try:
         yield db
     finally:
-        if sfdb_settings.pgbouncer:
-            # Known issue: at the very end of the PgBouncer pass, after the fault tests,
-            # closing the pool can wait forever in asyncpg's close() (not seen in a plain
-            # run through PgBouncer); bound it, so the run ends.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(db.dispose(), timeout=15)
-        else:
-            await db.dispose()
+        await db.dispose()
