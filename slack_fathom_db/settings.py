@@ -22,6 +22,8 @@ __all__ = ["DatabaseSettings", "normalize_url"]
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MASKED = "**********"
+CLIENT_TIMEOUT_MARGIN = 2.0
+"""Seconds the client waits beyond the statement timeout before it gives up on the server."""
 _ACCEPTED_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"}
 
 
@@ -53,7 +55,10 @@ class DatabaseSettings(BaseSettings):
     Environment names: ``DATABASE_URL``, ``DATABASE_POOL_SIZE``,
     ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
     ``DATABASE_POOL_RECYCLE``, ``DATABASE_ECHO``, ``DATABASE_PGBOUNCER``,
-    ``DATABASE_STATEMENT_TIMEOUT_MS``, ``DATABASE_APP_ROLE``.
+    ``DATABASE_STATEMENT_TIMEOUT_MS``, ``DATABASE_CONNECT_TIMEOUT``,
+    ``DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS``, ``DATABASE_MAX_JSON_BYTES``,
+    ``DATABASE_CLAIM_LEASE_SECONDS``, ``DATABASE_MAX_PROCESSING_ATTEMPTS``,
+    ``DATABASE_APP_ROLE``.
     """
 
     model_config = SettingsConfigDict(
@@ -78,6 +83,25 @@ class DatabaseSettings(BaseSettings):
         description="Transaction pooling in front: no prepared-statement cache.",
     )
     statement_timeout_ms: Annotated[int, Field(ge=0, le=86_400_000)] = 30_000
+    connect_timeout: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=10.0, description="Seconds to open a connection before DatabaseUnavailable."
+    )
+    idle_in_transaction_timeout_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
+        default=60_000,
+        description="idle_in_transaction_session_timeout of every tenant transaction (0: none).",
+    )
+    max_json_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+        default=64 * 1024,
+        description="Largest JSON value (compact UTF-8 bytes) a repository accepts.",
+    )
+    claim_lease_seconds: Annotated[float, Field(gt=0, le=7 * 86_400)] = Field(
+        default=900.0,
+        description="Seconds a claimed meeting stays with its worker before others may reclaim it.",
+    )
+    max_processing_attempts: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5,
+        description="Claims of one meeting before an expired lease fails it for good.",
+    )
     app_role: str = Field(
         default="sfdb_app",
         description="The NOSUPERUSER NOBYPASSRLS role every unit of work runs as.",
@@ -131,6 +155,18 @@ class DatabaseSettings(BaseSettings):
                 "or write it into .env"
             )
         return make_url(self.url.get_secret_value())
+
+    @property
+    def client_timeout(self) -> float | None:
+        """Seconds the client waits for any one answer of the server, or ``None`` (no bound).
+
+        A little above the statement timeout, so the server's own cancellation
+        normally arrives first; a proxy or network that stops answering is
+        given up on after this. No statement timeout means no client bound.
+        """
+        if self.statement_timeout_ms == 0:
+            return None
+        return self.statement_timeout_ms / 1000 + CLIENT_TIMEOUT_MARGIN
 
     @property
     def masked_url(self) -> str | None:

@@ -103,6 +103,11 @@ class UnitOfWork:
             raise UsageError("the tenant is known once the unit of work is entered")
         return self._tenant_id
 
+    @property
+    def settings(self) -> DatabaseSettings:
+        """The settings of the ``Database`` this unit of work belongs to (limits, timeouts)."""
+        return self._settings
+
     async def __aenter__(self) -> Self:
         if self._state != "new":
             raise UsageError("a UnitOfWork is single use: create a new one for each block")
