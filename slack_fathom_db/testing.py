@@ -29,6 +29,7 @@ import dataclasses
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LocalCluster",
     "NoPostgreSQL",
+    "PgBouncer",
     "find_server",
     "local_cluster",
     "local_cluster_control",
@@ -192,15 +194,41 @@ def pgbouncer_binary() -> Path | None:
     return path if path.exists() else None
 
 
+@dataclasses.dataclass(frozen=True)
+class PgBouncer:
+    """A PgBouncer of :func:`pgbouncer`: its URL, its log, and a way to freeze it.
+
+    ``freeze()`` stops the process (``SIGSTOP``) as a hung proxy or a frozen
+    network would look to a client: connections stay open and nothing is
+    answered. ``thaw()`` lets it go on (``SIGCONT``).
+    """
+
+    url: URL
+    log: Path
+    pid: int
+
+    def freeze(self) -> None:
+        """Stop the process: it accepts bytes into its sockets but answers nothing."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen PgBouncer go on where it stopped."""
+        os.kill(self.pid, signal.SIGCONT)
+
+
 @contextlib.contextmanager
-def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[URL]:
+def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[PgBouncer]:
     """PgBouncer in transaction pooling mode in front of ``server``, on a free loopback port.
 
     Every database of the server is reachable through it, with at most
     ``pool_size`` server connections per database and user. Clients are
     trusted (loopback only); PgBouncer logs into the server with the
-    server URL's own credentials. Yields ``server`` with host and port
-    replaced; stops PgBouncer after.
+    server URL's own credentials. Yields a :class:`PgBouncer` whose ``url``
+    is ``server`` with host and port replaced; stops PgBouncer after.
+
+    PgBouncer, not daemonized, writes every log line to its standard error:
+    that goes to a file (``log``), never to a pipe that nobody reads (a full
+    pipe would block PgBouncer in ``write(2)``, and with it every client).
     """
     binary = pgbouncer_binary()
     if binary is None:
@@ -233,7 +261,6 @@ def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[
                 "server_login_retry = 1",
                 # A client queued for a server connection fails after this, never hangs.
                 "query_wait_timeout = 30",
-                f"logfile = {root / 'pgbouncer.log'}",
                 "",
             ]
         ),
@@ -244,27 +271,30 @@ def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[
         owner = pwd.getpwnam("postgres")
         for path in (root, root / "userlist.txt", ini):
             os.chown(path, owner.pw_uid, owner.pw_gid)
-        # Switch user in the child itself (no runuser in between), so that terminate()
-        # and wait() below reach PgBouncer and nothing outlives the run.
+        # Switch user in the child itself (no runuser in between), so that terminate(),
+        # wait() and the signals of PgBouncer.freeze() reach PgBouncer itself.
         drop = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
-    process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-        [str(binary), str(ini)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        **drop,
-    )
+    log = root / "pgbouncer.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            [str(binary), str(ini)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            **drop,
+        )
     try:
-        _wait_for_port(port, process, log=root / "pgbouncer.log")
-        yield server.set(host="127.0.0.1", port=port)
+        _wait_for_port(port, process, log=log)
+        yield PgBouncer(url=server.set(host="127.0.0.1", port=port), log=log, pid=process.pid)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)  # a frozen PgBouncer cannot act on SIGTERM
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=30)
-        if process.stderr is not None:
-            process.stderr.close()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -406,11 +436,11 @@ def sfdb_pgbouncer(sfdb_server: URL) -> Iterator[URL | None]:
         return
     try:
         manager = pgbouncer(sfdb_server)
-        url = manager.__enter__()
+        bouncer = manager.__enter__()
     except NoPostgreSQL as exc:
         pytest.fail(f"{ENV_PGBOUNCER}=1: {exc}", pytrace=False)
     try:
-        yield url
+        yield bouncer.url
     finally:
         manager.__exit__(None, None, None)
 

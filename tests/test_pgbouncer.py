@@ -30,6 +30,8 @@ SERVER_CONNECTIONS = 2
 TENANTS = 24
 UNITS_PER_TENANT = 5
 CLIENTS = 16
+LOG_CYCLES = 500
+PIPE_CAPACITY = 64 * 1024  # Linux's default pipe buffer
 
 PROBE = text(
     "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
@@ -41,8 +43,8 @@ PROBE = text(
 def two_connection_bouncer(sfdb_server: URL) -> Iterator[URL]:
     if pgbouncer_binary() is None:
         pytest.fail("pgbouncer is not installed: apt-get install pgbouncer", pytrace=False)
-    with pgbouncer(sfdb_server, pool_size=SERVER_CONNECTIONS) as url:
-        yield url
+    with pgbouncer(sfdb_server, pool_size=SERVER_CONNECTIONS) as bouncer:
+        yield bouncer.url
 
 
 @pytest_asyncio.fixture
@@ -208,3 +210,25 @@ async def test_a_failed_statement_through_pgbouncer_leaves_no_prepared_statement
     async with bounced.unit_of_work(tenant) as uow:
         users = {u.slack_user_id for u in await uow.tenants.list_users()}
     assert users == {f"UPREP{n:04d}" for n in range(0, 30, 3)}
+
+
+async def test_pgbouncer_keeps_answering_after_more_log_than_a_pipe_holds(
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    # PgBouncer writes a log line per login and per close to its standard error. The
+    # harness once sent that to a pipe nobody read: past 64 KiB PgBouncer blocked in
+    # write(2) and every client hung. Log far more than a pipe holds; every cycle must
+    # still be answered, each within a bound.
+    database = sfdb_direct_settings.sqlalchemy_url().database
+    with pgbouncer(sfdb_server, pool_size=2) as bouncer:
+        dsn = bouncer.url.set(drivername="postgresql", database=database)
+        for cycle in range(LOG_CYCLES):
+            conn = await asyncio.wait_for(
+                asyncpg.connect(dsn.render_as_string(False), statement_cache_size=0), timeout=30
+            )
+            try:
+                assert await asyncio.wait_for(conn.fetchval("SELECT $1::int", cycle), 30) == cycle
+            finally:
+                await asyncio.wait_for(conn.close(), timeout=30)
+        logged = bouncer.log.stat().st_size
+    assert logged > 2 * PIPE_CAPACITY, f"only {logged} bytes of log; the test proves nothing"
