@@ -30,7 +30,7 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _dsn(url: URL) -> str:

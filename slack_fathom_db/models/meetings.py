@@ -3,6 +3,11 @@
 Processing moves pending → processing → completed | failed, and failed →
 processing for a retry; CRM sync is tracked beside it. ``version`` is bumped
 by every status change so a lost update is detected, not silently applied.
+
+A meeting in ``processing`` is leased to the worker that claimed it until
+``processing_lease_expires_at`` (set by the database clock, cleared when the
+meeting completes or fails); once the lease has passed, another worker may
+claim it again.
 """
 
 from __future__ import annotations
@@ -69,6 +74,13 @@ class MeetingSession(TenantOwned, Timestamps, SoftDelete, Base):
             "created_at",
             postgresql_where=text("status = 'pending' AND deleted_at IS NULL"),
         ),
+        # Expired leases of a tenant, for the reclaim half of claim_pending.
+        Index(
+            "ix_meeting_sessions_tenant_id_lease_expires_at_processing",
+            "tenant_id",
+            "processing_lease_expires_at",
+            postgresql_where=text("status = 'processing' AND deleted_at IS NULL"),
+        ),
     )
 
     user_id: Mapped[uuid.UUID]
@@ -87,6 +99,7 @@ class MeetingSession(TenantOwned, Timestamps, SoftDelete, Base):
     processing_error: Mapped[str | None] = mapped_column(Text)
     processing_attempts: Mapped[int] = mapped_column(server_default=text("0"))
     processing_started_at: Mapped[datetime | None]
+    processing_lease_expires_at: Mapped[datetime | None]
     processed_at: Mapped[datetime | None]
 
     crm_sync_status: Mapped[str] = mapped_column(Text, server_default="not_synced")
