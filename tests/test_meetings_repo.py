@@ -98,6 +98,7 @@ async def test_create_round_trips_every_field(db: Database, tenant_a: TenantId) 
     assert created.processing_attempts == 0
     assert created.crm_sync_status == "not_synced"
     assert created.crm_sync_attempts == 0
+    assert created.processing_lease_expires_at is None
 
     async with db.unit_of_work(tenant_a) as uow:
         stored = await uow.meetings.get(created.id)
@@ -343,6 +344,7 @@ async def test_lifecycle_pending_processing_completed(db: Database, tenant_a: Te
     assert processing.status == "processing"
     assert processing.processing_attempts == 1
     assert processing.processing_started_at is not None
+    assert processing.processing_lease_expires_at is not None
     assert processing.version == 2
 
     ai_output = {"model": "m-1", "tokens": {"in": 1200, "out": 310}, "topics": ["pricing"]}
@@ -365,6 +367,7 @@ async def test_lifecycle_pending_processing_completed(db: Database, tenant_a: Te
     assert stored.processing_attempts == 1
     assert stored.processing_error is None
     assert stored.processed_at is not None
+    assert stored.processing_lease_expires_at is None
     assert stored.version == 3
 
 
@@ -393,6 +396,7 @@ async def test_fail_then_retry(db: Database, tenant_a: TenantId) -> None:
         failed = await uow.meetings.fail_processing(meeting.id, error="LLM timeout after 30s")
         await uow.commit()
     assert failed.status == "failed"
+    assert failed.processing_lease_expires_at is None
     assert failed.version == 3
 
     async with db.unit_of_work(tenant_a) as uow:
@@ -407,6 +411,7 @@ async def test_fail_then_retry(db: Database, tenant_a: TenantId) -> None:
         await uow.commit()
     assert retried.status == "processing"
     assert retried.processing_attempts == 2
+    assert retried.processing_lease_expires_at is not None
     assert retried.version == 4
 
     async with db.unit_of_work(tenant_a) as uow:
@@ -720,6 +725,7 @@ async def test_claim_pending_oldest_first_with_limit(
     assert all(m.processing_attempts == 1 for m in first)
     assert all(m.version == 2 for m in first)
     assert all(m.processing_started_at is not None for m in first)
+    assert all(m.processing_lease_expires_at is not None for m in first)
 
     async with db.unit_of_work(tenant_a) as uow:
         second = await uow.meetings.claim_pending(limit=10)
@@ -733,7 +739,7 @@ async def test_claim_pending_oldest_first_with_limit(
         busy_now = await uow.meetings.get(busy.id)
     assert all(m is not None and m.status == "processing" for m in stored.values())
     assert busy_now is not None
-    assert busy_now.processing_attempts == 1  # not claimed a second time
+    assert busy_now.processing_attempts == 1  # its lease has not expired: not claimed again
     deleted = await admin.fetchrow(
         "SELECT status, deleted_at FROM meeting_sessions WHERE tenant_id = $1 AND id = $2",
         tenant_a,

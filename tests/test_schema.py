@@ -471,6 +471,7 @@ NAMED_INDEXES = {
     "meeting_sessions": [
         "ix_meeting_sessions_tenant_id_created_at_live",
         "ix_meeting_sessions_tenant_id_created_at_pending",
+        "ix_meeting_sessions_tenant_id_lease_expires_at_processing",
         "ix_meeting_sessions_tenant_id_user_id_created_at_live",
         "uq_meeting_sessions_tenant_id_fathom_recording_id_live",
     ],
@@ -488,7 +489,9 @@ async def test_the_named_indexes_exist(admin: asyncpg.Connection) -> None:
             assert "(tenant_id" in present[(table, name)], present[(table, name)]
 
 
-async def test_indexes_serve_recency_user_and_pending_queries(admin: asyncpg.Connection) -> None:
+async def test_indexes_serve_recency_user_pending_and_lease_queries(
+    admin: asyncpg.Connection,
+) -> None:
     rows = await admin.fetch(INDEXES_SQL)
     keyed = {(r["table_name"], tuple(r["columns"]), r["predicate"] or "") for r in rows}
     tables_columns = {(table, columns) for table, columns, _ in keyed}
@@ -501,6 +504,26 @@ async def test_indexes_serve_recency_user_and_pending_queries(admin: asyncpg.Con
         if table == "meeting_sessions" and columns[0] == "tenant_id" and "pending" in predicate
     ]
     assert pending, "no index for pending meetings"
+    leases = [
+        _normalise(predicate)
+        for table, columns, predicate in keyed
+        if table == "meeting_sessions" and columns == ("tenant_id", "processing_lease_expires_at")
+    ]
+    assert leases == ["status='processing'ANDdeleted_atISNULL"], "no index for expired leases"
+
+
+async def test_the_claim_lease_is_a_nullable_timestamptz(admin: asyncpg.Connection) -> None:
+    row = await admin.fetchrow(
+        "SELECT data_type, is_nullable, column_default FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name = 'meeting_sessions' "
+        "AND column_name = 'processing_lease_expires_at'"
+    )
+    assert row is not None
+    assert dict(row) == {
+        "data_type": "timestamp with time zone",
+        "is_nullable": "YES",
+        "column_default": None,
+    }
 
 
 @pytest.mark.parametrize("table", TENANT_OWNED)

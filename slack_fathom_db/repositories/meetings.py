@@ -6,6 +6,18 @@ status IN (…)`` that bumps ``version``; a caller that passes
 ``expected_version`` gets :class:`Conflict` if someone else changed the
 meeting first (a lost update), and :class:`InvalidStateTransition` if the
 move is not allowed from the current status.
+
+Claims are leases. :meth:`MeetingRepo.start_processing` and
+:meth:`MeetingRepo.claim_pending` set ``processing_lease_expires_at`` to the
+database's clock plus the lease (``DATABASE_CLAIM_LEASE_SECONDS`` unless the
+call names one); completing or failing the meeting clears it. A meeting whose
+lease has passed is claimable again, as if it were pending: the worker that
+held it is presumed dead. Every claim counts an attempt, and an expired lease
+on a meeting that has used ``DATABASE_MAX_PROCESSING_ATTEMPTS`` attempts is
+not claimed again: ``claim_pending`` moves it to ``failed`` instead, saying
+why. A worker that outlives its lease and then completes the meeting with
+``expected_version`` gets :class:`Conflict` rather than overwriting the work
+of the worker that reclaimed it.
 """
 
 from __future__ import annotations
@@ -13,7 +25,22 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import DateTime, Integer, Text, Uuid, bindparam, select, tuple_
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    Interval,
+    Text,
+    Uuid,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    tuple_,
+)
 
 from slack_fathom_db import validation
 from slack_fathom_db.errors import Conflict, InvalidStateTransition, NotFound
@@ -25,6 +52,11 @@ from slack_fathom_db.repositories.base import TenantRepository
 if TYPE_CHECKING:
     import uuid
     from collections.abc import Iterable, Mapping
+
+    from sqlalchemy import ColumnElement
+
+    from slack_fathom_db.settings import DatabaseSettings
+    from slack_fathom_db.uow import UnitOfWork
 
 __all__ = ["MeetingRepo"]
 
@@ -45,12 +77,18 @@ _CREATE_COLUMNS: Final = (
     "participants",
 )
 _MAX_LIMIT: Final = 1000
+_MAX_LEASE_SECONDS: Final = 7 * 86_400
 
 
 class MeetingRepo(TenantRepository[MeetingSession]):
     """``uow.meetings``."""
 
     model = MeetingSession
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        super().__init__(uow)
+        # Only the settings (lease, attempts): statements still run through the base executors.
+        self._settings: DatabaseSettings = uow.settings
 
     async def create(
         self,
@@ -140,15 +178,26 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         )
 
     async def start_processing(
-        self, meeting_id: uuid.UUID, *, expected_version: int | None = None
+        self,
+        meeting_id: uuid.UUID,
+        *,
+        expected_version: int | None = None,
+        lease_seconds: float | None = None,
     ) -> MeetingSession:
-        """pending or failed → processing; counts an attempt."""
+        """pending or failed → processing; counts an attempt and leases the meeting.
+
+        The lease ends ``lease_seconds`` (default ``DATABASE_CLAIM_LEASE_SECONDS``)
+        from now by the database's clock; after that, :meth:`claim_pending` may
+        give the meeting to another worker.
+        """
+        lease_end = self._lease_end(lease_seconds)
         return await self._transition(
             meeting_id,
             "processing",
             expected_version,
             processing_attempts=MeetingSession.processing_attempts + 1,
             processing_started_at=utcnow(),
+            processing_lease_expires_at=lease_end,
             processing_error=None,
         )
 
@@ -173,6 +222,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             else validation.json_object(ai_output, field="ai_output"),
             processed_at=utcnow(),
             processing_error=None,
+            processing_lease_expires_at=None,
         )
 
     async def fail_processing(
@@ -185,45 +235,93 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             expected_version,
             processing_error=validation.text(error, field="error", max_length=validation.MAX_TEXT),
             processed_at=utcnow(),
+            processing_lease_expires_at=None,
         )
 
-    async def claim_pending(self, *, limit: int) -> list[MeetingSession]:
-        """Move up to ``limit`` pending meetings, oldest first, to processing and return them.
+    async def claim_pending(
+        self, *, limit: int, lease_seconds: float | None = None
+    ) -> list[MeetingSession]:
+        """Claim up to ``limit`` meetings, oldest first, for this worker and return them.
+
+        Claimable are pending meetings and meetings in processing whose lease
+        has expired (their worker is presumed dead). Each claimed meeting moves
+        to processing, counts an attempt and is leased for ``lease_seconds``
+        (default ``DATABASE_CLAIM_LEASE_SECONDS``) by the database's clock.
+
+        An expired meeting that has already used ``DATABASE_MAX_PROCESSING_ATTEMPTS``
+        attempts is not claimed: it moves to failed, with a ``processing_error``
+        that says it was abandoned, in the same statement. It still takes one
+        of the ``limit`` places, so fewer than ``limit`` meetings may come back
+        although more are waiting; only the claimed meetings are returned.
 
         ``FOR UPDATE SKIP LOCKED``: concurrent workers never claim the same meeting.
         """
         count = validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT)
-        pending = (
+        lease_end = self._lease_end(lease_seconds)
+        max_attempts = self._settings.max_processing_attempts
+        lease_expired = and_(
+            MeetingSession.status == "processing",
+            MeetingSession.processing_lease_expires_at < func.now(),
+        )
+        claimable = (
             self._live()
             .with_only_columns(MeetingSession.tenant_id, MeetingSession.id)
-            .where(MeetingSession.status == "pending")
+            .where(or_(MeetingSession.status == "pending", lease_expired))
             .order_by(MeetingSession.created_at)
             .limit(count)
             .with_for_update(skip_locked=True)
             # Materialized: the locking subquery runs exactly once, whatever the plan.
-            .cte("pending")
+            .cte("claimable")
             .prefix_with("MATERIALIZED")
+        )
+        # The CASE reads the row as it was: only a reclaimed (expired) meeting is in
+        # processing here, and only one that used up its attempts is abandoned.
+        abandon = and_(
+            MeetingSession.status == "processing",
+            MeetingSession.processing_attempts >= max_attempts,
         )
         statement = (
             self._update()
             .where(
                 tuple_(MeetingSession.tenant_id, MeetingSession.id).in_(
-                    select(pending.c.tenant_id, pending.c.id)
+                    select(claimable.c.tenant_id, claimable.c.id)
                 )
             )
             .values(
-                status="processing",
-                processing_attempts=MeetingSession.processing_attempts + 1,
-                processing_started_at=utcnow(),
+                status=case((abandon, "failed"), else_="processing"),
+                processing_attempts=case(
+                    (abandon, MeetingSession.processing_attempts),
+                    else_=MeetingSession.processing_attempts + 1,
+                ),
+                processing_started_at=case(
+                    (abandon, MeetingSession.processing_started_at), else_=utcnow()
+                ),
+                processing_lease_expires_at=case((abandon, None), else_=lease_end),
+                processing_error=case((abandon, _abandoned_error()), else_=None),
+                processed_at=case(
+                    (abandon, func.statement_timestamp()), else_=MeetingSession.processed_at
+                ),
                 version=MeetingSession.version + 1,
             )
             .returning(MeetingSession)
         )
-        claimed: list[MeetingSession] = await self._retrying(
+        touched: list[MeetingSession] = await self._retrying(
             lambda: self._all(statement, action="claim pending meetings"),
             action="claim pending meetings",
         )
+        claimed = [meeting for meeting in touched if meeting.status == "processing"]
         return sorted(claimed, key=lambda meeting: meeting.created_at)
+
+    def _lease_end(self, lease_seconds: float | None) -> ColumnElement[Any]:
+        """The end of a lease starting now, by the database's clock (never this process's)."""
+        seconds = (
+            self._settings.claim_lease_seconds
+            if lease_seconds is None
+            else validation.positive_number(
+                lease_seconds, field="lease_seconds", maximum=_MAX_LEASE_SECONDS
+            )
+        )
+        return func.statement_timestamp() + literal(timedelta(seconds=seconds), Interval())
 
     async def record_crm_sync(
         self,
@@ -363,3 +461,12 @@ def _page(days: int, limit: int) -> dict[str, Any]:
         "since": utcnow() - timedelta(days=window),
         "limit": validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT),
     }
+
+
+def _abandoned_error() -> ColumnElement[str]:
+    """``processing_error`` of a meeting given up on, naming its attempts (immutable SQL)."""
+    return (
+        literal("abandoned after ", Text)
+        + cast(MeetingSession.processing_attempts, Text)
+        + literal(" attempts: the lease of its last claim expired", Text)
+    )
