@@ -11,7 +11,10 @@ preamble.
 
 Invariant: a connection never returns to the pool inside a transaction. A
 pool ``reset`` listener rolls back whatever a cancelled or failed caller left
-open, and a connection whose state is unknown is invalidated, not reused.
+open, and a connection whose state is unknown (lost, or silent past the
+client timeout) is discarded: its socket is aborted at once, because a
+graceful close would wait on a server that may never answer, and the pool
+opens a fresh one next time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ import asyncpg
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
-from slack_fathom_db.errors import DatabaseUnavailable, translate
+from slack_fathom_db.errors import (
+    DatabaseUnavailable,
+    SlackFathomDBError,
+    StatementTimeout,
+    translate,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -50,6 +58,43 @@ async def connect(engine: AsyncEngine, *, action: str) -> AsyncIterator[AsyncCon
         await conn.close()
 
 
+def connection_lost(error: SlackFathomDBError, driver: asyncpg.Connection | None) -> bool:
+    """Whether a failed statement left its connection unusable (or in an unknown state).
+
+    A statement the server cancelled (:class:`StatementTimeout`) leaves the
+    connection usable; a lost link or a server silent past the client
+    timeout does not.
+    """
+    if driver is not None and driver.is_closed():
+        return True
+    return isinstance(error, DatabaseUnavailable) and not isinstance(error, StatementTimeout)
+
+
+async def discard(
+    conn: AsyncConnection, cause: BaseException, *, driver: asyncpg.Connection | None = None
+) -> None:
+    """Drop ``conn`` from the pool: abort its socket now, then invalidate it.
+
+    No I/O waits on the server: after a client timeout the server (or a
+    proxy) may never answer a graceful close.
+    """
+    if conn.invalidated:
+        return
+    if driver is None:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+    if driver is not None:
+        driver.terminate()
+    await conn.invalidate(cause)
+
+
+async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection | None = raw.driver_connection
+    assert driver is not None  # noqa: S101 - a pooled connection always has its driver
+    return driver
+
+
 async def send(
     conn: AsyncConnection, sql: str, *, action: str, driver: asyncpg.Connection | None = None
 ) -> str:
@@ -57,19 +102,17 @@ async def send(
 
     Returns the command tag of the last statement (``COMMIT``, or ``ROLLBACK``
     when PostgreSQL answers a ``COMMIT`` of an aborted transaction). A
-    connection-level failure invalidates the connection so the pool opens a
+    connection-level failure discards the connection so the pool opens a
     fresh one next time; every failure is translated.
     """
     if driver is None:  # the caller may pass the one it holds: this costs a greenlet switch
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-    assert driver is not None  # noqa: S101 - a pooled connection always has its driver
+        driver = await _driver(conn)
     try:
         return await driver.execute(sql)
     except DRIVER_ERRORS as exc:
         error = translate(exc, action=action)
-        if isinstance(error, DatabaseUnavailable) or driver.is_closed():
-            await conn.invalidate(exc)
+        if connection_lost(error, driver):
+            await discard(conn, exc, driver=driver)
         raise error from exc
 
 
@@ -87,9 +130,12 @@ async def execute_outside_tenant(
     try:
         result = await conn.execute(statement)
     except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
-        if pgbouncer and not conn.invalidated:
+        error = translate(exc, action=action)
+        if connection_lost(error, None):
+            await discard(conn, exc)
+        elif pgbouncer and not conn.invalidated:
             await send(conn, "ROLLBACK", action=action)
-        raise translate(exc, action=action) from exc
+        raise error from exc
     if pgbouncer:
         await send(conn, "COMMIT", action=action)
     return result
@@ -99,21 +145,20 @@ async def fetchrow_outside_tenant(
     conn: AsyncConnection, sql: str, *args: Any, pgbouncer: bool, action: str
 ) -> Any:
     """Like :func:`execute_outside_tenant`, for SQL run on the driver: the first row or None."""
-    raw = await conn.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    driver = await _driver(conn)
     if pgbouncer:
-        await send(conn, "BEGIN", action=action)
+        await send(conn, "BEGIN", action=action, driver=driver)
     try:
         row = await driver.fetchrow(sql, *args)
     except DRIVER_ERRORS as exc:
         error = translate(exc, action=action)
-        if isinstance(error, DatabaseUnavailable) or driver.is_closed():
-            await conn.invalidate(exc)
+        if connection_lost(error, driver):
+            await discard(conn, exc, driver=driver)
         elif pgbouncer:
-            await send(conn, "ROLLBACK", action=action)
+            await send(conn, "ROLLBACK", action=action, driver=driver)
         raise error from exc
     if pgbouncer:
-        await send(conn, "COMMIT", action=action)
+        await send(conn, "COMMIT", action=action, driver=driver)
     return row
 
 

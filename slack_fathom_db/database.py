@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
@@ -41,6 +42,8 @@ from slack_fathom_db.uow import UnitOfWork
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    import asyncpg
 
     from slack_fathom_db.models import AuditLog
 from slack_fathom_db.models.base import utcnow
@@ -74,6 +77,8 @@ class Database:
         self.settings = settings if settings is not None else DatabaseSettings()
         self._engine: AsyncEngine | None = None
         self._directory: TenantDirectory | None = None
+        # Every driver connection the pool opened, so dispose() can abort what will not close.
+        self._drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"Database(url={self.settings.masked_url!r})"
@@ -177,6 +182,7 @@ class Database:
             ip_address=ip_address,
             user_agent=user_agent,
             metadata=metadata,
+            max_json_bytes=self.settings.max_json_bytes,
         )  # validated before a connection is taken
         async with self.unit_of_work(tenant_id) as uow:
             logged = await uow.audit._insert_event(event)
@@ -223,16 +229,27 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection; the next use builds a fresh pool.
 
-        Bounded by ``DATABASE_POOL_TIMEOUT``: a connection whose graceful close
-        gets no answer (seen through PgBouncer) is dropped instead of waited for.
+        Each connection is closed gracefully (the server is told, and logs no
+        error), which waits for the server to answer. A server, proxy or
+        network that does not answer within ``DATABASE_CONNECT_TIMEOUT`` would
+        otherwise hang shutdown: then the connections still open are aborted
+        (their sockets closed at once), never left to the garbage collector.
         """
         engine, self._engine, self._directory = self._engine, None, None
+        drivers, self._drivers = self._drivers, weakref.WeakSet()
         if engine is None:
             return
         try:
-            await asyncio.wait_for(engine.dispose(), timeout=self.settings.pool_timeout)
+            await asyncio.wait_for(engine.dispose(), timeout=self.settings.connect_timeout)
         except TimeoutError:
-            _log.warning("dispose: a connection did not close in time; it was dropped")
+            open_ = [driver for driver in drivers if not driver.is_closed()]
+            _log.warning(
+                "dispose: the server did not answer a graceful close within "
+                "DATABASE_CONNECT_TIMEOUT; %d connection(s) aborted",
+                len(open_),
+            )
+            for driver in open_:
+                driver.terminate()
             await engine.dispose(close=False)
 
     async def __aenter__(self) -> Self:
@@ -250,7 +267,10 @@ class Database:
         settings = self.settings
         connect_args: dict[str, Any] = {
             "server_settings": {"application_name": APPLICATION_NAME},
-            "timeout": settings.pool_timeout,
+            # Client-side bounds: a proxy or network that stops answering fails the
+            # caller with DatabaseUnavailable instead of hanging it.
+            "timeout": settings.connect_timeout,
+            "command_timeout": settings.client_timeout,
         }
         if settings.pgbouncer:
             # Transaction pooling: a prepared statement may not outlive its transaction.
@@ -269,6 +289,12 @@ class Database:
             connect_args=connect_args,
         )
         install_pool_guards(engine)
+        drivers = self._drivers
+
+        def remember(dbapi_connection: Any, _record: object) -> None:
+            drivers.add(dbapi_connection.driver_connection)
+
+        event.listen(engine.sync_engine, "connect", remember)
         return engine
 
 

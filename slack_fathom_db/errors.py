@@ -194,6 +194,12 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return StatementTimeout(
             f"{action}: the statement was cancelled (statement timeout) [{code}]"
         )
+    if isinstance(exc, TimeoutError):
+        return DatabaseUnavailable(
+            f"{action}: the database did not answer in time (client-side bound: "
+            "DATABASE_CONNECT_TIMEOUT to connect, the statement timeout plus a margin "
+            "for a statement)"
+        )
     if _is_connection_error(exc):
         return DatabaseUnavailable(f"{action}: the database is unreachable ({type(exc).__name__})")
     return SlackFathomDBError(f"{action}: unexpected database error [{code or type(exc).__name__}]")

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import instance_state
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import connect, send
+from slack_fathom_db.connections import connect, connection_lost, discard, send
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
     SerializationConflict,
@@ -138,10 +138,11 @@ class UnitOfWork:
                 raw = await conn.get_raw_connection()
                 self._driver = raw.driver_connection
                 await self._begin(check_tenant=True)
-            except DatabaseUnavailable:
+            except DatabaseUnavailable as exc:
                 # A pooled connection that died since its last use fails here, before
-                # anything was done: one attempt on a fresh connection is safe.
-                stale = conn.invalidated
+                # anything was done: one attempt on a fresh connection is safe. A server
+                # that did not answer in time is not retried: it would only double the wait.
+                stale = conn.invalidated and not isinstance(exc.__cause__, TimeoutError)
                 await self._release()
                 if attempt == 2 or not stale:
                     raise
@@ -236,10 +237,10 @@ class UnitOfWork:
         self._returned.extend(instances)
 
     async def statement_failed(self, error: SlackFathomDBError, cause: BaseException) -> None:
-        """A driver-level statement failed: the transaction is aborted; a dead link is dropped."""
+        """A statement failed: the transaction is aborted; a lost or silent link is dropped."""
         self.transaction_failed(error)
-        if isinstance(error, DatabaseUnavailable) and self._conn is not None:
-            await self._conn.invalidate(cause)
+        if self._conn is not None and connection_lost(error, self._driver):
+            await discard(self._conn, cause, driver=self._driver)
 
     async def _ensure_transaction(self) -> None:
         self._check_usable()
@@ -286,6 +287,7 @@ class UnitOfWork:
             self.tenant_id,
             role=self._settings.app_role,
             statement_timeout_ms=self._settings.statement_timeout_ms,
+            idle_timeout_ms=self._settings.idle_in_transaction_timeout_ms,
             check_tenant=check_tenant,
         )
         try:
