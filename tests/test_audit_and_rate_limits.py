@@ -512,10 +512,10 @@ async def test_peek_does_not_spend(
         first = await uow.rate_limits.peek("searches", limit=3)
         again = await uow.rate_limits.peek("searches", limit=3)
         await uow.commit()
-    assert first.allowed
-    assert first.current == 1
-    assert first.remaining == 2
-    assert again.current == 1
+    # A fresh window: nothing spent, all of it remains, and the peek spent nothing.
+    assert (first.allowed, first.current, first.remaining) == (True, 0, 3)
+    assert first.retry_after == 0.0
+    assert (again.allowed, again.current, again.remaining) == (True, 0, 3)
     assert await _counter(admin, tenant_a, "searches") is None
 
     await db.rate_limit(tenant_a, "searches", limit=3, cost=2)
@@ -523,11 +523,33 @@ async def test_peek_does_not_spend(
         fits = await uow.rate_limits.peek("searches", limit=3)
         too_much = await uow.rate_limits.peek("searches", limit=3, cost=2)
         await uow.commit()
-    assert fits.allowed
-    assert fits.current == 3
-    assert not too_much.allowed
+    assert (fits.allowed, fits.current, fits.remaining) == (True, 2, 1)
+    assert (too_much.allowed, too_much.current, too_much.remaining) == (False, 2, 1)
     assert too_much.retry_after > 0
     assert await _counter(admin, tenant_a, "searches") == 2
+
+
+async def test_peek_counts_this_unit_of_works_charges_and_forgets_rolled_back_ones(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    await _away_from_window_edge()
+    await db.rate_limit(tenant_a, "exports", limit=5)
+    async with db.unit_of_work(tenant_a) as uow:
+        assert (await uow.rate_limits.consume("exports", limit=5, cost=2)).current == 3
+        inside = await uow.rate_limits.peek("exports", limit=5, cost=2)
+        last = await uow.rate_limits.peek("exports", limit=5, cost=3)
+        await uow.rollback()
+        after_rollback = await uow.rate_limits.peek("exports", limit=5)
+    # Committed 1 plus this unit of work's 2; 2 more fit, 3 more would not.
+    assert (inside.allowed, inside.current, inside.remaining) == (True, 3, 2)
+    assert (last.allowed, last.current, last.remaining) == (False, 3, 2)
+    # The rolled-back charge is not counted: the window stands at what was committed.
+    assert (after_rollback.allowed, after_rollback.current, after_rollback.remaining) == (
+        True,
+        1,
+        4,
+    )
+    assert await _counter(admin, tenant_a, "exports") == 1
 
 
 async def test_consume_in_uow_counts_only_after_commit(
@@ -544,7 +566,7 @@ async def test_consume_in_uow_counts_only_after_commit(
     assert (one.allowed, one.current, one.remaining) == (True, 1, 1)
     assert (two.allowed, two.current, two.remaining) == (True, 2, 0)
     assert (three.allowed, three.remaining) == (False, 0)
-    assert not peeked.allowed
+    assert (peeked.allowed, peeked.current, peeked.remaining) == (False, 2, 0)
     assert await _counter(admin, tenant_a, "summaries") == 2
     assert not (await db.rate_limit(tenant_a, "summaries", limit=2)).allowed
 

@@ -12,6 +12,8 @@ this unit of work has already asked for, and defer the charge itself to
 row lock is held for the commit alone, so ``db.rate_limit`` never waits
 behind a unit of work. If the limit was reached meanwhile, ``commit()``
 raises :class:`~slack_fathom_db.errors.RateLimitExceeded` and rolls back.
+:meth:`RateLimitRepo.peek` reads the same window and spends nothing: its
+``current`` is what is spent so far, never including the cost asked about.
 
 ``db.rate_limit`` runs the same upsert inside ``sfdb_consume_rate_limit()``
 (migration 0002): one autocommitted statement, whose lock lasts that long.
@@ -137,19 +139,40 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
     async def consume(
         self, resource_type: str, *, limit: int, period: str = "daily", cost: int = 1
     ) -> RateLimitDecision:
-        """Spend ``cost`` of ``limit`` in the current ``period`` window, charged at commit."""
+        """Spend ``cost`` of ``limit`` in the current ``period`` window, charged at commit.
+
+        ``current`` is what the window holds once this call counts (committed,
+        plus what this unit of work asked for, plus ``cost`` when allowed).
+        """
         charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
-        decision = await self._peek_window(charge, already=self._deferred.spent(charge.key))
-        if decision.allowed:
+        spent, now, end = await self._window_spent(charge)
+        allowed = spent + charge.cost <= charge.limit
+        if allowed:
             self._deferred.charges.append(charge)
-        return decision
+            spent += charge.cost
+        return window_decision(charge, spent=spent, allowed=allowed, now=now, end=end)
 
     async def peek(
         self, resource_type: str, *, limit: int, period: str = "daily", cost: int = 1
     ) -> RateLimitDecision:
-        """What :meth:`consume` would decide, without spending anything."""
+        """The window as it stands; nothing is spent.
+
+        ``current`` is what is spent so far (committed, plus what this unit of
+        work has already asked for through :meth:`consume`), ``remaining`` is
+        ``limit - current``, and ``allowed`` says whether ``cost`` more would
+        fit now. Unlike :meth:`consume`, ``current`` never includes ``cost``.
+        """
         charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
-        return await self._peek_window(charge, already=self._deferred.spent(charge.key))
+        spent, now, end = await self._window_spent(charge)
+        allowed = spent + charge.cost <= charge.limit
+        return RateLimitDecision(
+            allowed=allowed,
+            current=spent,
+            limit=charge.limit,
+            remaining=max(0, charge.limit - spent),
+            resets_at=end,
+            retry_after=0.0 if allowed else max(0.0, (end - now).total_seconds()),
+        )
 
     async def take(
         self, bucket: str, *, capacity: int, refill_per_second: float, tokens: int = 1
@@ -232,7 +255,11 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
             self._window_count().scalar_subquery().label("prior"),
         )
 
-    async def _peek_window(self, charge: _Window, *, already: int) -> RateLimitDecision:
+    async def _window_spent(
+        self, charge: _Window, *, committed_only: bool = False
+    ) -> tuple[int, datetime, datetime]:
+        """What the current window holds (committed, plus this unit of work's deferred
+        charges unless ``committed_only``), the time it was read, and the window's end."""
         now = utcnow()
         start, end = window(charge.period, now)
         rows = await self._fetch(
@@ -243,16 +270,15 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
             period=charge.period,
             window_start=start,
         )
-        spent = (rows[0][0] if rows else 0) + already
-        allowed = spent + charge.cost <= charge.limit
-        current = spent + charge.cost if allowed else spent
-        return window_decision(charge, spent=current, allowed=allowed, now=now, end=end)
+        committed = rows[0][0] if rows else 0
+        return committed + (0 if committed_only else self._deferred.spent(charge.key)), now, end
 
     async def _consume_window(self, charge: _Window) -> RateLimitDecision:
         now = utcnow()
         start, end = window(charge.period, now)
         if charge.cost > charge.limit:
-            return await self._peek_window(charge, already=0)
+            spent, now, end = await self._window_spent(charge, committed_only=True)
+            return window_decision(charge, spent=spent, allowed=False, now=now, end=end)
         (row,) = await self._fetch(
             "consume",
             self._consume_statement,
