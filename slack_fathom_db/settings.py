@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from slack_fathom_db.validation import DEFAULT_MAX_JSON_BYTES
+
 __all__ = ["DatabaseSettings", "normalize_url"]
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -91,7 +93,7 @@ class DatabaseSettings(BaseSettings):
         description="idle_in_transaction_session_timeout of every tenant transaction (0: none).",
     )
     max_json_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
-        default=64 * 1024,
+        default=DEFAULT_MAX_JSON_BYTES,
         description="Largest JSON value (compact UTF-8 bytes) a repository accepts.",
     )
     claim_lease_seconds: Annotated[float, Field(gt=0, le=7 * 86_400)] = Field(

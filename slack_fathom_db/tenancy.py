@@ -10,7 +10,7 @@ Invariants:
   statement per call, as the connecting (owner) role.
 * :func:`transaction_preamble` renders the statements that open every tenant
   transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
-  app.tenant_id = '<uuid>'`` and the statement timeout, sent as one
+  app.tenant_id = '<uuid>'``, the statement and idle-in-transaction timeouts, sent as one
   simple-protocol message. ``SET LOCAL`` (rather than ``set_config()``) is
   what Citus propagates to its workers; the literal comes from a validated
   :class:`uuid.UUID` and the role name from a validated identifier, so no
@@ -52,7 +52,12 @@ def tenant_id_from_trusted(value: uuid.UUID) -> TenantId:
 
 
 def transaction_preamble(
-    tenant_id: uuid.UUID, *, role: str, statement_timeout_ms: int, check_tenant: bool
+    tenant_id: uuid.UUID,
+    *,
+    role: str,
+    statement_timeout_ms: int,
+    idle_timeout_ms: int,
+    check_tenant: bool,
 ) -> str:
     """The one message that opens a tenant transaction (see the module docstring)."""
     if not isinstance(tenant_id, uuid.UUID):  # a str would be injected verbatim
@@ -62,6 +67,9 @@ def transaction_preamble(
         f'SET LOCAL ROLE "{role}"',
         f"SET LOCAL app.tenant_id = '{tenant_id}'",
         f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}",
+        # A caller that awaits something slow inside a unit of work loses its
+        # connection (and its locks) after this, instead of holding them for ever.
+        f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_timeout_ms)}",
     ]
     if check_tenant:
         statements.append("SELECT sfdb_require_tenant()")

@@ -8,6 +8,7 @@ rule. Messages never repeat the offending value: it may be a secret.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 import uuid
@@ -23,6 +24,9 @@ MAX_TEXT: Final = 10_000
 MAX_NAME: Final = 255
 MAX_LONG_TEXT: Final = 200_000
 MAX_JSON_DEPTH: Final = 32
+DEFAULT_MAX_JSON_BYTES: Final = 64 * 1024
+MAX_LIST_LIMIT: Final = 1000
+"""The largest ``limit`` a listing accepts: no read of the public API is unbounded."""
 _FLOAT_EXPONENT_FROM: Final = 1e16
 
 _SLACK_TEAM_ID: Final = re.compile(r"[TE][A-Z0-9]{2,30}")
@@ -190,6 +194,11 @@ def integer(value: object, *, field: str, minimum: int = 0, maximum: int = 2**31
     return value
 
 
+def list_limit(value: object) -> int:
+    """The ``limit`` of a listing: an integer from 1 to :data:`MAX_LIST_LIMIT`."""
+    return integer(value, field="limit", minimum=1, maximum=MAX_LIST_LIMIT)
+
+
 def positive_number(value: object, *, field: str, maximum: float = 1e12) -> float:
     """A finite number greater than zero."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -224,13 +233,51 @@ def ip_address(value: object, *, field: str = "ip_address") -> str | None:
         raise _fail(field, "must be an IPv4 or IPv6 address") from None
 
 
-def json_value(value: object, *, field: str, _depth: int = 0) -> Any:
-    """A JSON-compatible value PostgreSQL's ``jsonb`` accepts (no NUL, finite numbers)."""
-    if _depth > MAX_JSON_DEPTH:
+class _Budget:
+    """Bytes a JSON value may still take; spent while it is walked, so a huge value is
+    refused after a bounded amount of work rather than after all of it."""
+
+    __slots__ = ("field", "left", "limit")
+
+    def __init__(self, field: str, limit: int) -> None:
+        self.field = field
+        self.limit = limit
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise _too_large(self.field, self.limit)
+
+
+def _too_large(field: str, limit: int) -> ValidationError:
+    return _fail(field, f"must be at most {limit} bytes as JSON")
+
+
+def json_value(value: object, *, field: str, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> Any:
+    """A JSON-compatible value PostgreSQL's ``jsonb`` accepts (no NUL, finite numbers).
+
+    At most ``max_bytes`` bytes as compact UTF-8 JSON and :data:`MAX_JSON_DEPTH`
+    levels deep. The walk stops as soon as either limit is certainly exceeded.
+    """
+    return _exact_size_checked(_json(value, field, _Budget(field, max_bytes), 0), field, max_bytes)
+
+
+def _exact_size_checked(result: Any, field: str, max_bytes: int) -> Any:
+    # The walk counted a lower bound of the size: escapes and UTF-8 may add more.
+    size = len(json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    if size > max_bytes:
+        raise _too_large(field, max_bytes)
+    return result
+
+
+def _json(value: object, field: str, budget: _Budget, depth: int) -> Any:
+    if depth > MAX_JSON_DEPTH:
         raise _fail(field, f"must be nested at most {MAX_JSON_DEPTH} levels")
     if value is None or isinstance(value, bool | int):
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**63:
             raise _fail(field, "holds an integer too large for JSON")
+        budget.spend(1)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -239,40 +286,61 @@ def json_value(value: object, *, field: str, _depth: int = 0) -> Any:
             # Python writes such floats as 1e+16; jsonb keeps the number and gives back
             # 10000000000000000, an int: refuse rather than change the value's type.
             raise _fail(field, "floats of 1e16 or more do not round-trip; pass an int")
+        budget.spend(1)
         return value
     if isinstance(value, str):
+        budget.spend(len(value) + 2)
         return text(value, field=field, max_length=MAX_LONG_TEXT, allow_empty=True)
     if isinstance(value, Mapping):
+        budget.spend(2)
         result: dict[str, Any] = {}
-        for key, item in value.items():
+        for n, (key, item) in enumerate(value.items()):
             if not isinstance(key, str):
                 raise _fail(field, "must have string keys")
+            budget.spend(len(key) + (4 if n else 3))  # quotes, colon, and a comma after the first
             text(key, field=field, max_length=MAX_NAME, allow_empty=True)
-            result[key] = json_value(item, field=field, _depth=_depth + 1)
+            result[key] = _json(item, field, budget, depth + 1)
         return result
     if isinstance(value, list | tuple):
-        return [json_value(item, field=field, _depth=_depth + 1) for item in value]
+        return _json_array(value, field, budget, depth)
     raise _fail(field, f"must be JSON-compatible, not {type(value).__name__}")
 
 
-def json_object(value: object, *, field: str) -> dict[str, Any]:
-    """A JSON object (a mapping with string keys)."""
+def _json_array(items: Iterable[object], field: str, budget: _Budget, depth: int) -> list[Any]:
+    budget.spend(2)
+    result = []
+    for n, item in enumerate(items):
+        budget.spend(1 if n else 0)  # the comma after the first
+        result.append(_json(item, field, budget, depth + 1))
+    return result
+
+
+def json_object(
+    value: object, *, field: str, max_bytes: int = DEFAULT_MAX_JSON_BYTES
+) -> dict[str, Any]:
+    """A JSON object (a mapping with string keys), bounded like :func:`json_value`."""
     if not isinstance(value, Mapping):
         raise _fail(field, "must be a mapping")
-    result: dict[str, Any] = json_value(value, field=field)
+    result: dict[str, Any] = json_value(value, field=field, max_bytes=max_bytes)
     return result
 
 
-def json_list(value: object, *, field: str) -> list[Any]:
-    """A JSON array, given as a list or tuple."""
+def json_list(value: object, *, field: str, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> list[Any]:
+    """A JSON array, given as a list or tuple, bounded like :func:`json_value`."""
     if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
         raise _fail(field, "must be a list")
-    result: list[Any] = json_value(value, field=field)
+    result: list[Any] = json_value(value, field=field, max_bytes=max_bytes)
     return result
 
 
-def json_items(value: object, *, field: str) -> list[Any]:
-    """A JSON array, given as any iterable but a string, bytes or a mapping (never split one)."""
+def json_items(value: object, *, field: str, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> list[Any]:
+    """A JSON array, given as any iterable but a string, bytes or a mapping (never split one).
+
+    A generator is consumed only as far as the size limit allows.
+    """
     if isinstance(value, str | bytes | bytearray | Mapping) or not isinstance(value, Iterable):
         raise _fail(field, "must be a list")
-    return json_list(list(value), field=field)
+    items: list[Any] = _exact_size_checked(
+        _json_array(value, field, _Budget(field, max_bytes), 0), field, max_bytes
+    )
+    return items

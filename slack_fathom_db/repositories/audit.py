@@ -22,7 +22,6 @@ from slack_fathom_db.repositories.base import TenantRepository
 
 __all__ = ["AuditRepo", "audit_values"]
 
-_MAX_LIMIT: Final = 1000
 _COLUMNS: Final = {  # attribute -> column, of what audit_values() returns
     "event_type": "event_type",
     "event_category": "event_category",
@@ -49,6 +48,7 @@ def audit_values(
     ip_address: str | None = None,
     user_agent: str | None = None,
     metadata: dict[str, Any] | None = None,
+    max_json_bytes: int = validation.DEFAULT_MAX_JSON_BYTES,
 ) -> dict[str, Any]:
     """The validated column values of one audit event."""
     return {
@@ -73,7 +73,7 @@ def audit_values(
         "user_agent": validation.optional_text(user_agent, field="user_agent", max_length=1000),
         "event_metadata": {}
         if metadata is None
-        else validation.json_object(metadata, field="metadata"),
+        else validation.json_object(metadata, field="metadata", max_bytes=max_json_bytes),
     }
 
 
@@ -108,6 +108,7 @@ class AuditRepo(TenantRepository[AuditLog]):
             ip_address=ip_address,
             user_agent=user_agent,
             metadata=metadata,
+            max_json_bytes=self._max_json_bytes,
         )
         return await self._insert_event(values)
 
@@ -136,7 +137,7 @@ class AuditRepo(TenantRepository[AuditLog]):
         return await self._since(window, limit, AuditLog.status != "success")
 
     async def _since(self, window: timedelta, limit: int, *conditions: Any) -> list[AuditLog]:
-        count = validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT)
+        count = validation.list_limit(limit)
         statement = (
             self._select()
             .where(AuditLog.created_at >= utcnow() - window, *conditions)

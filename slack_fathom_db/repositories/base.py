@@ -134,6 +134,10 @@ class TenantRepository(Generic[ModelT]):
         """The tenant this repository is scoped to."""
         return self._uow.tenant_id
 
+    @property
+    def _max_json_bytes(self) -> int:
+        return self._uow.settings.max_json_bytes
+
     def _select(self, model: type[Base] | None = None) -> Select[Any]:
         target: Any = model or self.model
         return select(target).where(target.tenant_id == self._tenant())
@@ -163,7 +167,7 @@ class TenantRepository(Generic[ModelT]):
             return await session.execute(statement, execution_options=EXECUTION_OPTIONS)
         except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
             error = translate(exc, action=action)
-            self._uow.transaction_failed(error)
+            await self._uow.statement_failed(error, exc)
             raise error from exc
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:

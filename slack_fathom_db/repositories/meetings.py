@@ -76,7 +76,6 @@ _CREATE_COLUMNS: Final = (
     "duration_seconds",
     "participants",
 )
-_MAX_LIMIT: Final = 1000
 _MAX_LEASE_SECONDS: Final = 7 * 86_400
 
 
@@ -124,7 +123,9 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             "duration_seconds": None
             if duration_seconds is None
             else validation.integer(duration_seconds, field="duration_seconds"),
-            "participants": validation.json_items(participants, field="participants"),
+            "participants": validation.json_items(
+                participants, field="participants", max_bytes=self._max_json_bytes
+            ),
         }
         for _ in range(2):  # a racing delivery rolled back in between: try once more
             created = await self._fetch_models(
@@ -216,10 +217,14 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             "completed",
             expected_version,
             summary=validation.text(summary, field="summary", max_length=validation.MAX_LONG_TEXT),
-            action_items=validation.json_items(action_items, field="action_items"),
+            action_items=validation.json_items(
+                action_items, field="action_items", max_bytes=self._max_json_bytes
+            ),
             ai_output=None
             if ai_output is None
-            else validation.json_object(ai_output, field="ai_output"),
+            else validation.json_object(
+                ai_output, field="ai_output", max_bytes=self._max_json_bytes
+            ),
             processed_at=utcnow(),
             processing_error=None,
             processing_lease_expires_at=None,
@@ -256,7 +261,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
 
         ``FOR UPDATE SKIP LOCKED``: concurrent workers never claim the same meeting.
         """
-        count = validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT)
+        count = validation.list_limit(limit)
         lease_end = self._lease_end(lease_seconds)
         max_attempts = self._settings.max_processing_attempts
         lease_expired = and_(
@@ -459,7 +464,7 @@ def _page(days: int, limit: int) -> dict[str, Any]:
     window = validation.integer(days, field="days", minimum=1, maximum=_MAX_DAYS)
     return {
         "since": utcnow() - timedelta(days=window),
-        "limit": validation.integer(limit, field="limit", minimum=1, maximum=_MAX_LIMIT),
+        "limit": validation.list_limit(limit),
     }
 
 

@@ -81,7 +81,9 @@ class TenantRepo(TenantRepository[User]):
                 subscription_status, field="subscription_status", allowed=SUBSCRIPTION_STATUSES
             )
         if not isinstance(settings, _Unset):
-            values["settings"] = validation.json_object(settings, field="settings")
+            values["settings"] = validation.json_object(
+                settings, field="settings", max_bytes=self._max_json_bytes
+            )
         if not isinstance(trial_ends_at, _Unset):
             values["trial_ends_at"] = validation.aware_datetime(
                 trial_ends_at, field="trial_ends_at"
@@ -154,9 +156,12 @@ class TenantRepo(TenantRepository[User]):
     def _user_by_slack_id(self) -> Any:
         return self._live().where(User.slack_user_id == bindparam("slack_user_id", type_=Text))
 
-    async def list_users(self) -> list[User]:
-        """Every live user, oldest first."""
-        return await self._all(self._live().order_by(User.created_at, User.id), action="list users")
+    async def list_users(self, *, limit: int = 50) -> list[User]:
+        """Live users, oldest first, at most ``limit`` (1000 at most)."""
+        count = validation.list_limit(limit)
+        return await self._all(
+            self._live().order_by(User.created_at, User.id).limit(count), action="list users"
+        )
 
     async def remove_user(self, user_id: uuid.UUID) -> None:
         """Soft-delete a user; meetings that reference the user stay."""
@@ -231,12 +236,13 @@ class TenantRepo(TenantRepository[User]):
             raise NotFound("set default CRM connection: no live connection with that id")
         return connection
 
-    async def list_crm_connections(self) -> list[CrmConnection]:
-        """Every live CRM connection, the default first."""
+    async def list_crm_connections(self, *, limit: int = 50) -> list[CrmConnection]:
+        """Live CRM connections, the default first, at most ``limit`` (1000 at most)."""
+        count = validation.list_limit(limit)
         return await self._all(
-            self._live(CrmConnection).order_by(
-                CrmConnection.is_default.desc(), CrmConnection.created_at, CrmConnection.id
-            ),
+            self._live(CrmConnection)
+            .order_by(CrmConnection.is_default.desc(), CrmConnection.created_at, CrmConnection.id)
+            .limit(count),
             action="list CRM connections",
         )
 
