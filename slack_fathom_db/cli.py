@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from slack_fathom_db import __version__, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
+from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
@@ -105,7 +106,28 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
     audit.add_argument("--days", type=_positive, default=7, help="look back N days (default 7)")
     audit.add_argument("--limit", type=_positive, default=50, help="at most N events (default 50)")
+    purge = commands.add_parser(
+        "purge-rate-limits",
+        help="delete rate-limit windows that ended more than N days ago (as the schema owner)",
+    )
+    purge.add_argument(
+        "--older-than-days",
+        type=_non_negative,
+        default=DEFAULT_PURGE_AFTER_DAYS,
+        metavar="N",
+        help=f"windows that ended more than N days ago (default {DEFAULT_PURGE_AFTER_DAYS})",
+    )
     return parser
+
+
+def _non_negative(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
 
 
 def _positive(raw: str) -> int:
@@ -265,6 +287,13 @@ async def _info(settings: DatabaseSettings) -> None:
     for name in info.__dataclass_fields__:
         table.add_row(name, str(getattr(info, name)))
     out.print(table)
+
+
+async def _purge_rate_limits(settings: DatabaseSettings, older_than_days: int) -> None:
+    deleted = await purge_rate_limit_windows(settings, older_than_days=older_than_days)
+    out.print(
+        f"deleted {deleted} rate-limit window(s) that ended more than {older_than_days} days ago"
+    )
 
 
 async def _tenant_of(db: Database, slack_team_id: str) -> TenantId:
@@ -522,6 +551,8 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_info(settings))
         elif args.command == "demo":
             asyncio.run(_demo(settings, args.meetings))
+        elif args.command == "purge-rate-limits":
+            asyncio.run(_purge_rate_limits(settings, args.older_than_days))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
         elif args.command == "audit":

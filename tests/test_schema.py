@@ -90,6 +90,13 @@ WHERE con.connamespace = 'public'::regnamespace
 """
 
 
+OWNER_POLICIES = {
+    ("api_rate_limits", "select_ended_windows", b"r"),
+    ("api_rate_limits", "delete_ended_windows", b"d"),
+}
+ENDED_WINDOWS = "period <> 'bucket' AND sfdb_window_end(period, window_start) <= now()"
+
+
 def _normalise(expression: str) -> str:
     """An SQL expression without casts to text, parentheses and blanks, for comparison."""
     return re.sub(r"[()\s]", "", expression.replace("::text", ""))
@@ -546,9 +553,20 @@ async def test_row_level_security_is_enabled_forced_and_nullif_safe(
     )
     assert policies, f"{table} has no policy"
     expected = _normalise(f"tenant_id = {CURRENT_TENANT}")
+    owner = await admin.fetchval(
+        "SELECT relowner FROM pg_class WHERE oid = $1::regclass", f"public.{table}"
+    )
     for policy in policies:
-        # Permissive policies are OR-ed: a single wider one would open the table.
         assert policy["using_expr"] is not None, policy["polname"]
+        if list(policy["polroles"]) == [owner]:
+            # The owner's purge of ended rate-limit windows (read and delete, no more).
+            assert (table, policy["polname"], policy["polcmd"]) in OWNER_POLICIES
+            assert _normalise(policy["using_expr"]) == _normalise(ENDED_WINDOWS)
+            assert policy["check_expr"] is None
+            continue
+        # Every other policy applies to every role, the app role included. Permissive
+        # policies are OR-ed: a single wider one would open the table.
+        assert list(policy["polroles"]) == [0], policy["polname"]  # PUBLIC
         assert _normalise(policy["using_expr"]) == expected, policy["using_expr"]
         if policy["check_expr"] is not None:
             assert _normalise(policy["check_expr"]) == expected, policy["check_expr"]

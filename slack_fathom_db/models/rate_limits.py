@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import CheckConstraint, ForeignKey, Text, func, text
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Text, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from slack_fathom_db.models.base import Base, one_of
@@ -27,6 +27,12 @@ class ApiRateLimit(Base):
     __table_args__ = (
         CheckConstraint(one_of("period", RATE_LIMIT_PERIODS), name="period"),
         CheckConstraint("request_count >= 0", name="request_count_non_negative"),
+        # Finds windows that ended long ago, for the purge (fixed windows only).
+        Index(
+            "ix_api_rate_limits_window_start_windows",
+            "window_start",
+            postgresql_where=text("period <> 'bucket'"),
+        ),
     )
 
     tenant_id: Mapped[uuid.UUID] = mapped_column(
