@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from slack_fathom_db import __version__, schema
+from slack_fathom_db import __version__, citus, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
@@ -57,7 +57,7 @@ DEMO_TEAM_ID = "TDEMO00001"
 EMBEDDED_DATABASE = "slack_fathom_db"
 
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class CommandError(Exception):
@@ -106,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
     audit.add_argument("--days", type=_positive, default=7, help="look back N days (default 7)")
     audit.add_argument("--limit", type=_positive, default=50, help="at most N events (default 50)")
+    commands.add_parser(
+        "distribute",
+        help="distribute the migrated database over its Citus cluster (idempotent)",
+    )
     purge = commands.add_parser(
         "purge-rate-limits",
         help="delete rate-limit windows that ended more than N days ago (as the schema owner)",
@@ -287,6 +291,13 @@ async def _info(settings: DatabaseSettings) -> None:
     for name in info.__dataclass_fields__:
         table.add_row(name, str(getattr(info, name)))
     out.print(table)
+
+
+async def _distribute(settings: DatabaseSettings) -> None:
+    done = await citus.distribute(settings)
+    for step in done:
+        out.print(step)
+    out.print(f"{settings.masked_url} is distributed" + ("" if done else " (nothing to do)"))
 
 
 async def _purge_rate_limits(settings: DatabaseSettings, older_than_days: int) -> None:
@@ -551,6 +562,8 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_info(settings))
         elif args.command == "demo":
             asyncio.run(_demo(settings, args.meetings))
+        elif args.command == "distribute":
+            asyncio.run(_distribute(settings))
         elif args.command == "purge-rate-limits":
             asyncio.run(_purge_rate_limits(settings, args.older_than_days))
         elif args.command == "stats":

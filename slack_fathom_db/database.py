@@ -52,7 +52,9 @@ __all__ = ["Database", "DatabaseInfo"]
 
 APPLICATION_NAME = "slack_fathom_db"
 _log = logging.getLogger(__name__)
-_CONSUME_SQL = "SELECT granted, prior FROM sfdb_consume_rate_limit($1, $2, $3, $4, $5, $6, $7)"
+# ``SELECT f(...)`` (not ``SELECT … FROM f(...)``): the form Citus runs whole on the
+# node of the tenant once the function is distributed (sfdb distribute).
+_CONSUME_SQL = "SELECT sfdb_consume_rate_limit($1, $2, $3, $4, $5, $6, $7)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +145,7 @@ class Database:
                     pgbouncer=self.settings.pgbouncer,
                     action="rate limit",
                 )
-            granted, prior = row["granted"], row["prior"]
+            granted, prior = row[0]
             if granted is not None:
                 return window_decision(charge, spent=granted, allowed=True, now=now, end=end)
             return window_decision(charge, spent=prior or 0, allowed=False, now=now, end=end)

@@ -16,6 +16,7 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 
 __all__ = [
+    "ConfigurationError",
     "Conflict",
     "DatabaseUnavailable",
     "InvalidStateTransition",
@@ -76,6 +77,11 @@ class UsageError(SlackFathomDBError, RuntimeError):
 
 class TransactionAborted(UsageError):
     """A statement of the transaction failed, so PostgreSQL aborted it; roll back and retry."""
+
+
+class ConfigurationError(SlackFathomDBError):
+    """The database or cluster is not set up as the layer needs (e.g. a Citus node
+    refuses the app role's login); retrying does not help, changing the set-up does."""
 
 
 class DatabaseUnavailable(SlackFathomDBError):
@@ -193,6 +199,12 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
     if code == _QUERY_CANCELED:
         return StatementTimeout(
             f"{action}: the statement was cancelled (statement timeout) [{code}]"
+        )
+    if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
+        return ConfigurationError(
+            f"{action}: a Citus worker refused a login of the role the coordinator connects "
+            "as (after SET LOCAL ROLE, the app role): it must be able to log in on every "
+            "node (sfdb distribute grants LOGIN; pg_hba.conf must admit it)"
         )
     if isinstance(exc, TimeoutError):
         return DatabaseUnavailable(

@@ -10,18 +10,18 @@ Invariants:
   statement per call, as the connecting (owner) role.
 * :func:`transaction_preamble` renders the statements that open every tenant
   transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
-  app.tenant_id = '<uuid>'``, the statement and idle-in-transaction timeouts, sent as one
-  simple-protocol message. ``SET LOCAL`` (rather than ``set_config()``) is
-  what Citus propagates to its workers; the literal comes from a validated
-  :class:`uuid.UUID` and the role name from a validated identifier, so no
-  input reaches the text unchecked.
+  app.tenant_id = '<uuid>'``, the statement and idle-in-transaction timeouts,
+  sent as one simple-protocol message (three on Citus, see there). ``SET
+  LOCAL`` (rather than ``set_config()``) is what Citus propagates to its
+  workers; the literal comes from a validated :class:`uuid.UUID` and the role
+  name from a validated identifier, so no input reaches the text unchecked.
 """
 
 from __future__ import annotations
 
 import functools
 import uuid
-from typing import TYPE_CHECKING, NewType
+from typing import TYPE_CHECKING, Final, NewType
 
 from sqlalchemy import Text, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -40,7 +40,13 @@ from slack_fathom_db.repositories.base import compile_statement
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-__all__ = ["TenantDirectory", "TenantId", "tenant_id_from_trusted", "transaction_preamble"]
+__all__ = [
+    "TenantDirectory",
+    "TenantId",
+    "has_citus",
+    "tenant_id_from_trusted",
+    "transaction_preamble",
+]
 
 TenantId = NewType("TenantId", uuid.UUID)
 """The id of a live tenant, as resolved or installed by the directory."""
@@ -58,22 +64,49 @@ def transaction_preamble(
     statement_timeout_ms: int,
     idle_timeout_ms: int,
     check_tenant: bool,
-) -> str:
-    """The one message that opens a tenant transaction (see the module docstring)."""
+    citus: bool = False,
+) -> tuple[str, ...]:
+    """The messages that open a tenant transaction (see the module docstring).
+
+    On a single server, one message. On Citus, whose coordinator replays the
+    whole text of a message holding ``SET LOCAL`` at the start of every remote
+    transaction, ``BEGIN`` and the tenant check go in messages of their own.
+    """
     if not isinstance(tenant_id, uuid.UUID):  # a str would be injected verbatim
         raise TypeError("tenant_id must be a uuid.UUID")
-    statements = [
-        "BEGIN",
-        f'SET LOCAL ROLE "{role}"',
-        f"SET LOCAL app.tenant_id = '{tenant_id}'",
-        f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}",
-        # A caller that awaits something slow inside a unit of work loses its
-        # connection (and its locks) after this, instead of holding them for ever.
-        f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_timeout_ms)}",
-    ]
-    if check_tenant:
-        statements.append("SELECT sfdb_require_tenant()")
-    return "; ".join(statements)
+    settings = "; ".join(
+        [
+            f'SET LOCAL ROLE "{role}"',
+            f"SET LOCAL app.tenant_id = '{tenant_id}'",
+            f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}",
+            # A caller that awaits something slow inside a unit of work loses its
+            # connection (and its locks) after this, instead of holding them for ever.
+            f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_timeout_ms)}",
+        ]
+    )
+    check = ("SELECT sfdb_require_tenant()",) if check_tenant else ()
+    if citus:
+        return ("BEGIN", settings, *check)
+    return ("; ".join(["BEGIN", settings, *check]),)
+
+
+async def has_citus(conn: AsyncConnection, *, pgbouncer: bool) -> bool:
+    """Whether the database behind ``conn`` has the Citus extension; asked once per connection.
+
+    The answer is kept in the pooled connection's ``info``, so a connection
+    answers it once in its life, not once per unit of work.
+    """
+    known = conn.info.get(_CITUS_KEY)
+    if known is None:
+        row = await fetchrow_outside_tenant(
+            conn, _HAS_CITUS, pgbouncer=pgbouncer, action="inspect the database"
+        )
+        known = conn.info[_CITUS_KEY] = bool(row[0])
+    return bool(known)
+
+
+_CITUS_KEY: Final = "sfdb_citus"
+_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
 class TenantDirectory:

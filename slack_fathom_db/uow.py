@@ -41,7 +41,7 @@ from slack_fathom_db.repositories.meetings import MeetingRepo
 from slack_fathom_db.repositories.rate_limits import RateLimitRepo
 from slack_fathom_db.repositories.tenants import TenantRepo
 from slack_fathom_db.retries import retry_conflicts
-from slack_fathom_db.tenancy import TenantId, resolve_on, transaction_preamble
+from slack_fathom_db.tenancy import TenantId, has_citus, resolve_on, transaction_preamble
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -93,6 +93,7 @@ class UnitOfWork:
         self._session: AsyncSession | None = None
         self._driver: asyncpg.Connection | None = None
         self._returned: list[object] = []  # objects built from records, to keep read-only
+        self._citus = False
         self._in_transaction = False
         self._aborted_by: str | None = None
 
@@ -137,6 +138,7 @@ class UnitOfWork:
                         raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
                 raw = await conn.get_raw_connection()
                 self._driver = raw.driver_connection
+                self._citus = await has_citus(conn, pgbouncer=self._settings.pgbouncer)
                 await self._begin(check_tenant=True)
             except DatabaseUnavailable as exc:
                 # A pooled connection that died since its last use fails here, before
@@ -289,9 +291,11 @@ class UnitOfWork:
             statement_timeout_ms=self._settings.statement_timeout_ms,
             idle_timeout_ms=self._settings.idle_in_transaction_timeout_ms,
             check_tenant=check_tenant,
+            citus=self._citus,
         )
         try:
-            await send(self._connection(), preamble, action="unit_of_work", driver=self._driver)
+            for message in preamble:
+                await send(self._connection(), message, action="unit_of_work", driver=self._driver)
         except BaseException:
             await self._rollback_transaction()
             raise

@@ -32,7 +32,7 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _dsn(url: URL) -> str:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import ClauseElement, Executable
     from sqlalchemy.sql.compiler import SQLCompiler
 
+    from slack_fathom_db.settings import DatabaseSettings
     from slack_fathom_db.tenancy import TenantId
     from slack_fathom_db.uow import UnitOfWork
 
@@ -135,8 +136,13 @@ class TenantRepository(Generic[ModelT]):
         return self._uow.tenant_id
 
     @property
+    def _settings(self) -> DatabaseSettings:
+        """The settings of the unit of work's ``Database`` (limits, leases)."""
+        return self._uow.settings
+
+    @property
     def _max_json_bytes(self) -> int:
-        return self._uow.settings.max_json_bytes
+        return self._settings.max_json_bytes
 
     def _select(self, model: type[Base] | None = None) -> Select[Any]:
         target: Any = model or self.model

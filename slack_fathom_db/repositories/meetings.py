@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy import ColumnElement
 
-    from slack_fathom_db.settings import DatabaseSettings
-    from slack_fathom_db.uow import UnitOfWork
 
 __all__ = ["MeetingRepo"]
 
@@ -83,11 +81,6 @@ class MeetingRepo(TenantRepository[MeetingSession]):
     """``uow.meetings``."""
 
     model = MeetingSession
-
-    def __init__(self, uow: UnitOfWork) -> None:
-        super().__init__(uow)
-        # Only the settings (lease, attempts): statements still run through the base executors.
-        self._settings: DatabaseSettings = uow.settings
 
     async def create(
         self,

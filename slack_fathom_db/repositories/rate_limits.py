@@ -239,12 +239,15 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
             period=bindparam("period", type_=Text),
             window_start=bindparam("window_start", type_=DateTime(timezone=True)),
             request_count=bindparam("cost", type_=Integer),
+            updated_at=func.now(),
         )
         total = ApiRateLimit.request_count + insert.excluded.request_count
+        # DO UPDATE uses only the row and EXCLUDED: Citus refuses functions that are not
+        # IMMUTABLE there, and evaluates those of VALUES once, before routing.
         charged = (
             insert.on_conflict_do_update(
                 index_elements=list(_KEY),
-                set_={"request_count": total, "updated_at": func.now()},
+                set_={"request_count": total, "updated_at": insert.excluded.updated_at},
                 where=total <= bindparam("limit", type_=Integer),
             )
             .returning(ApiRateLimit.request_count)
@@ -295,9 +298,14 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
 
     # -- token buckets ---------------------------------------------------------------
 
-    def _available(self) -> Any:
+    def _available(self, now: Any = None) -> Any:
+        """Tokens in the bucket at ``now`` (the statement's time unless given)."""
         elapsed = cast(
-            extract("epoch", func.statement_timestamp() - ApiRateLimit.updated_at), Float
+            extract(
+                "epoch",
+                (now if now is not None else func.statement_timestamp()) - ApiRateLimit.updated_at,
+            ),
+            Float,
         )
         return func.least(
             bindparam("capacity", type_=Float),
@@ -317,13 +325,15 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
             tokens=bindparam("first_left", type_=Float),
             updated_at=func.statement_timestamp(),
         )
-        available = self._available()
+        # The time comes from VALUES (EXCLUDED), as for windows: see _consume_statement.
+        now = insert.excluded.updated_at
+        available = self._available(now)
         taken = (
             insert.on_conflict_do_update(
                 index_elements=list(_KEY),
                 set_={
                     "tokens": available - bindparam("tokens", type_=Float),
-                    "updated_at": func.statement_timestamp(),
+                    "updated_at": now,
                 },
                 where=available >= bindparam("tokens", type_=Float),
             )

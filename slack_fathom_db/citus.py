@@ -1,0 +1,160 @@
+"""Distributing a migrated database with Citus: ``await distribute(settings)``, ``sfdb distribute``.
+
+``tenants`` becomes a reference table (a copy on every node); the six
+tenant-owned tables are distributed by ``tenant_id`` and colocated, so every
+statement of a unit of work is routed to the one node that holds the tenant.
+``sfdb_consume_rate_limit()`` is distributed by its tenant argument, so
+``db.rate_limit`` runs, whole, on that node (one statement, as on a single
+server). Besides the tables, Citus needs:
+
+* the app role to be able to log in: after ``SET LOCAL ROLE`` the coordinator
+  opens its connections to the workers as that role (how it authenticates
+  between nodes is the cluster's ``pg_hba.conf``, or ``pg_dist_authinfo``);
+* ``citus.propagate_set_commands = 'local'`` for the database, so the tenant
+  and role set by ``SET LOCAL`` reach the workers (row-level security runs there).
+
+Idempotent: what is already done is skipped. Run it as the schema owner (or a
+superuser) on the coordinator, after ``sfdb migrate``; later migrations run on
+the coordinator as usual, and Citus applies their DDL to every shard.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import asyncpg
+
+from slack_fathom_db.errors import ConfigurationError, translate
+
+if TYPE_CHECKING:
+    from slack_fathom_db.settings import DatabaseSettings
+
+__all__ = ["DISTRIBUTED_TABLES", "distribute", "is_distributed"]
+
+REFERENCE_TABLE: Final = "tenants"
+DISTRIBUTED_TABLES: Final = (  # in foreign-key order: a table after those it references
+    "users",
+    "crm_connections",
+    "account_mappings",
+    "meeting_sessions",
+    "audit_logs",
+    "api_rate_limits",
+)
+RATE_LIMIT_FUNCTION: Final = (
+    "sfdb_consume_rate_limit(uuid, text, text, timestamptz, integer, integer, integer)"
+)
+_ACTION: Final = "distribute"
+
+
+async def distribute(settings: DatabaseSettings) -> list[str]:
+    """Distribute the database of ``settings`` over its Citus cluster; return what was done.
+
+    Raises :class:`ConfigurationError` (and changes nothing) when Citus is not
+    installed in the database, no worker node is registered, or the database
+    is not migrated.
+    """
+    url = settings.sqlalchemy_url().set(drivername="postgresql")
+    try:
+        conn = await asyncpg.connect(
+            url.render_as_string(hide_password=False),
+            timeout=settings.connect_timeout,
+            statement_cache_size=0,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise translate(exc, action=_ACTION) from exc
+    try:
+        await _check_ready(conn)
+        return await _distribute(conn, app_role=settings.app_role, database=url.database or "")
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise translate(exc, action=_ACTION) from exc
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+
+
+async def is_distributed(conn: asyncpg.Connection) -> bool:
+    """Whether the database of ``conn`` has Citus and its tables are distributed."""
+    if not await _has_citus(conn):
+        return False
+    distributed: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = 'users'::regclass)"
+    )
+    return distributed
+
+
+async def _has_citus(conn: asyncpg.Connection) -> bool:
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+    )
+    return found
+
+
+async def _check_ready(conn: asyncpg.Connection) -> None:
+    if not await _has_citus(conn):
+        raise ConfigurationError(
+            f"{_ACTION}: Citus is not installed in this database (CREATE EXTENSION citus "
+            "on the coordinator and every worker, in this database)"
+        )
+    workers = await conn.fetchval(
+        "SELECT count(*) FROM pg_dist_node WHERE noderole = 'primary' AND isactive AND groupid <> 0"
+    )
+    if workers == 0:
+        raise ConfigurationError(
+            f"{_ACTION}: no worker node is registered (on the coordinator: SELECT "
+            "citus_set_coordinator_host(...); SELECT citus_add_node(<worker host>, <port>))"
+        )
+    if await conn.fetchval("SELECT to_regclass('public.tenants') IS NULL"):
+        raise ConfigurationError(f"{_ACTION}: the database is not migrated (run sfdb migrate)")
+
+
+async def _distribute(conn: asyncpg.Connection, *, app_role: str, database: str) -> list[str]:
+    done: list[str] = []
+    placed = {
+        row["name"]: row["method"]
+        for row in await conn.fetch(
+            "SELECT logicalrelid::regclass::text AS name, partmethod::text AS method "
+            "FROM pg_dist_partition"
+        )
+    }
+    # tenants is referenced by every other table: as a reference table it would turn
+    # them into Citus-local tables first, which cannot then be distributed.
+    await conn.execute("SET citus.enable_local_reference_table_foreign_keys TO off")
+    # The audit log's append-only triggers only raise: safe to run on every shard.
+    await conn.execute("SET citus.enable_unsafe_triggers TO on")
+    if placed.get(REFERENCE_TABLE) != "n":
+        await conn.execute("SELECT create_reference_table($1)", REFERENCE_TABLE)
+        done.append(f"{REFERENCE_TABLE}: reference table")
+    for table in DISTRIBUTED_TABLES:
+        if placed.get(table) == "h":
+            continue
+        colocate = "default" if table == DISTRIBUTED_TABLES[0] else DISTRIBUTED_TABLES[0]
+        await conn.execute(
+            "SELECT create_distributed_table($1, 'tenant_id', colocate_with => $2)", table, colocate
+        )
+        done.append(f"{table}: distributed by tenant_id")
+    delegated = await conn.fetchval(
+        "SELECT distribution_argument_index IS NOT NULL FROM pg_dist_object "
+        "WHERE classid = 'pg_proc'::regclass AND objid = $1::regprocedure",
+        RATE_LIMIT_FUNCTION,
+    )
+    if not delegated:
+        # Called as ``SELECT sfdb_consume_rate_limit(...)`` the whole function runs on the
+        # node of its tenant, also inside a transaction block (PgBouncer wraps it in one).
+        await conn.execute(
+            "SELECT create_distributed_function($1, '$1', colocate_with => 'api_rate_limits', "
+            "force_delegation => true)",
+            RATE_LIMIT_FUNCTION,
+        )
+        done.append("sfdb_consume_rate_limit: runs on the node of its tenant")
+    if not await conn.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", app_role):
+        await conn.execute(f'ALTER ROLE "{app_role}" LOGIN')
+        done.append(f"{app_role}: may log in (the coordinator connects to workers as it)")
+    setting = await conn.fetchval(
+        "SELECT setconfig FROM pg_db_role_setting JOIN pg_database d ON d.oid = setdatabase "
+        "WHERE d.datname = current_database() AND setrole = 0"
+    )
+    if "citus.propagate_set_commands=local" not in (setting or []):
+        await conn.execute(
+            f"ALTER DATABASE \"{database}\" SET citus.propagate_set_commands = 'local'"
+        )
+        done.append("citus.propagate_set_commands = local (for new connections)")
+    return done
