@@ -3,8 +3,8 @@
 The engine's connections run in driver-level autocommit, so a statement
 outside a transaction (a directory lookup) costs one round trip, and a
 tenant transaction is opened by one simple-protocol message that holds
-``BEGIN`` and the ``SET LOCAL`` statements together (see
-:func:`slack_fathom_db.tenancy.transaction_preamble`). Statements inside it go
+``BEGIN`` and the ``SET LOCAL`` statements together (three messages on
+Citus; see :func:`slack_fathom_db.tenancy.transaction_preamble`). Statements inside it go
 through SQLAlchemy, or, on hot paths, straight to the asyncpg connection as SQL
 compiled once; ``COMMIT`` and ``ROLLBACK`` are sent the same way as the
 preamble.

@@ -6,9 +6,10 @@ Invariants:
   unit of work; they may execute statements, they never commit.
 * Every transaction of a unit of work starts with the tenant preamble
   (``BEGIN; SET LOCAL ROLE <app role>; SET LOCAL app.tenant_id = '<uuid>'``,
-  one round trip), so row-level security scopes every statement, and the
-  settings vanish at ``COMMIT`` or ``ROLLBACK``. The first transaction also
-  checks that the tenant is live (:class:`TenantNotFound` otherwise).
+  one round trip; on Citus ``BEGIN``, the ``SET LOCAL`` s and the tenant check
+  are three), so row-level security scopes every statement, and the settings
+  vanish at ``COMMIT`` or ``ROLLBACK``. The first transaction also checks
+  that the tenant is live (:class:`TenantNotFound` otherwise).
 * Leaving the block without :meth:`UnitOfWork.commit` rolls back. After a
   commit, the next statement opens a new transaction, scoped again.
 * Rate-limit charges made inside are applied atomically at commit, so they
