@@ -153,8 +153,9 @@ async def _distribute(conn: asyncpg.Connection, *, app_role: str, database: str)
         "WHERE d.datname = current_database() AND setrole = 0"
     )
     if "citus.propagate_set_commands=local" not in (setting or []):
+        quoted = database.replace('"', '""')  # an identifier: double any quote inside
         await conn.execute(
-            f"ALTER DATABASE \"{database}\" SET citus.propagate_set_commands = 'local'"
+            f"ALTER DATABASE \"{quoted}\" SET citus.propagate_set_commands = 'local'"
         )
         done.append("citus.propagate_set_commands = local (for new connections)")
     return done

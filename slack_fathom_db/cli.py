@@ -194,13 +194,15 @@ def _settings() -> Iterator[DatabaseSettings]:
 
 async def _ensure_database(settings: DatabaseSettings) -> None:
     url = settings.sqlalchemy_url()
+    name = url.database or ""  # normalize_url refuses a URL without one
     maintenance = url.set(drivername="postgresql", database="postgres")
     conn = await asyncpg.connect(maintenance.render_as_string(hide_password=False))
     try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", url.database)
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
-            await conn.execute(f'CREATE DATABASE "{url.database}"')
-            out.print(f"created database {url.database}")
+            quoted = name.replace('"', '""')  # an identifier: double any quote inside
+            await conn.execute(f'CREATE DATABASE "{quoted}"')
+            out.print(f"created database {name}", markup=False)
     finally:
         await conn.close()
 

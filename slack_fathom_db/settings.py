@@ -9,7 +9,7 @@ show it masked (``postgresql+asyncpg://user:***@host/db``).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Final, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 
 from slack_fathom_db.validation import DEFAULT_MAX_JSON_BYTES
 
-__all__ = ["DatabaseSettings", "normalize_url"]
+__all__ = ["DatabaseSettings", "mask_url", "normalize_url"]
 
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MASKED = "**********"
@@ -48,7 +48,33 @@ def normalize_url(raw: str) -> URL:
         )
     if not url.database:
         raise ValueError("DATABASE_URL must name a database (…/database)")
-    return url.set(drivername="postgresql+asyncpg")
+    if url.host and "@" in url.host:
+        # Parsed as user:pass@<rest of the password>@host: the password would show.
+        raise ValueError(
+            "DATABASE_URL: the password holds an '@' that is not percent-encoded (write it as %40)"
+        )
+    query = dict(url.query)
+    password = query.pop("password", None)
+    if password is not None:
+        # Kept where every rendering masks it, not in the query string.
+        if url.password is not None:
+            raise ValueError("DATABASE_URL gives the password twice (in the URL and ?password=)")
+        url = url.set(password=password if isinstance(password, str) else password[-1])
+    return url.set(drivername="postgresql+asyncpg", query=query)
+
+
+_SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword", "passfile", "sslkey"})
+
+
+def mask_url(url: URL) -> str:
+    """``url`` as text with its password, and query parameters that hold secrets, masked."""
+    placeholder = "sfdbmasked"  # rendered as is, then shown as the password's *** is
+    masked = {
+        name: placeholder if name.lower() in _SECRET_PARAMETERS else value
+        for name, value in url.query.items()
+    }
+    rendered = url.set(query=masked).render_as_string(hide_password=True)
+    return rendered.replace(f"={placeholder}", "=***")
 
 
 class DatabaseSettings(BaseSettings):
@@ -113,21 +139,22 @@ class DatabaseSettings(BaseSettings):
         try:
             super().__init__(**values)
         except PydanticValidationError as exc:
-            # pydantic keeps each offending input in ValidationError.errors(); the URL
-            # input holds a password, so the error is rebuilt with every input masked.
-            raise PydanticValidationError.from_exception_data(
-                exc.title,
-                [
-                    InitErrorDetails(
-                        type=error["type"],
-                        loc=error["loc"],
-                        input=_MASKED,
-                        ctx=error.get("ctx", {}),
-                    )
-                    for error in exc.errors()
-                ],
-                hide_input=True,
-            ) from None
+            title, errors = exc.title, exc.errors()
+        else:
+            return
+        # pydantic keeps each offending input in ValidationError.errors(); the URL input
+        # holds a password, so the error is rebuilt with every input masked, and raised
+        # outside the except block so the original is not kept as its __context__.
+        raise PydanticValidationError.from_exception_data(
+            title,
+            [
+                InitErrorDetails(
+                    type=error["type"], loc=error["loc"], input=_MASKED, ctx=error.get("ctx", {})
+                )
+                for error in errors
+            ],
+            hide_input=True,
+        )
 
     @model_validator(mode="after")
     def _normalize_url(self) -> Self:
@@ -172,10 +199,10 @@ class DatabaseSettings(BaseSettings):
 
     @property
     def masked_url(self) -> str | None:
-        """The URL with its password replaced by ``***``; safe to print."""
+        """The URL with its password and other secrets replaced by ``***``; safe to print."""
         if self.url is None:
             return None
-        return make_url(self.url.get_secret_value()).render_as_string(hide_password=True)
+        return mask_url(make_url(self.url.get_secret_value()))
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():

@@ -74,6 +74,7 @@ def transaction_preamble(
     """
     if not isinstance(tenant_id, uuid.UUID):  # a str would be injected verbatim
         raise TypeError("tenant_id must be a uuid.UUID")
+    tenant_id = validation.canonical_uuid(tenant_id)  # a subclass's __str__ is never used
     settings = "; ".join(
         [
             f'SET LOCAL ROLE "{role}"',

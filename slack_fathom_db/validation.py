@@ -36,9 +36,13 @@ _RESOURCE_NAME: Final = re.compile(r"[a-z][a-z0-9_.:-]{0,62}")
 _EMAIL_LOCAL: Final = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}")
 # What a reference into a secrets manager looks like; anything else (a raw token) is refused.
 _SECRET_REFERENCES: Final = (
-    re.compile(r"arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}"),
-    re.compile(r"arn:aws[a-z-]*:ssm:[a-z0-9-]+:\d{12}:parameter/[A-Za-z0-9/_.-]{1,1011}"),
-    re.compile(r"projects/[a-z0-9-]{1,63}/secrets/[A-Za-z0-9_-]{1,255}(/versions/(latest|\d+))?"),
+    re.compile(
+        r"arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}"
+    ),
+    re.compile(r"arn:aws[a-z-]*:ssm:[a-z0-9-]+:[0-9]{12}:parameter/[A-Za-z0-9/_.-]{1,1011}"),
+    re.compile(
+        r"projects/[a-z0-9-]{1,63}/secrets/[A-Za-z0-9_-]{1,255}(/versions/(latest|[0-9]+))?"
+    ),
     re.compile(
         r"https://[a-z0-9-]{3,24}\.vault\.azure\.net/secrets/[A-Za-z0-9-]{1,127}(/[0-9a-f]{32})?"
     ),
@@ -162,15 +166,24 @@ def secret_reference(value: object, *, field: str = "credentials_secret_id") -> 
 
 
 def uuid_value(value: object, *, field: str) -> uuid.UUID:
-    """A UUID, given as :class:`uuid.UUID` or its string form."""
+    """A UUID, given as :class:`uuid.UUID` or its string form; always a plain ``uuid.UUID``."""
     if isinstance(value, uuid.UUID):
-        return value
+        # A subclass may render itself as anything: keep its 128 bits, not its methods.
+        return value if type(value) is uuid.UUID else canonical_uuid(value)
     if isinstance(value, str):
         try:
             return uuid.UUID(value)
         except ValueError:
             pass
     raise _fail(field, "must be a UUID")
+
+
+def canonical_uuid(value: uuid.UUID) -> uuid.UUID:
+    """A plain :class:`uuid.UUID` of the same 128 bits, whatever subclass ``value`` is."""
+    try:
+        return uuid.UUID(int=int(value.int))
+    except (TypeError, ValueError):
+        raise _fail("uuid", "must be a UUID") from None
 
 
 def optional_uuid(value: object, *, field: str) -> uuid.UUID | None:
