@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-.PHONY: install test test-pgbouncer lint typecheck check demo bench clean
+.PHONY: install test test-pgbouncer test-citus lint typecheck check demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,19 @@ PGBOUNCER_TESTS := tests/test_isolation.py tests/test_audit_and_rate_limits.py \
 	tests/test_claim_leases.py tests/test_client_timeouts.py
 test-pgbouncer: install
 	SFDB_TEST_PGBOUNCER=1 $(BIN)/pytest -m "not not_through_pgbouncer" $(PGBOUNCER_TESTS)
+
+# The whole suite on a throwaway Citus cluster (a coordinator and one worker started from
+# the local PostgreSQL binaries), its database distributed by tenant. Citus is installed
+# first by CITUS_INSTALL unless the local PostgreSQL already has it. Tests marked
+# not_on_citus say why they cannot run there, and are deselected here.
+CITUS_INSTALL ?= ../shared/citus/install.sh
+CITUS_LIBRARY := $(wildcard $(shell pg_config --pkglibdir 2>/dev/null)/citus.so \
+	/usr/lib/postgresql/*/lib/citus.so)
+test-citus: install
+ifeq ($(CITUS_LIBRARY),)
+	$(CITUS_INSTALL)
+endif
+	SFDB_TEST_CITUS=1 $(BIN)/pytest -m "not not_on_citus"
 
 lint: install
 	$(BIN)/ruff check .

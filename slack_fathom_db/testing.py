@@ -20,6 +20,16 @@ loopback port with ``PGBOUNCER_POOL_SIZE`` server connections, and with
 ``pgbouncer=True``; migrations and ``sfdb_direct_settings`` (the superuser
 ``admin`` connection of the suite) still go straight to the server. Tests
 marked ``not_through_pgbouncer`` say why they cannot run that way.
+
+With ``SFDB_TEST_CITUS=1`` the run starts a throwaway Citus cluster from the
+local binaries instead of finding a server (:func:`citus_cluster`: a
+coordinator and one worker, PostgreSQL with Citus installed), and
+``sfdb_server`` is the coordinator. The suite's database
+(``sfdb_direct_settings``) is created on both nodes with the Citus extension,
+the nodes are registered in it, and it is migrated and distributed
+(:func:`citus_database`); it is dropped on both nodes at the end. Other
+databases that tests make (``throwaway_database``) are plain databases on the
+coordinator. Tests marked ``not_on_citus`` say why they cannot run on Citus.
 """
 
 from __future__ import annotations
@@ -42,27 +52,35 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import URL
 
-from slack_fathom_db import schema
+from slack_fathom_db import citus, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator, Iterator, Mapping
 
 __all__ = [
+    "CITUS_SETTINGS",
+    "CitusCluster",
     "LocalCluster",
     "NoPostgreSQL",
     "PgBouncer",
+    "citus_cluster",
+    "citus_database",
+    "citus_library",
+    "citus_requested",
     "find_server",
     "local_cluster",
     "local_cluster_control",
     "pgbouncer",
     "pgbouncer_binary",
+    "pgbouncer_requested",
     "throwaway_database",
 ]
 
 ENV_URL = "SFDB_TEST_DATABASE_URL"
 ENV_PGBOUNCER = "SFDB_TEST_PGBOUNCER"
+ENV_CITUS = "SFDB_TEST_CITUS"
 PGBOUNCER_POOL_SIZE = 20
 """Server connections per database of the PgBouncer pass: fewer than the suite's clients."""
 HOW_TO_GET_ONE = (
@@ -127,13 +145,31 @@ class LocalCluster:
         self.start()
 
 
+_SERVER_SETTINGS: Mapping[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+"""Settings of every throwaway cluster: loopback only, durability off (nothing here is kept)."""
+
+
 @contextlib.contextmanager
-def local_cluster_control() -> Iterator[LocalCluster]:
-    """Start a throwaway cluster from local binaries on a free loopback port; stop it after."""
-    dirs = _pg_bin_dirs()
-    if not dirs:
-        raise NoPostgreSQL("no initdb/pg_ctl found")
-    bin_dir = dirs[0]
+def local_cluster_control(
+    *, bin_dir: Path | None = None, settings: Mapping[str, str] | None = None
+) -> Iterator[LocalCluster]:
+    """Start a throwaway cluster from local binaries on a free loopback port; stop it after.
+
+    ``bin_dir`` picks the PostgreSQL (the newest found by default); ``settings``
+    add to or override the server settings (``-c name=value``; plain words only).
+    A server that does not start raises :class:`NoPostgreSQL` with the end of its log.
+    """
+    if bin_dir is None:
+        dirs = _pg_bin_dirs()
+        if not dirs:
+            raise NoPostgreSQL("no initdb/pg_ctl found")
+        bin_dir = dirs[0]
     root = Path(tempfile.mkdtemp(prefix="sfdb-pg-"))
     data, sockets = root / "data", root / "sock"
     sockets.mkdir()
@@ -144,9 +180,9 @@ def local_cluster_control() -> Iterator[LocalCluster]:
         os.chown(sockets, owner.pw_uid, owner.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
-    options = (
-        f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+    # pg_ctl hands the options to a shell: only plain words get through unchanged.
+    options = f"-p {port} -k {sockets} " + " ".join(
+        f"-c {name}={value}" for name, value in {**_SERVER_SETTINGS, **(settings or {})}.items()
     )
     cluster = LocalCluster(
         url=URL.create(
@@ -171,8 +207,10 @@ def local_cluster_control() -> Iterator[LocalCluster]:
         )
         cluster.start()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        detail = _tail(cluster.log) or _tail_of_output(exc)
+        cluster._pg_ctl("-m", "immediate", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
-        raise NoPostgreSQL(f"could not start a local cluster: {exc}") from exc
+        raise NoPostgreSQL(f"could not start a local cluster: {exc}; {detail}") from exc
     try:
         yield cluster
     finally:
@@ -180,11 +218,93 @@ def local_cluster_control() -> Iterator[LocalCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _tail(log: Path, size: int = 2000) -> str:
+    """The end of a server's log, or an empty string when it wrote none."""
+    try:
+        return log.read_text(errors="replace")[-size:].strip()
+    except OSError:
+        return ""
+
+
+def _tail_of_output(exc: BaseException, size: int = 2000) -> str:
+    """The end of what a failed command printed (initdb fails before any log exists)."""
+    output = getattr(exc, "stderr", None) or getattr(exc, "stdout", None) or b""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else str(output)
+    return text[-size:].strip()
+
+
 @contextlib.contextmanager
 def local_cluster() -> Iterator[URL]:
     """Start a throwaway cluster from local binaries on a free loopback port; stop it after."""
     with local_cluster_control() as cluster:
         yield cluster.url
+
+
+CITUS_SETTINGS: Mapping[str, str] = {
+    "shared_preload_libraries": "citus",
+    "wal_level": "logical",
+    # The coordinator commits a transaction that wrote on several nodes in two phases.
+    "max_prepared_transactions": "100",
+    # Every client of the coordinator may hold a connection to the worker as well.
+    "max_connections": "300",
+}
+"""Server settings of both nodes of :func:`citus_cluster`."""
+
+
+def citus_library(bin_dir: Path) -> Path | None:
+    """Citus' shared library for the PostgreSQL of ``bin_dir`` (``citus.so``), if installed."""
+    lib_dir = bin_dir.parent / "lib"
+    pg_config = bin_dir / "pg_config"
+    if pg_config.exists():
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            found = subprocess.run(  # noqa: S603 - fixed argv, no shell
+                [str(pg_config), "--pkglibdir"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+            lib_dir = Path(found) if found else lib_dir
+    library = lib_dir / "citus.so"
+    return library if library.exists() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class CitusCluster:
+    """A throwaway Citus cluster of :func:`citus_cluster`: a coordinator and one worker.
+
+    Both are :class:`LocalCluster` s on loopback ports that trust every local
+    connection, so the coordinator reaches the worker as any role.
+    """
+
+    coordinator: LocalCluster
+    worker: LocalCluster
+
+
+@contextlib.contextmanager
+def citus_cluster() -> Iterator[CitusCluster]:
+    """Start a Citus coordinator and one worker from local binaries; stop both after.
+
+    Each node is a cluster of :func:`local_cluster_control` with
+    :data:`CITUS_SETTINGS`. Nodes are registered per database (see
+    :func:`citus_database`). Raises :class:`NoPostgreSQL` when no local
+    PostgreSQL has Citus installed.
+    """
+    dirs = _pg_bin_dirs()
+    if not dirs:
+        raise NoPostgreSQL("no initdb/pg_ctl found")
+    with_citus = [d for d in dirs if citus_library(d) is not None]
+    if not with_citus:
+        versions = ", ".join(str(d.parent) for d in dirs)
+        raise NoPostgreSQL(
+            f"Citus is not installed for this PostgreSQL (citus.so missing; looked in {versions})"
+        )
+    bin_dir = with_citus[0]
+    with (
+        local_cluster_control(bin_dir=bin_dir, settings=CITUS_SETTINGS) as coordinator,
+        local_cluster_control(bin_dir=bin_dir, settings=CITUS_SETTINGS) as worker,
+    ):
+        yield CitusCluster(coordinator=coordinator, worker=worker)
 
 
 def pgbouncer_binary() -> Path | None:
@@ -378,6 +498,16 @@ async def _admin_execute(server: URL, sql: str) -> None:
         await conn.close()
 
 
+def _database_settings(server: URL, name: str, *, app_role: str) -> DatabaseSettings:
+    return DatabaseSettings(
+        url=server.set(database=name).render_as_string(hide_password=False),
+        app_role=app_role,
+        pool_size=10,
+        max_overflow=20,
+        _env_file=None,
+    )
+
+
 @contextlib.asynccontextmanager
 async def throwaway_database(
     server: URL, *, app_role: str = "sfdb_app", migrate: bool = True
@@ -385,13 +515,7 @@ async def throwaway_database(
     """A fresh database on ``server``, migrated to head unless told not to; dropped after."""
     name = f"sfdb_test_{uuid.uuid4().hex[:12]}"
     await _admin_execute(server, f'CREATE DATABASE "{name}"')
-    settings = DatabaseSettings(
-        url=server.set(database=name).render_as_string(hide_password=False),
-        app_role=app_role,
-        pool_size=10,
-        max_overflow=20,
-        _env_file=None,
-    )
+    settings = _database_settings(server, name, app_role=app_role)
     try:
         if migrate:
             await schema.upgrade(settings)
@@ -400,12 +524,70 @@ async def throwaway_database(
         await _admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.asynccontextmanager
+async def citus_database(
+    cluster: CitusCluster, *, app_role: str = "sfdb_app", revision: str = "head"
+) -> AsyncIterator[DatabaseSettings]:
+    """A fresh database on ``cluster``, migrated to ``revision`` and distributed; dropped after.
+
+    Citus propagates neither ``CREATE DATABASE`` nor ``DROP DATABASE``, and keeps
+    its node list per database: the database and the extension are made on
+    every node, then the nodes are registered in it on the coordinator. The
+    settings point at the coordinator; the database is dropped on both nodes.
+    """
+    name = f"sfdb_test_{uuid.uuid4().hex[:12]}"
+    coordinator, worker = cluster.coordinator.url, cluster.worker.url
+    created: list[URL] = []
+    try:
+        for node in (coordinator, worker):
+            await _admin_execute(node, f'CREATE DATABASE "{name}"')
+            created.append(node)
+            await _admin_execute(node.set(database=name), "CREATE EXTENSION citus")
+        await _admin_execute(
+            coordinator.set(database=name),
+            f"SELECT citus_set_coordinator_host('127.0.0.1', {int(coordinator.port or 0)}); "
+            f"SELECT citus_add_node('127.0.0.1', {int(worker.port or 0)})",
+        )
+        settings = _database_settings(coordinator, name, app_role=app_role)
+        await schema.upgrade(settings, revision)
+        await citus.distribute(settings)
+        yield settings
+    finally:
+        for node in created:
+            await _admin_execute(node, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 # -- the pytest plugin ----------------------------------------------------------------
 
 
+def citus_requested() -> bool:
+    """Whether this run is the Citus pass (``SFDB_TEST_CITUS=1``)."""
+    return _flag(ENV_CITUS)
+
+
 @pytest.fixture(scope="session")
-def sfdb_server() -> Iterator[URL]:
+def sfdb_citus() -> Iterator[CitusCluster | None]:
+    """The Citus cluster of the run when ``SFDB_TEST_CITUS=1``, else ``None``."""
+    if not citus_requested():
+        yield None
+        return
+    try:
+        manager = citus_cluster()
+        cluster = manager.__enter__()
+    except NoPostgreSQL as exc:
+        pytest.fail(f"{ENV_CITUS}=1: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def sfdb_server(sfdb_citus: CitusCluster | None) -> Iterator[URL]:
     """The URL of a PostgreSQL server for this run (see the module docstring)."""
+    if sfdb_citus is not None:
+        yield sfdb_citus.coordinator.url
+        return
     try:
         with find_server() as url:
             yield url
@@ -414,18 +596,27 @@ def sfdb_server() -> Iterator[URL]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the marker of tests that cannot run through PgBouncer."""
+    """Register the markers of tests that cannot run through PgBouncer or on Citus."""
     config.addinivalue_line(
         "markers",
         "not_through_pgbouncer(reason): cannot work through PgBouncer in transaction mode "
         f"with {PGBOUNCER_POOL_SIZE} server connections; the PgBouncer pass deselects it "
         "with -m 'not not_through_pgbouncer'",
     )
+    config.addinivalue_line(
+        "markers",
+        "not_on_citus(reason): cannot run on a Citus cluster (a coordinator and a worker); "
+        "the Citus pass deselects it with -m 'not not_on_citus'",
+    )
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def pgbouncer_requested() -> bool:
     """Whether this run goes through PgBouncer (``SFDB_TEST_PGBOUNCER=1``)."""
-    return os.environ.get(ENV_PGBOUNCER, "").strip().lower() in ("1", "true", "yes", "on")
+    return _flag(ENV_PGBOUNCER)
 
 
 @pytest.fixture(scope="session")
@@ -446,8 +637,17 @@ def sfdb_pgbouncer(sfdb_server: URL) -> Iterator[URL | None]:
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def sfdb_direct_settings(sfdb_server: URL) -> AsyncIterator[DatabaseSettings]:
-    """Settings of a fresh database migrated to head, straight to the server; dropped after."""
+async def sfdb_direct_settings(
+    sfdb_server: URL, sfdb_citus: CitusCluster | None
+) -> AsyncIterator[DatabaseSettings]:
+    """Settings of a fresh database migrated to head, straight to the server; dropped after.
+
+    In the Citus pass the database is made on every node and distributed.
+    """
+    if sfdb_citus is not None:
+        async with citus_database(sfdb_citus) as settings:
+            yield settings
+        return
     async with throwaway_database(sfdb_server) as settings:
         yield settings
 

@@ -1,10 +1,12 @@
-"""The server finder of the test plugin: its order and its loud failure."""
+"""The test plugin: the server finder (its order and its loud failure) and the Citus cluster."""
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
-from slack_fathom_db import testing
+from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, testing
+from tests.conftest import unique_user_id
 
 
 def test_an_explicit_url_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,3 +27,63 @@ def test_no_server_anywhere_fails_with_instructions(monkeypatch: pytest.MonkeyPa
     assert "local_cluster" in message
     assert "docker" in message.lower()
     assert "pgserver" in message
+
+
+def test_citus_cluster_without_citus_fails_with_instructions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(testing, "citus_library", lambda bin_dir: None)
+    with pytest.raises(testing.NoPostgreSQL) as caught, testing.citus_cluster():
+        pytest.fail("citus_cluster() yielded a cluster although Citus is not installed")
+    assert "Citus is not installed for this PostgreSQL (citus.so missing" in str(caught.value)
+
+
+async def test_the_suite_database_is_distributed_exactly_in_the_citus_pass(
+    admin: asyncpg.Connection,
+    db: Database,
+    sfdb_citus: testing.CitusCluster | None,
+    sfdb_direct_settings: DatabaseSettings,
+    tenant_a: TenantId,
+) -> None:
+    """On Citus: tenants a reference table, the rest colocated by tenant, rows on the worker."""
+    if sfdb_citus is None:  # the plain and PgBouncer passes run on one plain server
+        assert not await citus.is_distributed(admin)
+        return
+    placed = {
+        row["name"]: (row["method"], row["colocation"])
+        for row in await admin.fetch(
+            "SELECT logicalrelid::regclass::text AS name, partmethod::text AS method, "
+            "colocationid AS colocation FROM pg_dist_partition"
+        )
+    }
+    assert set(placed) == {"tenants", *citus.DISTRIBUTED_TABLES}
+    assert placed["tenants"][0] == "n"
+    assert {placed[table][0] for table in citus.DISTRIBUTED_TABLES} == {"h"}
+    assert len({placed[table][1] for table in citus.DISTRIBUTED_TABLES}) == 1  # colocated
+    nodes = await admin.fetch("SELECT nodeport, groupid FROM pg_dist_node ORDER BY groupid")
+    assert [(n["nodeport"], n["groupid"] == 0) for n in nodes] == [
+        (sfdb_citus.coordinator.url.port, True),
+        (sfdb_citus.worker.url.port, False),
+    ]
+    # A user of the tenant is stored in a shard of users on the worker, and only there.
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=unique_user_id())
+        await uow.commit()
+    placements = await admin.fetch(
+        "SELECT shard_name('users'::regclass, shardid) AS name, nodeport FROM citus_shards "
+        "WHERE table_name = 'users'::regclass "
+        "AND shardid = get_shard_id_for_distribution_column('users', $1::uuid)",
+        tenant_a,
+    )
+    assert [p["nodeport"] for p in placements] == [sfdb_citus.worker.url.port]
+    shard = placements[0]
+    database = sfdb_direct_settings.sqlalchemy_url().database
+    worker_url = sfdb_citus.worker.url.set(drivername="postgresql", database=database)
+    worker = await asyncpg.connect(worker_url.render_as_string(hide_password=False))
+    try:
+        stored = await worker.fetch(
+            f"SELECT id FROM {shard['name']} WHERE tenant_id = $1", tenant_a
+        )
+    finally:
+        await worker.close()
+    assert [row["id"] for row in stored] == [user.id]
