@@ -12,7 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from slack_fathom_db.models import Base
@@ -53,7 +53,14 @@ def run_migrations_offline() -> None:
 def do_run_migrations(connection: Connection) -> None:
     _configure(connection=connection)
     with context.begin_transaction():
+        if connection.execute(text(_HAS_CITUS)).scalar():
+            # One transaction for the whole upgrade: on Citus that needs its DDL sent over
+            # one connection per node, or a function created after a table changed fails.
+            connection.execute(text("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"))
         context.run_migrations()
+
+
+_HAS_CITUS = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
 async def run_async_migrations() -> None:

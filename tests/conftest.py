@@ -21,6 +21,29 @@ pytest_plugins = ["slack_fathom_db.testing"]
 TenantFactory = Callable[..., Awaitable[TenantId]]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker of tests that only mean something on a Citus cluster."""
+    config.addinivalue_line(
+        "markers", "citus_only: needs the Citus pass; deselected (not skipped) in the others"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Outside the Citus pass, deselect ``citus_only`` tests, as ``-m`` would."""
+    # Imported here: the plugin module must be loaded by pytest_plugins first.
+    from slack_fathom_db.testing import citus_requested  # noqa: PLC0415
+
+    if citus_requested():
+        return
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        (drop if item.get_closest_marker("citus_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def unique_team_id() -> str:
     """A Slack team id no other test uses."""
     return "T" + secrets.token_hex(6).upper()

@@ -3,7 +3,8 @@
 ``repositories/base.py`` holds the only statement builders: ``_select`` /
 ``_live`` (``WHERE tenant_id = :tenant``), ``_update`` (the same), ``_insert``
 (stamps the tenant), ``_tenant_row`` / ``_update_tenant_row`` (the tenant's own
-row in the global ``tenants`` table) and ``_select_columns``. This test reads
+row in the global ``tenants`` table), ``_select_columns`` and ``_update_oldest``
+(a work queue's UPDATE of the oldest matching rows). This test reads
 the other repository modules with :mod:`ast` and reports, by file and line,
 every way a statement could read or write a table without one of them:
 
@@ -54,6 +55,7 @@ HELPERS = frozenset(
         "_tenant_row",
         "_update_tenant_row",
         "_select_columns",
+        "_update_oldest",
     }
 )
 EXECUTORS = frozenset({"_execute", "_one_or_none", "_all"})
@@ -394,7 +396,7 @@ class _Checker:
         name = call.func.attr if isinstance(call.func, ast.Attribute) else ""
         if name in {"_tenant_row", "_update_tenant_row"}:
             return "Tenant"
-        if name == "_select_columns" or not call.args:
+        if name in {"_select_columns", "_update_oldest"} or not call.args:
             return self.class_model
         first = call.args[0]
         if isinstance(first, ast.Name) and first.id in self.models:

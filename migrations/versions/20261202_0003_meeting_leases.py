@@ -21,6 +21,7 @@ migration's transaction (which holds the table's exclusive lock throughout).
 
 import math
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Final
 
 import sqlalchemy as sa
@@ -63,13 +64,42 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'processing' AND deleted_at IS NULL"),
     )
     op.execute("ALTER TABLE meeting_sessions NO FORCE ROW LEVEL SECURITY")
-    op.execute(
-        sa.text(
-            "UPDATE meeting_sessions SET processing_lease_expires_at = "
-            "coalesce(processing_started_at, now()) + make_interval(secs => :lease) "
-            "WHERE status = 'processing'"
-        ).bindparams(sa.bindparam("lease", _lease_seconds(), type_=sa.Double()))
-    )
+    lease = sa.bindparam("lease", _lease_seconds(), type_=sa.Double())
+    if context.is_offline_mode():
+        op.execute(
+            sa.text(
+                "UPDATE meeting_sessions SET processing_lease_expires_at = "
+                "coalesce(processing_started_at, now()) + make_interval(secs => :lease) "
+                "WHERE status = 'processing'"
+            ).bindparams(lease)
+        )
+    else:
+        # Row by row, with values computed here: on a distributed table Citus refuses
+        # a STABLE function (timestamptz + interval) applied to a column in an UPDATE.
+        # Only meetings in flight are in processing, so these are few.
+        bind = op.get_bind()
+        now, seconds = bind.execute(sa.text("SELECT now(), :lease").bindparams(lease)).one()
+        in_flight = bind.execute(
+            sa.text(
+                "SELECT tenant_id, id, processing_started_at FROM meeting_sessions "
+                "WHERE status = 'processing'"
+            )
+        ).all()
+        if in_flight:
+            bind.execute(
+                sa.text(
+                    "UPDATE meeting_sessions SET processing_lease_expires_at = :ends "
+                    "WHERE tenant_id = :tenant AND id = :id"
+                ),
+                [
+                    {
+                        "tenant": row.tenant_id,
+                        "id": row.id,
+                        "ends": (row.processing_started_at or now) + timedelta(seconds=seconds),
+                    }
+                    for row in in_flight
+                ],
+            )
     op.execute("ALTER TABLE meeting_sessions FORCE ROW LEVEL SECURITY")
 
 

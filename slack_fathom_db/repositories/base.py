@@ -26,7 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, cast
 
-from sqlalchemy import BindParameter, Select, Update, bindparam, inspect, select, update
+from sqlalchemy import (
+    BindParameter,
+    Select,
+    Update,
+    bindparam,
+    inspect,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import UUID, Insert, insert
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import SQLAlchemyError
@@ -39,6 +48,7 @@ from slack_fathom_db.models.base import Base, utcnow
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from sqlalchemy import ColumnElement
     from sqlalchemy.engine import Result
     from sqlalchemy.orm import Mapper
     from sqlalchemy.sql import ClauseElement, Executable
@@ -160,6 +170,28 @@ class TenantRepository(Generic[ModelT]):
         if "tenant_id" in values:
             raise TypeError("the tenant is stamped by the repository, never passed in")
         return insert(model or self.model).values(tenant_id=self._tenant(), **values)
+
+    def _update_oldest(self, name: str, where: ColumnElement[bool], count: int) -> Update:
+        """An UPDATE of the ``count`` oldest live rows matching ``where``, skipping locked ones.
+
+        For work queues: concurrent callers never take the same row
+        (``FOR UPDATE SKIP LOCKED`` in a materialized CTE, which runs once
+        whatever the plan).
+        """
+        target: Any = self.model
+        chosen = (
+            self._live()
+            .with_only_columns(target.tenant_id, target.id)
+            .where(where)
+            .order_by(target.created_at)
+            .limit(count)
+            .with_for_update(skip_locked=True)
+            .cte(name)
+            .prefix_with("MATERIALIZED")
+        )
+        return self._update().where(
+            tuple_(target.tenant_id, target.id).in_(select(chosen.c.tenant_id, chosen.c.id))
+        )
 
     def _tenant_row(self) -> Select[Tenant]:
         return select(Tenant).where(Tenant.id == self._tenant(), Tenant.deleted_at.is_(None))

@@ -33,13 +33,10 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
-    case,
     cast,
     func,
     literal,
     or_,
-    select,
-    tuple_,
 )
 
 from slack_fathom_db import validation
@@ -246,68 +243,53 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         to processing, counts an attempt and is leased for ``lease_seconds``
         (default ``DATABASE_CLAIM_LEASE_SECONDS``) by the database's clock.
 
-        An expired meeting that has already used ``DATABASE_MAX_PROCESSING_ATTEMPTS``
-        attempts is not claimed: it moves to failed, with a ``processing_error``
-        that says it was abandoned, in the same statement. It still takes one
-        of the ``limit`` places, so fewer than ``limit`` meetings may come back
-        although more are waiting; only the claimed meetings are returned.
-
-        ``FOR UPDATE SKIP LOCKED``: concurrent workers never claim the same meeting.
+        First, up to ``limit`` expired meetings that have already used
+        ``DATABASE_MAX_PROCESSING_ATTEMPTS`` attempts are given up on: they move
+        to failed, with a ``processing_error`` that says so, and are not
+        returned. Then the claim. Two statements, each with ``FOR UPDATE SKIP
+        LOCKED``: concurrent workers never claim or give up the same meeting.
         """
         count = validation.list_limit(limit)
         lease_end = self._lease_end(lease_seconds)
         max_attempts = self._settings.max_processing_attempts
-        lease_expired = and_(
+        expired = and_(
             MeetingSession.status == "processing",
             MeetingSession.processing_lease_expires_at < func.now(),
         )
-        claimable = (
-            self._live()
-            .with_only_columns(MeetingSession.tenant_id, MeetingSession.id)
-            .where(or_(MeetingSession.status == "pending", lease_expired))
-            .order_by(MeetingSession.created_at)
-            .limit(count)
-            .with_for_update(skip_locked=True)
-            # Materialized: the locking subquery runs exactly once, whatever the plan.
-            .cte("claimable")
-            .prefix_with("MATERIALIZED")
+        # Plain values only in the SETs (no CASE): Citus refuses functions that are not
+        # IMMUTABLE inside CASE, or applied to a column, in an UPDATE of a distributed table.
+        abandon = self._update_oldest(
+            "exhausted", and_(expired, MeetingSession.processing_attempts >= max_attempts), count
+        ).values(
+            status="failed",
+            processing_error=_abandoned_error(),
+            processing_lease_expires_at=None,
+            processed_at=func.statement_timestamp(),
+            version=MeetingSession.version + 1,
         )
-        # The CASE reads the row as it was: only a reclaimed (expired) meeting is in
-        # processing here, and only one that used up its attempts is abandoned.
-        abandon = and_(
-            MeetingSession.status == "processing",
-            MeetingSession.processing_attempts >= max_attempts,
+        claim = self._update_oldest(
+            "claimable",
+            or_(
+                MeetingSession.status == "pending",
+                and_(expired, MeetingSession.processing_attempts < max_attempts),
+            ),
+            count,
+        ).values(
+            status="processing",
+            processing_attempts=MeetingSession.processing_attempts + 1,
+            processing_started_at=utcnow(),
+            processing_lease_expires_at=lease_end,
+            processing_error=None,
+            version=MeetingSession.version + 1,
         )
-        statement = (
-            self._update()
-            .where(
-                tuple_(MeetingSession.tenant_id, MeetingSession.id).in_(
-                    select(claimable.c.tenant_id, claimable.c.id)
-                )
-            )
-            .values(
-                status=case((abandon, "failed"), else_="processing"),
-                processing_attempts=case(
-                    (abandon, MeetingSession.processing_attempts),
-                    else_=MeetingSession.processing_attempts + 1,
-                ),
-                processing_started_at=case(
-                    (abandon, MeetingSession.processing_started_at), else_=utcnow()
-                ),
-                processing_lease_expires_at=case((abandon, None), else_=lease_end),
-                processing_error=case((abandon, _abandoned_error()), else_=None),
-                processed_at=case(
-                    (abandon, func.statement_timestamp()), else_=MeetingSession.processed_at
-                ),
-                version=MeetingSession.version + 1,
-            )
-            .returning(MeetingSession)
+        await self._retrying(
+            lambda: self._all(abandon.returning(MeetingSession.id), action="give up meetings"),
+            action="give up meetings",
         )
-        touched: list[MeetingSession] = await self._retrying(
-            lambda: self._all(statement, action="claim pending meetings"),
+        claimed: list[MeetingSession] = await self._retrying(
+            lambda: self._all(claim.returning(MeetingSession), action="claim pending meetings"),
             action="claim pending meetings",
         )
-        claimed = [meeting for meeting in touched if meeting.status == "processing"]
         return sorted(claimed, key=lambda meeting: meeting.created_at)
 
     def _lease_end(self, lease_seconds: float | None) -> ColumnElement[Any]:

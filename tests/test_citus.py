@@ -1,0 +1,164 @@
+"""On a real Citus cluster: ``distribute`` refuses what it cannot do, and later migrations work.
+
+These tests need the Citus pass (``make test-citus``); elsewhere they are deselected.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
+from slack_fathom_db.errors import ConfigurationError
+from slack_fathom_db.maintenance import purge_rate_limit_windows
+from slack_fathom_db.testing import CitusCluster, citus_database
+from tests.conftest import unique_team_id, unique_user_id
+
+pytestmark = pytest.mark.citus_only
+
+OLD_REVISION = "0002"
+"""A revision before leases, the purge policies and the Citus-ready rate-limit function."""
+
+
+def dsn(settings: DatabaseSettings) -> str:
+    return settings.sqlalchemy_url().set(drivername="postgresql").render_as_string(False)
+
+
+@pytest_asyncio.fixture
+async def old_distributed(sfdb_citus: CitusCluster | None) -> AsyncIterator[DatabaseSettings]:
+    """A database at an old revision, distributed, then migrated to head."""
+    assert sfdb_citus is not None
+    async with citus_database(sfdb_citus, revision=OLD_REVISION) as settings:
+        yield settings
+
+
+async def test_later_migrations_run_on_a_distributed_database(
+    old_distributed: DatabaseSettings, sfdb_citus: CitusCluster | None
+) -> None:
+    assert sfdb_citus is not None
+    settings = old_distributed
+    assert await schema.current(settings) == OLD_REVISION
+    # A meeting in flight before the upgrade: the new lease column is filled in for it.
+    admin = await asyncpg.connect(dsn(settings))
+    try:
+        tenant_id = await admin.fetchval(
+            "INSERT INTO tenants (slack_team_id, slack_team_name) VALUES ($1, 'Old') RETURNING id",
+            unique_team_id(),
+        )
+        user_id = await admin.fetchval(
+            "INSERT INTO users (tenant_id, slack_user_id) VALUES ($1, $2) RETURNING id",
+            tenant_id,
+            unique_user_id(),
+        )
+        started = await admin.fetchval(
+            "INSERT INTO meeting_sessions (tenant_id, user_id, fathom_recording_id, title, "
+            "status, processing_attempts, processing_started_at) "
+            "VALUES ($1, $2, 'rec-old', 'Call', 'processing', 1, now() - interval '2 hours') "
+            "RETURNING processing_started_at",
+            tenant_id,
+            user_id,
+        )
+        await schema.upgrade(settings)
+        lease = await admin.fetchval(
+            "SELECT processing_lease_expires_at FROM meeting_sessions WHERE tenant_id = $1",
+            tenant_id,
+        )
+    finally:
+        await admin.close()
+    assert await schema.current(settings) == schema.head()
+    assert lease == started + timedelta(seconds=settings.claim_lease_seconds)
+
+    # The new column, index and policies reached every shard on the worker.
+    on_worker = sfdb_citus.worker.url.set(database=settings.sqlalchemy_url().database)
+    worker = await asyncpg.connect(on_worker.set(drivername="postgresql").render_as_string(False))
+    try:
+        await worker.execute("SET citus.override_table_visibility TO off")  # show the shards
+        shards = await worker.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'meeting_sessions_%' "
+            "AND relkind = 'r'"
+        )
+        with_lease = await worker.fetchval(
+            "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relname LIKE 'meeting_sessions_%' AND c.relkind = 'r' "
+            "AND a.attname = 'processing_lease_expires_at'"
+        )
+        assert shards > 0
+        assert with_lease == shards
+        purge_policies = await worker.fetchval(
+            "SELECT count(*) FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid "
+            "WHERE c.relname LIKE 'api_rate_limits_%' AND p.polname = 'delete_ended_windows'"
+        )
+        assert purge_policies > 0
+    finally:
+        await worker.close()
+
+    # And the layer works on it, end to end, through the new schema.
+    async with Database(settings) as db:
+        tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="C")
+        async with db.unit_of_work(tenant) as uow:
+            user = await uow.tenants.add_user(slack_user_id=unique_user_id())
+            await uow.meetings.create(user_id=user.id, fathom_recording_id="rec-1", title="Call")
+            await uow.commit()
+            (claimed,) = await uow.meetings.claim_pending(limit=5)
+            assert claimed.processing_lease_expires_at is not None
+            assert (await uow.rate_limits.consume("citus", limit=2)).allowed
+            await uow.commit()
+        assert (await db.rate_limit(tenant, "citus", limit=2)).current == 2
+        assert not (await db.rate_limit(tenant, "citus", limit=2)).allowed
+    assert await purge_rate_limit_windows(settings, older_than_days=0) >= 0
+
+
+async def test_distribute_twice_does_nothing_the_second_time(settings: DatabaseSettings) -> None:
+    # The suite's database was distributed when it was made.
+    assert await citus.distribute(settings) == []
+
+
+async def test_distribute_refuses_without_citus_or_without_workers(
+    sfdb_citus: CitusCluster | None,
+) -> None:
+    assert sfdb_citus is not None
+    coordinator = sfdb_citus.coordinator.url
+    name = f"sfdb_bare_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(coordinator.set(drivername="postgresql").render_as_string(False))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        bare = DatabaseSettings(
+            url=coordinator.set(database=name).render_as_string(False), _env_file=None
+        )
+        await schema.upgrade(bare)
+        with pytest.raises(ConfigurationError, match="Citus is not installed in this database"):
+            await citus.distribute(bare)
+        inside = await asyncpg.connect(dsn(bare))
+        try:
+            await inside.execute("CREATE EXTENSION citus")
+        finally:
+            await inside.close()
+        with pytest.raises(ConfigurationError, match="no worker node is registered"):
+            await citus.distribute(bare)
+        check = await asyncpg.connect(dsn(bare))
+        try:
+            assert await check.fetchval("SELECT count(*) FROM pg_dist_partition") == 0
+        finally:
+            await check.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_a_worker_refusing_the_app_role_is_a_configuration_error(
+    settings: DatabaseSettings, admin: asyncpg.Connection, tenant_a: TenantId
+) -> None:
+    # What an operator sees when the app role may not log in on the workers.
+    await admin.execute(f'ALTER ROLE "{settings.app_role}" NOLOGIN')
+    try:
+        async with Database(settings) as db:
+            with pytest.raises(ConfigurationError, match="must be able to log in on every node"):
+                async with db.unit_of_work(tenant_a) as uow:
+                    await uow.tenants.add_user(slack_user_id=unique_user_id())
+    finally:
+        await admin.execute(f'ALTER ROLE "{settings.app_role}" LOGIN')
