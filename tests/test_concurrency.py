@@ -20,6 +20,7 @@ import pytest_asyncio
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, RateLimitExceeded
 from tests.conftest import unique_user_id
+from tests.helpers import lock_waiters
 
 GATHER_TIMEOUT = 120.0
 """Generous ceiling for a whole race: a hang fails the test instead of the run."""
@@ -524,12 +525,7 @@ async def _processing_meeting(db: Database, tenant: TenantId) -> tuple[uuid.UUID
 async def _wait_for_lock_waiter(admin: asyncpg.Connection) -> None:
     """Until some backend of this database waits on a lock (the blocked UPDATE)."""
     for _ in range(3000):  # 30 s at most
-        waiting = await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND wait_event_type = 'Lock' "
-            "AND query ILIKE 'UPDATE meeting_sessions%'"
-        )
-        if waiting:
+        if await lock_waiters(admin, updating="meeting_sessions"):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the second UPDATE never waited on the row lock")

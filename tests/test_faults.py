@@ -37,8 +37,14 @@ from slack_fathom_db.errors import (
 )
 from slack_fathom_db.repositories.rate_limits import window
 from slack_fathom_db.retries import ATTEMPTS
-from slack_fathom_db.testing import LocalCluster, local_cluster_control, throwaway_database
+from slack_fathom_db.testing import (
+    CitusCluster,
+    LocalCluster,
+    local_cluster_control,
+    throwaway_database,
+)
 from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import lock_waiters
 
 T = TypeVar("T")
 
@@ -95,15 +101,11 @@ async def wait_until_waiting_on_a_lock(observer: asyncpg.Connection, *, besides:
     found: list[int] = []
 
     async def waiting() -> bool:
-        found[:] = await observer.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND pid <> $1",
-            besides,
-        )
+        found[:] = [pid for pid in await lock_waiters(observer) if pid != besides]
         return len(found) == 1
 
     await eventually(waiting, what="a unit of work blocked on a lock")
-    return found[0]["pid"]
+    return found[0]
 
 
 async def open_transactions(admin: asyncpg.Connection, settings: DatabaseSettings) -> int:
@@ -169,11 +171,15 @@ async def test_backend_killed_mid_unit_of_work(
     meeting_id = await create_meeting(tiny_db, tenant_a)
 
     async def kill(pid: int) -> None:
-        assert await admin.fetchval("SELECT pg_terminate_backend($1, 30000)", pid)
+        assert await admin.fetchval("SELECT pg_terminate_backend($1::integer, 30000)", pid)
 
     locker = await asyncpg.connect(dsn(settings))
     await locker.execute("BEGIN")
-    await locker.execute("SELECT 1 FROM meeting_sessions WHERE id = $1 FOR UPDATE", meeting_id)
+    await locker.execute(
+        "SELECT 1 FROM meeting_sessions WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
+        tenant_a,
+        meeting_id,
+    )
     with pytest.raises(DatabaseUnavailable) as caught:  # noqa: PT012
         async with asyncio.timeout(HANG), tiny_db.unit_of_work(tenant_a) as uow:
             await uow.tenants.add_user(slack_user_id=slack_user)
@@ -184,13 +190,10 @@ async def test_backend_killed_mid_unit_of_work(
             elif where == "during a statement":
 
                 async def kill_when_blocked(pid: int) -> None:
-                    await eventually(
-                        lambda: admin.fetchval(
-                            "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
-                            pid,
-                        ),
-                        what="the statement to wait for the locked meeting",
-                    )
+                    async def blocked() -> bool:
+                        return pid in await lock_waiters(admin)
+
+                    await eventually(blocked, what="the statement to wait for the locked meeting")
                     await kill(pid)
 
                 killer = asyncio.create_task(kill_when_blocked(pids[0]))
@@ -225,7 +228,7 @@ async def test_backend_killed_while_pooled_is_replaced_transparently(
 ) -> None:
     async with tiny_db.unit_of_work(tenant_a) as uow:
         pid = await backend_pid(uow)
-    assert await admin.fetchval("SELECT pg_terminate_backend($1, 30000)", pid)
+    assert await admin.fetchval("SELECT pg_terminate_backend($1::integer, 30000)", pid)
 
     # Every entry point finds the dead connection and replaces it, without an error.
     assert await asyncio.wait_for(tiny_db.check_connection(), HANG) is True
@@ -728,59 +731,97 @@ def attempts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     return seen
 
 
-async def deadlock_partner(admin: asyncpg.Connection, tenant: TenantId) -> int:
-    """Open a transaction on ``admin`` that locks the tenant row; its pid.
+@dataclass(frozen=True)
+class Cycle:
+    """Where the test's own side of a deadlock runs, and the tables it locks and writes.
 
-    A new rate-limit row's foreign-key check then waits for it. ``admin`` never
-    detects the deadlock itself (a long deadlock_timeout), so the layer's
+    On one server: the database. On Citus: the worker that holds the tenant's
+    shards, on the shards themselves. The foreign-key check of a new counter
+    row runs there and reads the worker's copy of the tenant row, which the
+    coordinator's ``SELECT … FOR UPDATE`` on the reference table leaves unlocked.
+    """
+
+    conn: asyncpg.Connection
+    tenants: str
+    counters: str
+
+
+@pytest_asyncio.fixture
+async def cycle(
+    admin: asyncpg.Connection,
+    sfdb_citus: CitusCluster | None,
+    sfdb_direct_settings: DatabaseSettings,
+    tenant_a: TenantId,
+) -> AsyncIterator[Cycle]:
+    """The connection and tables of this test's side of a deadlock with ``tenant_a``."""
+    if sfdb_citus is None:
+        yield Cycle(conn=admin, tenants="tenants", counters="api_rate_limits")
+        return
+    shards = await admin.fetchrow(
+        "SELECT shard_name('tenants'::regclass, get_shard_id_for_distribution_column('tenants'))"
+        " AS tenants, shard_name('api_rate_limits'::regclass, "
+        "get_shard_id_for_distribution_column('api_rate_limits', $1::uuid)) AS counters",
+        tenant_a,
+    )
+    worker = sfdb_citus.worker.url.set(database=sfdb_direct_settings.sqlalchemy_url().database)
+    conn = await asyncpg.connect(worker.set(drivername="postgresql").render_as_string(False))
+    try:
+        yield Cycle(conn=conn, tenants=shards["tenants"], counters=shards["counters"])
+    finally:
+        await conn.close()
+
+
+async def deadlock_partner(cycle: Cycle, tenant: TenantId) -> int:
+    """Open a transaction on ``cycle`` that locks the tenant row; its pid.
+
+    A new rate-limit row's foreign-key check then waits for it. The partner
+    never detects the deadlock itself (a long deadlock_timeout), so the layer's
     transaction is always the one PostgreSQL aborts.
     """
-    await admin.execute("SET deadlock_timeout = '60s'")
-    await admin.execute("BEGIN")
-    await admin.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", tenant)
-    return await admin.fetchval("SELECT pg_backend_pid()")
+    await cycle.conn.execute("SET deadlock_timeout = '60s'")
+    await cycle.conn.execute("BEGIN")
+    await cycle.conn.execute(f"SELECT 1 FROM {cycle.tenants} WHERE id = $1 FOR UPDATE", tenant)
+    return await cycle.conn.fetchval("SELECT pg_backend_pid()")
 
 
-async def close_the_cycle(
-    admin: asyncpg.Connection, tenant: TenantId, resource: str, count: int
-) -> None:
+async def close_the_cycle(cycle: Cycle, tenant: TenantId, resource: str, count: int) -> None:
     """Insert the counter row the layer is inserting: waits for it, which makes a deadlock."""
     start, _ = window("daily", datetime.now(UTC))
-    await admin.execute(
-        "INSERT INTO api_rate_limits (tenant_id, resource_type, period, window_start, "
+    await cycle.conn.execute(
+        f"INSERT INTO {cycle.counters} (tenant_id, resource_type, period, window_start, "
         "request_count) VALUES ($1, $2, 'daily', $3, $4)",
         tenant,
         resource,
         start,
         count,
     )
-    await admin.execute("COMMIT")
+    await cycle.conn.execute("COMMIT")
 
 
 async def test_deadlock_in_db_rate_limit_is_retried_transparently(
     db: Database,
     tenant_a: TenantId,
-    admin: asyncpg.Connection,
     observer: asyncpg.Connection,
     attempts: dict[str, list[int]],
+    cycle: Cycle,
 ) -> None:
     resource = f"dl-{secrets.token_hex(4)}"
-    partner = await deadlock_partner(admin, tenant_a)
+    partner = await deadlock_partner(cycle, tenant_a)
     try:
         call = asyncio.create_task(db.rate_limit(tenant_a, resource, limit=10))
         await wait_until_waiting_on_a_lock(observer, besides=partner)
-        # The layer holds its new row and waits for the tenant row; admin now waits for the
-        # layer's row: PostgreSQL aborts the layer's transaction (40P01), admin's insert
-        # goes through, and the retry adds to admin's row.
-        await asyncio.wait_for(close_the_cycle(admin, tenant_a, resource, 5), HANG)
+        # The layer holds its new row and waits for the tenant row; the partner now waits
+        # for the layer's row: PostgreSQL aborts the layer's transaction (40P01), the
+        # partner's insert goes through, and the retry adds to the partner's row.
+        await asyncio.wait_for(close_the_cycle(cycle, tenant_a, resource, 5), HANG)
         decision = await asyncio.wait_for(call, HANG)
     finally:
-        if admin.is_in_transaction():
-            await admin.execute("ROLLBACK")
+        if cycle.conn.is_in_transaction():
+            await cycle.conn.execute("ROLLBACK")
     assert decision.allowed
     assert decision.current == 6
     assert attempts["transaction"] == [2]
-    stored = await admin.fetchval(
+    stored = await observer.fetchval(
         "SELECT request_count FROM api_rate_limits WHERE tenant_id = $1 AND resource_type = $2",
         tenant_a,
         resource,
@@ -791,9 +832,9 @@ async def test_deadlock_in_db_rate_limit_is_retried_transparently(
 async def test_deadlock_in_a_charge_at_commit_is_retried_in_its_savepoint(
     db: Database,
     tenant_a: TenantId,
-    admin: asyncpg.Connection,
     observer: asyncpg.Connection,
     attempts: dict[str, list[int]],
+    cycle: Cycle,
 ) -> None:
     tag = secrets.token_hex(4)
     first, second = f"a-{tag}", f"b-{tag}"  # charges are applied in key order
@@ -809,21 +850,21 @@ async def test_deadlock_in_a_charge_at_commit_is_retried_in_its_savepoint(
 
     task = asyncio.create_task(handler())
     await asyncio.sleep(0)
-    partner = await deadlock_partner(admin, tenant_a)
+    partner = await deadlock_partner(cycle, tenant_a)
     try:
         commit_now.set()
         await wait_until_waiting_on_a_lock(observer, besides=partner)
-        await asyncio.wait_for(close_the_cycle(admin, tenant_a, second, 5), HANG)
+        await asyncio.wait_for(close_the_cycle(cycle, tenant_a, second, 5), HANG)
         await asyncio.wait_for(task, HANG)
     finally:
-        if admin.is_in_transaction():
-            await admin.execute("ROLLBACK")
+        if cycle.conn.is_in_transaction():
+            await cycle.conn.execute("ROLLBACK")
     # The first charge ran once; the second deadlocked once and its retry succeeded,
     # without redoing (or losing) the first.
     assert attempts["savepoint"] == [1, 2]
     assert attempts["transaction"] == [1]  # the setup call above
     counts = dict(
-        await admin.fetch(
+        await observer.fetch(
             "SELECT resource_type, request_count FROM api_rate_limits WHERE tenant_id = $1 "
             "AND resource_type = ANY($2::text[])",
             tenant_a,

@@ -1,0 +1,84 @@
+"""What tests ask of the server beyond the layer, written once to hold on one server and on Citus.
+
+On a Citus cluster a statement on a distributed table runs on the worker that
+holds the tenant's shard: a lock wait shows there (the coordinator's backend
+only waits for the worker's answer), and an error raised there reaches the
+client as a message only, naming the shard's constraint (the schema's name
+with ``_<shard id>`` appended). These helpers see through that, so one test
+holds in every pass.
+"""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+
+
+async def on_citus(conn: asyncpg.Connection) -> bool:
+    """Whether the database of ``conn`` has the Citus extension."""
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+    )
+    return found
+
+
+async def lock_waiters(conn: asyncpg.Connection, *, updating: str | None = None) -> list[int]:
+    """The backends of this database that wait on a lock, by the pid of the client's session.
+
+    On Citus, waits on every node count, each by the pid of the coordinator
+    session it works for. ``updating`` keeps only waits in ``UPDATE`` of that
+    table (on a worker, of one of its shards).
+    """
+    pattern = rf"^\s*UPDATE\s+(public\.)?{updating}(_[0-9]+)?\s" if updating else ""
+    if await on_citus(conn):
+        sql = (
+            "SELECT DISTINCT citus_pid_for_gpid(global_pid) AS pid FROM citus_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND citus_nodeid_for_gpid(global_pid) = (SELECT nodeid FROM pg_dist_node "
+            "WHERE groupid = 0) AND query ~* $1"
+        )
+    else:
+        sql = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query ~* $1"
+        )
+    return [row["pid"] for row in await conn.fetch(sql, pattern)]
+
+
+async def reported_constraint(
+    conn: asyncpg.Connection, exc: asyncpg.PostgresError
+) -> tuple[str, str]:
+    """The table and the constraint (or unique index) a violation reports, as the schema has them.
+
+    On Citus the name is only in the message (the coordinator passes on the
+    worker's message, not its fields) and is the shard's: the schema's name and
+    ``_<shard id>``, which Citus shortens to a prefix and a hash when it would
+    outgrow PostgreSQL's 63 bytes.
+    """
+    if not await on_citus(conn):
+        assert exc.table_name, f"the error names no table: {exc!r}"
+        assert exc.constraint_name, f"the error names no constraint: {exc!r}"
+        return exc.table_name, exc.constraint_name
+    quoted = re.fullmatch(r'.*constraint "(.+)_([0-9]+)"', str(exc).splitlines()[0])
+    assert quoted, f"the error names no constraint of a shard: {exc!r}"
+    name, shard = quoted.group(1), int(quoted.group(2))
+    table = await conn.fetchval(
+        "SELECT logicalrelid::regclass::text FROM pg_dist_shard WHERE shardid = $1", shard
+    )
+    assert table, f"{shard} is not a shard: {exc!r}"
+    names = {
+        row["name"]
+        for row in await conn.fetch(
+            "SELECT conname::text AS name FROM pg_constraint WHERE conrelid = $1::regclass "
+            "UNION SELECT relname::text FROM pg_class WHERE oid IN "
+            "(SELECT indexrelid FROM pg_index WHERE indrelid = $1::regclass)",
+            table,
+        )
+    }
+    shortened = re.fullmatch(r"(.+)_[0-9a-f]{8}", name)
+    found = [name] if name in names else []
+    if not found and shortened:
+        found = [n for n in names if n.startswith(shortened.group(1))]
+    assert len(found) == 1, (name, table, found)
+    return table, found[0]
