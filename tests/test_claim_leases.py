@@ -313,9 +313,9 @@ async def test_past_the_maximum_attempts_an_expired_meeting_fails_and_is_not_ret
     assert await _claim(db, tenant_a, limit=2) == [stuck, retried]
     await _expire(admin, tenant_a, [stuck])
 
-    # The oldest claimable meeting has used both attempts: it fails, and takes the one
-    # place of this claim, which returns nothing although a meeting is pending.
-    assert await _claim(db, tenant_a, limit=1) == []
+    # The oldest expired meeting has used both attempts: it is given up on (failed, not
+    # returned), and the one place of this claim goes to the pending meeting.
+    assert await _claim(db, tenant_a, limit=1) == [waiting]
     row = await _row(admin, tenant_a, stuck)
     assert row["status"] == "failed"
     assert row["processing_error"] == (
@@ -326,8 +326,7 @@ async def test_past_the_maximum_attempts_an_expired_meeting_fails_and_is_not_ret
     assert row["processing_lease_expires_at"] is None
     assert row["version"] == 4
 
-    # Later claims pass it by; the unexpired one stays with its worker.
-    assert await _claim(db, tenant_a, limit=10) == [waiting]
+    # Later claims pass it by; the unexpired ones stay with their workers.
     assert await _claim(db, tenant_a, limit=10) == []
     assert (await _row(admin, tenant_a, stuck))["version"] == 4
     assert (await _row(admin, tenant_a, retried))["processing_attempts"] == 2
