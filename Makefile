@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-.PHONY: install test test-pgbouncer test-citus lint typecheck check demo bench clean
+.PHONY: install test test-pgbouncer test-citus lint typecheck check demo bench bench-citus clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ demo: install
 # Creates its own databases on the server of DATABASE_URL, drops them after; writes docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m bench
+
+# The layer on a throwaway Citus cluster (coordinator + 1 worker) next to a throwaway plain
+# server, both from the local PostgreSQL binaries (Citus installed); writes docs/benchmarks-citus.md.
+bench-citus: install
+	$(BIN)/python -m bench.topology
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -223,7 +223,7 @@ async def measure(
             line = []
             for impl in order:
                 for workload in members:
-                    await _turn(profile, impl, workload, datasets[workload.dataset], results)
+                    await turn(profile, impl, workload, datasets[workload.dataset], results)
                     top = results[(workload.key, POOL_SIZE, impl.key)][-1]
                     line.append(f"{workload.key}/{impl.key} {top.throughput:,.0f}")
             log(
@@ -233,7 +233,7 @@ async def measure(
     return results
 
 
-async def _turn(
+async def turn(
     profile: Profile, impl: Implementation, workload: Workload, data: Dataset, results: Results
 ) -> None:
     """Open a pool, warm up at concurrency 32, measure at 1 and 32, close."""

@@ -134,14 +134,7 @@ async def prepare(
     if reused:
         log(f"  {spec.database}: reusing the earlier load ({spec.signature})")
     else:
-        await drop(server, spec.database)
-        conn = await _admin(server)
-        try:
-            await conn.execute(f'CREATE DATABASE "{spec.database}"')
-        finally:
-            await conn.close()
-        settings = DatabaseSettings(url=dsn, app_role=APP_ROLE, _env_file=None)
-        await schema.upgrade(settings)
+        await create(server, spec)
         await _load(dsn, spec, log)
         conn = await _admin(server)
         try:
@@ -149,6 +142,46 @@ async def prepare(
             await conn.execute(f"COMMENT ON DATABASE \"{spec.database}\" IS '{comment}'")
         finally:
             await conn.close()
+    return await _dataset(dsn, spec, started=started, reused=reused)
+
+
+async def create(server: URL, spec: DatasetSpec) -> str:
+    """Create ``spec.database`` on ``server`` (dropping any earlier one), migrate it; its URL."""
+    await drop(server, spec.database)
+    conn = await _admin(server)
+    try:
+        await conn.execute(f'CREATE DATABASE "{spec.database}"')
+    finally:
+        await conn.close()
+    dsn = database_url(server, spec.database)
+    await schema.upgrade(DatabaseSettings(url=dsn, app_role=APP_ROLE, _env_file=None))
+    return dsn
+
+
+async def load(dsn: str, spec: DatasetSpec, *, log: Callable[[str], None]) -> Dataset:
+    """Load ``spec``'s rows into an existing, migrated database at ``dsn``.
+
+    ``spec.database`` only names the database in the log. On Citus ``dsn`` is
+    the coordinator: COPY into a distributed table goes through it, and
+    :func:`settle` then has to be run on every worker as well.
+    """
+    started = time.perf_counter()
+    await _load(dsn, spec, log)
+    return await _dataset(dsn, spec, started=started, reused=False)
+
+
+async def settle(dsn: str) -> None:
+    """``VACUUM (ANALYZE)``, then ``CHECKPOINT`` if allowed, so no load's aftermath runs later."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("VACUUM (ANALYZE)")
+        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("CHECKPOINT")  # so that no checkpoint of the load runs mid-benchmark
+    finally:
+        await conn.close()
+
+
+async def _dataset(dsn: str, spec: DatasetSpec, *, started: float, reused: bool) -> Dataset:
     tenants, rows = await _read_back(dsn)
     return Dataset(
         spec=spec,
@@ -249,14 +282,12 @@ async def _load(dsn: str, spec: DatasetSpec, log: Callable[[str], None]) -> None
             f"  {spec.database}: {spec.tenants:,} tenants, {spec.meetings:,} meetings "
             f"copied in {time.perf_counter() - t0:.1f}s"
         )
-        t0 = time.perf_counter()
         await conn.execute("RESET session_replication_role")
-        await conn.execute("VACUUM (ANALYZE)")
-        with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
-            await conn.execute("CHECKPOINT")  # so that no checkpoint of the load runs mid-benchmark
-        log(f"  {spec.database}: VACUUM (ANALYZE) + CHECKPOINT in {time.perf_counter() - t0:.1f}s")
     finally:
         await conn.close()
+    t0 = time.perf_counter()
+    await settle(dsn)
+    log(f"  {spec.database}: VACUUM (ANALYZE) + CHECKPOINT in {time.perf_counter() - t0:.1f}s")
 
 
 def _new_uuid(rnd: random.Random) -> uuid.UUID:

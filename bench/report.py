@@ -58,7 +58,8 @@ def table(
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def _ms(seconds: float) -> str:
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds, to about three significant digits."""
     value = seconds * 1000
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
@@ -126,7 +127,7 @@ def results_table(
                     row += ["-", "-", "-"]
                     continue
                 c = cell(samples)
-                row += [f"{c.throughput:,.0f}", _ms(c.p50), _ms(c.p99)]
+                row += [f"{c.throughput:,.0f}", ms(c.p50), ms(c.p99)]
             rows.append(row)
     return table(headers, rows, markdown=markdown)
 
@@ -265,7 +266,7 @@ def targets(
         found.append(
             Target(
                 name,
-                f"{ratio:.2f}x ({_ms(cell(big).p50)} vs {_ms(cell(little).p50)} ms)",
+                f"{ratio:.2f}x ({ms(cell(big).p50)} vs {ms(cell(little).p50)} ms)",
                 ratio <= 1.5,
             )
         )
