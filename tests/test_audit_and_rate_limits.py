@@ -689,6 +689,24 @@ async def _bucket_tokens(admin: asyncpg.Connection, tenant: TenantId, bucket: st
     return None if value is None else float(value)
 
 
+async def _age_bucket(
+    admin: asyncpg.Connection, tenant: TenantId, bucket: str, by: timedelta
+) -> None:
+    """Move the bucket's last refill back by ``by``.
+
+    The new time is computed here: Citus refuses a STABLE function on a column in an
+    UPDATE, and ``timestamptz - interval`` is one.
+    """
+    where = "WHERE tenant_id = $1 AND resource_type = $2 AND period = 'bucket'"
+    refilled = await admin.fetchval(
+        f"SELECT updated_at FROM api_rate_limits {where}", tenant, bucket
+    )
+    assert refilled is not None
+    await admin.execute(
+        f"UPDATE api_rate_limits SET updated_at = $3 {where}", tenant, bucket, refilled - by
+    )
+
+
 async def test_token_bucket_capacity_and_retry_after(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
@@ -715,19 +733,11 @@ async def test_token_bucket_refills(
         assert (await _take(db, tenant_a, "slack.post", capacity=2, refill=0.001))[0]
     assert not (await _take(db, tenant_a, "slack.post", capacity=2, refill=0.001))[0]
     # 1500 s ago at 0.001 tokens/s: 1.5 tokens are back
-    await admin.execute(
-        "UPDATE api_rate_limits SET updated_at = updated_at - interval '1500 seconds' "
-        "WHERE tenant_id = $1 AND resource_type = 'slack.post' AND period = 'bucket'",
-        tenant_a,
-    )
+    await _age_bucket(admin, tenant_a, "slack.post", timedelta(seconds=1500))
     assert (await _take(db, tenant_a, "slack.post", capacity=2, refill=0.001))[0]
     assert not (await _take(db, tenant_a, "slack.post", capacity=2, refill=0.001))[0]
     # a long time ago: full again, but never above capacity
-    await admin.execute(
-        "UPDATE api_rate_limits SET updated_at = updated_at - interval '30 days' "
-        "WHERE tenant_id = $1 AND resource_type = 'slack.post' AND period = 'bucket'",
-        tenant_a,
-    )
+    await _age_bucket(admin, tenant_a, "slack.post", timedelta(days=30))
     results = [await _take(db, tenant_a, "slack.post", capacity=2, refill=0.001) for _ in range(3)]
     assert [allowed for allowed, _, _ in results] == [True, True, False]
 
