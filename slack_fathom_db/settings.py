@@ -26,6 +26,7 @@ _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MASKED = "**********"
 CLIENT_TIMEOUT_MARGIN = 2.0
 """Seconds the client waits beyond the statement timeout before it gives up on the server."""
+_SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _ACCEPTED_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg"}
 
 
@@ -54,6 +55,13 @@ def normalize_url(raw: str) -> URL:
             "DATABASE_URL: the password holds an '@' that is not percent-encoded (write it as %40)"
         )
     query = dict(url.query)
+    sslmode = query.pop("sslmode", None)
+    if sslmode is not None:
+        # libpq's name; asyncpg takes the same modes as ``ssl``.
+        mode = sslmode if isinstance(sslmode, str) else sslmode[-1]
+        if mode not in _SSL_MODES:
+            raise ValueError(f"DATABASE_URL: sslmode must be one of {', '.join(_SSL_MODES)}")
+        query.setdefault("ssl", mode)
     password = query.pop("password", None)
     if password is not None:
         # Kept where every rendering masks it, not in the query string.

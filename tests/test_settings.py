@@ -323,3 +323,22 @@ async def test_sfdb_help() -> None:
     assert "usage: sfdb" in out
     assert "migrate" in out
     assert "info" in out
+
+
+@pytest.mark.parametrize("mode", ["disable", "prefer", "require"])
+async def test_a_libpq_sslmode_is_understood(
+    settings: DatabaseSettings, admin: asyncpg.Connection, mode: str
+) -> None:
+    # libpq's ?sslmode= (as hosting providers write it) reaches the driver as its ssl mode.
+    url = settings.sqlalchemy_url().set(query={"sslmode": mode})
+    given = DatabaseSettings(url=url.render_as_string(hide_password=False), _env_file=None)
+    assert given.sqlalchemy_url().query == {"ssl": mode}
+    offers_tls = await admin.fetchval("SHOW ssl") == "on"
+    async with Database(given) as db:
+        # "require" must refuse to go on without TLS, where the server offers none.
+        assert await db.check_connection() is (mode != "require" or offers_tls)
+
+
+def test_an_unknown_sslmode_is_refused(clean_env: Path) -> None:
+    with pytest.raises(ValueError, match="sslmode must be one of"):
+        DatabaseSettings(url="postgresql://app@db/x?sslmode=sometimes", _env_file=None)
