@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 import pytest
 
@@ -30,12 +32,20 @@ def test_no_server_anywhere_fails_with_instructions(monkeypatch: pytest.MonkeyPa
 
 
 def test_citus_cluster_without_citus_fails_with_instructions(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(testing, "citus_library", lambda bin_dir: None)
+    bin_dir, lib_dir = tmp_path / "bin", tmp_path / "lib"  # a PostgreSQL without Citus
+    bin_dir.mkdir()
+    lib_dir.mkdir()
+    (lib_dir / "plpgsql.so").touch()
+    monkeypatch.setattr(testing, "_pg_bin_dirs", lambda: [bin_dir])
     with pytest.raises(testing.NoPostgreSQL) as caught, testing.citus_cluster():
         pytest.fail("citus_cluster() yielded a cluster although Citus is not installed")
-    assert "Citus is not installed for this PostgreSQL (citus.so missing" in str(caught.value)
+    message = str(caught.value)
+    assert "Citus is not installed for this PostgreSQL (citus.so missing" in message
+    assert str(tmp_path) in message
+    (lib_dir / "citus.so").touch()
+    assert testing.citus_library(bin_dir) == lib_dir / "citus.so"
 
 
 async def test_the_suite_database_is_distributed_exactly_in_the_citus_pass(
