@@ -10,6 +10,7 @@ message names the rule (a constraint, a column, an SQLSTATE), never a value.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Final
 
 import asyncpg
@@ -132,8 +133,17 @@ def _constraint(exc: BaseException) -> str | None:
         name = getattr(current, "constraint_name", None)
         if isinstance(name, str):
             return name
+        # A Citus coordinator passes on only the worker's message, which names the
+        # shard's constraint: <constraint>_<shard id>.
+        named = _NAMED_CONSTRAINT.search(str(getattr(current, "message", "") or ""))
+        if named is not None:
+            return _SHARD_SUFFIX.sub("", named.group(1))
         current = getattr(current, "orig", None) or current.__cause__
     return None
+
+
+_NAMED_CONSTRAINT: Final = re.compile(r'constraint "([a-z0-9_]+)"')
+_SHARD_SUFFIX: Final = re.compile(r"_[0-9]{6,}$")
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
-from slack_fathom_db.errors import ConfigurationError
+from slack_fathom_db.errors import ConfigurationError, Conflict, translate
 from slack_fathom_db.maintenance import purge_rate_limit_windows
 from slack_fathom_db.testing import CitusCluster, citus_database
 from tests.conftest import unique_team_id, unique_user_id
@@ -162,3 +162,23 @@ async def test_a_worker_refusing_the_app_role_is_a_configuration_error(
                     await uow.tenants.add_user(slack_user_id=unique_user_id())
     finally:
         await admin.execute(f'ALTER ROLE "{settings.app_role}" LOGIN')
+
+
+async def test_a_violated_constraint_is_named_as_on_one_server(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    # The coordinator passes on only the worker's message, naming the shard's constraint.
+    user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.tenants.add_user(slack_user_id=user)
+        await uow.commit()
+    async with admin.transaction():
+        await admin.execute(f"SET LOCAL app.tenant_id = '{tenant_a}'")
+        with pytest.raises(asyncpg.UniqueViolationError) as raw:
+            await admin.execute(
+                "INSERT INTO users (tenant_id, slack_user_id) VALUES ($1, $2)", tenant_a, user
+            )
+    assert raw.value.constraint_name is None  # what Citus leaves out
+    error = translate(raw.value, action="add user")
+    assert isinstance(error, Conflict)
+    assert "(uq_users_tenant_id_slack_user_id_live)" in str(error)
