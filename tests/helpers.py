@@ -1,18 +1,54 @@
-"""What tests ask of the server beyond the layer, written once to hold on one server and on Citus.
+"""Helpers the tests share, written once: typed reads, pool figures, and the server's view.
+
+Reads through a superuser connection come back typed (a missing row or a value
+of the wrong type fails the test where it is read). What tests ask of the
+server beyond the layer is written to hold on one server and on Citus.
 
 On a Citus cluster a statement on a distributed table runs on the worker that
 holds the tenant's shard: a lock wait shows there (the coordinator's backend
 only waits for the worker's answer), and an error raised there reaches the
 client as a message only, naming the shard's constraint (the schema's name
-with ``_<shard id>`` appended). These helpers see through that, so one test
-holds in every pass.
+with ``_<shard id>`` appended). ``lock_waiters`` and ``reported_constraint`` see
+through that, so one test holds in every pass.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import asyncpg
+from sqlalchemy.pool import QueuePool
+
+from slack_fathom_db import Database
+
+T = TypeVar("T")
+
+
+async def fetch_row(conn: asyncpg.Connection, sql: str, *args: object) -> asyncpg.Record:
+    """The first row ``sql`` returns; fails the test when it returns none."""
+    row = await conn.fetchrow(sql, *args)
+    assert row is not None, f"no row: {sql}"
+    return row
+
+
+async def fetch_value(conn: asyncpg.Connection, kind: type[T], sql: str, *args: object) -> T:
+    """The first column of the first row ``sql`` returns; fails the test unless it is a ``kind``."""
+    value = await conn.fetchval(sql, *args)
+    assert isinstance(value, kind), f"{sql} returned {value!r}, not a {kind.__name__}"
+    return value
+
+
+def queue_pool(db: Database) -> QueuePool:
+    """The pool of ``db``'s engine, whose figures tests read (a ``Database`` pools in a queue)."""
+    pool = db.engine.pool
+    assert isinstance(pool, QueuePool), pool
+    return pool
+
+
+def checked_out(db: Database) -> int:
+    """Connections of ``db``'s pool that are checked out now."""
+    return queue_pool(db).checkedout()
 
 
 async def on_citus(conn: asyncpg.Connection) -> bool:
