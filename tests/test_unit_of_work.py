@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import NamedTuple
 
 import asyncpg
 import pytest
@@ -15,6 +15,7 @@ from sqlalchemy import text
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
 from slack_fathom_db.errors import NotFound, TenantNotFound, UsageError
 from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import checked_out, fetch_row, fetch_value
 
 CONTEXT = text(
     "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
@@ -44,18 +45,15 @@ def login_user(settings: DatabaseSettings) -> str:
     return user
 
 
-def checked_out(db: Database) -> int:
-    pool: Any = db.engine.pool
-    return pool.checkedout()
-
-
 async def enter(uow: UnitOfWork) -> None:
     async with uow:
         pass
 
 
 async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
-    return await admin.fetchval(
+    return await fetch_value(
+        admin,
+        int,
         "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2 "
         "AND deleted_at IS NULL",
         tenant,
@@ -63,9 +61,18 @@ async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: s
     )
 
 
-async def context(uow: UnitOfWork) -> Any:
+class Context(NamedTuple):
+    """What ``CONTEXT`` reads: the role, the tenant setting, the backend and the transaction."""
+
+    usr: str
+    tenant: str | None
+    pid: int
+    txid: int | None
+
+
+async def context(uow: UnitOfWork) -> Context:
     session = await uow.session()
-    return (await session.execute(CONTEXT)).one()
+    return Context(*(await session.execute(CONTEXT)).one())
 
 
 async def assert_clean_pooled_connection(
@@ -375,8 +382,8 @@ async def test_reinstall_after_soft_delete_reactivates_same_tenant(
     again = await db.directory.install(slack_team_id=team, slack_team_name="Comeback Inc")
 
     assert again == tenant
-    row = await admin.fetchrow(
-        "SELECT deleted_at, slack_team_name FROM tenants WHERE id = $1", tenant
+    row = await fetch_row(
+        admin, "SELECT deleted_at, slack_team_name FROM tenants WHERE id = $1", tenant
     )
     assert row["deleted_at"] is None
     assert row["slack_team_name"] == "Comeback Inc"
@@ -662,7 +669,7 @@ async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
     # The pool's only connection (or its replacement) is usable at once, not after the sleep.
     await asyncio.wait_for(assert_clean_pooled_connection(small_db, settings), timeout=20)
 
-    async def next_handler() -> str:
+    async def next_handler() -> str | None:
         async with small_db.unit_of_work(tenant_a) as uow:
             row = await context(uow)
             await uow.tenants.add_user(slack_user_id=slack_user)
