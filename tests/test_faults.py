@@ -26,7 +26,7 @@ from sqlalchemy import text
 
 import slack_fathom_db.database as database_module
 import slack_fathom_db.uow as uow_module
-from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
+from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork, retries
 from slack_fathom_db.connections import send
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
@@ -44,7 +44,7 @@ from slack_fathom_db.testing import (
     throwaway_database,
 )
 from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import lock_waiters
+from tests.helpers import checked_out, fetch_row, fetch_value, lock_waiters, queue_pool
 
 T = TypeVar("T")
 
@@ -59,18 +59,17 @@ def dsn(settings: DatabaseSettings) -> str:
     return settings.sqlalchemy_url().set(drivername="postgresql").render_as_string(False)
 
 
-def checked_out(db: Database) -> int:
-    pool: Any = db.engine.pool
-    return pool.checkedout()
-
-
 async def backend_pid(uow: UnitOfWork) -> int:
     session = await uow.session()
-    return (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    assert isinstance(pid, int), pid
+    return pid
 
 
 async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
-    return await admin.fetchval(
+    return await fetch_value(
+        admin,
+        int,
         "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
         tenant,
         slack_user,
@@ -110,7 +109,9 @@ async def wait_until_waiting_on_a_lock(observer: asyncpg.Connection, *, besides:
 
 async def open_transactions(admin: asyncpg.Connection, settings: DatabaseSettings) -> int:
     """Backends of the layer (application_name) that sit inside a transaction."""
-    return await admin.fetchval(
+    return await fetch_value(
+        admin,
+        int,
         "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
         "AND application_name = 'slack_fathom_db' AND state LIKE 'idle in transaction%'",
         settings.sqlalchemy_url().database,
@@ -267,8 +268,7 @@ async def test_restart_while_the_pool_holds_connections_recovers(
                 return ready[-1]
 
         await asyncio.wait_for(asyncio.gather(hold(), hold(), hold()), HANG)
-        pool: Any = db.engine.pool
-        assert pool.checkedin() == 3  # the pool holds three live connections
+        assert queue_pool(db).checkedin() == 3  # the pool holds three live connections
         before = set(ready)
 
         await asyncio.to_thread(cluster.restart)
@@ -296,7 +296,9 @@ async def test_restart_while_the_pool_holds_connections_recovers(
 async def _team_of(settings: DatabaseSettings, tenant: TenantId) -> str:
     conn = await asyncpg.connect(dsn(settings))
     try:
-        return await conn.fetchval("SELECT slack_team_id FROM tenants WHERE id = $1", tenant)
+        return await fetch_value(
+            conn, str, "SELECT slack_team_id FROM tenants WHERE id = $1", tenant
+        )
     finally:
         await conn.close()
 
@@ -483,7 +485,7 @@ async def test_pool_exhaustion_fails_typed_after_the_pool_timeout_and_leaks_noth
 
 
 async def _info_outside_pool(db: Database) -> dict[str, int]:
-    pool: Any = db.engine.pool
+    pool = queue_pool(db)
     return {"checked_out": pool.checkedout(), "overflow": max(0, pool.overflow())}
 
 
@@ -725,9 +727,9 @@ def attempts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
         return retry_conflicts
 
     monkeypatch.setattr(
-        database_module, "retry_conflicts", spy("transaction", database_module.retry_conflicts)
+        database_module, "retry_conflicts", spy("transaction", retries.retry_conflicts)
     )
-    monkeypatch.setattr(uow_module, "retry_conflicts", spy("savepoint", uow_module.retry_conflicts))
+    monkeypatch.setattr(uow_module, "retry_conflicts", spy("savepoint", retries.retry_conflicts))
     return seen
 
 
@@ -757,7 +759,8 @@ async def cycle(
     if sfdb_citus is None:
         yield Cycle(conn=admin, tenants="tenants", counters="api_rate_limits")
         return
-    shards = await admin.fetchrow(
+    shards = await fetch_row(
+        admin,
         "SELECT shard_name('tenants'::regclass, get_shard_id_for_distribution_column('tenants'))"
         " AS tenants, shard_name('api_rate_limits'::regclass, "
         "get_shard_id_for_distribution_column('api_rate_limits', $1::uuid)) AS counters",
@@ -781,7 +784,7 @@ async def deadlock_partner(cycle: Cycle, tenant: TenantId) -> int:
     await cycle.conn.execute("SET deadlock_timeout = '60s'")
     await cycle.conn.execute("BEGIN")
     await cycle.conn.execute(f"SELECT 1 FROM {cycle.tenants} WHERE id = $1 FOR UPDATE", tenant)
-    return await cycle.conn.fetchval("SELECT pg_backend_pid()")
+    return await fetch_value(cycle.conn, int, "SELECT pg_backend_pid()")
 
 
 async def close_the_cycle(cycle: Cycle, tenant: TenantId, resource: str, count: int) -> None:
@@ -863,14 +866,15 @@ async def test_deadlock_in_a_charge_at_commit_is_retried_in_its_savepoint(
     # without redoing (or losing) the first.
     assert attempts["savepoint"] == [1, 2]
     assert attempts["transaction"] == [1]  # the setup call above
-    counts = dict(
-        await observer.fetch(
+    counts = {
+        resource: count
+        for resource, count in await observer.fetch(
             "SELECT resource_type, request_count FROM api_rate_limits WHERE tenant_id = $1 "
             "AND resource_type = ANY($2::text[])",
             tenant_a,
             [first, second],
         )
-    )
+    }
     assert counts == {first: 2, second: 6}
 
 
@@ -952,7 +956,8 @@ async def test_serialization_failures_on_the_claim_path_are_retried_a_bounded_nu
             # way: it gave up after ATTEMPTS.
             assert attempts["savepoint"] == [1, ATTEMPTS]
             assert "40001" in str(caught.value)
-            row = await admin.fetchrow(
+            row = await fetch_row(
+                admin,
                 "SELECT status, processing_attempts, title FROM meeting_sessions WHERE id = $1",
                 meeting.id,
             )
