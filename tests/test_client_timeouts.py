@@ -25,6 +25,7 @@ from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import DatabaseUnavailable
 from slack_fathom_db.testing import PgBouncer, pgbouncer
 from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import fetch_value
 
 T = TypeVar("T")
 
@@ -83,7 +84,9 @@ def statement_bound(db: Database) -> float:
 
 
 async def users_named(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
-    return await admin.fetchval(
+    return await fetch_value(
+        admin,
+        int,
         "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
         tenant,
         slack_user,

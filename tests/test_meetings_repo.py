@@ -348,7 +348,10 @@ async def test_lifecycle_pending_processing_completed(db: Database, tenant_a: Te
     assert processing.version == 2
 
     ai_output = {"model": "m-1", "tokens": {"in": 1200, "out": 310}, "topics": ["pricing"]}
-    items = [{"text": "Send the proposal", "owner": "ann@example.com"}, "Book a follow-up"]
+    items: list[dict[str, str] | str] = [
+        {"text": "Send the proposal", "owner": "ann@example.com"},
+        "Book a follow-up",
+    ]
     async with db.unit_of_work(tenant_a) as uow:
         completed = await uow.meetings.complete_processing(
             meeting.id, summary="We agreed on a pilot.", action_items=items, ai_output=ai_output
