@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
@@ -125,12 +126,13 @@ async def test_owner_update_of_a_single_row_by_id_is_refused(
 
 
 async def test_append_only_triggers_are_enabled(admin: asyncpg.Connection) -> None:
-    triggers = dict(
-        await admin.fetch(
+    triggers: dict[str, object] = {
+        name: enabled
+        for name, enabled in await admin.fetch(
             "SELECT tgname, tgenabled FROM pg_trigger "
             "WHERE tgrelid = 'audit_logs'::regclass AND NOT tgisinternal"
         )
-    )
+    }
     # 'O': fires in origin and local mode; also 'A' (always) would do. Never 'D' (disabled).
     assert triggers.get("audit_logs_append_only") in (b"O", b"A", "O", "A")
     assert triggers.get("audit_logs_no_truncate") in (b"O", b"A", "O", "A")
@@ -153,7 +155,9 @@ async def test_app_role_has_only_insert_and_select_on_audit_logs(
 # -- security events survive the caller's rollback -----------------------------------------
 
 
-async def _events(admin: asyncpg.Connection, tenant: TenantId, event_type: str) -> list[dict]:
+async def _events(
+    admin: asyncpg.Connection, tenant: TenantId, event_type: str
+) -> list[dict[str, Any]]:
     rows = await admin.fetch(
         "SELECT event_type, event_category, status, action_description, resource_type, "
         "resource_id, metadata FROM audit_logs WHERE tenant_id = $1 AND event_type = $2",

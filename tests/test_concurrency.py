@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 import asyncpg
@@ -20,7 +20,7 @@ import pytest_asyncio
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, RateLimitExceeded
 from tests.conftest import unique_user_id
-from tests.helpers import lock_waiters
+from tests.helpers import fetch_row, lock_waiters
 
 GATHER_TIMEOUT = 120.0
 """Generous ceiling for a whole race: a hang fails the test instead of the run."""
@@ -40,7 +40,7 @@ async def big_db(settings: DatabaseSettings) -> AsyncIterator[Database]:
         await database.dispose()
 
 
-async def gather_all(coros: list[Awaitable[Any]]) -> list[Any]:
+async def gather_all(coros: Sequence[Awaitable[Any]]) -> list[Any]:
     """Run every coroutine at once; results (or exceptions) in order."""
     return await asyncio.wait_for(
         asyncio.gather(*coros, return_exceptions=True), timeout=GATHER_TIMEOUT
@@ -574,8 +574,8 @@ async def test_concurrent_status_change_loser_gets_conflict(
     assert first_result == "first committed"
     assert isinstance(second_result, Conflict), second_result
     assert not isinstance(second_result, RateLimitExceeded)
-    row = await admin.fetchrow(
-        "SELECT status, summary, version FROM meeting_sessions WHERE id = $1", meeting_id
+    row = await fetch_row(
+        admin, "SELECT status, summary, version FROM meeting_sessions WHERE id = $1", meeting_id
     )
     assert (row["status"], row["summary"], row["version"]) == ("completed", "first", version + 1)
 
@@ -607,8 +607,8 @@ async def test_concurrent_status_change_symmetric_race_exactly_one_wins(
     losers = [r for r in results if isinstance(r, Conflict)]
     assert len(winners) == 1, results
     assert len(losers) == 1, results
-    row = await admin.fetchrow(
-        "SELECT status, summary, version FROM meeting_sessions WHERE id = $1", meeting_id
+    row = await fetch_row(
+        admin, "SELECT status, summary, version FROM meeting_sessions WHERE id = $1", meeting_id
     )
     assert (row["status"], row["summary"], row["version"]) == ("completed", winners[0], version + 1)
 
@@ -646,8 +646,10 @@ async def test_blocked_status_change_succeeds_when_holder_rolls_back(
     assert first_result is None
     assert referee_result is None
     assert second_result == version + 1
-    row = await admin.fetchrow(
-        "SELECT status, summary, processing_error FROM meeting_sessions WHERE id = $1", meeting_id
+    row = await fetch_row(
+        admin,
+        "SELECT status, summary, processing_error FROM meeting_sessions WHERE id = $1",
+        meeting_id,
     )
     assert (row["status"], row["summary"], row["processing_error"]) == (
         "completed",
