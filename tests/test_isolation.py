@@ -41,7 +41,7 @@ from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAb
 from slack_fathom_db.models import CrmConnection, MeetingSession, User
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
 from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import on_citus
+from tests.helpers import fetch_row, on_citus
 
 # -- snapshots ---------------------------------------------------------------------------
 
@@ -296,6 +296,12 @@ async def world(db: Database, admin: asyncpg.Connection) -> World:
 # -- the matrix --------------------------------------------------------------------------
 
 Call = Callable[[UnitOfWork, World], Awaitable[Any]]
+KeyedCall = Callable[[UnitOfWork, World, str], Awaitable[Any]]
+
+
+def keyed(call: KeyedCall, key: str) -> Call:
+    """``call`` for one key of A's rows (a lambda made in a loop would see the loop's last key)."""
+    return lambda u, w: call(u, w, key)
 
 
 @dataclass(frozen=True)
@@ -323,14 +329,14 @@ MEETING_KEYS = ("pending", "processing", "completed", "failed", "synced", "delet
 # Reads naming A's rows: the answer is None (or an empty list), as for a missing row.
 READ_CASES: list[Case] = [
     *(
-        Case("tenants.get_user", k, lambda u, w, k=k: u.tenants.get_user(w.a_users[k].id))
+        Case("tenants.get_user", k, keyed(lambda u, w, k: u.tenants.get_user(w.a_users[k].id), k))
         for k in USER_KEYS
     ),
     *(
         Case(
             "tenants.get_user_by_slack_id",
             k,
-            lambda u, w, k=k: u.tenants.get_user_by_slack_id(w.a_users[k].slack_user_id),
+            keyed(lambda u, w, k: u.tenants.get_user_by_slack_id(w.a_users[k].slack_user_id), k),
         )
         for k in USER_KEYS
     ),
@@ -338,19 +344,21 @@ READ_CASES: list[Case] = [
         Case(
             "tenants.get_crm_connection",
             k,
-            lambda u, w, k=k: u.tenants.get_crm_connection(w.a_conns[k].id),
+            keyed(lambda u, w, k: u.tenants.get_crm_connection(w.a_conns[k].id), k),
         )
         for k in CONN_KEYS
     ),
     *(
-        Case("meetings.get", k, lambda u, w, k=k: u.meetings.get(w.a_meetings[k].id))
+        Case("meetings.get", k, keyed(lambda u, w, k: u.meetings.get(w.a_meetings[k].id), k))
         for k in MEETING_KEYS
     ),
     *(
         Case(
             "meetings.get_by_fathom_id",
             k,
-            lambda u, w, k=k: u.meetings.get_by_fathom_id(w.a_meetings[k].fathom_recording_id),
+            keyed(
+                lambda u, w, k: u.meetings.get_by_fathom_id(w.a_meetings[k].fathom_recording_id), k
+            ),
         )
         for k in MEETING_KEYS
     ),
@@ -358,7 +366,7 @@ READ_CASES: list[Case] = [
         Case(
             "meetings.for_user",
             k,
-            lambda u, w, k=k: u.meetings.for_user(w.a_users[k].id, days=3650, limit=1000),
+            keyed(lambda u, w, k: u.meetings.for_user(w.a_users[k].id, days=3650, limit=1000), k),
         )
         for k in ("owner", "member")
     ),
@@ -368,7 +376,11 @@ READ_CASES: list[Case] = [
 # Writes naming A's rows (or referencing them by a composite foreign key): NotFound.
 NOT_FOUND_CASES: list[Case] = [
     *(
-        Case("tenants.remove_user", k, lambda u, w, k=k: u.tenants.remove_user(w.a_users[k].id))
+        Case(
+            "tenants.remove_user",
+            k,
+            keyed(lambda u, w, k: u.tenants.remove_user(w.a_users[k].id), k),
+        )
         for k in USER_KEYS
     ),
     Case(
@@ -396,13 +408,15 @@ NOT_FOUND_CASES: list[Case] = [
         Case(
             "tenants.set_default_crm_connection",
             k,
-            lambda u, w, k=k: u.tenants.set_default_crm_connection(w.a_conns[k].id),
+            keyed(lambda u, w, k: u.tenants.set_default_crm_connection(w.a_conns[k].id), k),
         )
         for k in CONN_KEYS
     ),
     *(
         Case(
-            "tenants.disconnect_crm", k, lambda u, w, k=k: u.tenants.disconnect_crm(w.a_conns[k].id)
+            "tenants.disconnect_crm",
+            k,
+            keyed(lambda u, w, k: u.tenants.disconnect_crm(w.a_conns[k].id), k),
         )
         for k in CONN_KEYS
     ),
@@ -410,8 +424,13 @@ NOT_FOUND_CASES: list[Case] = [
         Case(
             "tenants.map_account",
             f"a_{k}_connection",
-            lambda u, w, k=k: u.tenants.map_account(
-                crm_connection_id=w.a_conns[k].id, email_domain=w.a_domain, crm_account_id="evil-1"
+            keyed(
+                lambda u, w, k: u.tenants.map_account(
+                    crm_connection_id=w.a_conns[k].id,
+                    email_domain=w.a_domain,
+                    crm_account_id="evil-1",
+                ),
+                k,
             ),
         )
         for k in ("default", "other")
@@ -439,7 +458,7 @@ NOT_FOUND_CASES: list[Case] = [
         Case(
             "meetings.start_processing",
             k,
-            lambda u, w, k=k: u.meetings.start_processing(w.a_meetings[k].id),
+            keyed(lambda u, w, k: u.meetings.start_processing(w.a_meetings[k].id), k),
         )
         for k in ("pending", "failed", "completed")
     ),
@@ -447,7 +466,10 @@ NOT_FOUND_CASES: list[Case] = [
         Case(
             "meetings.complete_processing",
             k,
-            lambda u, w, k=k: u.meetings.complete_processing(w.a_meetings[k].id, summary="pwned"),
+            keyed(
+                lambda u, w, k: u.meetings.complete_processing(w.a_meetings[k].id, summary="pwned"),
+                k,
+            ),
         )
         for k in ("processing", "pending")
     ),
@@ -455,7 +477,7 @@ NOT_FOUND_CASES: list[Case] = [
         Case(
             "meetings.fail_processing",
             k,
-            lambda u, w, k=k: u.meetings.fail_processing(w.a_meetings[k].id, error="pwned"),
+            keyed(lambda u, w, k: u.meetings.fail_processing(w.a_meetings[k].id, error="pwned"), k),
         )
         for k in ("processing", "pending")
     ),
@@ -480,7 +502,9 @@ NOT_FOUND_CASES: list[Case] = [
     ),
     *(
         Case(
-            "meetings.soft_delete", k, lambda u, w, k=k: u.meetings.soft_delete(w.a_meetings[k].id)
+            "meetings.soft_delete",
+            k,
+            keyed(lambda u, w, k: u.meetings.soft_delete(w.a_meetings[k].id), k),
         )
         for k in ("pending", "completed", "deleted")
     ),
@@ -520,8 +544,8 @@ async def _update_own(u: UnitOfWork, w: World, db: Database) -> Post:
     assert tenant.id == w.b
 
     async def post(admin: asyncpg.Connection) -> None:
-        row = await admin.fetchrow(
-            "SELECT slack_team_name, plan_tier FROM tenants WHERE id = $1", w.b
+        row = await fetch_row(
+            admin, "SELECT slack_team_name, plan_tier FROM tenants WHERE id = $1", w.b
         )
         assert tuple(row) == ("Tenant A", "enterprise")
 
