@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -40,6 +40,9 @@ from slack_fathom_db.errors import (
     ValidationError,
 )
 from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import fetch_row
+
+T = TypeVar("T")
 
 EXAMPLES = 60
 """Examples per property (moderate: the suite stays fast)."""
@@ -130,7 +133,7 @@ class Harness:
     crm_id: uuid.UUID
     outcomes: dict[str, Counter[str]] = field(default_factory=dict)
 
-    def run(self, coro: Awaitable[Any]) -> Any:
+    def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(asyncio.wait_for(coro, 120))
 
     async def fingerprint(self) -> str:
@@ -331,7 +334,7 @@ def test_install_and_resolve(harness: Harness) -> None:
                 assert resolved[1] is None
                 return outcome
             assert await h.db.directory.resolve(args["slack_team_id"]) == tenant
-            row = await h.admin.fetchrow("SELECT * FROM tenants WHERE id = $1", tenant)
+            row = await fetch_row(h.admin, "SELECT * FROM tenants WHERE id = $1", tenant)
             assert row["slack_team_id"] == args["slack_team_id"]
             assert row["slack_team_name"] == args["slack_team_name"]
             assert row["plan_tier"] == args["plan_tier"]
@@ -388,7 +391,7 @@ def test_tenant_update(harness: Harness) -> None:
         _, value = pick(data, args, hostile)
 
         async def verify(tenant: Any) -> None:
-            row = await h.admin.fetchrow("SELECT * FROM tenants WHERE id = $1", h.tenant)
+            row = await fetch_row(h.admin, "SELECT * FROM tenants WHERE id = $1", h.tenant)
             for name, expected in args.items():
                 if name == "settings":
                     assert json_equal(json.loads(row["settings"]), expected)
@@ -437,6 +440,7 @@ def test_add_user_and_get_by_slack_id(harness: Harness) -> None:
             if args["slack_email"] is None:
                 assert again.slack_email is None
             else:
+                assert again.slack_email is not None
                 local, _, domain = again.slack_email.rpartition("@")
                 assert local == args["slack_email"].strip().rpartition("@")[0]
                 assert domain == domain.lower()
@@ -500,7 +504,7 @@ def test_connect_crm(harness: Harness) -> None:
         )
 
         async def verify(crm: Any) -> None:
-            row = await h.admin.fetchrow("SELECT * FROM crm_connections WHERE id = $1", crm.id)
+            row = await fetch_row(h.admin, "SELECT * FROM crm_connections WHERE id = $1", crm.id)
             assert row["provider_type"] == args["provider_type"]
             assert row["credentials_secret_id"] == args["credentials_secret_id"].strip()
             assert row["tenant_id"] == h.tenant
@@ -539,7 +543,9 @@ def test_map_and_find_account(harness: Harness) -> None:
         )
 
         async def verify(mapping: Any) -> None:
-            row = await h.admin.fetchrow("SELECT * FROM account_mappings WHERE id = $1", mapping.id)
+            row = await fetch_row(
+                h.admin, "SELECT * FROM account_mappings WHERE id = $1", mapping.id
+            )
             assert row["crm_account_id"] == args["crm_account_id"]
             assert row["crm_account_name"] == args["crm_account_name"]
             assert row["email_domain"] == mapping.email_domain
@@ -696,8 +702,8 @@ def test_processing_transitions_and_crm_sync(harness: Harness) -> None:
                 return await uow.meetings.record_crm_sync(meeting.id, **args)
 
             async def verify(result: Any) -> None:
-                row = await h.admin.fetchrow(
-                    "SELECT * FROM meeting_sessions WHERE id = $1", meeting.id
+                row = await fetch_row(
+                    h.admin, "SELECT * FROM meeting_sessions WHERE id = $1", meeting.id
                 )
                 if step == "complete":
                     assert row["status"] == "completed"
@@ -780,7 +786,7 @@ def audit_args() -> dict[str, Any]:
 
 
 async def verify_audit(h: Harness, event_id: uuid.UUID, args: dict[str, Any]) -> None:
-    row = await h.admin.fetchrow("SELECT * FROM audit_logs WHERE id = $1", event_id)
+    row = await fetch_row(h.admin, "SELECT * FROM audit_logs WHERE id = $1", event_id)
     for name, expected in args.items():
         stored = row[name]
         if expected is None:
