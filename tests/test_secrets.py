@@ -22,7 +22,7 @@ import pytest_asyncio
 from pydantic import ValidationError as SettingsError
 from sqlalchemy.engine import URL
 
-from slack_fathom_db import Database, DatabaseSettings, schema
+from slack_fathom_db import Database, DatabaseSettings, TenantId, schema
 from slack_fathom_db.errors import DatabaseUnavailable, SlackFathomDBError
 from slack_fathom_db.testing import local_cluster_control, throwaway_database
 
@@ -163,7 +163,7 @@ async def test_a_wrong_password_fails_clearly_without_showing_either_password(
         for call in (
             db.info,
             lambda: db.directory.resolve("T0SECRET"),
-            lambda: db.rate_limit(uuid.uuid4(), "x", limit=1),  # type: ignore[arg-type]
+            lambda: db.rate_limit(TenantId(uuid.uuid4()), "x", limit=1),
             lambda: _enter(db),
         ):
             with pytest.raises(SlackFathomDBError) as caught:
@@ -183,7 +183,7 @@ async def test_a_wrong_password_fails_clearly_without_showing_either_password(
 
 
 async def _enter(db: Database) -> None:
-    async with db.unit_of_work(uuid.uuid4()):  # type: ignore[arg-type]
+    async with db.unit_of_work(TenantId(uuid.uuid4())):
         pass
 
 

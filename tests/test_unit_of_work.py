@@ -81,7 +81,8 @@ async def assert_clean_pooled_connection(
     """A connection from ``db``'s pool is outside any transaction, as the login role."""
     async with db.engine.connect() as conn:
         raw = await conn.get_raw_connection()
-        driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+        driver = raw.driver_connection
+        assert isinstance(driver, asyncpg.Connection), driver
         assert not driver.is_in_transaction()  # before we send anything
         row = (
             await conn.execute(
