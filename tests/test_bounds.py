@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
@@ -100,7 +101,7 @@ async def _ai_output(uow: UnitOfWork, value: Any) -> object:
     return await uow.meetings.complete_processing(meeting, summary="s", ai_output=value)
 
 
-async def _processing_meeting(uow: UnitOfWork) -> Any:
+async def _processing_meeting(uow: UnitOfWork) -> uuid.UUID:
     user = await uow.tenants.add_user(slack_user_id=unique_user_id())
     meeting = await uow.meetings.create(
         user_id=user.id, fathom_recording_id=f"rec-{unique_user_id()}", title="Call"

@@ -25,6 +25,7 @@ from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, DatabaseUnavailable, ValidationError
 from slack_fathom_db.models import MeetingSession
 from tests.conftest import unique_user_id
+from tests.helpers import fetch_row
 
 HANG = 60.0
 """Upper bound for anything that must not hang (a generous one: machines are noisy)."""
@@ -102,8 +103,11 @@ async def _expire(admin: asyncpg.Connection, tenant: TenantId, ids: list[uuid.UU
     assert status == f"UPDATE {len(ids)}"
 
 
-async def _row(admin: asyncpg.Connection, tenant: TenantId, meeting_id: uuid.UUID) -> Any:
-    row = await admin.fetchrow(
+async def _row(
+    admin: asyncpg.Connection, tenant: TenantId, meeting_id: uuid.UUID
+) -> asyncpg.Record:
+    return await fetch_row(
+        admin,
         "SELECT status, processing_attempts, processing_error, processed_at, version, "
         "processing_lease_expires_at, "
         "extract(epoch FROM processing_lease_expires_at - now()) AS lease_left "
@@ -111,8 +115,6 @@ async def _row(admin: asyncpg.Connection, tenant: TenantId, meeting_id: uuid.UUI
         tenant,
         meeting_id,
     )
-    assert row is not None
-    return row
 
 
 async def _set_created_at(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -76,7 +77,7 @@ async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: s
     )
 
 
-async def create_meeting(db: Database, tenant: TenantId) -> Any:
+async def create_meeting(db: Database, tenant: TenantId) -> uuid.UUID:
     async with db.unit_of_work(tenant) as uow:
         user = await uow.tenants.add_user(slack_user_id=unique_user_id())
         meeting = await uow.meetings.create(
@@ -387,7 +388,7 @@ async def test_a_server_that_never_answers_times_out_with_database_unavailable(
     )
     db = Database(black_hole)
     try:
-        for call in (lambda: _enter(db, TenantId(__import__("uuid").uuid4())), db.info):
+        for call in (lambda: _enter(db, TenantId(uuid.uuid4())), db.info):
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailable) as caught:
                 await asyncio.wait_for(call(), HANG)
