@@ -48,7 +48,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy --strict slack_fathom_db
+	$(BIN)/mypy --strict slack_fathom_db tests bench examples
 
 check: lint typecheck test
 
