@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 
 import asyncpg
 
+from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import ConfigurationError, translate
 
 if TYPE_CHECKING:
@@ -60,12 +61,12 @@ async def distribute(settings: DatabaseSettings) -> list[str]:
             timeout=settings.connect_timeout,
             statement_cache_size=0,
         )
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise translate(exc, action=_ACTION) from exc
     try:
         await _check_ready(conn)
         return await _distribute(conn, app_role=settings.app_role, database=url.database or "")
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise translate(exc, action=_ACTION) from exc
     finally:
         await conn.close(timeout=settings.connect_timeout)

@@ -42,7 +42,15 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
     from sqlalchemy.sql import Executable
 
-DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # The driver's protocol state broke (seen when the server ends the session while the
+    # connection is idle in a transaction): the connection is unusable, like a lost one.
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 @asynccontextmanager

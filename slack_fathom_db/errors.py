@@ -149,7 +149,9 @@ _SHARD_SUFFIX: Final = re.compile(r"_[0-9]{6,}$")
 def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError)):
+    if isinstance(
+        exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+    ):
         return True
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
         return True

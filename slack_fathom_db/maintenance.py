@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 
 from slack_fathom_db import validation
+from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import translate
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ async def purge_rate_limit_windows(
             statement_cache_size=0,  # also right through PgBouncer in transaction mode
             server_settings={"application_name": "slack_fathom_db maintenance"},
         )
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise translate(exc, action="purge rate-limit windows") from exc
     deleted = 0
     try:
@@ -75,7 +76,7 @@ async def purge_rate_limit_windows(
             deleted += count
             if count < batch:
                 return deleted
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DRIVER_ERRORS as exc:
         raise translate(exc, action="purge rate-limit windows") from exc
     finally:
         await conn.close(timeout=settings.connect_timeout)

@@ -28,13 +28,14 @@ from sqlalchemy import text
 import slack_fathom_db.database as database_module
 import slack_fathom_db.uow as uow_module
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork, retries
-from slack_fathom_db.connections import send
+from slack_fathom_db.connections import connection_lost, send
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
     PoolExhausted,
     SerializationConflict,
     StatementTimeout,
     TransactionAborted,
+    translate,
 )
 from slack_fathom_db.repositories.rate_limits import window
 from slack_fathom_db.retries import ATTEMPTS
@@ -1044,3 +1045,14 @@ async def test_retry_gives_up_after_attempts_and_raises_the_conflict() -> None:
     with suppress(SerializationConflict):
         await retry_conflicts(always_conflicts)
     assert calls == ATTEMPTS
+
+
+def test_a_broken_driver_protocol_state_is_a_lost_connection() -> None:
+    # asyncpg raises this when the server ended the session while the connection sat idle
+    # in a transaction and the next statement found the protocol mid-way (seen on Citus).
+    error = translate(
+        asyncpg.InternalClientError("cannot switch to state 11; another operation is in progress"),
+        action="get meeting",
+    )
+    assert isinstance(error, DatabaseUnavailable)
+    assert connection_lost(error, None)
