@@ -1,7 +1,7 @@
 """EXPLAIN of the layer's named queries on the large database, as the app role.
 
 The statements are captured from the layer itself (a ``before_cursor_execute``
-listener on ``Database.engine`` while its public methods run, writes rolled
+listener on the ``Database``'s engine while its public methods run, writes rolled
 back), then planned with their real parameters inside a tenant transaction
 (``SET LOCAL ROLE`` + ``SET LOCAL app.tenant_id``), so row-level security
 is part of the plan, as it is at run time.
@@ -20,6 +20,7 @@ from sqlalchemy import event
 from bench.impls.base import tenant_preamble
 from bench.impls.layer import LayerImpl
 from slack_fathom_db.tenancy import tenant_id_from_trusted
+from slack_fathom_db.testing import engine_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -154,10 +155,10 @@ async def explain_layer_queries(data: Dataset) -> list[Plan]:
     try:
         db = layer.db
         listener = _capture(captured)
-        event.listen(db.engine.sync_engine, "before_cursor_execute", listener)
+        event.listen(engine_of(db).sync_engine, "before_cursor_execute", listener)
         # Hot paths run compiled SQL on the driver, past SQLAlchemy's events.
         logger = _log_driver_queries(captured)
-        event.listen(db.engine.sync_engine, "checkout", logger)
+        event.listen(engine_of(db).sync_engine, "checkout", logger)
         statements: list[tuple[str, str, bool, str, Any]] = []
         for name, method, named, call in calls:
             captured.clear()
@@ -169,8 +170,8 @@ async def explain_layer_queries(data: Dataset) -> list[Plan]:
         await db.directory.resolve(tenant.slack_team_id)
         await asyncio.sleep(0)
         resolve_sql, resolve_params = captured[-1]
-        event.remove(db.engine.sync_engine, "before_cursor_execute", listener)
-        event.remove(db.engine.sync_engine, "checkout", logger)
+        event.remove(engine_of(db).sync_engine, "before_cursor_execute", listener)
+        event.remove(engine_of(db).sync_engine, "checkout", logger)
     finally:
         await layer.close()
     plans = []

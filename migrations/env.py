@@ -34,7 +34,8 @@ def _settings() -> DatabaseSettings:
 
 
 def _configure(**kwargs: object) -> None:
-    config.attributes.setdefault("app_role", _settings().app_role)
+    config.attributes.setdefault("roles", _settings().roles)
+    config.attributes.setdefault("app_role", _settings().roles.app)
     context.configure(
         target_metadata=target_metadata,
         compare_type=True,
@@ -57,10 +58,21 @@ def do_run_migrations(connection: Connection) -> None:
             # One transaction for the whole upgrade: on Citus that needs its DDL sent over
             # one connection per node, or a function created after a table changed fails.
             connection.execute(text("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"))
+            # The audit log's triggers only raise or fill in server values: safe on shards.
+            connection.execute(text("SET LOCAL citus.enable_unsafe_triggers TO on"))
+        owner = _settings().roles.owner
+        if connection.execute(text(_MAY_BE_OWNER), {"owner": owner}).scalar():
+            # Once the owner exists (revision 0006), migrations run as it: what they
+            # create is the owner's, never the migrating login's.
+            connection.execute(text(f'SET LOCAL ROLE "{owner}"'))
         context.run_migrations()
 
 
 _HAS_CITUS = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+_MAY_BE_OWNER = (
+    "SELECT coalesce(pg_has_role(current_user, oid, 'MEMBER'), false) FROM pg_roles "
+    "WHERE rolname = :owner"
+)
 
 
 async def run_async_migrations() -> None:

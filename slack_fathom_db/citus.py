@@ -7,14 +7,15 @@ statement of a unit of work is routed to the one node that holds the tenant.
 ``db.rate_limit`` runs, whole, on that node (one statement, as on a single
 server). Besides the tables, Citus needs:
 
-* the app role to be able to log in: after ``SET LOCAL ROLE`` the coordinator
-  opens its connections to the workers as that role (how it authenticates
-  between nodes is the cluster's ``pg_hba.conf``, or ``pg_dist_authinfo``);
+* the layer's roles to be able to log in: after ``SET LOCAL ROLE`` the
+  coordinator opens its connections to the workers as that role (how they
+  authenticate between nodes is the cluster's ``pg_hba.conf``, or
+  ``pg_dist_authinfo``; none of them has a password);
 * ``citus.propagate_set_commands = 'local'`` for the database, so the tenant
   and role set by ``SET LOCAL`` reach the workers (row-level security runs there).
 
-Idempotent: what is already done is skipped. Run it as the schema owner (or a
-superuser) on the coordinator, after ``sfdb migrate``; later migrations run on
+Idempotent: what is already done is skipped. It runs on the owner's side
+(``DATABASE_MIGRATION_URL``) on the coordinator, after ``sfdb migrate``; later migrations run on
 the coordinator as usual, and Citus applies their DDL to every shard.
 """
 
@@ -28,6 +29,7 @@ from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import ConfigurationError, translate
 
 if TYPE_CHECKING:
+    from slack_fathom_db.roles import LayerRoles
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = ["DISTRIBUTED_TABLES", "distribute", "is_distributed"]
@@ -54,7 +56,7 @@ async def distribute(settings: DatabaseSettings) -> list[str]:
     installed in the database, no worker node is registered, or the database
     is not migrated.
     """
-    url = settings.sqlalchemy_url().set(drivername="postgresql")
+    url = settings.for_migrations().sqlalchemy_url().set(drivername="postgresql")
     try:
         conn = await asyncpg.connect(
             url.render_as_string(hide_password=False),
@@ -65,7 +67,7 @@ async def distribute(settings: DatabaseSettings) -> list[str]:
         raise translate(exc, action=_ACTION) from exc
     try:
         await _check_ready(conn)
-        return await _distribute(conn, app_role=settings.app_role, database=url.database or "")
+        return await _distribute(conn, roles=settings.roles, database=url.database or "")
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=_ACTION) from exc
     finally:
@@ -107,7 +109,7 @@ async def _check_ready(conn: asyncpg.Connection) -> None:
         raise ConfigurationError(f"{_ACTION}: the database is not migrated (run sfdb migrate)")
 
 
-async def _distribute(conn: asyncpg.Connection, *, app_role: str, database: str) -> list[str]:
+async def _distribute(conn: asyncpg.Connection, *, roles: LayerRoles, database: str) -> list[str]:
     done: list[str] = []
     placed = {
         row["name"]: row["method"]
@@ -132,6 +134,8 @@ async def _distribute(conn: asyncpg.Connection, *, app_role: str, database: str)
             "SELECT create_distributed_table($1, 'tenant_id', colocate_with => $2)", table, colocate
         )
         done.append(f"{table}: distributed by tenant_id")
+    if await _copy_column_grants(conn):
+        done.append("column privileges copied to the shards")
     delegated = await conn.fetchval(
         "SELECT distribution_argument_index IS NOT NULL FROM pg_dist_object "
         "WHERE classid = 'pg_proc'::regclass AND objid = $1::regprocedure",
@@ -146,9 +150,16 @@ async def _distribute(conn: asyncpg.Connection, *, app_role: str, database: str)
             RATE_LIMIT_FUNCTION,
         )
         done.append("sfdb_consume_rate_limit: runs on the node of its tenant")
-    if not await conn.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", app_role):
-        await conn.execute(f'ALTER ROLE "{app_role}" LOGIN')
-        done.append(f"{app_role}: may log in (the coordinator connects to workers as it)")
+    # The coordinator connects to the workers as the role in effect: the app role in a
+    # unit of work, the directory role outside one, the owner during migrations.
+    for role in (roles.app, roles.directory, roles.owner):
+        # False: exists and may not log in yet (None: a revision before the role was made).
+        if (
+            await conn.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role)
+            is False
+        ):
+            await conn.execute(f'ALTER ROLE "{role}" LOGIN')
+            done.append(f"{role}: may log in (the coordinator connects to workers as it)")
     setting = await conn.fetchval(
         "SELECT setconfig FROM pg_db_role_setting JOIN pg_database d ON d.oid = setdatabase "
         "WHERE d.datname = current_database() AND setrole = 0"
@@ -160,3 +171,45 @@ async def _distribute(conn: asyncpg.Connection, *, app_role: str, database: str)
         )
         done.append("citus.propagate_set_commands = local (for new connections)")
     return done
+
+
+async def _copy_column_grants(conn: asyncpg.Connection) -> bool:
+    """Give every shard the column privileges of its table; ``True`` if any were missing.
+
+    ``create_distributed_table`` copies a table's privileges to its shards, but not
+    its column privileges (the layer grants INSERT and UPDATE column by column).
+    Granting them again on the distributed table makes Citus send them to every
+    shard; doing so when they are already there changes nothing.
+    """
+    tables = [REFERENCE_TABLE, *DISTRIBUTED_TABLES]
+    rows = await conn.fetch(
+        "SELECT c.relname AS table_name, g.rolname AS grantee, x.privilege_type AS privilege, "
+        "array_agg(quote_ident(a.attname::text) ORDER BY a.attnum) AS columns "
+        "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "CROSS JOIN LATERAL aclexplode(a.attacl) x JOIN pg_roles g ON g.oid = x.grantee "
+        "WHERE c.relname = ANY($1::text[]) AND c.relnamespace = 'public'::regnamespace "
+        "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        tables,
+    )
+    missing = False
+    for table in tables:
+        expected = await conn.fetchval(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = $1::regclass "
+            "AND attacl IS NOT NULL",
+            table,
+        )
+        missing = missing or await conn.fetchval(
+            "SELECT coalesce(bool_or(NOT success OR result::int < $2), false) "
+            "FROM run_command_on_shards($1, 'SELECT count(*) FROM pg_attribute "
+            "WHERE attrelid = ''%s''::regclass AND attacl IS NOT NULL')",
+            table,
+            expected,
+        )
+    if not missing:
+        return False
+    for row in rows:
+        columns = ", ".join(row["columns"])
+        await conn.execute(
+            f'GRANT {row["privilege"]} ({columns}) ON {row["table_name"]} TO "{row["grantee"]}"'
+        )
+    return True

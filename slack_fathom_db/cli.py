@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import hashlib
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from slack_fathom_db import __version__, citus, schema
+from slack_fathom_db import __version__, citus, roles, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
@@ -39,6 +41,8 @@ from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
+
+    from sqlalchemy.engine import URL
 
     from slack_fathom_db.repositories import RateLimitDecision
     from slack_fathom_db.tenancy import TenantId
@@ -55,6 +59,8 @@ TENANT_OWNED = (
 )
 DEMO_TEAM_ID = "TDEMO00001"
 EMBEDDED_DATABASE = "slack_fathom_db"
+EMBEDDED_MIGRATOR = "slack_fathom_db_migrator"
+EMBEDDED_RUNTIME = "slack_fathom_db_runtime"
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -106,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
     audit.add_argument("--days", type=_positive, default=7, help="look back N days (default 7)")
     audit.add_argument("--limit", type=_positive, default=50, help="at most N events (default 50)")
+    login = commands.add_parser(
+        "create-login",
+        help="create the runtime login (or set its password again), as the schema owner",
+    )
+    login.add_argument("name", metavar="NAME", help="the login's name, e.g. sfdb_runtime")
+    login.add_argument(
+        "--password-stdin",
+        action="store_true",
+        required=True,
+        help="read the password from standard input (never from the command line)",
+    )
     commands.add_parser(
         "distribute",
         help="distribute the migrated database over its Citus cluster (idempotent)",
@@ -183,17 +200,51 @@ def _settings() -> Iterator[DatabaseSettings]:
     err.print(f"DATABASE_URL is not set: using the embedded PostgreSQL in {data_dir}")
     server: Any = get_server(data_dir, cleanup_mode="stop")
     try:
-        url = normalize_url(server.get_uri()).set(database=EMBEDDED_DATABASE)
-        yield settings.model_copy(update={"url": SecretStr(url.render_as_string(False))})
+        superuser = normalize_url(server.get_uri())
+        asyncio.run(_prepare_embedded(superuser))
+        # As everywhere else: migrations as a login that owns the database (not the
+        # superuser), the layer as a runtime login (sfdb migrate creates it).
+        migration = superuser.set(username=EMBEDDED_MIGRATOR, database=EMBEDDED_DATABASE)
+        runtime = superuser.set(username=EMBEDDED_RUNTIME, database=EMBEDDED_DATABASE)
+        yield settings.model_copy(
+            update={
+                "url": SecretStr(runtime.render_as_string(False)),
+                "migration_url": SecretStr(migration.render_as_string(False)),
+            }
+        )
     finally:
         server.cleanup()
+
+
+async def _prepare_embedded(superuser: URL) -> None:
+    """The embedded database, owned by its migrating login; remade if an older layout made it."""
+    conn = await asyncpg.connect(superuser.set(drivername="postgresql").render_as_string(False))
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", EMBEDDED_MIGRATOR):
+            await conn.execute(f'CREATE ROLE "{EMBEDDED_MIGRATOR}" LOGIN CREATEROLE')
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1",
+            EMBEDDED_DATABASE,
+        )
+        if owner not in (None, EMBEDDED_MIGRATOR):
+            err.print("the embedded database was made by an older version of sfdb: made anew")
+            await conn.execute(f'DROP DATABASE "{EMBEDDED_DATABASE}" WITH (FORCE)')
+            owner = None
+        if owner is None:
+            await conn.execute(f'CREATE DATABASE "{EMBEDDED_DATABASE}" OWNER "{EMBEDDED_MIGRATOR}"')
+    finally:
+        await conn.close()
+
+
+def _is_embedded(settings: DatabaseSettings) -> bool:
+    return settings.sqlalchemy_url().username == EMBEDDED_RUNTIME
 
 
 # -- commands --------------------------------------------------------------------------
 
 
 async def _ensure_database(settings: DatabaseSettings) -> None:
-    url = settings.sqlalchemy_url()
+    url = settings.for_migrations().sqlalchemy_url()
     name = url.database or ""  # normalize_url refuses a URL without one
     maintenance = url.set(drivername="postgresql", database="postgres")
     conn = await asyncpg.connect(maintenance.render_as_string(hide_password=False))
@@ -208,14 +259,22 @@ async def _ensure_database(settings: DatabaseSettings) -> None:
 
 
 async def _migrate(settings: DatabaseSettings, revision: str) -> None:
+    _warn_if_owner_falls_back(settings)
     await _ensure_database(settings)
     await schema.upgrade(settings, revision)
-    out.print(f"{settings.masked_url} is at revision {await schema.current(settings)}")
+    current = await schema.current(settings)
+    where = settings.for_migrations().masked_url
+    out.print(f"{where} is at revision {current}")
+    if _is_embedded(settings) and current == schema.head():
+        # Local socket, trust: the password is never asked for; a fresh one each time.
+        await roles.create_login(settings, EMBEDDED_RUNTIME, secrets.token_urlsafe(24))
 
 
 async def _downgrade(settings: DatabaseSettings, revision: str) -> None:
+    _warn_if_owner_falls_back(settings)
     await schema.downgrade(settings, revision)
-    out.print(f"{settings.masked_url} is at revision {await schema.current(settings) or 'base'}")
+    where = settings.for_migrations().masked_url
+    out.print(f"{where} is at revision {await schema.current(settings) or 'base'}")
 
 
 async def _current(settings: DatabaseSettings) -> None:
@@ -227,8 +286,8 @@ async def _check(settings: DatabaseSettings) -> bool:
     url = settings.sqlalchemy_url().set(drivername="postgresql")
     try:
         conn = await asyncio.wait_for(
-            asyncpg.connect(url.render_as_string(hide_password=False)),
-            timeout=settings.pool_timeout,
+            asyncpg.connect(url.render_as_string(hide_password=False), statement_cache_size=0),
+            timeout=settings.connect_timeout,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         _print_checks([("connection", False, _first_line(exc))])
@@ -243,15 +302,13 @@ async def _check(settings: DatabaseSettings) -> bool:
                 await conn.fetchval("SHOW server_version"),
             )
         )
-        current = await _current_on(conn)
-        head = schema.head()
-        results.append(("migrations at head", current == head, f"at {current}, head {head}"))
+        results += await _login_checks(conn, settings)
         role = await conn.fetchrow(
-            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", settings.app_role
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", settings.roles.app
         )
-        results.append(("app role present", role is not None, settings.app_role))
+        results.append(("app role present", role is not None, settings.roles.app))
         safe = role is not None and not role["rolsuper"] and not role["rolbypassrls"]
-        results.append(("app role is NOSUPERUSER NOBYPASSRLS", safe, settings.app_role))
+        results.append(("app role is NOSUPERUSER NOBYPASSRLS", safe, settings.roles.app))
         rows = await conn.fetch(
             "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) "
             "AND relkind = 'r' AND relrowsecurity AND relforcerowsecurity "
@@ -266,17 +323,76 @@ async def _check(settings: DatabaseSettings) -> bool:
                 f"missing on {', '.join(missing)}" if missing else f"{len(TENANT_OWNED)} tables",
             )
         )
+        current = await _current_on(conn, settings)
+        head = schema.head()
+        results.append(("migrations at head", current == head, f"at {current}, head {head}"))
     finally:
         await conn.close()
     _print_checks(results)
     return all(ok for _, ok, _ in results)
 
 
-async def _current_on(conn: asyncpg.Connection) -> str | None:
-    exists = await conn.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
-    if not exists:
-        return None
-    value: str | None = await conn.fetchval("SELECT version_num FROM alembic_version")
+_LOGIN = """
+SELECT r.rolname AS name, r.rolsuper AS superuser, r.rolbypassrls AS bypassrls,
+       r.rolcreaterole AS createrole, r.rolcreatedb AS createdb,
+       EXISTS (SELECT FROM pg_class WHERE relowner = r.oid)
+         OR EXISTS (SELECT FROM pg_proc WHERE proowner = r.oid)
+         OR EXISTS (SELECT FROM pg_namespace WHERE nspowner = r.oid)
+         OR EXISTS (SELECT FROM pg_database WHERE datdba = r.oid
+                    AND datname = current_database()) AS owns,
+       coalesce(pg_has_role(r.oid, (SELECT oid FROM pg_roles WHERE rolname = $1), 'MEMBER'),
+                false) AS is_owner,
+       (SELECT array_agg(rolname ORDER BY rolname) FROM pg_roles
+        WHERE rolname IN (r.rolname, $2, $3)
+          AND has_database_privilege(oid, current_database(), 'TEMPORARY')) AS temp_roles,
+       (SELECT count(*) = 2 FROM pg_roles
+        WHERE rolname IN ($2, $3) AND pg_has_role(r.oid, oid, 'MEMBER')) AS can_become
+FROM pg_roles r WHERE r.rolname = session_user
+"""
+
+
+async def _login_checks(
+    conn: asyncpg.Connection, settings: DatabaseSettings
+) -> list[tuple[str, bool, str]]:
+    """The runtime login holds nothing of its own (one line per problem)."""
+    layer = settings.roles
+    row = await conn.fetchrow(_LOGIN, layer.owner, layer.app, layer.directory)
+    assert row is not None  # noqa: S101 - the session's own role exists
+    name = row["name"]
+    temp = ", ".join(row["temp_roles"] or [])
+    return [
+        ("runtime login is not a superuser", not row["superuser"], name),
+        ("runtime login does not bypass row-level security", not row["bypassrls"], name),
+        ("runtime login cannot create roles", not row["createrole"], name),
+        ("runtime login cannot create databases", not row["createdb"], name),
+        ("runtime login owns nothing", not row["owns"], name),
+        ("runtime login is not the owner", not row["is_owner"], name),
+        ("no runtime role can create temp tables", not temp, temp or name),
+        (
+            "runtime login may become the app and directory roles",
+            bool(row["can_become"]),
+            f"{layer.app}, {layer.directory}",
+        ),
+    ]
+
+
+async def _current_on(conn: asyncpg.Connection, settings: DatabaseSettings) -> str | None:
+    # The revision table is the owner's; the directory role may read it (the runtime
+    # login itself, holding nothing, cannot even see the schema).
+    directory = settings.roles.directory
+    async with conn.transaction():
+        if await conn.fetchval(
+            "SELECT coalesce(pg_has_role(session_user, oid, 'MEMBER'), false) "
+            "FROM pg_roles WHERE rolname = $1",
+            directory,
+        ):
+            await conn.execute(f'SET LOCAL ROLE "{directory}"')
+        if not await conn.fetchval(
+            "SELECT CASE WHEN has_schema_privilege('public', 'USAGE') "
+            "THEN to_regclass('public.alembic_version') IS NOT NULL ELSE false END"
+        ):
+            return None
+        value: str | None = await conn.fetchval("SELECT version_num FROM alembic_version")
     return value
 
 
@@ -293,6 +409,28 @@ async def _info(settings: DatabaseSettings) -> None:
     for name in info.__dataclass_fields__:
         table.add_row(name, str(getattr(info, name)))
     out.print(table)
+
+
+def _read_password() -> str:
+    """The password from standard input: prompted without echo on a terminal, else read."""
+    if sys.stdin.isatty():
+        return getpass.getpass("password: ")
+    return sys.stdin.read().rstrip("\r\n")
+
+
+async def _create_login(settings: DatabaseSettings, name: str, password: str) -> None:
+    _warn_if_owner_falls_back(settings)
+    created = await roles.create_login(settings, name, password)
+    what = "created login" if created else "set a new password for login"
+    out.print(f"{what} {name}: a member of {settings.roles.app} and {settings.roles.directory}")
+
+
+def _warn_if_owner_falls_back(settings: DatabaseSettings) -> None:
+    if settings.migration_falls_back:
+        err.print(
+            "DATABASE_MIGRATION_URL is not set: doing the owner's work with DATABASE_URL "
+            "(give the runtime its own login: sfdb create-login)"
+        )
 
 
 async def _distribute(settings: DatabaseSettings) -> None:
@@ -564,6 +702,9 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_info(settings))
         elif args.command == "demo":
             asyncio.run(_demo(settings, args.meetings))
+        elif args.command == "create-login":
+            password = _read_password()
+            asyncio.run(_create_login(settings, args.name, password))
         elif args.command == "distribute":
             asyncio.run(_distribute(settings))
         elif args.command == "purge-rate-limits":

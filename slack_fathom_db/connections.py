@@ -20,7 +20,7 @@ opens a fresh one next time.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 from sqlalchemy import event
@@ -41,6 +41,21 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
     from sqlalchemy.sql import Executable
+
+SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
+"""Every transaction's search path: pg_temp last, so no temp object shadows anything."""
+BEGIN: Final = "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"
+COMMIT: Final = "COMMIT"
+ROLLBACK: Final = "ROLLBACK"
+_SESSION_RESET: Final = "RESET ALL; RESET ROLE; UNLISTEN *; SELECT pg_advisory_unlock_all()"
+COMMIT_AND_RESET: Final = f"{_SESSION_RESET}; COMMIT"
+"""Ends a transaction that ran SQL the layer did not write: the session goes back to what it
+was when it opened (settings, role, listeners, advisory locks) in the same message, before
+the commit, so behind PgBouncer the server session returns clean; the reply's tag is still
+the commit's. (The layer's own statements set nothing beyond their transaction.)"""
+ROLLBACK_AND_RESET: Final = f"ROLLBACK; {_SESSION_RESET}"
+"""The same for a rollback."""
+
 
 DRIVER_ERRORS = (
     asyncpg.PostgresError,
@@ -125,47 +140,49 @@ async def send(
 
 
 async def execute_outside_tenant(
-    conn: AsyncConnection, statement: Executable, *, pgbouncer: bool, action: str
+    conn: AsyncConnection, statement: Executable, *, opener: str | None, action: str
 ) -> Result[Any]:
     """Run one statement outside any tenant transaction (autocommit), errors translated.
 
-    Through PgBouncer in transaction mode the statement is wrapped in
-    ``BEGIN``/``COMMIT``: the driver prepares and executes in two exchanges,
-    which must reach the same server connection.
+    With an ``opener`` (behind PgBouncer in transaction mode) the statement is
+    wrapped in a transaction it opens and ``COMMIT``: the driver prepares and
+    executes in two exchanges, which must reach the same server connection,
+    and the role and search path come from the opener, not from a session
+    that PgBouncer may have given to somebody else.
     """
-    if pgbouncer:
-        await send(conn, "BEGIN", action=action)
+    if opener:
+        await send(conn, opener, action=action)
     try:
         result = await conn.execute(statement)
     except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
         error = translate(exc, action=action)
         if connection_lost(error, None):
             await discard(conn, exc)
-        elif pgbouncer and not conn.invalidated:
+        elif opener and not conn.invalidated:
             await send(conn, "ROLLBACK", action=action)
         raise error from exc
-    if pgbouncer:
+    if opener:
         await send(conn, "COMMIT", action=action)
     return result
 
 
 async def fetchrow_outside_tenant(
-    conn: AsyncConnection, sql: str, *args: Any, pgbouncer: bool, action: str
+    conn: AsyncConnection, sql: str, *args: Any, opener: str | None, action: str
 ) -> Any:
     """Like :func:`execute_outside_tenant`, for SQL run on the driver: the first row or None."""
     driver = await _driver(conn)
-    if pgbouncer:
-        await send(conn, "BEGIN", action=action, driver=driver)
+    if opener:
+        await send(conn, opener, action=action, driver=driver)
     try:
         row = await driver.fetchrow(sql, *args)
     except DRIVER_ERRORS as exc:
         error = translate(exc, action=action)
         if connection_lost(error, driver):
             await discard(conn, exc, driver=driver)
-        elif pgbouncer:
+        elif opener:
             await send(conn, "ROLLBACK", action=action, driver=driver)
         raise error from exc
-    if pgbouncer:
+    if opener:
         await send(conn, "COMMIT", action=action, driver=driver)
     return row
 
@@ -197,7 +214,7 @@ def install_pool_guards(engine: AsyncEngine) -> None:
         driver: asyncpg.Connection = adapted.driver_connection
         if not driver.is_closed() and driver.is_in_transaction():
             # Raising here makes the pool invalidate the connection instead of reusing it.
-            adapted.run_async(lambda connection: connection.execute("ROLLBACK"))
+            adapted.run_async(lambda connection: connection.execute(ROLLBACK))
 
     event.listen(engine.sync_engine, "checkout", _checkout)
     event.listen(engine.sync_engine, "reset", _reset)

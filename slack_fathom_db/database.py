@@ -37,7 +37,12 @@ from slack_fathom_db.repositories.rate_limits import (
 )
 from slack_fathom_db.retries import retry_conflicts
 from slack_fathom_db.settings import DatabaseSettings
-from slack_fathom_db.tenancy import TenantDirectory, TenantId
+from slack_fathom_db.tenancy import (
+    TenantDirectory,
+    TenantId,
+    outside_opener,
+    session_settings,
+)
 from slack_fathom_db.uow import UnitOfWork
 
 if TYPE_CHECKING:
@@ -85,18 +90,25 @@ class Database:
     def __repr__(self) -> str:
         return f"Database(url={self.settings.masked_url!r})"
 
-    @property
-    def engine(self) -> AsyncEngine:
-        """The async engine, built on first use (no connection is opened by building it)."""
+    def _pool(self) -> AsyncEngine:
+        """The engine and its pool, built on first use (building opens no connection).
+
+        Not public: every statement goes through the directory, units of work
+        and rate limits, which set the role, the tenant and the search path.
+        """
         if self._engine is None:
             self._engine = self._build_engine()
         return self._engine
 
     @property
+    def _opener(self) -> str | None:
+        return outside_opener(self.settings)
+
+    @property
     def directory(self) -> TenantDirectory:
         """Slack workspaces ↔ tenants: ``install`` and ``resolve``."""
         if self._directory is None:
-            self._directory = TenantDirectory(self.engine, pgbouncer=self.settings.pgbouncer)
+            self._directory = TenantDirectory(self._pool(), opener=self._opener)
         return self._directory
 
     def unit_of_work(
@@ -104,7 +116,7 @@ class Database:
     ) -> UnitOfWork:
         """One tenant, one transaction: ``async with db.unit_of_work(tenant_id) as uow:``."""
         return UnitOfWork(
-            self.engine, self.settings, tenant_id=tenant_id, slack_team_id=slack_team_id
+            self._pool(), self.settings, tenant_id=tenant_id, slack_team_id=slack_team_id
         )
 
     async def rate_limit(
@@ -131,7 +143,7 @@ class Database:
             # lasts as long as the statement, not a client round trip.
             now = utcnow()
             start, end = window(charge.period, now)
-            async with connect(self.engine, action="rate limit") as conn:
+            async with connect(self._pool(), action="rate limit") as conn:
                 row = await fetchrow_outside_tenant(
                     conn,
                     _CONSUME_SQL,
@@ -142,7 +154,7 @@ class Database:
                     charge.cost,
                     charge.limit,
                     self.settings.statement_timeout_ms,
-                    pgbouncer=self.settings.pgbouncer,
+                    opener=self._opener,
                     action="rate limit",
                 )
             granted, prior = row[0]
@@ -194,9 +206,9 @@ class Database:
     async def check_connection(self) -> bool:
         """``True`` if a connection can be had and answers ``SELECT 1``."""
         try:
-            async with connect(self.engine, action="check connection") as conn:
+            async with connect(self._pool(), action="check connection") as conn:
                 await execute_outside_tenant(
-                    conn, text("SELECT 1"), pgbouncer=self.settings.pgbouncer, action="check"
+                    conn, text("SELECT 1"), opener=self._opener, action="check"
                 )
         except (SlackFathomDBError, SQLAlchemyError, *DRIVER_ERRORS):
             return False
@@ -206,14 +218,14 @@ class Database:
         """Server version, database, user and pool figures; the URL with its password masked."""
         statement = text(
             "SELECT current_setting('server_version') AS version, "
-            "current_database() AS database, current_user AS user"
+            "current_database() AS database, session_user AS user"
         )
-        async with connect(self.engine, action="read database info") as conn:
+        async with connect(self._pool(), action="read database info") as conn:
             result = await execute_outside_tenant(
-                conn, statement, pgbouncer=self.settings.pgbouncer, action="read database info"
+                conn, statement, opener=self._opener, action="read database info"
             )
             row = result.one()
-        pool = self.engine.pool
+        pool = self._pool().pool
         checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
         overflow = max(0, pool.overflow()) if isinstance(pool, QueuePool) else 0
         return DatabaseInfo(
@@ -221,7 +233,7 @@ class Database:
             server_version=row.version,
             database=row.database,
             user=row.user,
-            app_role=self.settings.app_role,
+            app_role=self.settings.roles.app,
             pool_size=self.settings.pool_size,
             checked_out=checked_out,
             overflow=overflow,
@@ -268,7 +280,7 @@ class Database:
     def _build_engine(self) -> AsyncEngine:
         settings = self.settings
         connect_args: dict[str, Any] = {
-            "server_settings": {"application_name": APPLICATION_NAME},
+            "server_settings": {"application_name": APPLICATION_NAME, **session_settings(settings)},
             # Client-side bounds: a proxy or network that stops answering fails the
             # caller with DatabaseUnavailable instead of hanging it.
             "timeout": settings.connect_timeout,

@@ -190,8 +190,8 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return ValidationError(f"{action}: the database rejected a value{where} [{code}]")
     if code == _INSUFFICIENT_PRIVILEGE:
         return TenantIsolationError(
-            f"{action}: the database refused the statement under the tenant's row-level "
-            f"security policy or the app role's grants{where}"
+            f"{action}: the database refused the statement: row-level security, or a "
+            f"privilege the role in effect does not hold{where}"
         )
     if code in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED):
         return SerializationConflict(f"{action}: a concurrent transaction won [{code}]; retry")

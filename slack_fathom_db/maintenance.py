@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import DRIVER_ERRORS
+from slack_fathom_db.connections import DRIVER_ERRORS, SEARCH_PATH
 from slack_fathom_db.errors import translate
 
 if TYPE_CHECKING:
@@ -51,20 +51,25 @@ async def purge_rate_limit_windows(
 ) -> int:
     """Delete fixed rate-limit windows that ended more than ``older_than_days`` days ago.
 
-    Connects with ``settings``' URL, which must be the schema owner's (the app
-    role may not delete counters). Returns the number of rows deleted.
+    Connects on the owner's side (``DATABASE_MIGRATION_URL``, a member of the
+    owner role; the app role may not delete counters) and acts as the owner.
+    Returns the number of rows deleted.
     Idempotent; each batch of ``batch_size`` rows commits on its own.
     """
     days = validation.integer(older_than_days, field="older_than_days", maximum=_MAX_DAYS)
     batch = validation.integer(batch_size, field="batch_size", minimum=1, maximum=_MAX_BATCH)
-    url = settings.sqlalchemy_url().set(drivername="postgresql")
+    url = settings.for_migrations().sqlalchemy_url().set(drivername="postgresql")
     try:
         conn = await asyncpg.connect(
             url.render_as_string(hide_password=False),
             timeout=settings.connect_timeout,
             command_timeout=settings.client_timeout,
             statement_cache_size=0,  # also right through PgBouncer in transaction mode
-            server_settings={"application_name": "slack_fathom_db maintenance"},
+            server_settings={
+                "application_name": "slack_fathom_db maintenance",
+                "role": settings.roles.owner,  # the purge policies are the owner's
+                "search_path": SEARCH_PATH,
+            },
         )
     except DRIVER_ERRORS as exc:
         raise translate(exc, action="purge rate-limit windows") from exc

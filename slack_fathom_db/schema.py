@@ -3,7 +3,9 @@
 The revisions ship inside the package (``slack_fathom_db._migrations``, the
 repository's ``migrations/`` folder), so this works from any directory. The
 migrations run on a connection of their own, outside the application's pool,
-inside one transaction per command (PostgreSQL DDL is transactional).
+inside one transaction per command (PostgreSQL DDL is transactional), with
+the credentials of ``DATABASE_MIGRATION_URL`` (the owner's side), or of
+``DATABASE_URL`` when that is not set.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def alembic_config(settings: DatabaseSettings) -> Config:
     config = Config()
     config.set_main_option("script_location", str(script_location()))
     config.attributes["settings"] = settings
-    config.attributes["app_role"] = settings.app_role
+    config.attributes["roles"] = settings.roles
+    config.attributes["app_role"] = settings.roles.app
     return config
 
 
@@ -63,7 +66,7 @@ def head() -> str | None:
 
 async def _run(settings: DatabaseSettings, fn: Callable[[Config], Any]) -> Any:
     config = alembic_config(settings)
-    engine = create_async_engine(settings.sqlalchemy_url(), poolclass=NullPool)
+    engine = create_async_engine(settings.for_migrations().sqlalchemy_url(), poolclass=NullPool)
     try:
         async with engine.begin() as conn:
 
@@ -93,7 +96,7 @@ async def check(settings: DatabaseSettings) -> None:
 
 async def current(settings: DatabaseSettings) -> str | None:
     """The revision the database is at, or ``None`` for an empty database."""
-    engine = create_async_engine(settings.sqlalchemy_url(), poolclass=NullPool)
+    engine = create_async_engine(settings.for_migrations().sqlalchemy_url(), poolclass=NullPool)
     try:
         async with engine.connect() as conn:
             return await conn.run_sync(

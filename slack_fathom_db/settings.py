@@ -8,7 +8,6 @@ show it masked (``postgresql+asyncpg://user:***@host/db``).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Final, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -18,11 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from slack_fathom_db.roles import ROLE_NAME, LayerRoles, role_prefix
 from slack_fathom_db.validation import DEFAULT_MAX_JSON_BYTES
 
 __all__ = ["DatabaseSettings", "mask_url", "normalize_url"]
 
-_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _MASKED = "**********"
 CLIENT_TIMEOUT_MARGIN = 2.0
 """Seconds the client waits beyond the statement timeout before it gives up on the server."""
@@ -94,7 +93,7 @@ class DatabaseSettings(BaseSettings):
     ``DATABASE_STATEMENT_TIMEOUT_MS``, ``DATABASE_CONNECT_TIMEOUT``,
     ``DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS``, ``DATABASE_MAX_JSON_BYTES``,
     ``DATABASE_CLAIM_LEASE_SECONDS``, ``DATABASE_MAX_PROCESSING_ATTEMPTS``,
-    ``DATABASE_APP_ROLE``.
+    ``DATABASE_MIGRATION_URL``, ``DATABASE_ROLE_PREFIX``, ``DATABASE_APP_ROLE``.
     """
 
     model_config = SettingsConfigDict(
@@ -138,9 +137,20 @@ class DatabaseSettings(BaseSettings):
         default=5,
         description="Claims of one meeting before an expired lease fails it for good.",
     )
-    app_role: str = Field(
-        default="sfdb_app",
-        description="The NOSUPERUSER NOBYPASSRLS role every unit of work runs as.",
+    migration_url: SecretStr | None = Field(
+        default=None,
+        description="postgresql:// URL with the credentials of a login that may become the "
+        "owner; migrations, create-login and the purge use it.",
+    )
+    role_prefix: str | None = Field(
+        default=None,
+        description="Prefix of the layer's roles (<prefix>_owner, _app, _directory); "
+        "the database's name by default.",
+    )
+    app_role: str | None = Field(
+        default=None,
+        description="The NOSUPERUSER NOBYPASSRLS role every unit of work runs as "
+        "(<prefix>_app by default).",
     )
 
     def __init__(self, **values: Any) -> None:
@@ -165,24 +175,53 @@ class DatabaseSettings(BaseSettings):
         )
 
     @model_validator(mode="after")
-    def _normalize_url(self) -> Self:
-        # A model-level check: pydantic has already wrapped the URL in SecretStr, so
-        # not even the structured errors (ValidationError.errors()) hold it in clear.
-        if self.url is None or not self.url.get_secret_value():
-            object.__setattr__(self, "url", None)
-            return self
-        normalized = normalize_url(self.url.get_secret_value())
-        object.__setattr__(self, "url", SecretStr(normalized.render_as_string(hide_password=False)))
+    def _normalize_urls(self) -> Self:
+        # A model-level check: pydantic has already wrapped the URLs in SecretStr, so
+        # not even the structured errors (ValidationError.errors()) hold them in clear.
+        for name in ("url", "migration_url"):
+            value: SecretStr | None = getattr(self, name)
+            if value is None or not value.get_secret_value():
+                object.__setattr__(self, name, None)
+                continue
+            normalized = normalize_url(value.get_secret_value())
+            object.__setattr__(
+                self, name, SecretStr(normalized.render_as_string(hide_password=False))
+            )
         return self
 
-    @field_validator("app_role")
+    @field_validator("app_role", "role_prefix")
     @classmethod
-    def _check_role(cls, value: str) -> str:
-        if not _ROLE_NAME.fullmatch(value):
-            raise ValueError(
-                "DATABASE_APP_ROLE must be a lower-case identifier ([a-z_][a-z0-9_]*, 63 at most)"
-            )
+    def _check_role(cls, value: str | None) -> str | None:
+        if value is not None and not ROLE_NAME.fullmatch(value):
+            raise ValueError("must be a lower-case identifier ([a-z_][a-z0-9_]*, 63 at most)")
         return value
+
+    @property
+    def roles(self) -> LayerRoles:
+        """The names of the owner, app and directory roles of this database."""
+        # The migration URL names the real database; the runtime URL may name an alias
+        # (a PgBouncer database entry).
+        url = self.migration_url or self.url
+        database = "" if url is None else make_url(url.get_secret_value()).database or ""
+        if not self.role_prefix and not database:
+            self.sqlalchemy_url()  # raises: no URL at all
+        prefix = self.role_prefix or role_prefix(database)
+        return LayerRoles.for_prefix(prefix, app=self.app_role)
+
+    def for_migrations(self) -> DatabaseSettings:
+        """These settings with ``DATABASE_MIGRATION_URL`` as the URL (the owner's side).
+
+        Without a migration URL the runtime URL is used (:attr:`migration_falls_back`),
+        and the CLI says so.
+        """
+        if self.migration_url is None:
+            return self
+        return self.model_copy(update={"url": self.migration_url, "migration_url": None})
+
+    @property
+    def migration_falls_back(self) -> bool:
+        """Whether owner's work (migrations, logins, purges) would use ``DATABASE_URL``."""
+        return self.migration_url is None
 
     def sqlalchemy_url(self) -> URL:
         """The URL to connect with, password included; never log it."""
@@ -214,4 +253,9 @@ class DatabaseSettings(BaseSettings):
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            yield (name, self.masked_url) if name == "url" else (name, value)
+            if name == "url":
+                yield name, self.masked_url
+            elif name == "migration_url":
+                yield name, None if value is None else mask_url(make_url(value.get_secret_value()))
+            else:
+                yield name, value

@@ -7,11 +7,13 @@ Invariants:
   Everything scoped to a tenant takes one, so the type checker shows where a
   tenant comes from.
 * The directory reads and writes ``tenants`` only, one autocommitted
-  statement per call, as the connecting (owner) role.
+  statement per call, through three functions of the owner that the
+  directory role may run (it holds no table, so it cannot list workspaces).
 * :func:`transaction_preamble` renders the statements that open every tenant
   transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
-  app.tenant_id = '<uuid>'``, the statement and idle-in-transaction timeouts,
-  sent as one simple-protocol message (three on Citus, see there). ``SET
+  app.tenant_id = '<uuid>'``, row security on, the statement, lock and
+  idle-in-transaction timeouts, sent as one simple-protocol message (three
+  on Citus, see there). ``SET
   LOCAL`` (rather than ``set_config()``) is what Citus propagates to its
   workers; the literal comes from a validated :class:`uuid.UUID` and the role
   name from a validated identifier, so no input reaches the text unchecked.
@@ -19,31 +21,29 @@ Invariants:
 
 from __future__ import annotations
 
-import functools
 import uuid
 from typing import TYPE_CHECKING, Final, NewType
 
-from sqlalchemy import Text, bindparam, select, update
-from sqlalchemy.dialects.postgresql import insert
-
 from slack_fathom_db import validation
 from slack_fathom_db.connections import (
+    BEGIN,
+    SEARCH_PATH,
     connect,
-    execute_outside_tenant,
     fetchrow_outside_tenant,
 )
-from slack_fathom_db.models import Tenant
-from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.models.tenants import PLAN_TIERS
-from slack_fathom_db.repositories.base import compile_statement
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = [
     "TenantDirectory",
     "TenantId",
     "has_citus",
+    "outside_opener",
+    "session_settings",
     "tenant_id_from_trusted",
     "transaction_preamble",
 ]
@@ -78,8 +78,15 @@ def transaction_preamble(
     settings = "; ".join(
         [
             f'SET LOCAL ROLE "{role}"',
+            # Nothing a session left behind (a temp table, another schema) can shadow
+            # the layer's tables or functions.
+            f"SET LOCAL search_path = {SEARCH_PATH}",
             f"SET LOCAL app.tenant_id = '{tenant_id}'",
+            # What the login's own defaults (ALTER ROLE … SET) or a shared server session
+            # may have changed: row security stays on, the layer's timeouts apply.
+            "SET LOCAL row_security = on",
             f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}",
+            "SET LOCAL lock_timeout = 0",
             # A caller that awaits something slow inside a unit of work loses its
             # connection (and its locks) after this, instead of holding them for ever.
             f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_timeout_ms)}",
@@ -87,11 +94,62 @@ def transaction_preamble(
     )
     check = ("SELECT sfdb_require_tenant()",) if check_tenant else ()
     if citus:
-        return ("BEGIN", settings, *check)
-    return ("; ".join(["BEGIN", settings, *check]),)
+        return (BEGIN, settings, *check)
+    return ("; ".join([BEGIN, settings, *check]),)
 
 
-async def has_citus(conn: AsyncConnection, *, pgbouncer: bool) -> bool:
+def outside_opener(settings: DatabaseSettings) -> str | None:
+    """How a statement outside any tenant transaction opens one, or ``None`` (no need).
+
+    On a direct connection the directory role, the search path, row security
+    and the timeouts are the session's own, set when the connection opens
+    (:func:`session_settings`). Behind PgBouncer in transaction mode a session
+    may belong to somebody else between transactions, so the statement runs in
+    a transaction that sets all of them itself, with ``set_config()``: a Citus
+    coordinator would replay a ``SET LOCAL ROLE`` on the connections it opens to
+    its workers, where a function of the owner then runs as the owner, who may
+    not take the directory role.
+    """
+    if not settings.pgbouncer:
+        return None
+    local = ", ".join(
+        f"set_config('{name}', '{value}', true)"
+        for name, value in _local_settings(settings, role=settings.roles.directory).items()
+    )
+    return f"{BEGIN}; SELECT {local}"
+
+
+def _local_settings(settings: DatabaseSettings, *, role: str) -> dict[str, str]:
+    """What a session must not have changed for the layer: role, path, row security, timeouts."""
+    return {
+        "role": role,
+        "search_path": SEARCH_PATH,
+        "row_security": "on",
+        "statement_timeout": str(int(settings.statement_timeout_ms)),
+        "lock_timeout": "0",
+    }
+
+
+def session_settings(settings: DatabaseSettings) -> dict[str, str]:
+    """Settings every direct connection opens with: the directory role, a pinned path.
+
+    The runtime login holds no privilege of its own (NOINHERIT): outside units
+    of work it acts as the directory role. The rest overrides whatever defaults
+    the login may have given itself (``ALTER ROLE CURRENT_USER SET …``), so
+    statements outside units of work run under the layer's timeouts and with
+    row security on. PgBouncer forwards none of these; there
+    :func:`outside_opener` sets them per transaction instead.
+    """
+    if settings.pgbouncer:
+        return {}
+    return {
+        **_local_settings(settings, role=settings.roles.directory),
+        "default_transaction_read_only": "off",
+        "default_transaction_isolation": "read committed",
+    }
+
+
+async def has_citus(conn: AsyncConnection, *, opener: str | None) -> bool:
     """Whether the database behind ``conn`` has the Citus extension; asked once per connection.
 
     The answer is kept in the pooled connection's ``info``, so a connection
@@ -100,22 +158,23 @@ async def has_citus(conn: AsyncConnection, *, pgbouncer: bool) -> bool:
     known = conn.info.get(_CITUS_KEY)
     if known is None:
         row = await fetchrow_outside_tenant(
-            conn, _HAS_CITUS, pgbouncer=pgbouncer, action="inspect the database"
+            conn, _HAS_CITUS, opener=opener, action="inspect the database"
         )
         known = conn.info[_CITUS_KEY] = bool(row[0])
     return bool(known)
 
 
 _CITUS_KEY: Final = "sfdb_citus"
+
 _HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
 class TenantDirectory:
     """Maps Slack workspaces to tenants: ``install`` and ``resolve``."""
 
-    def __init__(self, engine: AsyncEngine, *, pgbouncer: bool = False) -> None:
+    def __init__(self, engine: AsyncEngine, *, opener: str | None = None) -> None:
         self._engine = engine
-        self._pgbouncer = pgbouncer
+        self._opener = opener
 
     async def install(
         self,
@@ -135,26 +194,12 @@ class TenantDirectory:
         name = validation.text(slack_team_name, field="slack_team_name", max_length=255)
         tier = validation.choice(plan_tier, field="plan_tier", allowed=PLAN_TIERS)
         enterprise = validation.slack_enterprise_id(slack_enterprise_id)
-        upsert = insert(Tenant).values(
-            slack_team_id=team_id,
-            slack_team_name=name,
-            plan_tier=tier,
-            slack_enterprise_id=enterprise,
+        tenant = await self._call(
+            _INSTALL, team_id, name, tier, enterprise, action="install tenant"
         )
-        statement = upsert.on_conflict_do_update(
-            index_elements=[Tenant.slack_team_id],
-            set_={
-                "slack_team_name": upsert.excluded.slack_team_name,
-                "slack_enterprise_id": upsert.excluded.slack_enterprise_id,
-                "deleted_at": None,
-                "updated_at": utcnow(),
-            },
-        ).returning(Tenant.id)
-        async with connect(self._engine, action="install tenant") as conn:
-            result = await execute_outside_tenant(
-                conn, statement, pgbouncer=self._pgbouncer, action="install tenant"
-            )
-        return TenantId(result.scalar_one())
+        if tenant is None:  # the function always returns the row's id
+            raise RuntimeError("install tenant: no id came back")
+        return tenant
 
     async def uninstall(self, slack_team_id: str) -> TenantId | None:
         """Soft-delete the tenant of a workspace; idempotent (``None`` if none was live).
@@ -163,41 +208,34 @@ class TenantDirectory:
         The rows stay; :meth:`install` reactivates the same tenant.
         """
         team_id = validation.slack_team_id(slack_team_id)
-        statement = (
-            update(Tenant)
-            .where(Tenant.slack_team_id == team_id, Tenant.deleted_at.is_(None))
-            .values(deleted_at=utcnow())
-            .returning(Tenant.id)
-        )
-        async with connect(self._engine, action="uninstall tenant") as conn:
-            result = await execute_outside_tenant(
-                conn, statement, pgbouncer=self._pgbouncer, action="uninstall tenant"
-            )
-        value = result.scalar_one_or_none()
-        return None if value is None else TenantId(value)
+        return await self._call(_UNINSTALL, team_id, action="uninstall tenant")
 
     async def resolve(self, slack_team_id: str) -> TenantId | None:
         """The tenant of a workspace; ``None`` if unknown or soft-deleted."""
         team_id = validation.slack_team_id(slack_team_id)
         async with connect(self._engine, action="resolve tenant") as conn:
-            return await resolve_on(conn, team_id, pgbouncer=self._pgbouncer)
+            return await resolve_on(conn, team_id, opener=self._opener)
+
+    async def _call(self, sql: str, *args: object, action: str) -> TenantId | None:
+        async with connect(self._engine, action=action) as conn:
+            row = await fetchrow_outside_tenant(
+                conn, sql, *args, opener=self._opener, action=action
+            )
+        return None if row is None or row[0] is None else TenantId(row[0])
 
 
 async def resolve_on(
-    conn: AsyncConnection, slack_team_id: str, *, pgbouncer: bool
+    conn: AsyncConnection, slack_team_id: str, *, opener: str | None
 ) -> TenantId | None:
     """Resolve a validated Slack team id on an open connection (autocommit)."""
     row = await fetchrow_outside_tenant(
-        conn, _resolve_sql(), slack_team_id, pgbouncer=pgbouncer, action="resolve tenant"
+        conn, _RESOLVE, slack_team_id, opener=opener, action="resolve tenant"
     )
-    return None if row is None else TenantId(row[0])
+    return None if row is None or row[0] is None else TenantId(row[0])
 
 
-@functools.cache
-def _resolve_sql() -> str:
-    """The lookup every Slack event starts with, compiled once."""
-    statement = select(Tenant.id).where(
-        Tenant.slack_team_id == bindparam("slack_team_id", type_=Text),
-        Tenant.deleted_at.is_(None),
-    )
-    return compile_statement(statement).sql
+# The directory's statements are functions of the owner (migration 0006): the directory
+# role may run them and holds nothing else, so it never lists the workspaces.
+_RESOLVE: Final = "SELECT sfdb_resolve_tenant($1)"
+_INSTALL: Final = "SELECT sfdb_install_tenant($1, $2, $3, $4)"
+_UNINSTALL: Final = "SELECT sfdb_uninstall_tenant($1)"

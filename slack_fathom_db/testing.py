@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -50,14 +51,24 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import citus, schema
 from slack_fathom_db.database import Database
+from slack_fathom_db.roles import create_login
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator, Mapping
+    from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+
+    import asyncpg
+    from sqlalchemy.engine import Result
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.sql import Executable
+
+    from slack_fathom_db.uow import UnitOfWork
 
 __all__ = [
     "CITUS_SETTINGS",
@@ -69,6 +80,9 @@ __all__ = [
     "citus_database",
     "citus_library",
     "citus_requested",
+    "driver_of",
+    "engine_of",
+    "execute_in",
     "find_server",
     "local_cluster",
     "local_cluster_control",
@@ -337,14 +351,31 @@ class PgBouncer:
 
 
 @contextlib.contextmanager
-def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[PgBouncer]:
+def pgbouncer(
+    server: URL,
+    *,
+    pool_size: int = PGBOUNCER_POOL_SIZE,
+    logins: Sequence[URL] = (),
+    reset_sessions: bool = False,
+) -> Iterator[PgBouncer]:
     """PgBouncer in transaction pooling mode in front of ``server``, on a free loopback port.
 
     Every database of the server is reachable through it, with at most
     ``pool_size`` server connections per database and user. Clients are
-    trusted (loopback only); PgBouncer logs into the server with the
-    server URL's own credentials. Yields a :class:`PgBouncer` whose ``url``
-    is ``server`` with host and port replaced; stops PgBouncer after.
+    trusted (loopback only), but only as a user of PgBouncer's auth file: the
+    server URL's own, and the user of each URL of ``logins`` (a test
+    database's runtime login); PgBouncer logs into the server as the client's
+    user, with the password given there. Yields a :class:`PgBouncer` whose
+    ``url`` is ``server`` with host and port replaced; stops PgBouncer after.
+
+    With ``reset_sessions`` every server session is reset (``DISCARD ALL``,
+    ``server_reset_query_always``) before another client gets it. Without (the
+    default, PgBouncer's own), what a client leaves on a session reaches the
+    next one; the layer does not rely on it: each of its transactions sets
+    role, search path, mode, row security, timeouts and tenant itself. (The
+    driver prepares its first queries on a new connection outside a
+    transaction, so the layer cannot connect through a PgBouncer that resets
+    sessions after every transaction.)
 
     PgBouncer, not daemonized, writes every log line to its standard error:
     that goes to a file (``log``), never to a pipe that nobody reads (a full
@@ -355,9 +386,12 @@ def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[
         raise NoPostgreSQL("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
     root = Path(tempfile.mkdtemp(prefix="sfdb-pgbouncer-"))
     port = _free_port()
-    user = server.username or "postgres"
-    password = server.password or ""
-    (root / "userlist.txt").write_text(f'"{user}" "{password}"\n', encoding="utf-8")
+    users = {server.username or "postgres": server.password or ""}
+    users.update({url.username: url.password or "" for url in logins if url.username})
+    (root / "userlist.txt").write_text(
+        "".join(f'"{user}" "{password}"\n' for user, password in users.items()),
+        encoding="utf-8",
+    )
     (root / "userlist.txt").chmod(0o600)
     ini = root / "pgbouncer.ini"
     ini.write_text(
@@ -381,6 +415,9 @@ def pgbouncer(server: URL, *, pool_size: int = PGBOUNCER_POOL_SIZE) -> Iterator[
                 "server_login_retry = 1",
                 # A client queued for a server connection fails after this, never hangs.
                 "query_wait_timeout = 30",
+                # As the README recommends: no session state passes between clients.
+                f"server_reset_query = {'DISCARD ALL' if reset_sessions else ''}",
+                f"server_reset_query_always = {int(reset_sessions)}",
                 "",
             ]
         ),
@@ -498,63 +535,187 @@ async def _admin_execute(server: URL, sql: str) -> None:
         await conn.close()
 
 
-def _database_settings(server: URL, name: str, *, app_role: str) -> DatabaseSettings:
+@dataclasses.dataclass(frozen=True)
+class _Logins:
+    """The two logins of a test database: its migrating owner and its runtime login."""
+
+    name: str
+    migrator: str
+    migrator_password: str
+    runtime: str
+    runtime_password: str
+
+    @classmethod
+    def for_database(cls, name: str) -> _Logins:
+        return cls(
+            name=name,
+            migrator=f"{name}_migrator",
+            migrator_password=secrets.token_urlsafe(24),
+            runtime=f"{name}_runtime",
+            runtime_password=secrets.token_urlsafe(24),
+        )
+
+    def migration_url(self, server: URL) -> URL:
+        return server.set(
+            username=self.migrator, password=self.migrator_password, database=self.name
+        )
+
+    def runtime_url(self, server: URL) -> URL:
+        return server.set(username=self.runtime, password=self.runtime_password, database=self.name)
+
+
+def _database_settings(server: URL, logins: _Logins, *, runtime: bool) -> DatabaseSettings:
+    """Settings of a test database: the runtime login's, or (before it exists) the migrator's."""
+    migration = logins.migration_url(server)
+    url = logins.runtime_url(server) if runtime else migration
     return DatabaseSettings(
-        url=server.set(database=name).render_as_string(hide_password=False),
-        app_role=app_role,
+        url=url.render_as_string(hide_password=False),
+        migration_url=migration.render_as_string(hide_password=False),
         pool_size=10,
         max_overflow=20,
         _env_file=None,
     )
 
 
+async def _create_database(node: URL, logins: _Logins) -> None:
+    """The database and its migrating owner: a login that may create roles, nothing more."""
+    await _admin_execute(
+        node,
+        f"CREATE ROLE \"{logins.migrator}\" LOGIN CREATEROLE PASSWORD '{logins.migrator_password}'",
+    )
+    await _admin_execute(node, f'CREATE DATABASE "{logins.name}" OWNER "{logins.migrator}"')
+
+
+async def _drop_database(node: URL, logins: _Logins, layer: list[str]) -> None:
+    await _admin_execute(node, f'DROP DATABASE IF EXISTS "{logins.name}" WITH (FORCE)')
+    for role in (logins.runtime, *layer, logins.migrator):
+        await _admin_execute(node, f'DROP ROLE IF EXISTS "{role}"')
+
+
+async def _open_to_runtime(settings: DatabaseSettings, logins: _Logins) -> DatabaseSettings:
+    """Create the runtime login (as ``sfdb create-login`` does) and return its settings."""
+    await create_login(settings, logins.runtime, logins.runtime_password)
+    return settings.model_copy(
+        update={"url": _database_settings(_server_of(settings), logins, runtime=True).url}
+    )
+
+
+def _server_of(settings: DatabaseSettings) -> URL:
+    return settings.for_migrations().sqlalchemy_url()
+
+
+def _layer_roles(settings: DatabaseSettings) -> list[str]:
+    roles = settings.roles
+    return [roles.app, roles.directory, roles.owner]
+
+
 @contextlib.asynccontextmanager
 async def throwaway_database(
-    server: URL, *, app_role: str = "sfdb_app", migrate: bool = True
+    server: URL, *, migrate: bool = True
 ) -> AsyncIterator[DatabaseSettings]:
-    """A fresh database on ``server``, migrated to head unless told not to; dropped after."""
-    name = f"sfdb_test_{uuid.uuid4().hex[:12]}"
-    await _admin_execute(server, f'CREATE DATABASE "{name}"')
-    settings = _database_settings(server, name, app_role=app_role)
+    """A fresh database on ``server``, as an application would have it; dropped after.
+
+    It belongs to a login made for it that may create roles and is no superuser,
+    as on a managed service. Migrated to head (unless ``migrate=False``) with
+    that login's credentials (``migration_url``), and used through a runtime
+    login made by :func:`slack_fathom_db.roles.create_login` (``url``).
+    Without ``migrate`` the runtime login does not exist yet: ``url`` is the
+    migrating login's. Everything, roles included, is dropped afterwards.
+    """
+    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}")
+    settings = _database_settings(server, logins, runtime=False)
+    await _create_database(server, logins)
     try:
         if migrate:
             await schema.upgrade(settings)
+            settings = await _open_to_runtime(settings, logins)
         yield settings
     finally:
-        await _admin_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await _drop_database(server, logins, _layer_roles(settings))
 
 
 @contextlib.asynccontextmanager
 async def citus_database(
-    cluster: CitusCluster, *, app_role: str = "sfdb_app", revision: str = "head"
+    cluster: CitusCluster, *, revision: str = "head"
 ) -> AsyncIterator[DatabaseSettings]:
     """A fresh database on ``cluster``, migrated to ``revision`` and distributed; dropped after.
 
     Citus propagates neither ``CREATE DATABASE`` nor ``DROP DATABASE``, and keeps
-    its node list per database: the database and the extension are made on
-    every node, then the nodes are registered in it on the coordinator. The
-    settings point at the coordinator; the database is dropped on both nodes.
+    its node list per database: the database (owned by a migrating login, as
+    :func:`throwaway_database` makes it) and the extension are made on every
+    node, then the nodes are registered in it on the coordinator. The settings
+    point at the coordinator, as the runtime login once the schema is at head.
     """
-    name = f"sfdb_test_{uuid.uuid4().hex[:12]}"
+    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}")
     coordinator, worker = cluster.coordinator.url, cluster.worker.url
+    settings = _database_settings(coordinator, logins, runtime=False)
     created: list[URL] = []
     try:
         for node in (coordinator, worker):
-            await _admin_execute(node, f'CREATE DATABASE "{name}"')
             created.append(node)
-            await _admin_execute(node.set(database=name), "CREATE EXTENSION citus")
+            await _admin_execute(node, f'CREATE DATABASE "{logins.name}"')
+            await _admin_execute(node.set(database=logins.name), "CREATE EXTENSION citus")
+        on_coordinator = coordinator.set(database=logins.name)
         await _admin_execute(
-            coordinator.set(database=name),
+            on_coordinator,
             f"SELECT citus_set_coordinator_host('127.0.0.1', {int(coordinator.port or 0)}); "
             f"SELECT citus_add_node('127.0.0.1', {int(worker.port or 0)})",
         )
-        settings = _database_settings(coordinator, name, app_role=app_role)
+        # The migrating login is made through the coordinator, so Citus knows it on every
+        # node: a role it had to copy to a worker later would need a superuser to alter.
+        await _admin_execute(
+            on_coordinator,
+            f'CREATE ROLE "{logins.migrator}" LOGIN CREATEROLE '
+            f"PASSWORD '{logins.migrator_password}'",
+        )
+        for node in (coordinator, worker):
+            await _admin_execute(
+                node, f'ALTER DATABASE "{logins.name}" OWNER TO "{logins.migrator}"'
+            )
         await schema.upgrade(settings, revision)
         await citus.distribute(settings)
+        if revision == "head":
+            settings = await _open_to_runtime(settings, logins)
         yield settings
     finally:
         for node in created:
-            await _admin_execute(node, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await _drop_database(node, logins, _layer_roles(settings))
+
+
+# -- inside the layer, for tests only ---------------------------------------------------
+
+
+def engine_of(db: Database) -> AsyncEngine:
+    """The engine behind ``db``: for tests that count pooled connections or listen to events.
+
+    Not part of the public API on purpose: statements sent on it run as the
+    directory role (or the runtime login behind PgBouncer), outside any tenant.
+    """
+    return db._pool()
+
+
+async def execute_in(uow: UnitOfWork, statement: str | Executable) -> Result[Any]:
+    """Run ``statement`` in the open, tenant-scoped transaction of ``uow``: for probes.
+
+    What code that can send SQL on the layer's connection could do, and what
+    a test needs to prove it changes nothing: it runs as the app role, under
+    the unit of work's tenant, exactly as the repositories' statements do.
+    The connection is dropped when the unit of work ends, never pooled again:
+    nothing such SQL leaves on the session reaches the next user.
+    """
+    session = await uow._tenant_session()
+    uow._exposed = True  # its connection is dropped, not pooled, when the unit of work ends
+    return await session.execute(text(statement) if isinstance(statement, str) else statement)
+
+
+async def driver_of(uow: UnitOfWork) -> asyncpg.Connection:
+    """The asyncpg connection of ``uow``, inside its open transaction (a backend pid, a kill).
+
+    Like :func:`execute_in`, it marks the unit of work: its connection is dropped when
+    the unit of work ends, never pooled again.
+    """
+    uow._exposed = True
+    return await uow._driver_connection()
 
 
 # -- the pytest plugin ----------------------------------------------------------------
@@ -620,13 +781,18 @@ def pgbouncer_requested() -> bool:
 
 
 @pytest.fixture(scope="session")
-def sfdb_pgbouncer(sfdb_server: URL) -> Iterator[URL | None]:
-    """PgBouncer (transaction mode) in front of the server when ``SFDB_TEST_PGBOUNCER=1``."""
+def sfdb_pgbouncer(
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+) -> Iterator[URL | None]:
+    """PgBouncer (transaction mode) in front of the server when ``SFDB_TEST_PGBOUNCER=1``.
+
+    It lets the test database's runtime login in, as which the layer runs.
+    """
     if not pgbouncer_requested():
         yield None
         return
     try:
-        manager = pgbouncer(sfdb_server)
+        manager = pgbouncer(sfdb_server, logins=[sfdb_direct_settings.sqlalchemy_url()])
         bouncer = manager.__enter__()
     except NoPostgreSQL as exc:
         pytest.fail(f"{ENV_PGBOUNCER}=1: {exc}", pytrace=False)
@@ -660,13 +826,15 @@ def sfdb_settings(
     if sfdb_pgbouncer is None:
         return sfdb_direct_settings
     direct = sfdb_direct_settings.sqlalchemy_url()
-    return DatabaseSettings(
-        url=sfdb_pgbouncer.set(database=direct.database).render_as_string(hide_password=False),
-        app_role=sfdb_direct_settings.app_role,
-        pool_size=sfdb_direct_settings.pool_size,
-        max_overflow=sfdb_direct_settings.max_overflow,
-        pgbouncer=True,
-        _env_file=None,
+    return sfdb_direct_settings.model_copy(
+        update={
+            "url": SecretStr(
+                sfdb_pgbouncer.set(
+                    database=direct.database, username=direct.username, password=direct.password
+                ).render_as_string(hide_password=False)
+            ),
+            "pgbouncer": True,
+        }
     )
 
 

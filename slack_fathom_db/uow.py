@@ -28,7 +28,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm.attributes import instance_state
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import connect, connection_lost, discard, send
+from slack_fathom_db.connections import (
+    COMMIT,
+    COMMIT_AND_RESET,
+    ROLLBACK,
+    ROLLBACK_AND_RESET,
+    connect,
+    connection_lost,
+    discard,
+    send,
+)
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
     SerializationConflict,
@@ -42,7 +51,13 @@ from slack_fathom_db.repositories.meetings import MeetingRepo
 from slack_fathom_db.repositories.rate_limits import RateLimitRepo
 from slack_fathom_db.repositories.tenants import TenantRepo
 from slack_fathom_db.retries import retry_conflicts
-from slack_fathom_db.tenancy import TenantId, has_citus, resolve_on, transaction_preamble
+from slack_fathom_db.tenancy import (
+    TenantId,
+    has_citus,
+    outside_opener,
+    resolve_on,
+    transaction_preamble,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -79,6 +94,7 @@ class UnitOfWork:
             raise UsageError("unit_of_work() takes exactly one of tenant_id and slack_team_id")
         self._engine = engine
         self._settings = settings
+        self._opener = outside_opener(settings)
         self._tenant_id = (
             None
             if tenant_id is None
@@ -95,6 +111,8 @@ class UnitOfWork:
         self._driver: asyncpg.Connection | None = None
         self._returned: list[object] = []  # objects built from records, to keep read-only
         self._citus = False
+        self._exposed = False
+        """Set when the connection was handed out (slack_fathom_db.testing): never pooled again."""
         self._in_transaction = False
         self._aborted_by: str | None = None
 
@@ -133,13 +151,13 @@ class UnitOfWork:
             try:
                 if self._slack_team_id is not None:
                     self._tenant_id = await resolve_on(
-                        conn, self._slack_team_id, pgbouncer=self._settings.pgbouncer
+                        conn, self._slack_team_id, opener=self._opener
                     )
                     if self._tenant_id is None:
                         raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
                 raw = await conn.get_raw_connection()
                 self._driver = raw.driver_connection
-                self._citus = await has_citus(conn, pgbouncer=self._settings.pgbouncer)
+                self._citus = await has_citus(conn, opener=self._opener)
                 await self._begin(check_tenant=True)
             except DatabaseUnavailable as exc:
                 # A pooled connection that died since its last use fails here, before
@@ -202,7 +220,8 @@ class UnitOfWork:
         if self._in_transaction:
             self._in_transaction = False
             try:
-                tag = await send(self._connection(), "COMMIT", action="commit", driver=self._driver)
+                message = COMMIT_AND_RESET if self._exposed else COMMIT
+                tag = await send(self._connection(), message, action="commit", driver=self._driver)
             except BaseException:
                 await self._forget_session_state()
                 raise
@@ -219,7 +238,7 @@ class UnitOfWork:
         self._check_usable()
         await self._rollback_transaction()
 
-    async def session(self) -> AsyncSession:
+    async def _tenant_session(self) -> AsyncSession:
         """The session, inside an open, tenant-scoped transaction (for repositories)."""
         await self._ensure_transaction()
         if self._session is None:
@@ -228,7 +247,7 @@ class UnitOfWork:
             )
         return self._session
 
-    async def driver(self) -> asyncpg.Connection:
+    async def _driver_connection(self) -> asyncpg.Connection:
         """The asyncpg connection, inside an open, tenant-scoped transaction (hot paths)."""
         await self._ensure_transaction()
         if self._driver is None:
@@ -262,7 +281,7 @@ class UnitOfWork:
         The rest of the transaction is untouched by a retry; any other error
         propagates and leaves the transaction aborted as usual.
         """
-        await self.session()
+        await self._tenant_session()
         conn = self._connection()
 
         async def attempt() -> T:
@@ -288,7 +307,7 @@ class UnitOfWork:
     async def _begin(self, *, check_tenant: bool) -> None:
         preamble = transaction_preamble(
             self.tenant_id,
-            role=self._settings.app_role,
+            role=self._settings.roles.app,
             statement_timeout_ms=self._settings.statement_timeout_ms,
             idle_timeout_ms=self._settings.idle_in_transaction_timeout_ms,
             check_tenant=check_tenant,
@@ -310,7 +329,8 @@ class UnitOfWork:
         conn = self._connection()
         try:
             if not conn.invalidated:
-                await send(conn, "ROLLBACK", action="rollback", driver=self._driver)
+                message = ROLLBACK_AND_RESET if self._exposed else ROLLBACK
+                await send(conn, message, action="rollback", driver=self._driver)
         finally:
             await self._forget_session_state()
 
@@ -329,6 +349,10 @@ class UnitOfWork:
             if self._session is not None:
                 self._session.expunge_all()
                 await self._session.close()
+            if self._exposed and self._conn is not None:
+                # It ran SQL the layer did not write: whatever that left on the session
+                # (a prepared statement, a cursor, a setting) goes with the connection.
+                await discard(self._conn, UsageError("the connection served foreign SQL"))
         finally:
             if self._connection_cm is not None:
                 await self._connection_cm.__aexit__(None, None, None)

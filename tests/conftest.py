@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 import pytest_asyncio
+from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 
@@ -90,13 +91,32 @@ async def tenant_b(make_tenant: TenantFactory) -> TenantId:
     return await make_tenant("Tenant B")
 
 
-@pytest_asyncio.fixture
-async def admin(sfdb_direct_settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
-    """A raw asyncpg connection as the connecting (superuser) role, outside the layer.
+def superuser_dsn(server: URL, settings: DatabaseSettings) -> str:
+    """The suite's superuser, on the database of ``settings``, straight to the server."""
+    database = settings.sqlalchemy_url().database
+    return server.set(drivername="postgresql", database=database).render_as_string(False)
 
-    Straight to the server, also in the PgBouncer pass.
+
+@pytest_asyncio.fixture
+async def admin(
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection as the suite's superuser, outside the layer.
+
+    Straight to the server, also in the PgBouncer pass. The layer itself runs as
+    the runtime login of the test database (see ``slack_fathom_db.testing``).
     """
-    url = sfdb_direct_settings.sqlalchemy_url().set(drivername="postgresql")
+    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def as_owner(sfdb_direct_settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection as the test database's migrating login (a member of the owner)."""
+    url = sfdb_direct_settings.for_migrations().sqlalchemy_url().set(drivername="postgresql")
     conn = await asyncpg.connect(url.render_as_string(hide_password=False))
     try:
         yield conn

@@ -21,6 +21,7 @@ import asyncpg
 from sqlalchemy.pool import QueuePool
 
 from slack_fathom_db import Database
+from slack_fathom_db.testing import engine_of
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ async def fetch_value(conn: asyncpg.Connection, kind: type[T], sql: str, *args: 
 
 def queue_pool(db: Database) -> QueuePool:
     """The pool of ``db``'s engine, whose figures tests read (a ``Database`` pools in a queue)."""
-    pool = db.engine.pool
+    pool = engine_of(db).pool
     assert isinstance(pool, QueuePool), pool
     return pool
 
@@ -49,6 +50,19 @@ def queue_pool(db: Database) -> QueuePool:
 def checked_out(db: Database) -> int:
     """Connections of ``db``'s pool that are checked out now."""
     return queue_pool(db).checkedout()
+
+
+async def pooled_backend_pid(db: Database) -> int:
+    """The backend of a connection taken from ``db``'s pool and put back, as it is.
+
+    Nothing of a unit of work runs on it (``execute_in`` would have the unit of work
+    drop its connection): with a one-connection pool, it is the connection the next
+    unit of work gets, or the one the last gave back.
+    """
+    async with engine_of(db).connect() as conn:
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+    assert isinstance(pid, int), pid
+    return pid
 
 
 async def on_citus(conn: asyncpg.Connection) -> bool:

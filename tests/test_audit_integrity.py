@@ -1,8 +1,10 @@
 """Audit integrity: audit rows cannot be changed, and denials outlive the caller's rollback.
 
-Append-only is enforced by the database itself (grants for the app role, a
-trigger for everyone, the owner included), so each attempt here is raw SQL
-outside the layer: the layer has no update or delete to try.
+Append-only is enforced by the database itself (grants for the app and
+directory roles, a trigger for everyone, the owner included), and an inserted
+row takes its id and creation time from the server; so each attempt here is
+raw SQL outside the layer, as the role it names (``SET ROLE`` from the suite's
+superuser): the layer has no update or delete to try.
 """
 
 from __future__ import annotations
@@ -63,30 +65,39 @@ async def _attempt_as_app_role(
     admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, sql: str
 ) -> asyncpg.PostgresError:
     """Run ``sql`` as the app role, scoped to ``tenant`` like a unit of work; its error."""
+    return await _attempt_as(admin, settings.roles.app, tenant, sql)
+
+
+async def _attempt_as(
+    admin: asyncpg.Connection, role: str, tenant: TenantId, sql: str
+) -> asyncpg.PostgresError:
+    """Run ``sql`` as ``role`` with ``tenant`` set (its rows visible), rolled back; its error."""
     args = [] if "$1" not in sql else [tenant]
-    async with admin.transaction():
-        await admin.execute(f'SET LOCAL ROLE "{settings.app_role}"')
+    transaction = admin.transaction()
+    await transaction.start()
+    try:
+        await admin.execute(f'SET LOCAL ROLE "{role}"')
         await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant))}'")
-        assert await admin.fetchval("SELECT current_user") == settings.app_role
-        try:
-            await admin.execute(sql, *args)
-        except asyncpg.PostgresError as exc:
-            return exc
-    pytest.fail(f"the app role was allowed to run: {sql}")
+        assert await admin.fetchval("SELECT current_user") == role
+        await admin.execute(sql, *args)
+    except asyncpg.PostgresError as exc:
+        return exc
+    finally:
+        await transaction.rollback()  # also when it was allowed: the test fails, nothing stays
+    pytest.fail(f"{role} was allowed to run: {sql}")
 
 
 async def _attempt_as_owner(
-    admin: asyncpg.Connection, tenant: TenantId, sql: str
+    admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, sql: str
 ) -> asyncpg.PostgresError:
-    args = [] if "$1" not in sql else [tenant]
+    """Run ``sql`` as the table's owner, the tenant's rows visible to it; its error.
+
+    The owner holds every privilege on the table and is subject to its forced row-level
+    security (hence the tenant): only the append-only trigger stands in its way.
+    """
     owner = await admin.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'audit_logs'")
-    assert await admin.fetchval("SELECT current_user") == owner
-    async with admin.transaction():
-        try:
-            await admin.execute(sql, *args)
-        except asyncpg.PostgresError as exc:
-            return exc
-    pytest.fail(f"the table owner was allowed to run: {sql}")
+    assert owner == settings.roles.owner
+    return await _attempt_as(admin, owner, tenant, sql)
 
 
 @pytest.mark.parametrize("attempt", list(ATTEMPTS))
@@ -99,29 +110,110 @@ async def test_app_role_cannot_change_audit_rows(
 ) -> None:
     error = await _attempt_as_app_role(admin, sfdb_direct_settings, tenant_a, ATTEMPTS[attempt])
     assert error.sqlstate == "42501"  # insufficient_privilege: no UPDATE/DELETE/TRUNCATE grant
+    assert "permission denied for table audit_logs" in str(error)
+    assert await snapshot(admin, tenant_a) == logged
+
+
+# An audit row's id and creation time come from the server, whatever an insert of the app
+# role says: a row cannot be back-dated, nor made to collide with (and upsert over) another.
+CHOSEN = {
+    "id": "'00000000-0000-4000-8000-000000000001'::uuid",
+    "created_at": "now() - interval '1 year'",
+}
+
+
+@pytest.mark.parametrize("column", list(CHOSEN))
+async def test_an_audit_row_gets_its_id_and_time_from_the_server_whatever_the_app_role_says(
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    column: str,
+) -> None:
+    transaction = admin.transaction()
+    await transaction.start()
+    try:
+        await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.app}"')
+        await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant_a))}'")
+        chosen = await admin.fetchval(f"SELECT {CHOSEN[column]}")
+        began = await admin.fetchval("SELECT now()")
+        row = await admin.fetchrow(
+            f"INSERT INTO audit_logs (tenant_id, {column}, event_type, event_category, "
+            f"action_description) VALUES ($1, {CHOSEN[column]}, 'x', 'data', 'x') "
+            "RETURNING id, created_at",
+            tenant_a,
+        )
+        inserted = await admin.fetchval("SELECT clock_timestamp()")
+    finally:
+        await transaction.rollback()  # append-only: what is committed stays
+    assert row is not None
+    assert row[column] != chosen
+    # The server's time of the insert (on Citus, the worker's transaction began a little
+    # after the coordinator's).
+    assert began <= row["created_at"] <= inserted
+    assert await snapshot(admin, tenant_a) == logged
+
+
+DIRECTORY_ATTEMPTS = {
+    **ATTEMPTS,
+    "insert": (
+        "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description) "
+        "VALUES ($1, 'x', 'data', 'x')"
+    ),
+}
+
+
+@pytest.mark.parametrize("attempt", list(DIRECTORY_ATTEMPTS))
+async def test_directory_role_cannot_touch_audit_rows(
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    attempt: str,
+) -> None:
+    directory = sfdb_direct_settings.roles.directory
+    error = await _attempt_as(admin, directory, tenant_a, DIRECTORY_ATTEMPTS[attempt])
+    assert error.sqlstate == "42501"
+    assert "permission denied for table audit_logs" in str(error)
     assert await snapshot(admin, tenant_a) == logged
 
 
 @pytest.mark.parametrize("attempt", list(ATTEMPTS))
 async def test_table_owner_cannot_change_audit_rows(
-    logged: list[str], tenant_a: TenantId, admin: asyncpg.Connection, attempt: str
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    attempt: str,
 ) -> None:
-    error = await _attempt_as_owner(admin, tenant_a, ATTEMPTS[attempt])
+    error = await _attempt_as_owner(admin, sfdb_direct_settings, tenant_a, ATTEMPTS[attempt])
     assert error.sqlstate == "42501"
     assert "append-only" in str(error)  # the trigger, not a missing grant, refused it
     assert await snapshot(admin, tenant_a) == logged
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_logs SET metadata = '{}' WHERE id = $1",
+        "DELETE FROM audit_logs WHERE id = $1",
+    ],
+)
 async def test_owner_update_of_a_single_row_by_id_is_refused(
-    logged: list[str], tenant_a: TenantId, admin: asyncpg.Connection
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    statement: str,
 ) -> None:
     row_id = await admin.fetchval(
         "SELECT id FROM audit_logs WHERE tenant_id = $1 LIMIT 1", tenant_a
     )
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
-        await admin.execute("UPDATE audit_logs SET metadata = '{}' WHERE id = $1", row_id)
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
-        await admin.execute("DELETE FROM audit_logs WHERE id = $1", row_id)
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.owner}"')
+        await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant_a))}'")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+            await admin.execute(statement, row_id)
     assert await snapshot(admin, tenant_a) == logged
 
 
@@ -138,18 +230,45 @@ async def test_append_only_triggers_are_enabled(admin: asyncpg.Connection) -> No
     assert triggers.get("audit_logs_no_truncate") in (b"O", b"A", "O", "A")
 
 
+async def _privileges(admin: asyncpg.Connection, role: str) -> dict[str, set[str]]:
+    """The privileges ``role`` (or ``public``) holds on audit_logs: per column, and on the table."""
+    rows = await admin.fetch(
+        "SELECT a.attname AS target, p.privilege FROM pg_attribute a "
+        "CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'REFERENCES']) AS p(privilege) "
+        "WHERE a.attrelid = 'public.audit_logs'::regclass AND a.attnum > 0 "
+        "AND NOT a.attisdropped AND has_column_privilege($1, a.attrelid, a.attnum, p.privilege) "
+        "UNION ALL SELECT '<table>', p.privilege FROM unnest(ARRAY['SELECT', 'INSERT', "
+        "'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) AS p(privilege) "
+        "WHERE has_table_privilege($1, 'public.audit_logs', p.privilege)",
+        role,
+    )
+    privileges: dict[str, set[str]] = {}
+    for row in rows:
+        privileges.setdefault(row["privilege"], set()).add(row["target"])
+    return privileges
+
+
 async def test_app_role_has_only_insert_and_select_on_audit_logs(
     admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
 ) -> None:
-    privileges = {
-        row["privilege_type"]
+    roles = sfdb_direct_settings.roles
+    columns = {
+        row["attname"]
         for row in await admin.fetch(
-            "SELECT privilege_type FROM information_schema.role_table_grants "
-            "WHERE table_name = 'audit_logs' AND grantee = $1",
-            sfdb_direct_settings.app_role,
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'public.audit_logs'::regclass "
+            "AND attnum > 0 AND NOT attisdropped"
         )
     }
-    assert privileges == {"INSERT", "SELECT"}
+    # SELECT and INSERT, no UPDATE, DELETE or TRUNCATE of anything, not even of one column.
+    assert await _privileges(admin, roles.app) == {
+        "SELECT": columns | {"<table>"},
+        "INSERT": columns | {"<table>"},
+    }
+    # Nobody else at runtime holds anything on the audit log.
+    runtime = sfdb_direct_settings.sqlalchemy_url().username
+    assert runtime is not None
+    for role in (roles.directory, runtime, "public"):
+        assert await _privileges(admin, role) == {}, role
 
 
 # -- security events survive the caller's rollback -----------------------------------------

@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
 from slack_fathom_db.errors import DatabaseUnavailable, ValidationError
+from slack_fathom_db.testing import engine_of, execute_in
 from slack_fathom_db.validation import MAX_JSON_DEPTH, MAX_LIST_LIMIT
 from tests.conftest import unique_user_id
 
@@ -249,8 +250,7 @@ async def test_a_unit_of_work_idle_inside_its_transaction_loses_it_and_keeps_not
     slow_user = unique_user_id()
     try:
         async with db.unit_of_work(tenant_a) as uow:
-            session = await uow.session()
-            shown = (await session.execute(IDLE_TIMEOUT)).scalar()
+            shown = (await execute_in(uow, IDLE_TIMEOUT)).scalar()
             assert shown == str(idle_ms)
 
         async def slow_caller() -> None:
@@ -282,14 +282,12 @@ async def test_outside_a_unit_of_work_the_idle_timeout_is_the_servers(
     db: Database, tenant_a: TenantId
 ) -> None:
     async with db.unit_of_work(tenant_a) as uow:
-        session = await uow.session()
-        inside = (await session.execute(IDLE_TIMEOUT)).scalar()
+        inside = (await execute_in(uow, IDLE_TIMEOUT)).scalar()
         await uow.commit()
-        session = await uow.session()  # a new transaction, with its own preamble
-        after = (await session.execute(IDLE_TIMEOUT)).scalar()
+        after = (await execute_in(uow, IDLE_TIMEOUT)).scalar()  # a new transaction, preamble
     assert inside == str(db.settings.idle_in_transaction_timeout_ms)
     # Every transaction of the unit of work sets it again (SET LOCAL): the same after commit.
     assert after == inside
-    async with db.engine.connect() as conn:
+    async with engine_of(db).connect() as conn:
         outside = (await conn.execute(IDLE_TIMEOUT)).scalar()
     assert outside != inside

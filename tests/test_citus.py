@@ -8,16 +8,20 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
 from slack_fathom_db.errors import ConfigurationError, Conflict, translate
 from slack_fathom_db.maintenance import purge_rate_limit_windows
+from slack_fathom_db.roles import create_login
 from slack_fathom_db.testing import CitusCluster, citus_database
-from tests.conftest import unique_team_id, unique_user_id
+from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
+from tests.test_cli import owner_env, sfdb, url_of
 
 pytestmark = pytest.mark.citus_only
 
@@ -41,10 +45,11 @@ async def test_later_migrations_run_on_a_distributed_database(
     old_distributed: DatabaseSettings, sfdb_citus: CitusCluster | None
 ) -> None:
     assert sfdb_citus is not None
-    settings = old_distributed
+    settings = old_distributed  # before head, its URL is the migrating login's
+    coordinator = sfdb_citus.coordinator.url
     assert await schema.current(settings) == OLD_REVISION
     # A meeting in flight before the upgrade: the new lease column is filled in for it.
-    admin = await asyncpg.connect(dsn(settings))
+    admin = await asyncpg.connect(superuser_dsn(coordinator, settings))
     try:
         tenant_id = await admin.fetchval(
             "INSERT INTO tenants (slack_team_id, slack_team_name) VALUES ($1, 'Old') RETURNING id",
@@ -97,8 +102,15 @@ async def test_later_migrations_run_on_a_distributed_database(
     finally:
         await worker.close()
 
-    # And the layer works on it, end to end, through the new schema.
-    async with Database(settings) as db:
+    # And the layer works on it, end to end, through the new schema, as a runtime login
+    # made by create-login (named so that the harness drops it with the database).
+    runtime, password = f"{settings.sqlalchemy_url().database}_runtime", secrets.token_urlsafe(16)
+    await create_login(settings, runtime, password)
+    url = settings.sqlalchemy_url().set(username=runtime, password=password)
+    as_runtime = settings.model_copy(
+        update={"url": SecretStr(url.render_as_string(hide_password=False))}
+    )
+    async with Database(as_runtime) as db:
         tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="C")
         async with db.unit_of_work(tenant) as uow:
             user = await uow.tenants.add_user(slack_user_id=unique_user_id())
@@ -110,12 +122,22 @@ async def test_later_migrations_run_on_a_distributed_database(
             await uow.commit()
         assert (await db.rate_limit(tenant, "citus", limit=2)).current == 2
         assert not (await db.rate_limit(tenant, "citus", limit=2)).allowed
-    assert await purge_rate_limit_windows(settings, older_than_days=0) >= 0
+    assert await purge_rate_limit_windows(settings.for_migrations(), older_than_days=0) >= 0
 
 
 async def test_distribute_twice_does_nothing_the_second_time(settings: DatabaseSettings) -> None:
-    # The suite's database was distributed when it was made.
-    assert await citus.distribute(settings) == []
+    # The suite's database was distributed when it was made; distribute is the owner's work.
+    assert await citus.distribute(settings.for_migrations()) == []
+
+
+def test_sfdb_distribute_runs_as_the_migration_url(
+    settings: DatabaseSettings, tmp_path: Path
+) -> None:
+    # As README configures it: the runtime login's DATABASE_URL, the owner's
+    # DATABASE_MIGRATION_URL, which distribute runs with.
+    done = sfdb("distribute", url=url_of(settings), cwd=tmp_path, extra_env=owner_env(settings))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("is distributed (nothing to do)")
 
 
 async def test_distribute_refuses_without_citus_or_without_workers(
@@ -147,6 +169,10 @@ async def test_distribute_refuses_without_citus_or_without_workers(
             await check.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        url = coordinator.set(database=name).render_as_string(False)
+        roles = DatabaseSettings(url=url, _env_file=None).roles
+        for role in (roles.app, roles.directory, roles.owner):  # made by the migrations
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         await admin.close()
 
 
@@ -154,14 +180,14 @@ async def test_a_worker_refusing_the_app_role_is_a_configuration_error(
     settings: DatabaseSettings, admin: asyncpg.Connection, tenant_a: TenantId
 ) -> None:
     # What an operator sees when the app role may not log in on the workers.
-    await admin.execute(f'ALTER ROLE "{settings.app_role}" NOLOGIN')
+    await admin.execute(f'ALTER ROLE "{settings.roles.app}" NOLOGIN')
     try:
         async with Database(settings) as db:
             with pytest.raises(ConfigurationError, match="must be able to log in on every node"):
                 async with db.unit_of_work(tenant_a) as uow:
                     await uow.tenants.add_user(slack_user_id=unique_user_id())
     finally:
-        await admin.execute(f'ALTER ROLE "{settings.app_role}" LOGIN')
+        await admin.execute(f'ALTER ROLE "{settings.roles.app}" LOGIN')
 
 
 async def test_a_violated_constraint_is_named_as_on_one_server(

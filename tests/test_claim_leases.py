@@ -24,6 +24,7 @@ import pytest_asyncio
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, DatabaseUnavailable, ValidationError
 from slack_fathom_db.models import MeetingSession
+from slack_fathom_db.testing import driver_of
 from tests.conftest import unique_user_id
 from tests.helpers import fetch_row
 
@@ -156,7 +157,7 @@ async def test_a_dead_workers_meeting_is_reclaimed_exactly_once_after_its_lease(
             claimed = await worker.meetings.claim_pending(limit=10, lease_seconds=LEASE)
             await worker.commit()
             # The worker goes on to its next transaction and dies in the middle of it.
-            driver = await worker.driver()
+            driver = await driver_of(worker)
             assert await admin.fetchval(
                 "SELECT pg_terminate_backend($1::integer, 30000)", driver.get_server_pid()
             )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
+import re
 import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -17,12 +22,18 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import DatabaseSettings, schema
 from slack_fathom_db.cli import main
 from slack_fathom_db.testing import throwaway_database
+from tests.conftest import superuser_dsn
+from tests.helpers import fetch_row
 
 DEMO_TEAM = "TDEMO00001"
 
 
 def sfdb(
-    *args: str, url: str | None, cwd: Path, extra_env: dict[str, str] | None = None
+    *args: str,
+    url: str | None,
+    cwd: Path,
+    extra_env: dict[str, str] | None = None,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``sfdb`` in a clean environment (no DATABASE_* from outside, no .env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "SFDB_"))}
@@ -34,6 +45,7 @@ def sfdb(
         [sys.executable, "-m", "slack_fathom_db.cli", *args],
         cwd=cwd,
         env=env,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=300,
@@ -42,7 +54,14 @@ def sfdb(
 
 
 def url_of(settings: DatabaseSettings) -> str:
+    """``DATABASE_URL`` of ``settings``: the runtime login's, once the database is migrated."""
     return settings.sqlalchemy_url().render_as_string(hide_password=False)
+
+
+def owner_env(settings: DatabaseSettings) -> dict[str, str]:
+    """``DATABASE_MIGRATION_URL`` of ``settings``: its migrating login's (the owner's side)."""
+    url = settings.for_migrations().sqlalchemy_url()
+    return {"DATABASE_MIGRATION_URL": url.render_as_string(hide_password=False)}
 
 
 async def admin_execute(server: URL, sql: str) -> None:
@@ -53,16 +72,102 @@ async def admin_execute(server: URL, sql: str) -> None:
         await conn.close()
 
 
+@dataclass(frozen=True)
+class CliDatabase:
+    """A database ``sfdb migrate`` is to create, as README sets one up.
+
+    Its migrating login may create roles and databases and is no superuser; the
+    runtime login is made by ``sfdb create-login``.
+    """
+
+    name: str
+    migration_url: URL
+    runtime_url: URL
+
+    @property
+    def env(self) -> dict[str, str]:
+        """``DATABASE_MIGRATION_URL``: the owner's side."""
+        return {"DATABASE_MIGRATION_URL": self.migration_url.render_as_string(False)}
+
+    @property
+    def url(self) -> str:
+        """``DATABASE_URL``: the runtime login's."""
+        return self.runtime_url.render_as_string(hide_password=False)
+
+    @property
+    def runtime(self) -> str:
+        """The runtime login's name."""
+        return self.runtime_url.username or ""
+
+    @property
+    def runtime_password(self) -> str:
+        """The runtime login's password (sent to ``sfdb create-login`` on stdin)."""
+        return self.runtime_url.password or ""
+
+
 @pytest_asyncio.fixture(scope="module")
-async def demo_url(sfdb_server: URL) -> AsyncIterator[str]:
-    """A database name that does not exist yet; ``sfdb migrate`` creates it."""
+async def cli_db(sfdb_server: URL) -> AsyncIterator[CliDatabase]:
+    """A database that does not exist yet, and its migrating login; all dropped after."""
     name = f"sfdb_cli_{secrets.token_hex(6)}"
-    yield sfdb_server.set(database=name).render_as_string(hide_password=False)
-    await admin_execute(sfdb_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    migrator, password = f"{name}_migrator", secrets.token_urlsafe(16)
+    await admin_execute(
+        sfdb_server, f"CREATE ROLE \"{migrator}\" LOGIN CREATEROLE CREATEDB PASSWORD '{password}'"
+    )
+    database = sfdb_server.set(database=name)
+    created = CliDatabase(
+        name=name,
+        migration_url=database.set(username=migrator, password=password),
+        runtime_url=database.set(username=f"{name}_runtime", password=secrets.token_urlsafe(16)),
+    )
+    try:
+        yield created
+    finally:
+        await admin_execute(sfdb_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        roles = DatabaseSettings(url=created.url, _env_file=None).roles
+        for role in (created.runtime, roles.app, roles.directory, roles.owner, migrator):
+            await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{role}"')
+
+
+def create_login(
+    name: str, password: str, *, url: str, cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``sfdb create-login NAME --password-stdin``, the password on standard input only."""
+    return sfdb(
+        "create-login", name, "--password-stdin", url=url, cwd=cwd, extra_env=env, stdin=password
+    )
+
+
+async def ready(cli_db: CliDatabase, sfdb_server: URL, cwd: Path) -> None:
+    """``sfdb migrate``, then ``sfdb create-login`` unless the runtime login exists already."""
+    migrated = sfdb("migrate", url=cli_db.url, cwd=cwd, extra_env=cli_db.env)
+    assert migrated.returncode == 0, migrated.stderr
+    admin = await asyncpg.connect(sfdb_server.set(drivername="postgresql").render_as_string(False))
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", cli_db.runtime)
+    finally:
+        await admin.close()
+    if not exists:
+        login = create_login(
+            cli_db.runtime, cli_db.runtime_password, url=cli_db.url, cwd=cwd, env=cli_db.env
+        )
+        assert login.returncode == 0, login.stderr
 
 
 @pytest.mark.parametrize(
-    "command", ["migrate", "downgrade", "current", "check", "info", "demo", "stats", "audit"]
+    "command",
+    [
+        "migrate",
+        "downgrade",
+        "current",
+        "check",
+        "info",
+        "demo",
+        "stats",
+        "audit",
+        "create-login",
+        "distribute",
+        "purge-rate-limits",
+    ],
 )
 def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -92,41 +197,70 @@ def test_unreachable_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert "pw@" not in result.stderr
 
 
-def test_migrate_creates_and_upgrades_then_current(demo_url: str, tmp_path: Path) -> None:
-    first = sfdb("migrate", url=demo_url, cwd=tmp_path)
+def test_migrate_creates_and_upgrades_then_current(cli_db: CliDatabase, tmp_path: Path) -> None:
+    first = sfdb("migrate", url=cli_db.url, cwd=tmp_path, extra_env=cli_db.env)
     assert first.returncode == 0, first.stderr
     assert "created database" in first.stdout
     assert f"is at revision {schema.head()}" in first.stdout
-    again = sfdb("migrate", url=demo_url, cwd=tmp_path)
+    assert first.stderr == ""  # DATABASE_MIGRATION_URL is set: no word of falling back
+    again = sfdb("migrate", url=cli_db.url, cwd=tmp_path, extra_env=cli_db.env)
     assert again.returncode == 0, again.stderr
     assert "created database" not in again.stdout
-    current = sfdb("current", url=demo_url, cwd=tmp_path)
+    current = sfdb("current", url=cli_db.url, cwd=tmp_path, extra_env=cli_db.env)
     assert current.returncode == 0, current.stderr
     assert current.stdout.strip() == schema.head()
 
 
-def test_check_passes_on_a_migrated_database(demo_url: str, tmp_path: Path) -> None:
-    assert sfdb("migrate", url=demo_url, cwd=tmp_path).returncode == 0
-    result = sfdb("check", url=demo_url, cwd=tmp_path)
+CHECKS = 14
+"""Lines of ``sfdb check``: connection, version, seven on the runtime login, app role (2),
+row-level security, migrations."""
+
+
+async def test_check_passes_on_a_migrated_database(
+    cli_db: CliDatabase, sfdb_server: URL, tmp_path: Path
+) -> None:
+    await ready(cli_db, sfdb_server, tmp_path)
+    result = sfdb("check", url=cli_db.url, cwd=tmp_path, extra_env=cli_db.env)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 6
+    assert len(lines) == CHECKS, result.stdout
     assert all(line.startswith("pass") for line in lines), result.stdout
+    assert f"pass  runtime login owns nothing  {cli_db.runtime}" in lines
 
 
 async def test_check_fails_when_the_app_role_bypasses_rls(sfdb_server: URL, tmp_path: Path) -> None:
-    role = f"sfdb_chk_{secrets.token_hex(4)}"
-    try:
-        async with throwaway_database(sfdb_server, app_role=role) as settings:
-            await admin_execute(sfdb_server, f'ALTER ROLE "{role}" BYPASSRLS')
-            result = sfdb(
-                "check", url=url_of(settings), cwd=tmp_path, extra_env={"DATABASE_APP_ROLE": role}
-            )
-    finally:
-        await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{role}"')
+    async with throwaway_database(sfdb_server) as settings:
+        role = settings.roles.app
+        await admin_execute(sfdb_server, f'ALTER ROLE "{role}" BYPASSRLS')
+        result = sfdb("check", url=url_of(settings), cwd=tmp_path, extra_env=owner_env(settings))
     assert result.returncode == 1, result.stdout
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert failed == [f"FAIL  app role is NOSUPERUSER NOBYPASSRLS  {role}"]
+
+
+async def test_check_fails_when_database_url_is_the_migrating_login(
+    sfdb_server: URL, tmp_path: Path
+) -> None:
+    # The login that migrates owns the database, may create roles and is a member of the
+    # owner: the application must never run as it.
+    async with throwaway_database(sfdb_server) as settings:
+        migrator = settings.for_migrations()
+        result = sfdb("check", url=url_of(migrator), cwd=tmp_path, extra_env=owner_env(settings))
+    name = migrator.sqlalchemy_url().username
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == CHECKS, result.stdout
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert failed == [
+        f"FAIL  runtime login cannot create roles  {name}",
+        f"FAIL  runtime login owns nothing  {name}",
+        f"FAIL  runtime login is not the owner  {name}",
+        f"FAIL  no runtime role can create temp tables  {name}",
+        # It was granted the app role when it migrated, never the directory role.
+        f"FAIL  runtime login may become the app and directory roles  "
+        f"{settings.roles.app}, {settings.roles.directory}",
+    ]
 
 
 async def test_check_fails_on_an_empty_database(sfdb_server: URL, tmp_path: Path) -> None:
@@ -136,13 +270,17 @@ async def test_check_fails_on_an_empty_database(sfdb_server: URL, tmp_path: Path
     assert f"FAIL  migrations at head  at None, head {schema.head()}" in result.stdout
 
 
-def test_demo_then_stats_and_audit(demo_url: str, tmp_path: Path) -> None:
-    demo = sfdb("demo", "--meetings", "50", url=demo_url, cwd=tmp_path)
+async def test_demo_then_stats_and_audit(
+    cli_db: CliDatabase, sfdb_server: URL, tmp_path: Path
+) -> None:
+    await ready(cli_db, sfdb_server, tmp_path)
+    env = cli_db.env
+    demo = sfdb("demo", "--meetings", "50", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert demo.returncode == 0, demo.stderr
     assert "ingested 50 meetings: 50 completed" in demo.stdout
     assert "rate_limit.denied" in demo.stdout
 
-    stats = sfdb("stats", DEMO_TEAM, url=demo_url, cwd=tmp_path)
+    stats = sfdb("stats", DEMO_TEAM, url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert stats.returncode == 0, stats.stderr
     rows = {
         line.split("│")[1].strip(): int(line.split("│")[2])
@@ -154,27 +292,175 @@ def test_demo_then_stats_and_audit(demo_url: str, tmp_path: Path) -> None:
     assert rows["account mappings"] == 3
     assert rows["meetings total"] >= 50  # another test of this module may have run the demo
 
-    audit = sfdb("audit", DEMO_TEAM, "--failures", "--days", "1", url=demo_url, cwd=tmp_path)
+    audit = sfdb(
+        "audit", DEMO_TEAM, "--failures", "--days", "1", url=cli_db.url, cwd=tmp_path, extra_env=env
+    )
     assert audit.returncode == 0, audit.stderr
     assert "CRM sync failed" in audit.stdout
     assert "rate_limit.denied" in audit.stdout
     assert "note sent to the CRM" not in audit.stdout  # successes are not failures
 
-    unknown = sfdb("stats", "TNOSUCHTEAM", url=demo_url, cwd=tmp_path)
+    unknown = sfdb("stats", "TNOSUCHTEAM", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == "sfdb stats: no live workspace with slack_team_id TNOSUCHTEAM"
 
 
-def test_downgrade_to_base_and_back(demo_url: str, tmp_path: Path) -> None:
-    # Runs last in this module: the demo data goes with the tables.
-    assert sfdb("migrate", url=demo_url, cwd=tmp_path).returncode == 0
-    down = sfdb("downgrade", "base", url=demo_url, cwd=tmp_path)
+async def test_downgrade_to_base_and_back(
+    cli_db: CliDatabase, sfdb_server: URL, tmp_path: Path
+) -> None:
+    # Runs last of the tests on cli_db: the demo data goes with the tables.
+    await ready(cli_db, sfdb_server, tmp_path)
+    env = cli_db.env
+    down = sfdb("downgrade", "base", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert down.returncode == 0, down.stderr
     assert "is at revision base" in down.stdout
-    assert sfdb("current", url=demo_url, cwd=tmp_path).stdout.startswith("base")
-    up = sfdb("migrate", url=demo_url, cwd=tmp_path)
+    current = sfdb("current", url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert current.stdout.startswith("base")
+    up = sfdb("migrate", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert up.returncode == 0, up.stderr
-    assert sfdb("check", url=demo_url, cwd=tmp_path).returncode == 0
+    # The downgrade dropped the layer's roles, and with them the runtime login's
+    # memberships: as README says, create-login again (it keeps the login, sets its
+    # password and grants the new roles).
+    again = create_login(
+        cli_db.runtime, cli_db.runtime_password, url=cli_db.url, cwd=tmp_path, env=env
+    )
+    assert again.returncode == 0, again.stderr
+    check = sfdb("check", url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _scram_matches(verifier: str, password: str) -> bool:
+    """Whether ``verifier`` (``SCRAM-SHA-256$<i>:<salt>$<stored>:<server>``) is of ``password``."""
+    match = re.fullmatch(r"SCRAM-SHA-256\$(\d+):([^$]+)\$([^:]+):(.+)", verifier)
+    assert match, "not a SCRAM-SHA-256 verifier"
+    iterations, salt = int(match.group(1)), base64.b64decode(match.group(2))
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return base64.b64encode(hashlib.sha256(client_key).digest()).decode() == match.group(3)
+
+
+async def test_create_login_takes_the_password_on_stdin_and_makes_a_login_that_holds_nothing(
+    sfdb_server: URL, tmp_path: Path
+) -> None:
+    async with throwaway_database(sfdb_server) as settings:
+        roles, env = settings.roles, owner_env(settings)
+        name = f"{settings.sqlalchemy_url().database}_cli"  # dropped below
+        first, second = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        login_url = settings.sqlalchemy_url().set(username=name, password=first)
+        admin = await asyncpg.connect(superuser_dsn(sfdb_server, settings))
+        try:
+            created = create_login(name, first, url=url_of(settings), cwd=tmp_path, env=env)
+            assert created.returncode == 0, created.stderr
+            assert created.stdout.strip() == (
+                f"created login {name}: a member of {roles.app} and {roles.directory}"
+            )
+            assert first not in created.stdout + created.stderr
+            stored = await admin.fetchval(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1", name
+            )
+            assert isinstance(stored, str)
+            assert first not in stored  # a verifier reached the server, not the password
+            assert _scram_matches(stored, first)
+            login = await fetch_row(
+                admin,
+                "SELECT rolcanlogin, rolinherit, rolsuper, rolbypassrls, rolcreaterole, "
+                "rolcreatedb FROM pg_roles WHERE rolname = $1",
+                name,
+            )
+            assert dict(login) == {
+                "rolcanlogin": True,
+                "rolinherit": False,
+                "rolsuper": False,
+                "rolbypassrls": False,
+                "rolcreaterole": False,
+                "rolcreatedb": False,
+            }
+            member_of = await admin.fetch(
+                "SELECT roleid::regrole::text AS role FROM pg_auth_members "
+                "WHERE member = $1::regrole",
+                name,
+            )
+            assert {r["role"] for r in member_of} == {roles.app, roles.directory}
+
+            # The login works, holds nothing of its own, and may become the layer's roles.
+            conn = await asyncpg.connect(
+                login_url.set(drivername="postgresql").render_as_string(hide_password=False)
+            )
+            try:
+                assert await conn.fetchval("SELECT current_user") == name
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval("SELECT count(*) FROM public.tenants")
+                async with conn.transaction():
+                    await conn.execute(f'SET LOCAL ROLE "{roles.directory}"')
+                    assert await conn.fetchval("SELECT sfdb_resolve_tenant('TNOSUCHTEAM')") is None
+            finally:
+                await conn.close()
+            check = sfdb(
+                "check",
+                url=login_url.render_as_string(hide_password=False),
+                cwd=tmp_path,
+                extra_env=env,
+            )
+            assert check.returncode == 0, check.stdout + check.stderr
+
+            # Run again, it keeps the login and sets the new password.
+            again = create_login(name, second, url=url_of(settings), cwd=tmp_path, env=env)
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.startswith(f"set a new password for login {name}:")
+            assert second not in again.stdout + again.stderr
+            renewed = await admin.fetchval(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1", name
+            )
+            assert isinstance(renewed, str)
+            assert _scram_matches(renewed, second)
+            assert not _scram_matches(renewed, first)
+        finally:
+            await admin.close()
+    await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{name}"')
+
+
+async def test_create_login_refuses_the_name_of_a_superuser(
+    sfdb_server: URL, tmp_path: Path
+) -> None:
+    async with throwaway_database(sfdb_server) as settings:
+        admin = await asyncpg.connect(superuser_dsn(sfdb_server, settings))
+        try:
+            superuser = await admin.fetchval("SELECT current_user")
+            read = "SELECT rolsuper, rolpassword FROM pg_authid WHERE rolname = $1"
+            before = await fetch_row(admin, read, superuser)
+            memberships = (
+                "SELECT array_agg(roleid::regrole::text ORDER BY roleid) "
+                "FROM pg_auth_members WHERE member = $1::regrole"
+            )
+            member_of = await admin.fetchval(memberships, superuser)
+            refused = create_login(
+                superuser,
+                secrets.token_urlsafe(24),
+                url=url_of(settings),
+                cwd=tmp_path,
+                env=owner_env(settings),
+            )
+            assert refused.returncode == 1
+            assert refused.stdout == ""
+            assert refused.stderr.strip().splitlines() == [
+                f"sfdb create-login: create login: role {superuser} exists and is a superuser, "
+                "bypasses row-level security or may create roles or databases; "
+                "choose another name"
+            ]
+            assert await fetch_row(admin, read, superuser) == before
+            assert await admin.fetchval(memberships, superuser) == member_of
+        finally:
+            await admin.close()
+
+
+def test_create_login_takes_no_password_on_the_command_line(tmp_path: Path) -> None:
+    for argv in (
+        ["create-login", "sfdb_runtime"],
+        ["create-login", "sfdb_runtime", "--password", "pw"],
+    ):
+        refused = sfdb(*argv, url="postgresql://nobody@127.0.0.1:9/none", cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert "pw" not in refused.stdout
 
 
 def test_demo_without_database_url_runs_on_the_embedded_server(tmp_path: Path) -> None:
@@ -191,3 +477,15 @@ def test_demo_without_database_url_runs_on_the_embedded_server(tmp_path: Path) -
     assert f"using the embedded PostgreSQL in {data}" in result.stderr.replace("\n", "")
     assert "ingested 5 meetings: 5 completed" in result.stdout
     assert (data / "PG_VERSION").exists()
+    # And again on the same data (make demo twice): the runtime login exists by now, and
+    # the embedded migrating login, no superuser, sets its password anew.
+    again = sfdb(
+        "demo",
+        "--meetings",
+        "1",
+        url=None,
+        cwd=tmp_path,
+        extra_env={"SFDB_EMBEDDED_DIR": str(data)},
+    )
+    assert again.returncode == 0, again.stderr
+    assert "ingested 1 meetings: 1 completed" in again.stdout

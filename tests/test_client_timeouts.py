@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import DatabaseUnavailable
-from slack_fathom_db.testing import PgBouncer, pgbouncer
+from slack_fathom_db.testing import PgBouncer, engine_of, pgbouncer
 from tests.conftest import unique_team_id, unique_user_id
 from tests.helpers import fetch_value
 
@@ -37,8 +37,9 @@ HANG = 60.0
 
 
 @pytest.fixture
-def bouncer(sfdb_server: URL) -> Iterator[PgBouncer]:
-    with pgbouncer(sfdb_server, pool_size=4) as running:
+def bouncer(sfdb_server: URL, sfdb_direct_settings: DatabaseSettings) -> Iterator[PgBouncer]:
+    runtime = sfdb_direct_settings.sqlalchemy_url()
+    with pgbouncer(sfdb_server, pool_size=4, logins=[runtime]) as running:
         try:
             yield running
         finally:
@@ -49,10 +50,13 @@ def bouncer(sfdb_server: URL) -> Iterator[PgBouncer]:
 async def bounced(
     bouncer: PgBouncer, sfdb_direct_settings: DatabaseSettings
 ) -> AsyncIterator[Database]:
-    database = sfdb_direct_settings.sqlalchemy_url().database
+    # The suite's runtime login, through this test's PgBouncer.
+    direct = sfdb_direct_settings.sqlalchemy_url()
+    url = bouncer.url.set(
+        database=direct.database, username=direct.username, password=direct.password
+    )
     settings = DatabaseSettings(
-        url=bouncer.url.set(database=database).render_as_string(False),
-        app_role=sfdb_direct_settings.app_role,
+        url=url.render_as_string(False),
         pgbouncer=True,
         pool_size=4,
         max_overflow=0,
@@ -185,7 +189,7 @@ async def test_dispose_aborts_connections_that_a_frozen_proxy_never_lets_close(
 ) -> None:
     drivers: list[asyncpg.Connection] = []
     event.listen(
-        bounced.engine.sync_engine,
+        engine_of(bounced).sync_engine,
         "connect",
         lambda dbapi_connection, _record: drivers.append(dbapi_connection.driver_connection),
     )

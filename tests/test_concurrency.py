@@ -19,6 +19,7 @@ import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, RateLimitExceeded
+from slack_fathom_db.testing import execute_in
 from tests.conftest import unique_user_id
 from tests.helpers import fetch_row, lock_waiters
 
@@ -397,7 +398,7 @@ async def test_concurrent_duplicate_create_gives_one_row(
     async def deliver() -> uuid.UUID:
         try:
             async with big_db.unit_of_work(tenant_a) as uow:
-                await uow.session()  # the transaction is open before the race starts
+                await execute_in(uow, "SELECT 1")  # the transaction is open before the race
                 await barrier_wait(everyone_in)
                 meeting = await uow.meetings.create(
                     user_id=user_id, fathom_recording_id="rec-dup", title="Webhook delivery"

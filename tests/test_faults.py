@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 
 import slack_fathom_db.database as database_module
 import slack_fathom_db.uow as uow_module
@@ -42,11 +43,20 @@ from slack_fathom_db.retries import ATTEMPTS
 from slack_fathom_db.testing import (
     CitusCluster,
     LocalCluster,
+    engine_of,
+    execute_in,
     local_cluster_control,
     throwaway_database,
 )
-from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import checked_out, fetch_row, fetch_value, lock_waiters, queue_pool
+from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
+from tests.helpers import (
+    checked_out,
+    fetch_row,
+    fetch_value,
+    lock_waiters,
+    pooled_backend_pid,
+    queue_pool,
+)
 
 T = TypeVar("T")
 
@@ -57,13 +67,8 @@ HANG = 60.0
 # -- helpers --------------------------------------------------------------------------
 
 
-def dsn(settings: DatabaseSettings) -> str:
-    return settings.sqlalchemy_url().set(drivername="postgresql").render_as_string(False)
-
-
 async def backend_pid(uow: UnitOfWork) -> int:
-    session = await uow.session()
-    pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    pid = (await execute_in(uow, "SELECT pg_backend_pid()")).scalar_one()
     assert isinstance(pid, int), pid
     return pid
 
@@ -109,14 +114,13 @@ async def wait_until_waiting_on_a_lock(observer: asyncpg.Connection, *, besides:
     return found[0]
 
 
-async def open_transactions(admin: asyncpg.Connection, settings: DatabaseSettings) -> int:
-    """Backends of the layer (application_name) that sit inside a transaction."""
+async def open_transactions(admin: asyncpg.Connection) -> int:
+    """Backends of the layer (application_name) on ``admin``'s database inside a transaction."""
     return await fetch_value(
         admin,
         int,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = 'slack_fathom_db' AND state LIKE 'idle in transaction%'",
-        settings.sqlalchemy_url().database,
     )
 
 
@@ -133,9 +137,23 @@ async def tiny_db(settings: DatabaseSettings) -> AsyncIterator[Database]:
 
 
 @pytest_asyncio.fixture
-async def observer(sfdb_direct_settings: DatabaseSettings) -> AsyncIterator[asyncpg.Connection]:
+async def observer(
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+) -> AsyncIterator[asyncpg.Connection]:
     """A second superuser connection, to watch pg_stat_activity while ``admin`` holds locks."""
-    conn = await asyncpg.connect(dsn(sfdb_direct_settings))
+    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def locker(
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+) -> AsyncIterator[asyncpg.Connection]:
+    """A second superuser connection, to hold a lock while ``admin`` watches and kills."""
+    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
     try:
         yield conn
     finally:
@@ -166,7 +184,7 @@ async def test_backend_killed_mid_unit_of_work(
     tiny_db: Database,
     tenant_a: TenantId,
     admin: asyncpg.Connection,
-    settings: DatabaseSettings,
+    locker: asyncpg.Connection,
     where: str,
 ) -> None:
     slack_user = unique_user_id()
@@ -176,7 +194,6 @@ async def test_backend_killed_mid_unit_of_work(
     async def kill(pid: int) -> None:
         assert await admin.fetchval("SELECT pg_terminate_backend($1::integer, 30000)", pid)
 
-    locker = await asyncpg.connect(dsn(settings))
     await locker.execute("BEGIN")
     await locker.execute(
         "SELECT 1 FROM meeting_sessions WHERE tenant_id = $1 AND id = $2 FOR UPDATE",
@@ -207,7 +224,7 @@ async def test_backend_killed_mid_unit_of_work(
             else:
                 await kill(pids[0])
                 await uow.commit()
-    await locker.close()
+    await locker.execute("ROLLBACK")
     assert not isinstance(caught.value, StatementTimeout)
     assert "unreachable" in str(caught.value)
 
@@ -222,7 +239,7 @@ async def test_backend_killed_mid_unit_of_work(
     assert fresh_pid != pids[0]
     assert await count_users(admin, tenant_a, slack_user) == 1
     assert checked_out(tiny_db) == 0
-    assert await open_transactions(admin, settings) == 0
+    assert await open_transactions(admin) == 0
 
 
 @pytest.mark.not_through_pgbouncer(reason="kills the server backend behind a pooled connection")
@@ -230,7 +247,8 @@ async def test_backend_killed_while_pooled_is_replaced_transparently(
     tiny_db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
     async with tiny_db.unit_of_work(tenant_a) as uow:
-        pid = await backend_pid(uow)
+        assert await uow.tenants.get() is not None
+    pid = await pooled_backend_pid(tiny_db)  # the pool's one connection, back in it
     assert await admin.fetchval("SELECT pg_terminate_backend($1::integer, 30000)", pid)
 
     # Every entry point finds the dead connection and replaces it, without an error.
@@ -259,26 +277,27 @@ async def test_restart_while_the_pool_holds_connections_recovers(
     try:
         tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="R")
         held = asyncio.Event()
-        ready: list[int] = []
+        ready: list[TenantId] = []
 
-        async def hold() -> int:
+        async def hold() -> None:
             async with db.unit_of_work(tenant) as uow:
-                ready.append(await backend_pid(uow))
+                assert await uow.tenants.get() is not None
+                ready.append(uow.tenant_id)
                 if len(ready) == 3:
                     held.set()
                 await held.wait()
-                return ready[-1]
 
         await asyncio.wait_for(asyncio.gather(hold(), hold(), hold()), HANG)
         assert queue_pool(db).checkedin() == 3  # the pool holds three live connections
-        before = set(ready)
+        before = await _layer_backends(cluster, own)
+        assert len(before) == 3
 
         await asyncio.to_thread(cluster.restart)
 
         # The next calls recover, on new backends, without a new Database or process.
         async with asyncio.timeout(HANG):
             assert await db.check_connection() is True
-            assert await db.directory.resolve(await _team_of(own, tenant)) == tenant
+            assert await db.directory.resolve(await _team_of(cluster, own, tenant)) == tenant
             decision = await db.rate_limit(tenant, "restart", limit=5)
             assert decision.allowed
             slack_user = unique_user_id()
@@ -295,8 +314,21 @@ async def test_restart_while_the_pool_holds_connections_recovers(
         await db.dispose()
 
 
-async def _team_of(settings: DatabaseSettings, tenant: TenantId) -> str:
-    conn = await asyncpg.connect(dsn(settings))
+async def _layer_backends(cluster: LocalCluster, settings: DatabaseSettings) -> set[int]:
+    """The backends the layer holds open on the database of ``settings``."""
+    conn = await asyncpg.connect(superuser_dsn(cluster.url, settings))
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'slack_fathom_db'"
+        )
+    finally:
+        await conn.close()
+    return {row["pid"] for row in rows}
+
+
+async def _team_of(cluster: LocalCluster, settings: DatabaseSettings, tenant: TenantId) -> str:
+    conn = await asyncpg.connect(superuser_dsn(cluster.url, settings))
     try:
         return await fetch_value(
             conn, str, "SELECT slack_team_id FROM tenants WHERE id = $1", tenant
@@ -479,7 +511,7 @@ async def test_pool_exhaustion_fails_typed_after_the_pool_timeout_and_leaks_noth
         info = await _info_outside_pool(db)
         assert (info["checked_out"], info["overflow"]) == (0, 0)
         assert checked_out(db) == 0
-        assert await open_transactions(admin, settings) == 0
+        assert await open_transactions(admin) == 0
         async with db.unit_of_work(tenant_a) as uow:  # and it serves again
             assert await uow.tenants.get() is not None
     finally:
@@ -537,7 +569,6 @@ async def test_timeout_while_blocked_on_a_lock_rolls_back_and_returns_the_connec
     tenant_a: TenantId,
     admin: asyncpg.Connection,
     observer: asyncpg.Connection,
-    settings: DatabaseSettings,
 ) -> None:
     await tiny_db.rate_limit(tenant_a, "locked", limit=100)  # the counter row exists
     slack_user = unique_user_id()
@@ -566,7 +597,7 @@ async def test_timeout_while_blocked_on_a_lock_rolls_back_and_returns_the_connec
         await admin.execute("ROLLBACK")
     assert checked_out(tiny_db) == 0
     assert await count_users(admin, tenant_a, slack_user) == 0
-    assert await open_transactions(admin, settings) == 0
+    assert await open_transactions(admin) == 0
     async with asyncio.timeout(HANG), tiny_db.unit_of_work(tenant_a) as uow:
         decision = await uow.rate_limits.consume("locked", limit=100)
         await uow.commit()
@@ -604,7 +635,7 @@ async def test_many_units_of_work_cancelled_at_random_points_leak_nothing(
         outcomes = await asyncio.wait_for(asyncio.gather(*(bounded(n) for n in range(60))), HANG)
         assert "timed out" in outcomes
         assert checked_out(db) == 0
-        assert await open_transactions(admin, settings) == 0
+        assert await open_transactions(admin) == 0
         # Every committed handler is whole; no abandoned one left a part behind.
         users = await admin.fetchval(
             "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id LIKE 'UCANCEL%'",
@@ -645,23 +676,22 @@ async def test_statement_timeout_is_set_per_transaction_not_per_connection(
     timeout_db: Database, tenant_a: TenantId
 ) -> None:
     async with timeout_db.unit_of_work(tenant_a) as uow:
-        session = await uow.session()
-        inside = (await session.execute(text("SHOW statement_timeout"))).scalar_one()
+        inside = (await execute_in(uow, "SHOW statement_timeout")).scalar_one()
         await uow.commit()
-        session = await uow.session()  # the next transaction, scoped again
-        again = (await session.execute(text("SHOW statement_timeout"))).scalar_one()
+        # the next transaction, scoped again
+        again = (await execute_in(uow, "SHOW statement_timeout")).scalar_one()
     assert inside == again == "300ms"
-    # Outside a unit of work the connection has the server's setting: nothing was sent at
-    # connect time (PgBouncer would drop or leak a startup parameter).
-    async with timeout_db.engine.connect() as conn:
+    # Between transactions: a direct connection opened with the layer's timeout (it wins
+    # over the login's own default); behind PgBouncer, which would drop or leak a startup
+    # parameter, nothing is sent when connecting and the server session keeps its own.
+    engine = engine_of(timeout_db)
+    async with engine.connect() as conn:
         if timeout_db.settings.pgbouncer:
             await send(conn, "BEGIN", action="probe")  # simple protocol, as the layer does
         outside = (await conn.execute(text("SHOW statement_timeout"))).scalar_one()
         if timeout_db.settings.pgbouncer:
             await send(conn, "COMMIT", action="probe")
-    assert outside != "300ms"
-    connect_args = timeout_db.engine.dialect.create_connect_args(timeout_db.engine.url)
-    assert "statement_timeout" not in repr(connect_args)
+    assert (outside == "300ms") is not timeout_db.settings.pgbouncer
 
 
 async def test_slow_statement_raises_statement_timeout_and_the_connection_stays_usable(
@@ -683,9 +713,10 @@ async def test_slow_statement_raises_statement_timeout_and_the_connection_stays_
         tenant_a,
         meeting.id,
     )
+    # The pool's one connection, which the next unit of work gets.
+    pid = None if timeout_db.settings.pgbouncer else await pooled_backend_pid(timeout_db)
     try:
         async with asyncio.timeout(HANG), timeout_db.unit_of_work(tenant_a) as uow:
-            pid = None if timeout_db.settings.pgbouncer else await backend_pid(uow)
             await uow.tenants.add_user(slack_user_id=slack_user)
             with pytest.raises(StatementTimeout) as caught:
                 await uow.meetings.start_processing(meeting.id)  # waits for admin's lock
@@ -696,10 +727,10 @@ async def test_slow_statement_raises_statement_timeout_and_the_connection_stays_
     finally:
         await admin.execute("ROLLBACK")
     assert await count_users(admin, tenant_a, slack_user) == 0
-    # The same connection serves the next unit of work, which commits.
+    # The same connection went back to the pool and serves the next unit of work.
+    if pid is not None:
+        assert await pooled_backend_pid(timeout_db) == pid
     async with asyncio.timeout(HANG), timeout_db.unit_of_work(tenant_a) as uow:
-        if pid is not None:
-            assert await backend_pid(uow) == pid
         started = await uow.meetings.start_processing(meeting.id)
         await uow.commit()
     assert started.status == "processing"
@@ -881,15 +912,20 @@ async def test_deadlock_in_a_charge_at_commit_is_retried_in_its_savepoint(
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def repeatable_read(sfdb_server: Any) -> AsyncIterator[DatabaseSettings]:
+async def repeatable_read(sfdb_server: URL) -> AsyncIterator[DatabaseSettings]:
     """A database of its own whose transactions default to REPEATABLE READ.
 
-    The layer's transactions are READ COMMITTED by default, where a concurrent
-    update never fails a statement; under REPEATABLE READ it fails with a real
-    serialization failure (40001), deterministically.
+    Under REPEATABLE READ a concurrent update fails a statement with a real
+    serialization failure (40001), deterministically; under READ COMMITTED it
+    never does. The database's default does not reach the layer: its
+    connections open READ COMMITTED, and a unit of work begins READ COMMITTED
+    explicitly. So a test raises the isolation itself, on a connection of the
+    layer's pool (``SET default_transaction_isolation``) or in a transaction of
+    a unit of work (``SET TRANSACTION``), and first shows that the default
+    alone changed nothing.
     """
     async with throwaway_database(sfdb_server) as own:
-        conn = await asyncpg.connect(dsn(own))
+        conn = await asyncpg.connect(superuser_dsn(sfdb_server, own))
         try:
             await conn.execute(
                 f'ALTER DATABASE "{own.sqlalchemy_url().database}" '
@@ -901,13 +937,20 @@ async def repeatable_read(sfdb_server: Any) -> AsyncIterator[DatabaseSettings]:
 
 
 async def test_serialization_failure_in_db_rate_limit_is_retried_transparently(
-    repeatable_read: DatabaseSettings, attempts: dict[str, list[int]]
+    repeatable_read: DatabaseSettings, sfdb_server: URL, attempts: dict[str, list[int]]
 ) -> None:
-    async with Database(repeatable_read) as db:
+    one_connection = repeatable_read.model_copy(update={"pool_size": 1, "max_overflow": 0})
+    async with Database(one_connection) as db:
         tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="RR")
         await db.rate_limit(tenant, "serial", limit=10)
-        admin = await asyncpg.connect(dsn(repeatable_read))
-        observer = await asyncpg.connect(dsn(repeatable_read))
+        # The pool's one connection, which db.rate_limit uses: READ COMMITTED whatever the
+        # database's default, until its session is made REPEATABLE READ.
+        async with engine_of(db).connect() as conn:
+            shown = await conn.exec_driver_sql("SHOW default_transaction_isolation")
+            assert shown.scalar_one() == "read committed"
+            await conn.exec_driver_sql("SET default_transaction_isolation = 'repeatable read'")
+        admin = await asyncpg.connect(superuser_dsn(sfdb_server, repeatable_read))
+        observer = await asyncpg.connect(superuser_dsn(sfdb_server, repeatable_read))
         try:
             await admin.execute("BEGIN")
             await admin.execute(
@@ -934,7 +977,7 @@ async def test_serialization_failure_in_db_rate_limit_is_retried_transparently(
 
 
 async def test_serialization_failures_on_the_claim_path_are_retried_a_bounded_number_of_times(
-    repeatable_read: DatabaseSettings, attempts: dict[str, list[int]]
+    repeatable_read: DatabaseSettings, sfdb_server: URL, attempts: dict[str, list[int]]
 ) -> None:
     async with Database(repeatable_read) as db:
         tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="RR")
@@ -944,11 +987,21 @@ async def test_serialization_failures_on_the_claim_path_are_retried_a_bounded_nu
                 user_id=user.id, fathom_recording_id="rec-serial", title="Before"
             )
             await uow.commit()
-        admin = await asyncpg.connect(dsn(repeatable_read))
+        admin = await asyncpg.connect(superuser_dsn(sfdb_server, repeatable_read))
         try:
             with pytest.raises(SerializationConflict) as caught:  # noqa: PT012
                 async with asyncio.timeout(HANG), db.unit_of_work(tenant) as uow:
-                    # This transaction's snapshot is taken; a concurrent update commits after it.
+                    # A transaction of the unit of work, REPEATABLE READ before its first
+                    # query; its snapshot is taken, then a concurrent update commits after it.
+                    await uow.commit()
+                    assert (
+                        await execute_in(uow, "SELECT current_setting('transaction_isolation')")
+                    ).scalar_one() == "read committed"  # the database's default did not apply
+                    await uow.commit()
+                    await execute_in(uow, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    assert (
+                        await execute_in(uow, "SELECT current_setting('transaction_isolation')")
+                    ).scalar_one() == "repeatable read"
                     await admin.execute(
                         "UPDATE meeting_sessions SET title = 'After' WHERE id = $1", meeting.id
                     )

@@ -31,6 +31,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
 from slack_fathom_db.errors import (
@@ -39,7 +40,7 @@ from slack_fathom_db.errors import (
     UsageError,
     ValidationError,
 )
-from tests.conftest import unique_team_id, unique_user_id
+from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
 from tests.helpers import fetch_row
 
 T = TypeVar("T")
@@ -115,10 +116,6 @@ TENANT_TABLES = (
     "audit_logs",
     "api_rate_limits",
 )
-
-
-def dsn(settings: DatabaseSettings) -> str:
-    return settings.sqlalchemy_url().set(drivername="postgresql").render_as_string(False)
 
 
 @dataclass
@@ -197,13 +194,14 @@ class Harness:
 def harness(
     sfdb_settings: DatabaseSettings,
     sfdb_direct_settings: DatabaseSettings,
+    sfdb_server: URL,
     request: pytest.FixtureRequest,
 ) -> Iterator[Harness]:
     loop = asyncio.new_event_loop()
     db = Database(sfdb_settings)
 
     async def setup() -> Harness:
-        admin = await asyncpg.connect(dsn(sfdb_direct_settings))
+        admin = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
         tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="H")
         async with db.unit_of_work(tenant) as uow:
             user = await uow.tenants.add_user(slack_user_id=unique_user_id())

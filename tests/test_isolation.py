@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,13 +34,16 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
+from sqlalchemy import TextClause, event, text
 from sqlalchemy.exc import DBAPIError
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, TenantStats, UnitOfWork
+from slack_fathom_db.connections import execute_outside_tenant
 from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAborted
 from slack_fathom_db.models import CrmConnection, MeetingSession, User
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
+from slack_fathom_db.tenancy import outside_opener
+from slack_fathom_db.testing import engine_of, execute_in
 from tests.conftest import unique_team_id, unique_user_id
 from tests.helpers import fetch_row, on_citus
 
@@ -70,6 +74,13 @@ async def snapshot(admin: asyncpg.Connection, tenant: uuid.UUID) -> Snapshot:
         )
         rows[table] = [r["j"] for r in found]
     return rows
+
+
+def bound(sql: str, **values: object) -> TextClause:
+    """``sql`` as a statement with those of ``values`` it names (``:name``) bound."""
+    return text(sql).bindparams(
+        **{name: value for name, value in values.items() if re.search(rf":{name}\b", sql)}
+    )
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -934,20 +945,20 @@ async def test_raw_selects_see_only_own_rows_without_a_where(
     }
     assert all(theirs.values()), theirs
     async with db.unit_of_work(world.b) as uow:
-        session = await uow.session()
         for table in TENANT_OWNED:
-            seen = (await session.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+            seen = (await execute_in(uow, f"SELECT count(*) FROM {table}")).scalar_one()
             assert seen == own[table], table
             named = (
-                await session.execute(
-                    text(f"SELECT count(*) FROM {table} WHERE tenant_id = :a"), {"a": world.a}
+                await execute_in(
+                    uow,
+                    bound(f"SELECT count(*) FROM {table} WHERE tenant_id = :a", a=world.a),
                 )
             ).scalar_one()
             assert named == 0, table
-        tenant_ids = (await session.execute(text("SELECT id FROM tenants"))).scalars().all()
+        tenant_ids = (await execute_in(uow, "SELECT id FROM tenants")).scalars().all()
         assert tenant_ids == [world.b]
         fathom_ids = (
-            (await session.execute(text("SELECT fathom_recording_id FROM meeting_sessions")))
+            (await execute_in(uow, "SELECT fathom_recording_id FROM meeting_sessions"))
             .scalars()
             .all()
         )
@@ -983,8 +994,7 @@ async def test_raw_insert_stamped_with_a_is_refused(
     }
     with pytest.raises((TenantIsolationError, DBAPIError)) as raised:  # noqa: PT012
         async with db.unit_of_work(world.b) as uow:
-            session = await uow.session()
-            await session.execute(text(RAW_INSERTS[table]), params)
+            await execute_in(uow, bound(RAW_INSERTS[table], **params))
             await uow.commit()
     assert_refused_by_database(raised.value)
     assert await snapshot(admin, world.a) == before
@@ -996,18 +1006,31 @@ async def test_raw_update_of_a_rows_changes_nothing(
 ) -> None:
     before = await snapshot(admin, world.a)
     own = await admin.fetchval(f"SELECT count(*) FROM {table} WHERE tenant_id = $1", world.b)
-    named = text(f"UPDATE {table} SET tenant_id = tenant_id WHERE tenant_id = :a")
-    unfiltered = text(f"UPDATE {table} SET tenant_id = tenant_id")
     async with db.unit_of_work(world.b) as uow:
-        session = await uow.session()
+        # Nobody at runtime may write tenant_id: the column grant refuses it before
+        # row-level security sees a row, with or without a WHERE.
+        for moving in (
+            f"UPDATE {table} SET tenant_id = tenant_id WHERE tenant_id = :a",
+            f"UPDATE {table} SET tenant_id = tenant_id",
+        ):
+            with pytest.raises(DBAPIError) as raised:
+                await execute_in(uow, bound(moving, a=world.a))
+            assert_refused_by_database(raised.value)
+            assert f"permission denied for table {table}" in str(raised.value)
+            await uow.rollback()
         if table == "audit_logs":  # the app role may not UPDATE audit rows at all
             with pytest.raises(DBAPIError) as raised:
-                await session.execute(named, {"a": world.a})
+                await execute_in(
+                    uow,
+                    bound("UPDATE audit_logs SET status = status WHERE tenant_id = :a", a=world.a),
+                )
             assert_refused_by_database(raised.value)
         else:
-            result: Any = await session.execute(named, {"a": world.a})
+            # A column the app role may write: RLS alone keeps A's rows out of reach.
+            named = f"UPDATE {table} SET updated_at = updated_at WHERE tenant_id = :a"
+            result: Any = await execute_in(uow, bound(named, a=world.a))
             assert result.rowcount == 0
-            result = await session.execute(unfiltered)
+            result = await execute_in(uow, f"UPDATE {table} SET updated_at = updated_at")
             assert result.rowcount == own  # RLS alone narrows an UPDATE without a WHERE
             await uow.commit()
     assert await snapshot(admin, world.a) == before
@@ -1019,83 +1042,129 @@ async def test_raw_move_of_own_row_into_a_is_refused(
     before = await snapshot(admin, world.a)
     with pytest.raises((TenantIsolationError, DBAPIError)) as raised:  # noqa: PT012
         async with db.unit_of_work(world.b) as uow:
-            session = await uow.session()
-            await session.execute(
-                text("UPDATE users SET tenant_id = :a WHERE id = :b_user"),
-                {"a": world.a, "b_user": world.b_user.id},
+            await execute_in(
+                uow,
+                bound(
+                    "UPDATE users SET tenant_id = :a WHERE id = :b_user",
+                    a=world.a,
+                    b_user=world.b_user.id,
+                ),
             )
             await uow.commit()
     if await on_citus(admin):
         # The distribution column never changes on Citus: refused before any policy runs.
         assert sqlstate_of(raised.value) == "0A000", repr(raised.value)
     else:
+        # The column grant refuses it before row-level security sees the row.
         assert_refused_by_database(raised.value)
+        assert "permission denied for table users" in str(raised.value)
     assert await snapshot(admin, world.a) == before
 
 
 # -- the role and tenant of every transaction, and their reset ---------------------------------
 
 PROBE = text(
-    "SELECT current_user AS role, current_setting('app.tenant_id', true) AS tenant, "
+    "SELECT current_user AS role, session_user AS login, "
+    "current_setting('app.tenant_id', true) AS tenant, "
     "pg_backend_pid() AS pid, txid_current() AS txid"
 )
 
 
 async def test_every_transaction_is_scoped_and_the_connection_is_reset_after(
-    settings: DatabaseSettings, tenant_a: TenantId, tenant_b: TenantId, admin: asyncpg.Connection
+    settings: DatabaseSettings, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    login_role = await admin.fetchval("SELECT current_user")
-    assert login_role != settings.app_role
+    login = settings.sqlalchemy_url().username
+    roles = settings.roles
+    assert login not in (roles.app, roles.directory, roles.owner)
+    direct = not settings.pgbouncer  # behind PgBouncer a backend is not a client's own
     single = Database(settings.model_copy(update={"pool_size": 1, "max_overflow": 0}))
     try:
 
-        async def outside() -> Any:
-            async with single.engine.connect() as conn:
-                return (await conn.execute(PROBE)).one()
+        async def outside() -> tuple[Any, asyncpg.Connection]:
+            # The pool's one connection, as the layer runs a statement outside any tenant
+            # (behind PgBouncer, in a transaction its opener starts).
+            async with engine_of(single).connect() as conn:
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection
+                assert isinstance(driver, asyncpg.Connection), driver
+                result = await execute_outside_tenant(
+                    conn, PROBE, opener=outside_opener(settings), action="probe"
+                )
+                return result.one(), driver
 
-        first = await outside()
-        assert first.role == login_role
-        assert first.tenant in (None, "")
+        def assert_outside(row: Any) -> None:
+            assert (row.role, row.login) == (roles.directory, login)
+            assert row.tenant in (None, "")
+
+        def assert_inside(row: Any, tenant: TenantId, pid: int) -> None:
+            assert (row.role, row.login, row.tenant) == (roles.app, login, str(tenant))
+            if direct:
+                assert row.pid == pid  # the pooled connection serves the unit of work
+
+        first, pooled = await outside()
+        assert_outside(first)
         pid = first.pid
 
         for tenant in (tenant_a, tenant_b):
+            # Probed in every transaction. The probe is SQL the layer did not write: the
+            # unit of work drops its connection when it ends, and the pool opens another.
             txids = []
             async with single.unit_of_work(tenant) as uow:
                 # First transaction, before and after a repository call.
-                session = await uow.session()
-                row = (await session.execute(PROBE)).one()
-                assert (row.role, row.tenant, row.pid) == (settings.app_role, str(tenant), pid)
+                row = (await execute_in(uow, PROBE)).one()
+                assert_inside(row, tenant, pid)
                 txids.append(row.txid)
                 await uow.tenants.add_user(slack_user_id=unique_user_id())
                 await uow.commit()
                 # Second transaction: opened by a repository call after the commit.
                 assert (await uow.tenants.get()) is not None
-                session = await uow.session()
-                row = (await session.execute(PROBE)).one()
-                assert (row.role, row.tenant, row.pid) == (settings.app_role, str(tenant), pid)
+                row = (await execute_in(uow, PROBE)).one()
+                assert_inside(row, tenant, pid)
                 txids.append(row.txid)
                 await uow.rollback()
-                # Third transaction: opened by the raw session after a rollback.
-                session = await uow.session()
-                row = (await session.execute(PROBE)).one()
-                assert (row.role, row.tenant, row.pid) == (settings.app_role, str(tenant), pid)
+                # Third transaction: opened by a raw statement after a rollback.
+                row = (await execute_in(uow, PROBE)).one()
+                assert_inside(row, tenant, pid)
                 txids.append(row.txid)
                 await uow.commit()
             assert len(set(txids)) == 3  # three distinct transactions, each scoped
-            after = await outside()
-            assert (after.role, after.pid) == (login_role, pid)
-            assert after.tenant in (None, "")
+            after, driver = await outside()
+            assert_outside(after)
+            assert driver is not pooled
+            assert pooled.is_closed()
+            pooled, pid = driver, after.pid
+
+            # The same work, not probed: the connection goes back to the pool, reset.
+            async with single.unit_of_work(tenant) as uow:
+                await uow.tenants.add_user(slack_user_id=unique_user_id())
+                await uow.commit()
+                assert (await uow.tenants.get()) is not None
+                await uow.rollback()
+                await uow.tenants.add_user(slack_user_id=unique_user_id())
+                # leaves with a transaction open: rolled back on the way out
+            after, driver = await outside()
+            assert_outside(after)
+            assert driver is pooled
+            if direct:
+                assert after.pid == pid
 
         # Leaving on an exception (inside an open transaction) resets the connection too.
         with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012
             async with single.unit_of_work(tenant_a) as uow:
-                session = await uow.session()
-                row = (await session.execute(PROBE)).one()
-                assert (row.role, row.tenant) == (settings.app_role, str(tenant_a))
+                await uow.tenants.add_user(slack_user_id=unique_user_id())
                 raise RuntimeError("boom")
-        after = await outside()
-        assert (after.role, after.pid) == (login_role, pid)
-        assert after.tenant in (None, "")
+        after, driver = await outside()
+        assert_outside(after)
+        assert driver is pooled
+        # ... and, probed, it is dropped.
+        with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012
+            async with single.unit_of_work(tenant_a) as uow:
+                row = (await execute_in(uow, PROBE)).one()
+                assert_inside(row, tenant_a, pid)
+                raise RuntimeError("boom")
+        after, driver = await outside()
+        assert_outside(after)
+        assert driver is not pooled
     finally:
         await single.dispose()
 
@@ -1114,7 +1183,28 @@ class Seen:
     raw_tenants: set[uuid.UUID]
     role: str
     setting: str
-    pid: int
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """A connection the pool handed out, to which task, and whether that task probes with it."""
+
+    driver: asyncpg.Connection
+    task: asyncio.Task[Any] | None
+    probed: bool
+
+
+def record_checkouts(db: Database, probing: set[asyncio.Task[Any]]) -> list[Checkout]:
+    """Every checkout from ``db``'s pool from now on, in order (the listener runs in the task
+    that takes the connection)."""
+    checkouts: list[Checkout] = []
+
+    def on_checkout(dbapi_connection: Any, _record: object, _proxy: object) -> None:
+        task = asyncio.current_task()
+        checkouts.append(Checkout(dbapi_connection.driver_connection, task, task in probing))
+
+    event.listen(engine_of(db).sync_engine, "checkout", on_checkout)
+    return checkouts
 
 
 async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
@@ -1131,7 +1221,16 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
     # Round robin over the tenants, so consecutive checkouts belong to different tenants.
     jobs = [(t, planned[t][j]) for j in range(per_tenant) for t in tenants]
 
+    tenant_of: dict[asyncio.Task[Any] | None, TenantId] = {}
+    probing: set[asyncio.Task[Any]] = set()
+    checkouts = record_checkouts(small, probing)
+    everyone_worked = asyncio.Barrier(len(jobs))
+
     async def work(tenant: TenantId, slack_user_id: str) -> Seen:
+        task = asyncio.current_task()
+        assert task is not None
+        tenant_of[task] = tenant
+        # Through repositories only: the connection goes back to the pool for the next job.
         async with small.unit_of_work(tenant) as uow:
             user = await uow.tenants.add_user(slack_user_id=slack_user_id)
             await asyncio.sleep(0)
@@ -1149,17 +1248,22 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
             await uow.commit()
             await asyncio.sleep(0.001)
             after = {u.slack_user_id for u in await uow.tenants.list_users()}
-            session = await uow.session()
-            raw_users = set(
-                (await session.execute(text("SELECT slack_user_id FROM users"))).scalars()
-            )
+            await uow.commit()
+        # Every job's repository work first, so the two pooled connections pass from
+        # tenant to tenant before any of them is probed (and dropped).
+        await everyone_worked.wait()
+        # Raw SQL on the layer's connection, as the app role under RLS alone (this unit of
+        # work drops its connection when it ends: it served SQL the layer did not write).
+        probing.add(task)
+        async with small.unit_of_work(tenant) as uow:
+            raw_users = set((await execute_in(uow, "SELECT slack_user_id FROM users")).scalars())
             raw_recordings = set(
                 (
-                    await session.execute(text("SELECT fathom_recording_id FROM meeting_sessions"))
+                    await execute_in(uow, "SELECT fathom_recording_id FROM meeting_sessions")
                 ).scalars()
             )
-            raw_tenants = set((await session.execute(text("SELECT id FROM tenants"))).scalars())
-            probe = (await session.execute(PROBE)).one()
+            raw_tenants = set((await execute_in(uow, "SELECT id FROM tenants")).scalars())
+            probe = (await execute_in(uow, PROBE)).one()
             await uow.commit()
         return Seen(
             tenant,
@@ -1171,7 +1275,6 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
             raw_tenants,
             probe.role,
             probe.tenant,
-            probe.pid,
         )
 
     try:
@@ -1188,12 +1291,23 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
             assert f"rec-{seen.slack_user_id}" in seen.raw_recordings
             assert seen.raw_recordings <= recordings[seen.tenant]
             assert seen.raw_tenants == {seen.tenant}
-            assert (seen.role, seen.setting) == (settings.app_role, str(seen.tenant))
-        # Two pooled connections served every tenant: the same connection changed tenants.
-        pids = {seen.pid for seen in results}
-        assert len(pids) <= 2
-        tenants_per_pid = {pid: {s.tenant for s in results if s.pid == pid} for pid in pids}
-        assert max(len(ts) for ts in tenants_per_pid.values()) > 1
+            assert (seen.role, seen.setting) == (settings.roles.app, str(seen.tenant))
+        # Two pooled connections served the tenants' jobs: the same connection changed
+        # tenants, and one that was probed was never handed out again (it was replaced).
+        jobs_checkouts = [c for c in checkouts if c.task in tenant_of]
+        drivers = {id(c.driver): c.driver for c in jobs_checkouts}
+        tenants_per_driver = {
+            key: {tenant_of[c.task] for c in jobs_checkouts if id(c.driver) == key}
+            for key in drivers
+        }
+        assert max(len(ts) for ts in tenants_per_driver.values()) > 1
+        probed = [n for n, c in enumerate(jobs_checkouts) if c.probed]
+        assert len(probed) == len(jobs)
+        for n in probed:
+            later = jobs_checkouts[n + 1 :]
+            assert all(c.driver is not jobs_checkouts[n].driver for c in later)
+            assert jobs_checkouts[n].driver.is_closed()
+        assert len(drivers) <= 2 + len(probed)
         for tenant in tenants:
             async with small.unit_of_work(tenant) as uow:
                 users = {u.slack_user_id for u in await uow.tenants.list_users()}

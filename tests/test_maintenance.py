@@ -1,4 +1,9 @@
-"""Purging rate-limit windows that ended long ago, as the owner, with row-level security on."""
+"""Purging rate-limit windows that ended long ago, as the owner, with row-level security on.
+
+The purge is the owner's work: it runs with the credentials of
+``DATABASE_MIGRATION_URL`` (README), here the test database's migrating login, a
+member of the owner role and no superuser; the layer runs as the runtime login.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,13 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import URL
 
-from slack_fathom_db import Database, DatabaseSettings, TenantId, schema
+from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.maintenance import purge_rate_limit_windows
 from slack_fathom_db.repositories.rate_limits import window
-from tests.conftest import unique_team_id
-from tests.test_cli import sfdb, url_of
+from slack_fathom_db.testing import throwaway_database
+from tests.conftest import superuser_dsn, unique_team_id
+from tests.test_cli import owner_env, sfdb, url_of
 
 NOW = datetime.now(UTC)
 TODAY = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -75,6 +81,11 @@ def kept_after(days_ago: int) -> set[tuple[str, datetime]]:
     }
 
 
+def owner_side(settings: DatabaseSettings) -> DatabaseSettings:
+    """``settings`` with the migrating login's URL, as the purge's docstring asks."""
+    return settings.for_migrations()
+
+
 async def test_purge_deletes_windows_that_ended_long_ago_of_every_tenant(
     settings: DatabaseSettings,
     tenant_a: TenantId,
@@ -87,13 +98,26 @@ async def test_purge_deletes_windows_that_ended_long_ago_of_every_tenant(
     expected = {(period, start) for period, start, old in WINDOWS if not old}
     assert kept_after(7) == expected
 
-    deleted = await purge_rate_limit_windows(settings, older_than_days=7, batch_size=2)
+    deleted = await purge_rate_limit_windows(owner_side(settings), older_than_days=7, batch_size=2)
 
     assert deleted == 2 * sum(old for _, _, old in WINDOWS)
     assert await left(admin, tenant_a, resource) == expected
     assert await left(admin, tenant_b, resource) == expected
     # Idempotent: a second run finds nothing more.
-    assert await purge_rate_limit_windows(settings, older_than_days=7) == 0
+    assert await purge_rate_limit_windows(owner_side(settings), older_than_days=7) == 0
+
+
+async def test_purge_with_the_applications_settings_runs_as_the_migration_url(
+    settings: DatabaseSettings, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    # README: "DATABASE_MIGRATION_URL ... migrations, create-login, distribute and the purge
+    # run with it", and a scheduler calls purge_rate_limit_windows(settings, ...) with the
+    # application's settings, whose DATABASE_URL is the runtime login (it may delete nothing).
+    assert settings.migration_url is not None
+    resource = f"purge-{secrets.token_hex(4)}"
+    await seed(admin, tenant_a, resource)
+    await purge_rate_limit_windows(settings, older_than_days=7)
+    assert await left(admin, tenant_a, resource) == kept_after(7)
 
 
 async def test_purge_with_zero_days_keeps_current_windows_and_buckets(
@@ -101,7 +125,7 @@ async def test_purge_with_zero_days_keeps_current_windows_and_buckets(
 ) -> None:
     resource = f"purge-{secrets.token_hex(4)}"
     await seed(admin, tenant_a, resource)
-    await purge_rate_limit_windows(settings, older_than_days=0)
+    await purge_rate_limit_windows(owner_side(settings), older_than_days=0)
     assert await left(admin, tenant_a, resource) == kept_after(0)
     assert ("daily", TODAY) in kept_after(0)
     assert ("bucket", EPOCH) in kept_after(0)
@@ -112,7 +136,7 @@ async def test_counters_in_use_survive_a_purge(
 ) -> None:
     resource = f"purge-{secrets.token_hex(4)}"
     assert (await db.rate_limit(tenant_a, resource, limit=3)).allowed
-    await purge_rate_limit_windows(settings, older_than_days=0)
+    await purge_rate_limit_windows(owner_side(settings), older_than_days=0)
     assert (await db.rate_limit(tenant_a, resource, limit=3)).current == 2
 
 
@@ -121,72 +145,63 @@ async def test_purge_arguments_are_checked(
     settings: DatabaseSettings, days: object, batch: object
 ) -> None:
     with pytest.raises(ValidationError):
-        await purge_rate_limit_windows(settings, older_than_days=days, batch_size=batch)  # type: ignore[arg-type]
+        await purge_rate_limit_windows(owner_side(settings), older_than_days=days, batch_size=batch)  # type: ignore[arg-type]
 
 
 @pytest_asyncio.fixture
-async def owned(sfdb_server: URL) -> AsyncIterator[DatabaseSettings]:
-    """A fresh database migrated by a non-superuser owner, as on a managed service.
+async def own_database(sfdb_server: URL) -> AsyncIterator[DatabaseSettings]:
+    """A database of this test alone, so the windows it counts are all its own.
 
-    The suite's own database is migrated by a superuser, which bypasses row-level
-    security: only a real owner shows what the policies let the owner do.
+    Migrated, as the suite's own, by a login that owns it and is no superuser (as on a
+    managed service): a superuser bypasses row-level security, so only such a login
+    shows what the policies let the owner do.
     """
-    tag = secrets.token_hex(4)
-    owner, app_role, name = f"sfdb_owner_{tag}", f"sfdb_app_{tag}", f"sfdb_owned_{tag}"
-    server = await asyncpg.connect(dsn(sfdb_server))
-    try:
-        await server.execute(f"CREATE ROLE {owner} LOGIN CREATEROLE")
-        await server.execute(f"CREATE DATABASE {name} OWNER {owner}")
-        settings = DatabaseSettings(
-            url=sfdb_server.set(username=owner, database=name).render_as_string(False),
-            app_role=app_role,
-            _env_file=None,
-        )
-        await schema.upgrade(settings)
+    async with throwaway_database(sfdb_server) as settings:
         yield settings
-    finally:
-        await server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await server.execute(f"DROP ROLE IF EXISTS {app_role}")
-        await server.execute(f"DROP ROLE IF EXISTS {owner}")
-        await server.close()
 
 
 def dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def test_a_non_superuser_owner_purges_every_tenant_and_the_app_role_sees_nothing(
-    owned: DatabaseSettings, sfdb_server: URL
+async def test_the_owner_purges_every_tenant_and_the_runtime_roles_see_nothing_of_it(
+    own_database: DatabaseSettings, sfdb_server: URL
 ) -> None:
-    async with Database(owned) as db:
+    settings = own_database
+    roles = settings.roles
+    async with Database(settings) as db:
         tenants = [
             await db.directory.install(slack_team_id=unique_team_id(), slack_team_name=n)
             for n in ("A", "B")
         ]
     resource = "purged"
-    superuser = await asyncpg.connect(
-        dsn(sfdb_server.set(database=owned.sqlalchemy_url().database))
-    )
+    superuser = await asyncpg.connect(superuser_dsn(sfdb_server, settings))
     try:
         for tenant in tenants:
             await seed(superuser, tenant, resource)
-        as_owner = await asyncpg.connect(dsn(owned.sqlalchemy_url()))
+        migrating = await asyncpg.connect(dsn(settings.for_migrations().sqlalchemy_url()))
         try:
-            assert not await as_owner.fetchval(
+            assert not await migrating.fetchval(
                 "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
             )
-            # Without a tenant the owner sees only windows that ended, never a live one.
-            visible = await as_owner.fetchval("SELECT count(*) FROM api_rate_limits")
-            assert visible == 2 * (len(WINDOWS) - len(kept_after(0)))
-            # And changes none: the policies are for reading and deleting ended windows.
-            changed = await as_owner.execute(
-                "UPDATE api_rate_limits SET request_count = 0 WHERE resource_type = $1", resource
-            )
-            assert changed == "UPDATE 0"
+            # As the migrating login and as the owner role it may become: without a tenant,
+            # only windows that ended are visible, never a live one.
+            for role in (None, roles.owner):
+                async with migrating.transaction():
+                    if role is not None:
+                        await migrating.execute(f'SET LOCAL ROLE "{role}"')
+                    visible = await migrating.fetchval("SELECT count(*) FROM api_rate_limits")
+                    assert visible == 2 * (len(WINDOWS) - len(kept_after(0))), role
+                    # And changes none: the policies are for reading and deleting ended windows.
+                    changed = await migrating.execute(
+                        "UPDATE api_rate_limits SET request_count = 0 WHERE resource_type = $1",
+                        resource,
+                    )
+                    assert changed == "UPDATE 0", role
         finally:
-            await as_owner.close()
+            await migrating.close()
 
-        deleted = await purge_rate_limit_windows(owned, older_than_days=7)
+        deleted = await purge_rate_limit_windows(owner_side(settings), older_than_days=7)
 
         assert deleted == 2 * sum(old for _, _, old in WINDOWS)
         for tenant in tenants:
@@ -194,12 +209,18 @@ async def test_a_non_superuser_owner_purges_every_tenant_and_the_app_role_sees_n
         # The app role, with tenant A set, sees A's rows only: the owner's policies give
         # it nothing of B's, not even B's ended windows; and it may delete nothing.
         async with superuser.transaction():
-            await superuser.execute(f'SET LOCAL ROLE "{owned.app_role}"')
+            await superuser.execute(f'SET LOCAL ROLE "{roles.app}"')
             await superuser.execute(f"SET LOCAL app.tenant_id = '{tenants[0]}'")
             seen = await superuser.fetch("SELECT DISTINCT tenant_id FROM api_rate_limits")
             assert [row["tenant_id"] for row in seen] == [tenants[0]]
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await superuser.execute("DELETE FROM api_rate_limits")
+        # The directory role charges rate limits through the owner's function only.
+        for statement in ("SELECT count(*) FROM api_rate_limits", "DELETE FROM api_rate_limits"):
+            async with superuser.transaction():
+                await superuser.execute(f'SET LOCAL ROLE "{roles.directory}"')
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await superuser.execute(statement)
     finally:
         await superuser.close()
 
@@ -224,11 +245,26 @@ async def test_window_end_is_computed_in_utc_in_any_session_time_zone(
 
 
 def test_sfdb_purge_rate_limits(settings: DatabaseSettings, tmp_path: Path) -> None:
-    done = sfdb("purge-rate-limits", "--older-than-days", "30", url=url_of(settings), cwd=tmp_path)
+    # As README configures it: the runtime login's DATABASE_URL, the owner's
+    # DATABASE_MIGRATION_URL, which the purge runs with.
+    env = owner_env(settings)
+    done = sfdb(
+        "purge-rate-limits",
+        "--older-than-days",
+        "30",
+        url=url_of(settings),
+        cwd=tmp_path,
+        extra_env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "ended more than 30 days ago" in done.stdout
     refused = sfdb(
-        "purge-rate-limits", "--older-than-days", "-3", url=url_of(settings), cwd=tmp_path
+        "purge-rate-limits",
+        "--older-than-days",
+        "-3",
+        url=url_of(settings),
+        cwd=tmp_path,
+        extra_env=env,
     )
     assert refused.returncode == 2
     assert "must be 0 or more" in refused.stderr

@@ -22,8 +22,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
-from slack_fathom_db.connections import send
-from slack_fathom_db.testing import pgbouncer, pgbouncer_binary
+from slack_fathom_db.connections import execute_outside_tenant
+from slack_fathom_db.tenancy import outside_opener
+from slack_fathom_db.testing import engine_of, execute_in, pgbouncer, pgbouncer_binary
 from tests.conftest import unique_team_id, unique_user_id
 
 SERVER_CONNECTIONS = 2
@@ -34,16 +35,20 @@ LOG_CYCLES = 500
 PIPE_CAPACITY = 64 * 1024  # Linux's default pipe buffer
 
 PROBE = text(
-    "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
+    "SELECT current_user AS usr, session_user AS login, "
+    "current_setting('app.tenant_id', true) AS tenant, "
     "current_setting('statement_timeout') AS timeout, pg_backend_pid() AS pid"
 )
 
 
 @pytest.fixture(scope="module")
-def two_connection_bouncer(sfdb_server: URL) -> Iterator[URL]:
+def two_connection_bouncer(
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+) -> Iterator[URL]:
     if pgbouncer_binary() is None:
         pytest.fail("pgbouncer is not installed: apt-get install pgbouncer", pytrace=False)
-    with pgbouncer(sfdb_server, pool_size=SERVER_CONNECTIONS) as bouncer:
+    runtime = sfdb_direct_settings.sqlalchemy_url()
+    with pgbouncer(sfdb_server, pool_size=SERVER_CONNECTIONS, logins=[runtime]) as bouncer:
         yield bouncer.url
 
 
@@ -51,11 +56,16 @@ def two_connection_bouncer(sfdb_server: URL) -> Iterator[URL]:
 async def bounced(
     two_connection_bouncer: URL, sfdb_direct_settings: DatabaseSettings
 ) -> AsyncIterator[Database]:
-    """The layer on the test database through PgBouncer: 16 clients, 2 server connections."""
-    database = sfdb_direct_settings.sqlalchemy_url().database
+    """The layer on the test database through PgBouncer: 16 clients, 2 server connections.
+
+    As the suite's runtime login, which holds nothing of its own.
+    """
+    direct = sfdb_direct_settings.sqlalchemy_url()
+    url = two_connection_bouncer.set(
+        database=direct.database, username=direct.username, password=direct.password
+    )
     settings = DatabaseSettings(
-        url=two_connection_bouncer.set(database=database).render_as_string(False),
-        app_role=sfdb_direct_settings.app_role,
+        url=url.render_as_string(False),
         pgbouncer=True,
         pool_size=CLIENTS,
         max_overflow=0,
@@ -103,7 +113,7 @@ async def test_many_interleaved_tenants_over_two_server_connections(
     async def work(tenant: TenantId, slack_user: str) -> Seen:
         probes = []
         async with bounced.unit_of_work(tenant) as uow:
-            probes.append((await (await uow.session()).execute(PROBE)).one())
+            probes.append((await execute_in(uow, PROBE)).one())
             user = await uow.tenants.add_user(slack_user_id=slack_user)
             await asyncio.sleep(0)
             await uow.meetings.create(
@@ -111,37 +121,38 @@ async def test_many_interleaved_tenants_over_two_server_connections(
             )
             decision = await uow.rate_limits.consume("bounced", limit=1000)
             assert decision.allowed
-            probes.append((await (await uow.session()).execute(PROBE)).one())
+            probes.append((await execute_in(uow, PROBE)).one())
             await uow.commit()
             await asyncio.sleep(0)
             # A new transaction on whichever server connection PgBouncer hands out.
-            session = await uow.session()
-            probes.append((await session.execute(PROBE)).one())
+            probes.append((await execute_in(uow, PROBE)).one())
             users = {u.slack_user_id for u in await uow.tenants.list_users()}
             recordings = {m.fathom_recording_id for m in await uow.meetings.recent(limit=1000)}
-            raw_users = set(
-                (await session.execute(text("SELECT slack_user_id FROM users"))).scalars()
-            )
-            probes.append((await session.execute(PROBE)).one())
+            raw_users = set((await execute_in(uow, "SELECT slack_user_id FROM users")).scalars())
+            probes.append((await execute_in(uow, PROBE)).one())
             await uow.commit()
-        # Outside any unit of work, on the same client connection pool: no tenant context.
-        async with bounced.engine.connect() as conn:
-            await send(conn, "BEGIN", action="probe")  # simple protocol, as the layer does
-            outside = (await conn.execute(PROBE)).one()
-            await send(conn, "COMMIT", action="probe")
+        # Outside any unit of work, on the same client connection pool, as the layer runs a
+        # statement there (in a transaction its opener starts): no tenant context.
+        async with engine_of(bounced).connect() as conn:
+            result = await execute_outside_tenant(
+                conn, PROBE, opener=outside_opener(bounced.settings), action="probe"
+            )
+            outside = result.one()
         assert await bounced.directory.resolve("T0NOBODY") is None
         return Seen(tenant, probes, users, recordings, raw_users, outside)
 
     results = await asyncio.wait_for(asyncio.gather(*(work(t, s) for t, s in jobs)), timeout=120)
 
     login = sfdb_direct_settings.sqlalchemy_url().username
+    roles = bounced.settings.roles
     pids = set()
     tenants_per_pid: dict[int, set[TenantId]] = {}
     for seen in results:
         own = set(planned[seen.tenant])
         for probe in seen.probes:
-            assert (probe.usr, probe.tenant, probe.timeout) == (
-                bounced.settings.app_role,
+            assert (probe.usr, probe.login, probe.tenant, probe.timeout) == (
+                roles.app,
+                login,
                 str(seen.tenant),
                 "7s",
             )
@@ -150,9 +161,9 @@ async def test_many_interleaved_tenants_over_two_server_connections(
         assert seen.users <= own
         assert seen.raw_users <= own
         assert seen.recordings <= {f"rec-{u}" for u in own}
-        assert seen.outside.usr == login
+        assert (seen.outside.usr, seen.outside.login) == (roles.directory, login)
         assert seen.outside.tenant in (None, "")
-        assert seen.outside.timeout != "7s"
+        assert seen.outside.timeout == "7s"  # set by the opener, as everything else
     # Every transaction ran on one of two server connections, each serving many tenants.
     assert len(pids) <= SERVER_CONNECTIONS
     assert min(len(ts) for ts in tenants_per_pid.values()) > 1

@@ -3,9 +3,11 @@
 Nothing here looks at the SQLAlchemy models: the catalog (``pg_class``,
 ``pg_constraint``, ``pg_index``/``pg_indexes``, ``pg_policy``, ``pg_trigger``,
 ``pg_proc``, ``pg_roles``, ``information_schema``) is what the migrations
-actually built. The second half writes real rows with raw SQL on a superuser
-connection and shows that the database itself refuses what the design
-forbids, and that row-level security scopes the app role to one tenant.
+actually built: tables, policies, and the least-privilege roles (owner, app,
+directory, the runtime login), their ownership and their grants, column by
+column, with nothing for PUBLIC. The second half writes real rows with raw SQL
+on a superuser connection and shows that the database itself refuses what the
+design forbids, and that row-level security scopes the app role to one tenant.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 import pytest_asyncio
+from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings
-from tests.conftest import unique_team_id, unique_user_id
+from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
 from tests.helpers import on_citus, reported_constraint
 
 TABLES = frozenset(
@@ -254,10 +257,9 @@ async def seed_tenant(conn: asyncpg.Connection, name: str) -> Seeded:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def seeded(settings: DatabaseSettings) -> tuple[Seeded, Seeded]:
+async def seeded(sfdb_server: URL, sfdb_direct_settings: DatabaseSettings) -> tuple[Seeded, Seeded]:
     """Two tenants, A and B, each with a committed row in every tenant-owned table."""
-    url = settings.sqlalchemy_url().set(drivername="postgresql")
-    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
     try:
         return await seed_tenant(conn, "Tenant A"), await seed_tenant(conn, "Tenant B")
     finally:
@@ -534,97 +536,500 @@ async def test_the_claim_lease_is_a_nullable_timestamptz(admin: asyncpg.Connecti
     }
 
 
+POLICIES_SQL = """
+SELECT polname, polcmd, polpermissive,
+       ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END
+             FROM unnest(polroles) AS r ORDER BY 1) AS roles,
+       pg_get_expr(polqual, polrelid) AS using_expr,
+       pg_get_expr(polwithcheck, polrelid) AS check_expr
+FROM pg_policy WHERE polrelid = $1::regclass
+"""
+
+
 @pytest.mark.parametrize("table", TENANT_OWNED)
 async def test_row_level_security_is_enabled_forced_and_nullif_safe(
-    admin: asyncpg.Connection, table: str
+    admin: asyncpg.Connection, settings: DatabaseSettings, table: str
 ) -> None:
     flags = await admin.fetchrow(
-        "SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = $1::regclass",
+        "SELECT relrowsecurity, relforcerowsecurity, pg_get_userbyid(relowner) AS owner "
+        "FROM pg_class WHERE oid = $1::regclass",
         f"public.{table}",
     )
     assert flags is not None
     assert flags["relrowsecurity"] is True
     assert flags["relforcerowsecurity"] is True
-    policies = await admin.fetch(
-        "SELECT polname, polcmd, polpermissive, polroles, "
-        "pg_get_expr(polqual, polrelid) AS using_expr, "
-        "pg_get_expr(polwithcheck, polrelid) AS check_expr "
-        "FROM pg_policy WHERE polrelid = $1::regclass",
-        f"public.{table}",
-    )
+    assert flags["owner"] == settings.roles.owner
+    policies = await admin.fetch(POLICIES_SQL, f"public.{table}")
     assert policies, f"{table} has no policy"
     expected = _normalise(f"tenant_id = {CURRENT_TENANT}")
-    owner = await admin.fetchval(
-        "SELECT relowner FROM pg_class WHERE oid = $1::regclass", f"public.{table}"
-    )
     for policy in policies:
         assert policy["using_expr"] is not None, policy["polname"]
-        if list(policy["polroles"]) == [owner]:
-            # The owner's purge of ended rate-limit windows (read and delete, no more).
-            assert (table, policy["polname"], policy["polcmd"]) in OWNER_POLICIES
+        if (table, policy["polname"], policy["polcmd"]) in OWNER_POLICIES:
+            # The owner's purge of ended rate-limit windows (read and delete, no more). For
+            # the owner role, which owns the table, not for whichever login ran migration
+            # 0004: the purge must not depend on that login, nor keep it from being dropped.
+            assert list(policy["roles"]) == [settings.roles.owner], policy["polname"]
             assert _normalise(policy["using_expr"]) == _normalise(ENDED_WINDOWS)
             assert policy["check_expr"] is None
             continue
         # Every other policy applies to every role, the app role included. Permissive
         # policies are OR-ed: a single wider one would open the table.
-        assert list(policy["polroles"]) == [0], policy["polname"]  # PUBLIC
+        assert list(policy["roles"]) == ["public"], policy["polname"]
         assert _normalise(policy["using_expr"]) == expected, policy["using_expr"]
         if policy["check_expr"] is not None:
             assert _normalise(policy["check_expr"]) == expected, policy["check_expr"]
     assert any(p["polcmd"] == b"*" and p["polpermissive"] for p in policies)
 
 
-async def test_the_app_role_is_not_superuser_and_does_not_bypass_rls(
-    admin: asyncpg.Connection, settings: DatabaseSettings
+async def test_tenants_show_the_app_role_its_own_row_and_nobody_every_row(
+    admin: asyncpg.Connection,
 ) -> None:
-    role = await admin.fetchrow(
-        "SELECT rolsuper, rolbypassrls, rolcreaterole, rolcreatedb FROM pg_roles "
-        "WHERE rolname = $1",
-        settings.app_role,
+    enabled = await admin.fetchval(
+        "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.tenants'::regclass"
     )
-    assert role is not None, f"role {settings.app_role} does not exist"
-    assert role["rolsuper"] is False
-    assert role["rolbypassrls"] is False
-    assert role["rolcreaterole"] is False
-    assert role["rolcreatedb"] is False
-
-
-async def test_the_app_role_may_only_insert_and_select_audit_rows(
-    admin: asyncpg.Connection, settings: DatabaseSettings
-) -> None:
-    rows = await admin.fetch(
-        "SELECT privilege_type FROM information_schema.role_table_grants "
-        "WHERE grantee = $1 AND table_schema = 'public' AND table_name = 'audit_logs'",
-        settings.app_role,
-    )
-    granted = {r["privilege_type"] for r in rows}
-    assert {"INSERT", "SELECT"} <= granted
-    assert not granted & {"UPDATE", "DELETE", "TRUNCATE"}, granted
-    # has_table_privilege also counts grants to PUBLIC and to roles it is a member of.
-    for privilege, expected in [
-        ("INSERT", True),
-        ("SELECT", True),
-        ("UPDATE", False),
-        ("DELETE", False),
-        ("TRUNCATE", False),
-    ]:
-        actual = await admin.fetchval(
-            "SELECT has_table_privilege($1, 'public.audit_logs', $2)", settings.app_role, privilege
+    assert enabled is True
+    own_row = _normalise(f"id = {CURRENT_TENANT}")
+    policies = {
+        p["polname"]: (
+            list(p["roles"]),
+            p["polcmd"],
+            p["polpermissive"],
+            _normalise(p["using_expr"]),
+            _normalise(p["check_expr"]),
         )
-        assert actual is expected, privilege
+        for p in await admin.fetch(POLICIES_SQL, "public.tenants")
+    }
+    # The directory holds no table: it resolves and installs workspaces through the
+    # owner's functions, one workspace it names at a time, and can never list them.
+    assert policies == {"tenant_self": (["public"], b"*", True, own_row, own_row)}
 
 
-async def test_the_app_role_can_read_and_write_its_tables(
+# -- roles, ownership and grants (migration 0006) ---------------------------------------
+
+
+def runtime_login(settings: DatabaseSettings) -> str:
+    """The name of the runtime login the layer connects as (``sfdb create-login``)."""
+    name = settings.sqlalchemy_url().username
+    assert name, "the test database's URL names no login"
+    return name
+
+
+def migrating_login(settings: DatabaseSettings) -> str:
+    """The name of the login that migrated the test database (``DATABASE_MIGRATION_URL``)."""
+    name = settings.for_migrations().sqlalchemy_url().username
+    assert name, "the test database's migration URL names no login"
+    return name
+
+
+MEMBER_OF_SQL = """
+SELECT g.rolname FROM pg_auth_members m
+JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles r ON r.oid = m.member
+WHERE r.rolname = $1
+"""
+
+
+async def test_the_layer_roles_hold_no_power_and_only_the_runtime_logs_in(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    roles = sfdb_direct_settings.roles
+    runtime = runtime_login(sfdb_direct_settings)
+    rows = {
+        row["rolname"]: row
+        for row in await admin.fetch(
+            "SELECT rolname, rolsuper, rolbypassrls, rolcreaterole, rolcreatedb, rolcanlogin, "
+            "rolinherit FROM pg_roles WHERE rolname = ANY($1::text[])",
+            [roles.owner, roles.app, roles.directory, runtime],
+        )
+    }
+    assert set(rows) == {roles.owner, roles.app, roles.directory, runtime}
+    for name, row in rows.items():
+        powers = [p for p in ("rolsuper", "rolbypassrls", "rolcreaterole", "rolcreatedb") if row[p]]
+        assert powers == [], name
+    # On Citus, distribute lets the layer's roles log in: the coordinator connects to the
+    # workers as the role in effect. Nowhere else do they log in.
+    logs_in = await on_citus(admin)
+    for name in (roles.owner, roles.app, roles.directory):
+        assert rows[name]["rolcanlogin"] is logs_in, name
+    assert rows[runtime]["rolcanlogin"] is True
+    assert rows[runtime]["rolinherit"] is False  # holds nothing until it SET ROLEs
+
+
+async def test_the_runtime_login_may_become_the_app_and_directory_roles_and_nothing_else(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    roles = sfdb_direct_settings.roles
+    runtime = runtime_login(sfdb_direct_settings)
+    member_of = {r["rolname"] for r in await admin.fetch(MEMBER_OF_SQL, runtime)}
+    assert member_of == {roles.app, roles.directory}
+    for role in (roles.owner, roles.app, roles.directory):
+        assert {r["rolname"] for r in await admin.fetch(MEMBER_OF_SQL, role)} == set(), role
+    for role in (runtime, roles.app, roles.directory):
+        assert not await admin.fetchval("SELECT pg_has_role($1, $2, 'MEMBER')", role, roles.owner)
+    # Only the migrating login may become the owner.
+    owners = await admin.fetch(
+        "SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member "
+        "WHERE m.roleid = $1::regrole",
+        roles.owner,
+    )
+    assert [r["rolname"] for r in owners] == [migrating_login(sfdb_direct_settings)]
+
+
+async def test_every_table_and_function_is_the_owners(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    # Objects of an extension (Citus puts views in public) are the extension's.
+    relations = await admin.fetch(
+        "SELECT relname, pg_get_userbyid(relowner) AS owner FROM pg_class c "
+        "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p', 'v', 'm', 'S', 'f') "
+        "AND NOT EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass "
+        "AND objid = c.oid AND deptype = 'e')"
+    )
+    assert {r["relname"] for r in relations} == TABLES | {"alembic_version"}
+    functions = await admin.fetch(
+        "SELECT proname, pg_get_userbyid(proowner) AS owner FROM pg_proc p "
+        "WHERE pronamespace = 'public'::regnamespace "
+        "AND NOT EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass "
+        "AND objid = p.oid AND deptype = 'e')"
+    )
+    assert functions
+    owner = sfdb_direct_settings.roles.owner
+    assert {(r["relname"], r["owner"]) for r in relations} == {
+        (r["relname"], owner) for r in relations
+    }
+    assert {(r["proname"], r["owner"]) for r in functions} == {
+        (r["proname"], owner) for r in functions
+    }
+    runtime = runtime_login(sfdb_direct_settings)
+    owned_by_runtime = await admin.fetchval(
+        "SELECT (SELECT count(*) FROM pg_class WHERE relowner = $1::regrole) "
+        "+ (SELECT count(*) FROM pg_proc WHERE proowner = $1::regrole) "
+        "+ (SELECT count(*) FROM pg_namespace WHERE nspowner = $1::regrole)",
+        runtime,
+    )
+    assert owned_by_runtime == 0
+
+
+EVERY_COLUMN = frozenset({"*"})
+# What the app and directory roles may do, column by column ("*": the whole table). Written
+# out here rather than read from migration 0006, so that a grant too many there fails here.
+# UPDATE is granted column by column: nobody at runtime updates an id, a tenant_id,
+# created_at or slack_team_id. INSERT is granted on whole tables (a Citus coordinator sends
+# every column of a new row to the shard); audit rows get their id and creation time from
+# a trigger instead (test_audit_integrity).
+APP_GRANTS: dict[str, dict[str, frozenset[str]]] = {
+    "tenants": {
+        "SELECT": EVERY_COLUMN,
+        "UPDATE": frozenset(
+            {
+                "slack_team_name",
+                "plan_tier",
+                "subscription_status",
+                "trial_ends_at",
+                "settings",
+                "updated_at",
+                "deleted_at",
+            }
+        ),
+    },
+    "users": {
+        "SELECT": EVERY_COLUMN,
+        "INSERT": EVERY_COLUMN,
+        "UPDATE": frozenset({"slack_email", "display_name", "role", "updated_at", "deleted_at"}),
+    },
+    "crm_connections": {
+        "SELECT": EVERY_COLUMN,
+        "INSERT": EVERY_COLUMN,
+        "UPDATE": frozenset({"is_default", "status", "updated_at", "deleted_at"}),
+    },
+    "account_mappings": {
+        "SELECT": EVERY_COLUMN,
+        "INSERT": EVERY_COLUMN,
+        "UPDATE": frozenset(
+            {
+                "crm_account_id",
+                "crm_account_name",
+                "verified",
+                "last_used_at",
+                "updated_at",
+                "deleted_at",
+            }
+        ),
+    },
+    "meeting_sessions": {
+        "SELECT": EVERY_COLUMN,
+        "INSERT": EVERY_COLUMN,
+        "UPDATE": frozenset(
+            {
+                "status",
+                "summary",
+                "action_items",
+                "ai_output",
+                "processing_error",
+                "processing_attempts",
+                "processing_started_at",
+                "processing_lease_expires_at",
+                "processed_at",
+                "crm_sync_status",
+                "crm_record_id",
+                "crm_sync_attempts",
+                "crm_last_error",
+                "crm_synced_at",
+                "version",
+                "updated_at",
+                "deleted_at",
+            }
+        ),
+    },
+    "audit_logs": {"SELECT": EVERY_COLUMN, "INSERT": EVERY_COLUMN},
+    "api_rate_limits": {
+        "SELECT": EVERY_COLUMN,
+        "INSERT": EVERY_COLUMN,
+        "UPDATE": frozenset({"request_count", "tokens", "updated_at"}),
+    },
+}
+DIRECTORY_GRANTS: dict[str, dict[str, frozenset[str]]] = {
+    # No table of the layer: the directory's functions (EXECUTE, below) read and write
+    # tenants for it.
+    "alembic_version": {"SELECT": EVERY_COLUMN},  # sfdb check reads the revision as it
+}
+COLUMN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "REFERENCES")
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+FROZEN_COLUMNS = ("id", "tenant_id", "created_at", "slack_team_id")
+
+
+async def columns_of_tables(admin: asyncpg.Connection) -> dict[str, set[str]]:
+    """Every column of every table in schema public."""
+    rows = await admin.fetch(
+        "SELECT c.relname, a.attname FROM pg_class c "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+        "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')"
+    )
+    columns: dict[str, set[str]] = {}
+    for row in rows:
+        columns.setdefault(row["relname"], set()).add(row["attname"])
+    return columns
+
+
+async def column_privileges(admin: asyncpg.Connection, role: str) -> set[tuple[str, str, str]]:
+    """``(table, column, privilege)`` that ``role`` (or ``public``) holds, granted or inherited."""
+    rows = await admin.fetch(
+        "SELECT c.relname, a.attname, p.privilege FROM pg_class c "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+        "CROSS JOIN unnest($2::text[]) AS p(privilege) "
+        "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') "
+        "AND has_column_privilege($1, c.oid, a.attnum, p.privilege)",
+        role,
+        list(COLUMN_PRIVILEGES),
+    )
+    return {(r["relname"], r["attname"], r["privilege"]) for r in rows}
+
+
+async def table_privileges(admin: asyncpg.Connection, role: str) -> set[tuple[str, str]]:
+    """``(table, privilege)`` that ``role`` (or ``public``) holds on the whole table."""
+    rows = await admin.fetch(
+        "SELECT c.relname, p.privilege FROM pg_class c "
+        "CROSS JOIN unnest($2::text[]) AS p(privilege) "
+        "WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') "
+        "AND has_table_privilege($1, c.oid, p.privilege)",
+        role,
+        list(TABLE_PRIVILEGES),
+    )
+    return {(r["relname"], r["privilege"]) for r in rows}
+
+
+def expand(
+    grants: dict[str, dict[str, frozenset[str]]], columns: dict[str, set[str]]
+) -> set[tuple[str, str, str]]:
+    """``grants`` as ``(table, column, privilege)``, ``*`` read as every column of the table."""
+    expanded: set[tuple[str, str, str]] = set()
+    for table, privileges in grants.items():
+        for privilege, named in privileges.items():
+            assert named == EVERY_COLUMN or named <= columns[table], (table, named)
+            for column in columns[table] if named == EVERY_COLUMN else named:
+                expanded.add((table, column, privilege))
+    return expanded
+
+
+@pytest.mark.parametrize("kind", ["app", "directory"])
+async def test_the_app_and_directory_roles_hold_exactly_their_column_grants(
+    admin: asyncpg.Connection, settings: DatabaseSettings, kind: str
+) -> None:
+    role, grants = {
+        "app": (settings.roles.app, APP_GRANTS),
+        "directory": (settings.roles.directory, DIRECTORY_GRANTS),
+    }[kind]
+    columns = await columns_of_tables(admin)
+    assert await column_privileges(admin, role) == expand(grants, columns)
+    # On whole tables, what the map grants on whole tables and nothing else: no DELETE
+    # (rows are soft-deleted), TRUNCATE, REFERENCES or TRIGGER anywhere, and no table-wide
+    # UPDATE that a column added later would fall under.
+    assert await table_privileges(admin, role) == {
+        (table, privilege)
+        for table, privileges in grants.items()
+        for privilege, columns in privileges.items()
+        if columns == EVERY_COLUMN
+    }
+
+
+async def test_nobody_at_runtime_may_change_ids_tenants_creation_times_or_team_ids(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    roles = sfdb_direct_settings.roles
+    columns = await columns_of_tables(admin)
+    frozen = {(t, c) for t, names in columns.items() for c in names if c in FROZEN_COLUMNS}
+    assert ("tenants", "slack_team_id") in frozen
+    assert {t for t, c in frozen if c == "tenant_id"} == set(TENANT_OWNED)
+    for role in (roles.app, roles.directory, runtime_login(sfdb_direct_settings), "public"):
+        updatable = {(t, c) for t, c, p in await column_privileges(admin, role) if p == "UPDATE"}
+        assert updatable & frozen == set(), role
+
+
+async def test_public_and_the_runtime_login_hold_nothing_on_any_table(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    # The runtime login is NOINHERIT: what its roles hold is not its own until it SET ROLEs.
+    for role in ("public", runtime_login(sfdb_direct_settings)):
+        assert await column_privileges(admin, role) == set(), role
+        assert await table_privileges(admin, role) == set(), role
+
+
+SEARCH_PATH = "search_path=pg_catalog, public, pg_temp"
+# Who besides the owner may call each function of the layer.
+EXECUTE: dict[str, set[str]] = {
+    "sfdb_require_tenant": {"app"},
+    "sfdb_consume_rate_limit": {"directory"},
+    "sfdb_resolve_tenant": {"directory"},
+    "sfdb_install_tenant": {"directory"},
+    "sfdb_uninstall_tenant": {"directory"},
+    "sfdb_window_end": set(),
+    "sfdb_audit_logs_append_only": set(),  # triggers: called by no one
+    "sfdb_audit_logs_server_fields": set(),
+}
+# The functions that run as the owner (SECURITY DEFINER): exactly the directory's.
+DEFINERS = {name for name, callers in EXECUTE.items() if callers == {"directory"}}
+
+
+async def test_every_function_pins_its_search_path_and_only_its_caller_may_execute_it(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    roles = sfdb_direct_settings.roles
+    callers = {
+        "app": roles.app,
+        "directory": roles.directory,
+        "runtime": runtime_login(sfdb_direct_settings),
+        "public": "public",
+    }
+    functions = await admin.fetch(
+        "SELECT oid, proname, proconfig, prosecdef FROM pg_proc "
+        "WHERE pronamespace = 'public'::regnamespace"
+    )
+    assert {f["proname"] for f in functions} == set(EXECUTE)
+    for function in functions:
+        name = function["proname"]
+        paths = [c for c in function["proconfig"] or [] if c.startswith("search_path=")]
+        assert paths == [SEARCH_PATH], name
+        assert function["prosecdef"] is (name in DEFINERS), name
+        may_execute = {
+            kind
+            for kind, role in callers.items()
+            if await admin.fetchval(
+                "SELECT has_function_privilege($1, $2::oid, 'EXECUTE')", role, function["oid"]
+            )
+        }
+        assert may_execute == EXECUTE[name], name
+
+
+async def test_a_function_the_owner_creates_later_is_not_executable_by_public(
     admin: asyncpg.Connection, settings: DatabaseSettings
 ) -> None:
-    for table in TENANT_OWNED:
-        for privilege in ("SELECT", "INSERT"):
-            assert await admin.fetchval(
-                "SELECT has_table_privilege($1, $2, $3)",
-                settings.app_role,
-                f"public.{table}",
-                privilege,
-            ), (table, privilege)
+    roles = settings.roles
+    async with rolled_back(admin):
+        await admin.execute(f'SET LOCAL ROLE "{roles.owner}"')
+        await admin.execute(
+            "CREATE FUNCTION sfdb_schema_test_later() RETURNS integer "
+            "LANGUAGE sql IMMUTABLE AS 'SELECT 1'"
+        )
+        for role in ("public", roles.app, roles.directory):
+            assert not await admin.fetchval(
+                "SELECT has_function_privilege($1, 'sfdb_schema_test_later()', 'EXECUTE')", role
+            ), role
+
+
+async def test_public_may_not_connect_make_temp_tables_or_use_schema_public(
+    admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    roles = sfdb_direct_settings.roles
+    runtime = runtime_login(sfdb_direct_settings)
+
+    async def database(role: str, privilege: str) -> bool:
+        allowed: bool = await admin.fetchval(
+            "SELECT has_database_privilege($1, current_database(), $2)", role, privilege
+        )
+        return allowed
+
+    async def schema(role: str, privilege: str) -> bool:
+        allowed: bool = await admin.fetchval(
+            "SELECT has_schema_privilege($1, 'public', $2)", role, privilege
+        )
+        return allowed
+
+    for role in ("public", roles.owner, roles.app, roles.directory, runtime):
+        # No temp table can shadow the layer's tables; nobody at runtime creates anything.
+        assert not await database(role, "TEMPORARY"), role
+        assert not await database(role, "CREATE"), role
+    assert not await database("public", "CONNECT")  # a role of another database cannot
+    # The owner too: on Citus the coordinator reaches the workers as the role in effect,
+    # the owner's during migrations and the purge.
+    for role in (roles.owner, roles.app, roles.directory, runtime):
+        assert await database(role, "CONNECT"), role
+    assert not await schema("public", "USAGE")
+    assert not await schema("public", "CREATE")
+    for role in (roles.app, roles.directory):
+        assert await schema(role, "USAGE"), role
+        assert not await schema(role, "CREATE"), role
+    assert not await schema(runtime, "USAGE")  # NOINHERIT: only once it has SET ROLE
+    assert not await schema(runtime, "CREATE")
+    assert await schema(roles.owner, "CREATE")
+
+
+async def test_the_runtime_login_on_its_own_can_only_become_the_app_and_directory_roles(
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    # Connects as the runtime login on purpose, without the directory role the layer's
+    # connections open with: what SQL injected anywhere in the application could do.
+    roles = sfdb_direct_settings.roles
+    url = sfdb_direct_settings.sqlalchemy_url().set(drivername="postgresql")
+    conn = await asyncpg.connect(url.render_as_string(hide_password=False))
+    denied = asyncpg.InsufficientPrivilegeError
+    try:
+        assert await conn.fetchval("SELECT current_user") == runtime_login(sfdb_direct_settings)
+        for statement in (
+            "SELECT count(*) FROM public.tenants",
+            "CREATE TEMPORARY TABLE tenants (id uuid)",
+            "CREATE TABLE public.shadow (id uuid)",
+            f'SET ROLE "{roles.owner}"',
+        ):
+            with pytest.raises(denied):
+                await conn.execute(statement)
+        for role, statement in (
+            (roles.directory, "CREATE TEMPORARY TABLE tenants (id uuid)"),
+            (roles.directory, "CREATE TABLE public.shadow (id uuid)"),
+            (roles.directory, "SELECT sfdb_require_tenant()"),
+            (roles.directory, "SELECT count(*) FROM public.tenants"),  # never lists them
+            (roles.app, "CREATE TEMPORARY TABLE tenants (id uuid)"),
+            (roles.app, "SELECT sfdb_install_tenant('TSHADOW', 'x', 'free', NULL)"),
+            (roles.app, "DELETE FROM public.users"),
+            (
+                roles.app,
+                "SELECT sfdb_consume_rate_limit(gen_random_uuid(), 'r', 'daily', now(), 1, 1, 0)",
+            ),
+        ):
+            async with rolled_back(conn):
+                await conn.execute(f'SET LOCAL ROLE "{role}"')
+                with pytest.raises(denied):
+                    await conn.execute(statement)
+    finally:
+        await conn.close()
 
 
 async def test_audit_logs_has_append_only_triggers(admin: asyncpg.Connection) -> None:
@@ -826,7 +1231,7 @@ async def test_audit_rows_cannot_be_changed_even_by_a_superuser(
 async def test_the_app_role_cannot_change_its_own_audit_rows(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, statement: str
 ) -> None:
-    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await admin.execute(statement, seed_a.tenant_id, seed_a.audit_id)
 
@@ -846,8 +1251,8 @@ async def test_another_tenants_rows_are_invisible(
     own = await admin.fetchval(count_of, seed_a.tenant_id)
     assert own >= 1
     assert await admin.fetchval(count_of, seed_b.tenant_id) >= 1  # as superuser: visible
-    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
-        assert await admin.fetchval("SELECT current_user") == settings.app_role
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+        assert await admin.fetchval("SELECT current_user") == settings.roles.app
         assert await admin.fetchval(count_of, seed_b.tenant_id) == 0
         assert await admin.fetchval(f"SELECT count(*) FROM {table}") == own
         visible = await admin.fetch(f"SELECT DISTINCT tenant_id FROM {table}")
@@ -862,7 +1267,7 @@ async def test_an_insert_for_another_tenant_is_refused(
     seed_b: Seeded,
     table: str,
 ) -> None:
-    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
         await insert(admin, table, minimal_row(table, seed_a))  # its own tenant: allowed
         with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
             await insert(admin, table, minimal_row(table, seed_b))
@@ -873,7 +1278,7 @@ async def test_an_insert_for_another_tenant_is_refused(
 async def test_a_row_cannot_be_moved_to_another_tenant(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, seed_b: Seeded
 ) -> None:
-    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
         # Another tenant's rows are not there to update.
         assert (
             await admin.execute(
@@ -882,26 +1287,39 @@ async def test_a_row_cannot_be_moved_to_another_tenant(
             )
             == "UPDATE 0"
         )
-    # Row-level security's WITH CHECK refuses it; on Citus the distribution column never
-    # changes at all, and the coordinator refuses it before any policy runs.
-    refused = (
-        asyncpg.FeatureNotSupportedError
-        if await on_citus(admin)
-        else asyncpg.InsufficientPrivilegeError
-    )
-    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
-        with pytest.raises(refused):
-            await admin.execute(
-                "UPDATE api_rate_limits SET tenant_id = $1 WHERE tenant_id = $2",
-                seed_b.tenant_id,
-                seed_a.tenant_id,
-            )
+    move = "UPDATE api_rate_limits SET tenant_id = $1 WHERE tenant_id = $2"
+    # The app role may not update tenant_id at all: the column grant refuses the move
+    # before any row-level security policy runs. On Citus the distribution column never
+    # changes at all, and the coordinator refuses it before it checks any privilege.
+    citus = await on_citus(admin)
+    refused = asyncpg.FeatureNotSupportedError if citus else asyncpg.InsufficientPrivilegeError
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+        with pytest.raises(refused) as granted:
+            await admin.execute(move, seed_b.tenant_id, seed_a.tenant_id)
+    if not citus:
+        assert granted.value.sqlstate == "42501"
+        assert "permission denied for table api_rate_limits" in str(granted.value)
+    # The owner holds every column, and row-level security's WITH CHECK still refuses the
+    # move (on Citus, the coordinator again).
+    async with rolled_back(admin):
+        await admin.execute(f'SET LOCAL ROLE "{settings.roles.owner}"')
+        await admin.execute(f"SET LOCAL app.tenant_id = '{seed_a.tenant_id}'")
+        with pytest.raises(refused) as checked:
+            await admin.execute(move, seed_b.tenant_id, seed_a.tenant_id)
+    if not citus:
+        assert "violates row-level security policy" in str(checked.value)
     assert (
         await admin.fetchval(
             "SELECT count(*) FROM users WHERE tenant_id = $1 AND display_name = 'hijacked'",
             seed_b.tenant_id,
         )
         == 0
+    )
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM api_rate_limits WHERE tenant_id = $1", seed_a.tenant_id
+        )
+        >= 1
     )
 
 
@@ -914,12 +1332,12 @@ async def test_without_a_tenant_no_rows_are_visible_and_nothing_fails(
 ) -> None:
     for table in TENANT_OWNED:
         assert await admin.fetchval(f"SELECT count(*) FROM {table}") >= 1, table
-    async with as_app_role(admin, settings.app_role, tenant_setting):
-        assert await admin.fetchval("SELECT current_user") == settings.app_role
+    async with as_app_role(admin, settings.roles.app, tenant_setting):
+        assert await admin.fetchval("SELECT current_user") == settings.roles.app
         for table in TENANT_OWNED:
             assert await admin.fetch(f"SELECT * FROM {table}") == [], table
             assert await admin.fetchval(f"SELECT count(*) FROM {table}") == 0, table
-    async with as_app_role(admin, settings.app_role, tenant_setting):
+    async with as_app_role(admin, settings.roles.app, tenant_setting):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await insert(admin, "users", minimal_row("users", seed_a))
 
@@ -928,7 +1346,7 @@ async def test_tenant_settings_do_not_outlive_the_transaction(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded
 ) -> None:
     superuser = await admin.fetchval("SELECT current_user")
-    async with as_app_role(admin, settings.app_role, seed_a.tenant_id):
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
         assert await admin.fetchval("SELECT current_setting('app.tenant_id')") == str(
             seed_a.tenant_id
         )

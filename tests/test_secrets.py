@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, schema
 from slack_fathom_db.errors import DatabaseUnavailable, SlackFathomDBError
-from slack_fathom_db.testing import local_cluster_control, throwaway_database
+from slack_fathom_db.testing import engine_of, local_cluster_control, throwaway_database
 
 PASSWORD = f"pw-{secrets.token_hex(12)}"
 WRONG = f"wrong-{secrets.token_hex(12)}"
@@ -130,7 +130,8 @@ async def test_a_working_connection_never_shows_the_password(
             event_category="security",
             action_description="denied",
         )
-        everything = shown(repr(db), repr(db.engine), repr(db.engine.url), str(db.engine.url))
+        engine = engine_of(db)
+        everything = shown(repr(db), repr(engine), repr(engine.url), str(engine.url))
     await schema.upgrade(settings)  # at head already; alembic logs what it does
     assert info.user == ROLE
     out, err = capfd.readouterr()

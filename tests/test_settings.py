@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, __version__
+from slack_fathom_db.roles import LayerRoles
 from slack_fathom_db.settings import normalize_url
 from slack_fathom_db.testing import local_cluster
 
@@ -39,7 +40,6 @@ def _with_password(settings: DatabaseSettings) -> DatabaseSettings:
     url = settings.sqlalchemy_url().set(password=PASSWORD)
     return DatabaseSettings(
         url=url.render_as_string(hide_password=False),
-        app_role=settings.app_role,
         pool_size=2,
         max_overflow=0,
         _env_file=None,
@@ -59,8 +59,14 @@ def test_defaults(clean_env: Path) -> None:
     assert settings.pool_recycle == 3600
     assert settings.echo is False
     assert settings.pgbouncer is False
-    assert settings.app_role == "sfdb_app"
     assert settings.statement_timeout_ms > 0
+    # The roles are named after the database unless DATABASE_ROLE_PREFIX or
+    # DATABASE_APP_ROLE say otherwise.
+    assert (settings.role_prefix, settings.app_role, settings.migration_url) == (None, None, None)
+    named = DatabaseSettings(url=f"postgresql://app:{PASSWORD}@db.internal/slack")
+    assert named.roles == LayerRoles(
+        owner="slack_owner", app="slack_app", directory="slack_directory"
+    )
 
 
 def test_a_missing_url_says_how_to_set_it(clean_env: Path) -> None:
@@ -202,7 +208,7 @@ def test_a_bad_url_from_the_environment_is_rejected_without_the_password(
     "role", ["", "Sfdb_App", "1app", "app-role", 'app"; DROP ROLE postgres; --', "a" * 64]
 )
 def test_invalid_app_roles_are_rejected(clean_env: Path, role: str) -> None:
-    with pytest.raises(ValidationError, match="DATABASE_APP_ROLE"):
+    with pytest.raises(ValidationError, match=r"app_role\n.*must be a lower-case identifier"):
         DatabaseSettings(app_role=role)
 
 
@@ -245,7 +251,7 @@ async def test_database_info_masks_the_password(settings: DatabaseSettings) -> N
     assert info.database == settings.sqlalchemy_url().database
     assert info.user == settings.sqlalchemy_url().username
     assert info.server_version
-    assert info.app_role == settings.app_role
+    assert info.app_role == settings.roles.app
     assert info.pool_size == 2
 
 

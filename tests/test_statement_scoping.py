@@ -586,7 +586,7 @@ BAD_SOURCES = {
     "session_from_the_unit_of_work": _repo(
         """
         async def raw(self):
-            session = await self._uow.session()
+            session = await self._uow._tenant_session()
             return await session.scalars(self._live())
         """
     ),

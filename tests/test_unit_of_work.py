@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
 from slack_fathom_db.errors import NotFound, TenantNotFound, UsageError
+from slack_fathom_db.testing import engine_of, execute_in
 from tests.conftest import unique_team_id, unique_user_id
 from tests.helpers import checked_out, fetch_row, fetch_value
 
@@ -71,15 +72,23 @@ class Context(NamedTuple):
 
 
 async def context(uow: UnitOfWork) -> Context:
-    session = await uow.session()
-    return Context(*(await session.execute(CONTEXT)).one())
+    row = (await execute_in(uow, CONTEXT)).one()
+    return Context(row.usr, row.tenant, row.pid, row.txid)
 
 
 async def assert_clean_pooled_connection(
-    db: Database, settings: DatabaseSettings, *, expected_pid: int | None = None
-) -> None:
-    """A connection from ``db``'s pool is outside any transaction, as the login role."""
-    async with db.engine.connect() as conn:
+    db: Database, settings: DatabaseSettings, *, expected: asyncpg.Connection | None = None
+) -> CleanConnection:
+    """A connection from ``db``'s pool is outside any transaction, with no tenant.
+
+    Its session is the runtime login's. On a direct connection it acts as the
+    directory role (the role it opened with); behind PgBouncer, where the role is
+    set per transaction, as the runtime login itself, which holds nothing.
+    ``expected``: the pooled connection must be that one (the same driver
+    connection, given back to the pool). Nothing of a unit of work runs on it
+    here, so it goes back to the pool as it was.
+    """
+    async with engine_of(db).connect() as conn:
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert isinstance(driver, asyncpg.Connection), driver
@@ -87,20 +96,32 @@ async def assert_clean_pooled_connection(
         row = (
             await conn.execute(
                 text(
-                    "SELECT current_user AS usr, current_setting('role') AS role, "
+                    "SELECT current_user AS usr, session_user AS login, "
+                    "current_setting('role') AS role, "
                     "current_setting('app.tenant_id', true) AS tenant, "
                     "pg_backend_pid() AS pid, txid_current_if_assigned() AS txid, 1 AS one"
                 )
             )
         ).one()
-        assert row.usr == login_user(settings)
-        assert row.role == "none"
+        assert row.login == login_user(settings)
+        if settings.pgbouncer:
+            assert (row.usr, row.role) == (login_user(settings), "none")
+        else:
+            assert (row.usr, row.role) == (settings.roles.directory, settings.roles.directory)
         assert row.tenant in (None, "")
         assert row.txid is None
         assert row.one == 1
-        if expected_pid is not None:
-            assert row.pid == expected_pid
+        if expected is not None:
+            assert driver is expected, "not the connection the pool held before"
         assert not driver.is_in_transaction()
+    return CleanConnection(driver, row.pid)
+
+
+class CleanConnection(NamedTuple):
+    """A connection of the pool, as :func:`assert_clean_pooled_connection` found it."""
+
+    driver: asyncpg.Connection
+    pid: int
 
 
 # -- commit and rollback ------------------------------------------------------------------
@@ -235,7 +256,7 @@ async def test_using_it_from_another_task_raises(
         with pytest.raises(UsageError):
             await asyncio.create_task(uow.rollback())
         with pytest.raises(UsageError):
-            await asyncio.create_task(uow.session())
+            await asyncio.create_task(execute_in(uow, "SELECT 1"))
         # still usable, and nothing was committed or rolled back by the other task
         assert await count_users(admin, tenant_a, slack_user) == 0
         assert await uow.tenants.get_user_by_slack_id(slack_user) is not None
@@ -260,7 +281,7 @@ async def test_using_it_after_the_block_raises(db: Database, tenant_a: TenantId)
     with pytest.raises(UsageError):
         await uow.rollback()
     with pytest.raises(UsageError):
-        await uow.session()
+        await execute_in(uow, "SELECT 1")
 
 
 async def test_using_repositories_before_entering_is_impossible(
@@ -270,7 +291,7 @@ async def test_using_repositories_before_entering_is_impossible(
     with pytest.raises(UsageError):
         await uow.commit()
     with pytest.raises(UsageError):
-        await uow.session()
+        await execute_in(uow, "SELECT 1")
     # and it can still be entered normally afterwards
     async with uow:
         await uow.commit()
@@ -417,32 +438,31 @@ async def test_tenant_context_is_set_in_every_transaction(
 ) -> None:
     async with db.unit_of_work(tenant_a) as uow:
         before = await context(uow)
-        assert (before.usr, before.tenant) == (settings.app_role, str(tenant_a))
+        assert (before.usr, before.tenant) == (settings.roles.app, str(tenant_a))
         await uow.tenants.add_user(slack_user_id=unique_user_id())
         await uow.commit()
 
         after_commit = await context(uow)
-        assert (after_commit.usr, after_commit.tenant) == (settings.app_role, str(tenant_a))
+        assert (after_commit.usr, after_commit.tenant) == (settings.roles.app, str(tenant_a))
         assert after_commit.pid == before.pid  # same connection, a new transaction
         await uow.tenants.add_user(slack_user_id=unique_user_id())
         await uow.rollback()
 
         after_rollback = await context(uow)
-        assert (after_rollback.usr, after_rollback.tenant) == (settings.app_role, str(tenant_a))
+        assert (after_rollback.usr, after_rollback.tenant) == (settings.roles.app, str(tenant_a))
         await uow.commit()
         await uow.commit()
 
         after_two_commits = await context(uow)
         assert (after_two_commits.usr, after_two_commits.tenant) == (
-            settings.app_role,
+            settings.roles.app,
             str(tenant_a),
         )
         # statements really run inside a transaction (SET LOCAL would be void otherwise)
-        session = await uow.session()
-        txid = (await session.execute(text("SELECT txid_current()"))).scalar_one()
+        txid = (await execute_in(uow, "SELECT txid_current()")).scalar_one()
         assert txid is not None
         in_tx = (
-            await session.execute(text("SELECT now() = statement_timestamp() AS fresh"))
+            await execute_in(uow, "SELECT now() = statement_timestamp() AS fresh")
         ).scalar_one()
         assert in_tx is False
 
@@ -460,36 +480,56 @@ async def test_context_of_two_tenants_does_not_mix(
         assert (await context(uow_a)).tenant == str(tenant_a)
 
 
+# A unit of work that ran SQL through slack_fathom_db.testing (execute_in, driver_of) drops
+# its connection; the reset of a pooled connection is shown on units of work that did not.
+
+
 async def test_pooled_connection_is_reset_after_the_unit_of_work(
     small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
 ) -> None:
+    pooled = await assert_clean_pooled_connection(small_db, settings)  # the pool's only one
     async with small_db.unit_of_work(tenant_a) as uow:
-        inside = await context(uow)
-        assert (inside.usr, inside.tenant) == (settings.app_role, str(tenant_a))
         await uow.tenants.add_user(slack_user_id=unique_user_id())
         await uow.commit()
         await uow.tenants.add_user(slack_user_id=unique_user_id())
         # leaves with a transaction open: rolled back on the way out
 
     assert checked_out(small_db) == 0
-    await assert_clean_pooled_connection(small_db, settings, expected_pid=inside.pid)
+    await assert_clean_pooled_connection(small_db, settings, expected=pooled.driver)
 
 
 async def test_pooled_connection_is_reset_after_an_exception(
     small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
 ) -> None:
-    pids: list[int] = []
+    pooled = await assert_clean_pooled_connection(small_db, settings)
 
     async def failing() -> None:
         async with small_db.unit_of_work(tenant_a) as uow:
-            pids.append((await context(uow)).pid)
             await uow.tenants.add_user(slack_user_id=unique_user_id())
             raise Boom
 
     with pytest.raises(Boom):
         await failing()
     assert checked_out(small_db) == 0
-    await assert_clean_pooled_connection(small_db, settings, expected_pid=pids[0])
+    await assert_clean_pooled_connection(small_db, settings, expected=pooled.driver)
+
+
+async def test_a_connection_that_served_foreign_sql_is_never_pooled_again(
+    small_db: Database, tenant_a: TenantId, settings: DatabaseSettings
+) -> None:
+    pooled = await assert_clean_pooled_connection(small_db, settings)
+    async with small_db.unit_of_work(tenant_a) as uow:
+        inside = await context(uow)  # SQL the layer did not write, on its connection
+        assert (inside.usr, inside.tenant) == (settings.roles.app, str(tenant_a))
+        if not settings.pgbouncer:
+            assert inside.pid == pooled.pid  # the pooled connection served it
+        await uow.tenants.add_user(slack_user_id=unique_user_id())
+        await uow.commit()
+
+    assert checked_out(small_db) == 0
+    assert pooled.driver.is_closed()  # dropped, whatever that SQL left on its session
+    fresh = await assert_clean_pooled_connection(small_db, settings)
+    assert fresh.driver is not pooled.driver
 
 
 async def test_pooled_connection_is_reset_after_a_failed_statement(
@@ -507,7 +547,7 @@ async def test_pooled_connection_is_reset_after_a_failed_statement(
     await assert_clean_pooled_connection(small_db, settings)
     async with small_db.unit_of_work(tenant_a) as uow:
         row = await context(uow)
-        assert (row.usr, row.tenant) == (settings.app_role, str(tenant_a))
+        assert (row.usr, row.tenant) == (settings.roles.app, str(tenant_a))
 
 
 async def test_rollback_after_a_failed_statement_lets_the_unit_of_work_continue(
@@ -622,11 +662,10 @@ async def test_cancelled_unit_of_work_rolls_back_and_returns_its_connection(
 ) -> None:
     slack_user = unique_user_id()
     inside = asyncio.Event()
-    pids: list[int] = []
+    pooled = await assert_clean_pooled_connection(small_db, settings)
 
     async def handler() -> None:
         async with small_db.unit_of_work(tenant_a) as uow:
-            pids.append((await context(uow)).pid)
             await uow.tenants.add_user(slack_user_id=slack_user)
             inside.set()
             await asyncio.Event().wait()  # until cancelled
@@ -640,9 +679,9 @@ async def test_cancelled_unit_of_work_rolls_back_and_returns_its_connection(
 
     assert checked_out(small_db) == 0
     assert await count_users(admin, tenant_a, slack_user) == 0
-    state = await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pids[0])
+    state = await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pooled.pid)
     assert state in (None, "idle")
-    await assert_clean_pooled_connection(small_db, settings)
+    await assert_clean_pooled_connection(small_db, settings, expected=pooled.driver)
 
 
 async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
@@ -658,9 +697,8 @@ async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
         async with asyncio.timeout(None) as deadline:
             async with small_db.unit_of_work(tenant_a) as uow:
                 await uow.tenants.add_user(slack_user_id=slack_user)
-                session = await uow.session()
                 deadline.reschedule(loop.time() + 0.2)
-                await session.execute(text("SELECT pg_sleep(60)"))
+                await execute_in(uow, "SELECT pg_sleep(60)")
 
     with pytest.raises(TimeoutError):
         await slow_handler()

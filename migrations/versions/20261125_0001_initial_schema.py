@@ -22,13 +22,14 @@ Besides what autogenerate sees, this revision creates:
 database of the cluster still uses it.
 """
 
-import re
 from collections.abc import Sequence
 from typing import Final
 
 import sqlalchemy as sa
 from alembic import context, op
 from sqlalchemy.dialects import postgresql
+
+from slack_fathom_db.roles import migration_roles
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -47,10 +48,7 @@ CURRENT_TENANT: Final = "NULLIF(current_setting('app.tenant_id', true), '')::uui
 
 
 def _app_role() -> str:
-    role = context.config.attributes.get("app_role", "sfdb_app")
-    if not (isinstance(role, str) and re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role)):
-        raise ValueError("app_role must be a lower-case identifier")
-    return role
+    return migration_roles(context.config.attributes).app
 
 
 def upgrade() -> None:

@@ -19,10 +19,11 @@ counter's lock is bounded by ``p_lock_timeout_ms`` (the statement timeout of
 the settings).
 """
 
-import re
 from collections.abc import Sequence
 
 from alembic import context, op
+
+from slack_fathom_db.roles import migration_roles
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -31,10 +32,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def _app_role() -> str:
-    role = context.config.attributes.get("app_role", "sfdb_app")
-    if not (isinstance(role, str) and re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role)):
-        raise ValueError("app_role must be a lower-case identifier")
-    return role
+    return migration_roles(context.config.attributes).app
 
 
 def upgrade() -> None:

@@ -12,11 +12,12 @@ accepted. The function now writes ``now()`` in ``VALUES`` and sets
 ``downgrade()`` restores the body of revision 0002.
 """
 
-import re
 from collections.abc import Sequence
 from typing import Final
 
 from alembic import context, op
+
+from slack_fathom_db.roles import migration_roles
 
 revision: str = "0005"
 down_revision: str | None = "0004"
@@ -56,10 +57,7 @@ $$
 
 
 def _app_role() -> str:
-    role = context.config.attributes.get("app_role", "sfdb_app")
-    if not (isinstance(role, str) and re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", role)):
-        raise ValueError("app_role must be a lower-case identifier")
-    return role
+    return migration_roles(context.config.attributes).app
 
 
 def upgrade() -> None:

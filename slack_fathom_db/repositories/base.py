@@ -200,7 +200,7 @@ class TenantRepository(Generic[ModelT]):
         return update(Tenant).where(Tenant.id == self._tenant(), Tenant.deleted_at.is_(None))
 
     async def _execute(self, statement: Executable, *, action: str) -> Result[Any]:
-        session = await self._uow.session()
+        session = await self._uow._tenant_session()
         try:
             return await session.execute(statement, execution_options=EXECUTION_OPTIONS)
         except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
@@ -243,7 +243,7 @@ class TenantRepository(Generic[ModelT]):
     ) -> list[Any]:
         """Run the compiled statement ``name`` (built by ``build`` once) and return its records."""
         compiled = self._compiled_statement(name, build)
-        driver = await self._uow.driver()
+        driver = await self._uow._driver_connection()
         try:
             return list(
                 await driver.fetch(compiled.sql, *compiled.arguments(self.tenant_id, params))

@@ -1,0 +1,190 @@
+"""The layer's roles, named after their database, and the runtime login that may become them.
+
+Three kinds, as PostgREST has them:
+
+* the **owner** (``<prefix>_owner``, NOLOGIN) owns every table and function;
+  migrations run as it (``SET ROLE``) with the credentials of
+  ``DATABASE_MIGRATION_URL``;
+* the **app role** (``<prefix>_app``) runs every unit of work under row-level
+  security, and the **directory role** (``<prefix>_directory``) resolves and
+  installs workspaces and charges rate limits; both hold exactly the grants
+  they use, column by column where it matters;
+* the **runtime login** (``sfdb create-login``), ``LOGIN NOINHERIT``, holds no
+  privilege of its own and is a member of the app and directory roles only.
+
+The prefix is the database's name (``DATABASE_ROLE_PREFIX`` overrides it), so
+the roles of another database on the same cluster grant nothing here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import asyncpg
+
+from slack_fathom_db.connections import DRIVER_ERRORS
+from slack_fathom_db.errors import ConfigurationError, ValidationError, translate
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from slack_fathom_db.settings import DatabaseSettings
+
+__all__ = [
+    "ROLE_NAME",
+    "LayerRoles",
+    "create_login",
+    "migration_roles",
+    "role_prefix",
+    "scram_verifier",
+]
+
+ROLE_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+"""A role name the layer renders into SQL: a lower-case identifier, never quoted input."""
+_PREFIX_LENGTH: Final = 48  # room for "_directory" within PostgreSQL's 63 characters
+_SCRAM_ITERATIONS: Final = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRoles:
+    """The names of the owner, app and directory roles of one database."""
+
+    owner: str
+    app: str
+    directory: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str, *, app: str | None = None) -> LayerRoles:
+        """``<prefix>_owner``, ``<prefix>_app`` (or ``app``) and ``<prefix>_directory``."""
+        roles = cls(
+            owner=f"{prefix}_owner", app=app or f"{prefix}_app", directory=f"{prefix}_directory"
+        )
+        for name in (roles.owner, roles.app, roles.directory):
+            if not ROLE_NAME.fullmatch(name):
+                raise ValueError(f"role name {name!r} is not a lower-case identifier")
+        return roles
+
+
+def migration_roles(attributes: Mapping[str, object]) -> LayerRoles:
+    """The roles the migration environment (``migrations/env.py``) was given."""
+    roles = attributes.get("roles")
+    if not isinstance(roles, LayerRoles):
+        raise TypeError("the migration environment did not name the layer's roles")
+    return roles
+
+
+def role_prefix(database: str) -> str:
+    """The roles' prefix for ``database``: its name when that is a plain identifier.
+
+    Any other name is folded to one (lower case, ``_`` for other characters)
+    and given a short hash of the original, so two databases never share roles.
+    """
+    folded = re.sub(r"[^a-z0-9_]", "_", database.lower())
+    if not folded or not (folded[0].isalpha() or folded[0] == "_"):
+        folded = f"db_{folded}"
+    if folded == database and len(folded) <= _PREFIX_LENGTH:
+        return folded
+    digest = hashlib.sha256(database.encode("utf-8")).hexdigest()[:8]
+    return f"{folded[: _PREFIX_LENGTH - 9]}_{digest}"
+
+
+def scram_verifier(password: str) -> str:
+    """A SCRAM-SHA-256 verifier of ``password``, as PostgreSQL stores it.
+
+    Sent instead of the password in ``CREATE/ALTER ROLE … PASSWORD``, so the
+    password itself never reaches the server's logs or statistics.
+    """
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, _SCRAM_ITERATIONS)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
+    return f"SCRAM-SHA-256${_SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+async def create_login(settings: DatabaseSettings, name: str, password: str) -> bool:
+    """Create the runtime login ``name``, or set its password again; ``True`` if created.
+
+    Runs with the owner's side of ``settings`` (``DATABASE_MIGRATION_URL``),
+    as a login that may create roles. The login is ``LOGIN NOINHERIT`` and
+    nothing else: a member of the app and directory roles, with ``CONNECT`` on
+    this database. An existing role with more than that (a superuser, a
+    creator of roles or databases, one that bypasses row-level security) is
+    refused, not changed. The password reaches the server as a SCRAM
+    verifier, never in clear, and no error repeats it.
+    """
+    if not ROLE_NAME.fullmatch(name):
+        raise ValidationError("login: must be a lower-case identifier ([a-z_][a-z0-9_]*)")
+    if not isinstance(password, str) or not password or "\x00" in password:
+        raise ValidationError("password: must be a non-empty string without NUL characters")
+    roles = settings.roles
+    if name in (roles.owner, roles.app, roles.directory):
+        raise ValidationError("login: must not be one of the layer's own roles")
+    owner_side = settings.for_migrations()
+    url = owner_side.sqlalchemy_url().set(drivername="postgresql")
+    try:
+        conn = await asyncpg.connect(
+            url.render_as_string(hide_password=False),
+            timeout=settings.connect_timeout,
+            statement_cache_size=0,
+        )
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action="create login") from exc
+    try:
+        return await _create_login(conn, name, scram_verifier(password), roles)
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action="create login") from exc
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+
+
+async def _create_login(
+    conn: asyncpg.Connection, name: str, verifier: str, roles: LayerRoles
+) -> bool:
+    existing = await conn.fetchrow(
+        "SELECT rolsuper OR rolbypassrls OR rolcreaterole OR rolcreatedb AS powerful "
+        "FROM pg_roles WHERE rolname = $1",
+        name,
+    )
+    if existing is not None and existing["powerful"]:
+        raise ConfigurationError(
+            f"create login: role {name} exists and is a superuser, bypasses row-level "
+            "security or may create roles or databases; choose another name"
+        )
+    member_of = {
+        row["rolname"]
+        for row in await conn.fetch(
+            "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+            "JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = $1",
+            name,
+        )
+    }
+    if member_of - {roles.app, roles.directory}:
+        raise ConfigurationError(
+            f"create login: role {name} exists and is a member of other roles "
+            f"({', '.join(sorted(member_of - {roles.app, roles.directory}))}); "
+            "choose another name"
+        )
+    database = await conn.fetchval("SELECT current_database()")
+    quoted = '"' + str(database).replace('"', '""') + '"'
+    async with conn.transaction():
+        if existing is None:
+            await conn.execute(
+                f'CREATE ROLE "{name}" LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE '
+                f"NOBYPASSRLS PASSWORD '{verifier}'"
+            )
+        else:  # checked above to hold none of those (only a superuser may restate them)
+            await conn.execute(f"ALTER ROLE \"{name}\" LOGIN NOINHERIT PASSWORD '{verifier}'")
+        await conn.execute(f'GRANT "{roles.app}", "{roles.directory}" TO "{name}"')
+        await conn.execute(f'GRANT CONNECT ON DATABASE {quoted} TO "{name}"')
+    return existing is None
