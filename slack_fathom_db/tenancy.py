@@ -6,9 +6,10 @@ Invariants:
   :func:`tenant_id_from_trusted` for values read back from the database).
   Everything scoped to a tenant takes one, so the type checker shows where a
   tenant comes from.
-* The directory reads and writes ``tenants`` only, one autocommitted
-  statement per call, through three functions of the owner that the
-  directory role may run (it holds no table, so it cannot list workspaces).
+* The directory reads and writes ``tenants`` only, one statement per call
+  (autocommitted; behind PgBouncer in a transaction of its own), through
+  three functions of the owner that the directory role may run (it holds no
+  table, so it cannot list workspaces).
 * :func:`transaction_preamble` renders the statements that open every tenant
   transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
   app.tenant_id = '<uuid>'``, row security on, the statement, lock and

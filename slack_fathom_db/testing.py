@@ -17,8 +17,8 @@ upgrade head`` and drops it at the end.
 With ``SFDB_TEST_PGBOUNCER=1`` the layer under test (``sfdb_settings``) reaches
 that database through PgBouncer in transaction pooling mode, started on a free
 loopback port with ``PGBOUNCER_POOL_SIZE`` server connections, and with
-``pgbouncer=True``; migrations and ``sfdb_direct_settings`` (the superuser
-``admin`` connection of the suite) still go straight to the server. Tests
+``pgbouncer=True``; migrations and ``sfdb_direct_settings`` (the same
+runtime login) still go straight to the server. Tests
 marked ``not_through_pgbouncer`` say why they cannot run that way.
 
 With ``SFDB_TEST_CITUS=1`` the run starts a throwaway Citus cluster from the

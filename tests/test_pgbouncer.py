@@ -25,6 +25,7 @@ from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.connections import execute_outside_tenant
 from slack_fathom_db.tenancy import outside_opener
 from slack_fathom_db.testing import engine_of, execute_in, pgbouncer, pgbouncer_binary
+from slack_fathom_db.uow import UnitOfWork
 from tests.conftest import unique_team_id, unique_user_id
 
 SERVER_CONNECTIONS = 2
@@ -99,9 +100,17 @@ async def test_through_pgbouncer_the_server_sees_pgbouncer(
     assert url.port != server_port  # the layer talks to PgBouncer, not to the server
 
 
+@pytest.mark.parametrize("probed", [True, False], ids=["probed", "repositories only"])
 async def test_many_interleaved_tenants_over_two_server_connections(
-    bounced: Database, admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+    bounced: Database,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    probed: bool,
 ) -> None:
+    """Probed, each unit of work also reads its role, tenant and server pid with raw SQL
+    (which makes it reset the session and drop its client connection when it ends);
+    with repositories only, it takes the layer's ordinary path, checked by what it
+    reads and by the rows and counters a superuser sees."""
     tenants = [
         await bounced.directory.install(slack_team_id=unique_team_id(), slack_team_name=f"B{i}")
         for i in range(TENANTS)
@@ -111,9 +120,15 @@ async def test_many_interleaved_tenants_over_two_server_connections(
     jobs = [(t, planned[t][j]) for j in range(UNITS_PER_TENANT) for t in tenants]
 
     async def work(tenant: TenantId, slack_user: str) -> Seen:
-        probes = []
+        probes: list[Any] = []
+        raw_users: set[str] = set()
+
+        async def probe(uow: UnitOfWork) -> None:
+            if probed:
+                probes.append((await execute_in(uow, PROBE)).one())
+
         async with bounced.unit_of_work(tenant) as uow:
-            probes.append((await execute_in(uow, PROBE)).one())
+            await probe(uow)
             user = await uow.tenants.add_user(slack_user_id=slack_user)
             await asyncio.sleep(0)
             await uow.meetings.create(
@@ -121,16 +136,19 @@ async def test_many_interleaved_tenants_over_two_server_connections(
             )
             decision = await uow.rate_limits.consume("bounced", limit=1000)
             assert decision.allowed
-            probes.append((await execute_in(uow, PROBE)).one())
+            await probe(uow)
             await uow.commit()
             await asyncio.sleep(0)
             # A new transaction on whichever server connection PgBouncer hands out.
-            probes.append((await execute_in(uow, PROBE)).one())
+            await probe(uow)
             users = {u.slack_user_id for u in await uow.tenants.list_users()}
             recordings = {m.fathom_recording_id for m in await uow.meetings.recent(limit=1000)}
-            raw_users = set((await execute_in(uow, "SELECT slack_user_id FROM users")).scalars())
-            probes.append((await execute_in(uow, PROBE)).one())
+            if probed:
+                query = "SELECT slack_user_id FROM users"
+                raw_users = set((await execute_in(uow, query)).scalars())
+            await probe(uow)
             await uow.commit()
+        assert slack_user in users
         # Outside any unit of work, on the same client connection pool, as the layer runs a
         # statement there (in a transaction its opener starts): no tenant context.
         async with engine_of(bounced).connect() as conn:
@@ -165,8 +183,9 @@ async def test_many_interleaved_tenants_over_two_server_connections(
         assert seen.outside.tenant in (None, "")
         assert seen.outside.timeout == "7s"  # set by the opener, as everything else
     # Every transaction ran on one of two server connections, each serving many tenants.
-    assert len(pids) <= SERVER_CONNECTIONS
-    assert min(len(ts) for ts in tenants_per_pid.values()) > 1
+    if probed:
+        assert len(pids) <= SERVER_CONNECTIONS
+        assert min(len(ts) for ts in tenants_per_pid.values()) > 1
     for tenant in tenants:
         rows = await admin.fetch("SELECT slack_user_id FROM users WHERE tenant_id = $1", tenant)
         assert {r["slack_user_id"] for r in rows} == set(planned[tenant])

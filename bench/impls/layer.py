@@ -29,9 +29,11 @@ class LayerImpl(Implementation):
     title = "slack_fathom_db"
     isolation = (
         "the layer's own: one simple-protocol message `BEGIN; SET LOCAL ROLE; "
-        "SET LOCAL app.tenant_id; SET LOCAL statement_timeout; SELECT sfdb_require_tenant()` "
-        "per unit of work; `db.rate_limit` is one autocommitted statement, "
-        "`sfdb_consume_rate_limit()`, which sets the role and the tenant itself"
+        "SET LOCAL search_path; SET LOCAL app.tenant_id; SET LOCAL row_security, "
+        "statement_timeout, lock_timeout, idle_in_transaction_session_timeout; "
+        "SELECT sfdb_require_tenant()` per unit of work; `db.rate_limit` is one autocommitted "
+        "statement, `sfdb_consume_rate_limit()`, a function of the owner that sets the tenant "
+        "for itself"
     )
 
     def __init__(self) -> None:

@@ -6,9 +6,10 @@ Create Date: 2026-11-25
 
 Besides what autogenerate sees, this revision creates:
 
-* the app role (``DATABASE_APP_ROLE``, ``sfdb_app`` by default): NOLOGIN,
+* the app role (``<database>_app``, or ``DATABASE_APP_ROLE``): NOLOGIN,
   NOSUPERUSER, NOBYPASSRLS, created if absent, granted to the migrating role
-  so that units of work can ``SET LOCAL ROLE`` to it;
+  (the runtime logins of ``sfdb create-login`` become it; the migrating login
+  never runs units of work);
 * its grants: SELECT/INSERT/UPDATE on tenant-owned tables, SELECT/UPDATE on
   ``tenants``, and INSERT/SELECT only on ``audit_logs``;
 * ``ENABLE`` + ``FORCE ROW LEVEL SECURITY`` with a NULLIF-safe tenant policy on

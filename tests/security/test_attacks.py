@@ -45,15 +45,10 @@ tenant>'`` — and then read and write that tenant's rows
 (:func:`test_still_open_code_that_sets_the_tenant_reads_that_tenants_rows`);
 it can run the rate-limit function as the directory role for any tenant,
 spending its quota, and the directory's three functions for any workspace it
-names. Row-level security trusts
-the tenant setting until a signed claim binds it. Every role may change its
-own password; on PostgreSQL 15 a login with ``CREATEROLE`` may take over the
-layer's roles (``test_attacks_cluster.py``, a strict xfail there). Escapes
-still open, each an ``xfail(strict=True)`` with its diagnosis
-(``test_attacks_pooled.py``): the login's own default ``statement_timeout``
-reaches the layer's statements outside units of work, and through a PgBouncer
-without its session reset a raw client's ``row_security = off`` reaches the
-layer's next transactions.
+names. Row-level security trusts the tenant setting until a signed claim
+binds it. Every role may change its own password; on PostgreSQL 15 a login
+with ``CREATEROLE`` may take over the layer's roles
+(``test_attacks_cluster.py``, a strict xfail there).
 """
 
 from __future__ import annotations

@@ -79,12 +79,23 @@ PROBE: Final = text(
     "current_setting('transaction_read_only') AS read_only, "
     "current_setting('transaction_isolation') AS isolation, "
     "current_setting('row_security') AS row_security, "
+    "current_setting('statement_timeout') AS statement_timeout, "
+    "current_setting('lock_timeout') AS lock_timeout, "
     "pg_backend_pid() AS pid, "
     "(SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
     " AND pid = pg_backend_pid()) AS advisory_locks, "
     "(SELECT count(*) FROM pg_listening_channels()) AS listening"
 )
-PINNED_FIELDS: Final = ("role", "login", "search_path", "read_only", "isolation")
+PINNED_FIELDS: Final = (
+    "role",
+    "login",
+    "search_path",
+    "read_only",
+    "isolation",
+    "row_security",
+    "statement_timeout",
+    "lock_timeout",
+)
 """What the layer sets itself in every transaction."""
 BACKEND: Final = "SELECT pg_backend_pid()"
 
@@ -208,9 +219,11 @@ def assert_as_on_a_fresh_connection(
     assert after.allowed is True
     assert after.seen == {world.a.tenant}
     assert after.leftovers <= {world.a.tenant}
+    assert (after.outside.row_security, after.inside.row_security) == ("on", "on")
+    assert (after.outside.lock_timeout, after.inside.lock_timeout) == ("0", "0")
     if not shared_session:
         for probe in (after.outside, after.inside):
-            assert (probe.advisory_locks, probe.listening, probe.row_security) == (0, 0, "on")
+            assert (probe.advisory_locks, probe.listening) == (0, 0)
         assert after.outside.tenant == ""
 
 
@@ -591,7 +604,7 @@ SHARED_SESSION_SETTINGS = {
 
 
 @pytest.mark.parametrize("setting", SHARED_SESSION_SETTINGS.values(), ids=SHARED_SESSION_SETTINGS)
-async def test_through_pgbouncer_a_raw_clients_row_security_does_not_reach_the_layer(
+async def test_through_pgbouncer_a_raw_clients_settings_do_not_reach_the_layer(
     sfdb_server: URL,
     sfdb_direct_settings: DatabaseSettings,
     world: World,
@@ -602,11 +615,11 @@ async def test_through_pgbouncer_a_raw_clients_row_security_does_not_reach_the_l
 
     Before: ``SET row_security = off`` made ``db.rate_limit`` and the next unit
     of work fail (42501: forced row-level security refuses such queries) until
-    a rollback reset the session. Now the opener of statements outside units of
-    work and every unit of work's preamble set row security and the layer's
-    timeouts themselves (``SET LOCAL``): every call works. (The layer's calls
-    here take under a millisecond, so the timeouts show only that nothing
-    breaks; the login's own defaults below show them cancelling a lock wait.)
+    a rollback reset the session, and the layer's statements outside units of
+    work ran under the attacker's timeouts. Now the opener of those statements
+    and every unit of work's preamble set row security and the layer's timeouts
+    themselves: every call works, and the layer's transactions see its own
+    settings, not the attacker's.
     """
     require_pgbouncer()
     runtime = sfdb_direct_settings.sqlalchemy_url()
@@ -614,15 +627,19 @@ async def test_through_pgbouncer_a_raw_clients_row_security_does_not_reach_the_l
         layer = through(bouncer.url, sfdb_direct_settings)
         try:
             assert await failures_of(the_layers_calls(layer, world)) == []  # the control
+            before = await next_user(layer, world, admin)
             async with attacker(bounced_url(bouncer.url, sfdb_direct_settings)) as conn:
                 await conn.execute(f"SET {setting}")
                 name, value = setting.split(" = ")
                 async with conn.transaction():
                     assert await conn.fetchval(f"SHOW {name}") in (value, f"{value}ms")
             failures = await failures_of(the_layers_calls(layer, world))
+            after = await next_user(layer, world, admin)
         finally:
             await layer.dispose()
     assert failures == []
+    assert pinned(after.outside) == pinned(before.outside)
+    assert pinned(after.inside) == pinned(before.inside)
 
 
 # -- the login's own defaults --------------------------------------------------------------
