@@ -12,7 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from alembic import context
-from sqlalchemy import pool, text
+from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from slack_fathom_db.models import Base
@@ -48,31 +48,48 @@ def run_migrations_offline() -> None:
     """Emit SQL to stdout instead of running it (``alembic upgrade head --sql``)."""
     _configure(url=_settings().sqlalchemy_url(), literal_binds=True)
     with context.begin_transaction():
+        context.execute(_preamble())
         context.run_migrations()
 
 
 def do_run_migrations(connection: Connection) -> None:
     _configure(connection=connection)
     with context.begin_transaction():
-        if connection.execute(text(_HAS_CITUS)).scalar():
-            # One transaction for the whole upgrade: on Citus that needs its DDL sent over
-            # one connection per node, or a function created after a table changed fails.
-            connection.execute(text("SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"))
-            # The audit log's triggers only raise or fill in server values: safe on shards.
-            connection.execute(text("SET LOCAL citus.enable_unsafe_triggers TO on"))
-        owner = _settings().roles.owner
-        if connection.execute(text(_MAY_BE_OWNER), {"owner": owner}).scalar():
-            # Once the owner exists (revision 0006), migrations run as it: what they
-            # create is the owner's, never the migrating login's.
-            connection.execute(text(f'SET LOCAL ROLE "{owner}"'))
+        connection.exec_driver_sql(_preamble())
         context.run_migrations()
 
 
-_HAS_CITUS = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
-_MAY_BE_OWNER = (
-    "SELECT coalesce(pg_has_role(current_user, oid, 'MEMBER'), false) FROM pg_roles "
-    "WHERE rolname = :owner"
-)
+def _preamble() -> str:
+    """The session settings of a migration, decided by the database: one rule online and offline.
+
+    * On Citus, one transaction for the whole migration needs its DDL sent over one
+      connection per node, or a function created after a table changed fails; the audit
+      log's triggers only raise or fill in server values, so they are safe on shards.
+    * Migrations run as the owner once the database is at or past revision 0006, which
+      gave ``alembic_version`` to it: what they create is the owner's, never the migrating
+      login's. Membership alone is no sign of that: roles outlive ``DROP DATABASE``, so a
+      database made again under its old name still finds its login a member of the old
+      owner, and a migration from scratch must run as the login that owns the schema.
+    """
+    owner = _settings().roles.owner
+    return f"""
+        DO $$
+        BEGIN
+            IF EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+                SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+                SET LOCAL citus.enable_unsafe_triggers TO on;
+            END IF;
+            IF EXISTS (
+                SELECT FROM pg_class
+                WHERE oid = to_regclass('alembic_version')
+                  AND relowner = (SELECT oid FROM pg_roles WHERE rolname = '{owner}')
+                  AND pg_has_role(current_user, relowner, 'MEMBER')
+            ) THEN
+                SET LOCAL ROLE "{owner}";
+            END IF;
+        END
+        $$
+    """
 
 
 async def run_async_migrations() -> None:

@@ -34,7 +34,6 @@ database of the cluster still uses it).
 from collections.abc import Sequence
 from typing import Final
 
-import sqlalchemy as sa
 from alembic import context, op
 
 from slack_fathom_db.roles import LayerRoles, migration_roles
@@ -65,7 +64,7 @@ SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
 # the whole table: a Citus coordinator sends every column of a new row to the shard (the
 # defaults it computed included), so a column-level INSERT grant would refuse every
 # insert there. What an insert may not choose is set by a trigger instead (audit rows).
-APP_GRANTS: Final = {
+APP_GRANTS: Final[dict[str, list[tuple[str, str | None]]]] = {
     "tenants": [
         ("SELECT", None),
         (
@@ -204,33 +203,35 @@ def _roles() -> LayerRoles:
     return migration_roles(context.config.attributes)
 
 
-def _quoted_database() -> str:
-    name = op.get_bind().execute(sa.text("SELECT current_database()")).scalar_one()
-    return '"' + str(name).replace('"', '""') + '"'
+def _on_this_database(statement: str) -> None:
+    """Run ``statement`` with ``%I`` standing for this database's name.
+
+    The name is the server's (``current_database()``), read where the statement runs,
+    so the same SQL works online and in the script of ``alembic upgrade --sql``.
+    """
+    literal = "'" + statement.replace("'", "''") + "'"
+    op.execute(f"DO $$ BEGIN EXECUTE format({literal}, current_database()); END $$")
 
 
 def _create_role(name: str) -> None:
     # On Citus the coordinator connects to the workers as the role in effect, which must
     # then be able to log in (as sfdb distribute arranges for roles made before).
-    login = "LOGIN" if _has_citus() else "NOLOGIN"
     op.execute(
         f"""
         DO $$
         BEGIN
             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN
-                CREATE ROLE "{name}" {login} NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE;
+                EXECUTE format(
+                    'CREATE ROLE %I %s NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE',
+                    '{name}',
+                    CASE WHEN EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')
+                        THEN 'LOGIN' ELSE 'NOLOGIN' END
+                );
             END IF;
         END
         $$
         """
     )
-
-
-def _has_citus() -> bool:
-    found = op.get_bind().execute(
-        sa.text("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')")
-    )
-    return bool(found.scalar_one())
 
 
 def _grant(role: str, grants: dict[str, list[tuple[str, str | None]]]) -> None:
@@ -242,7 +243,6 @@ def _grant(role: str, grants: dict[str, list[tuple[str, str | None]]]) -> None:
 
 def upgrade() -> None:
     roles = _roles()
-    database = _quoted_database()
     _create_role(roles.owner)
     _create_role(roles.directory)
     op.execute(f'GRANT "{roles.owner}" TO CURRENT_USER')
@@ -251,10 +251,10 @@ def upgrade() -> None:
     op.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
     op.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{roles.owner}"')
     op.execute(f'GRANT USAGE ON SCHEMA public TO "{roles.app}", "{roles.directory}"')
-    op.execute(f"REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC")
+    _on_this_database("REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC")
     # The layer's roles too: on Citus the coordinator connects to the workers as them.
-    op.execute(
-        f'GRANT CONNECT ON DATABASE {database} TO CURRENT_USER, "{roles.owner}", '
+    _on_this_database(
+        f'GRANT CONNECT ON DATABASE %I TO CURRENT_USER, "{roles.owner}", '
         f'"{roles.app}", "{roles.directory}"'
     )
 
@@ -320,7 +320,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     roles = _roles()
-    database = _quoted_database()
     op.execute("RESET ROLE")  # the owner cannot give its objects back; its member can
     op.execute("DROP TRIGGER audit_logs_server_fields ON audit_logs")
     op.execute("DROP FUNCTION sfdb_audit_logs_server_fields()")
@@ -350,11 +349,10 @@ def downgrade() -> None:
     op.execute(f'REVOKE ALL ON alembic_version FROM "{roles.directory}"')
     for table in (*TABLES, "alembic_version"):
         op.execute(f"ALTER TABLE {table} OWNER TO CURRENT_USER")
-    op.execute(
-        f'REVOKE CONNECT ON DATABASE {database} FROM "{roles.owner}", "{roles.app}", '
-        f'"{roles.directory}"'
+    _on_this_database(
+        f'REVOKE CONNECT ON DATABASE %I FROM "{roles.owner}", "{roles.app}", "{roles.directory}"'
     )
-    op.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {database} TO PUBLIC")
+    _on_this_database("GRANT CONNECT, TEMPORARY ON DATABASE %I TO PUBLIC")
     op.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
     op.execute(f'REVOKE ALL ON SCHEMA public FROM "{roles.owner}", "{roles.directory}"')
     for role in (roles.directory, roles.owner):
