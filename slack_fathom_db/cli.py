@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     downgrade.add_argument("revision", help="target revision, e.g. base or -1")
     commands.add_parser("current", help="print the revision the database is at")
     commands.add_parser(
-        "check", help="connection, server version, migrations, app role and row-level security"
+        "check",
+        help="connection, server version, the runtime login, the app and directory roles, "
+        "row-level security and migrations",
     )
     commands.add_parser("info", help="print server, database, user and pool figures")
     demo = commands.add_parser(
@@ -302,13 +304,7 @@ async def _check(settings: DatabaseSettings) -> bool:
                 await conn.fetchval("SHOW server_version"),
             )
         )
-        results += await _login_checks(conn, settings)
-        role = await conn.fetchrow(
-            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1", settings.roles.app
-        )
-        results.append(("app role present", role is not None, settings.roles.app))
-        safe = role is not None and not role["rolsuper"] and not role["rolbypassrls"]
-        results.append(("app role is NOSUPERUSER NOBYPASSRLS", safe, settings.roles.app))
+        results += await _role_checks(conn, settings)
         rows = await conn.fetch(
             "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) "
             "AND relkind = 'r' AND relrowsecurity AND relforcerowsecurity "
@@ -332,9 +328,20 @@ async def _check(settings: DatabaseSettings) -> bool:
     return all(ok for _, ok, _ in results)
 
 
-_LOGIN = """
+_ROLES = """
 SELECT r.rolname AS name, r.rolsuper AS superuser, r.rolbypassrls AS bypassrls,
-       r.rolcreaterole AS createrole, r.rolcreatedb AS createdb,
+       r.rolcreaterole AS createrole, r.rolcreatedb AS createdb, r.rolinherit AS inherit,
+       ARRAY(SELECT g.rolname::text FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+             WHERE m.member = r.oid
+               AND NOT (r.rolname = session_user AND g.rolname IN ($1, $2))
+             ORDER BY g.rolname) AS member_of
+FROM pg_roles r WHERE r.rolname IN (session_user, $1, $2)
+"""
+"""Powers and memberships of the runtime login (``session_user``) and of the app (``$1``)
+and directory (``$2``) roles: the login may be a member of those two, none of anything else."""
+
+_LOGIN = """
+SELECT r.rolname AS name,
        EXISTS (SELECT FROM pg_class WHERE relowner = r.oid)
          OR EXISTS (SELECT FROM pg_proc WHERE proowner = r.oid)
          OR EXISTS (SELECT FROM pg_namespace WHERE nspowner = r.oid)
@@ -351,28 +358,47 @@ FROM pg_roles r WHERE r.rolname = session_user
 """
 
 
-async def _login_checks(
+async def _role_checks(
     conn: asyncpg.Connection, settings: DatabaseSettings
 ) -> list[tuple[str, bool, str]]:
-    """The runtime login holds nothing of its own (one line per problem)."""
+    """The runtime login holds nothing of its own; the app and directory roles hold no power.
+
+    One line per problem: a missing app or directory role is one line, not six.
+    """
     layer = settings.roles
-    row = await conn.fetchrow(_LOGIN, layer.owner, layer.app, layer.directory)
-    assert row is not None  # noqa: S101 - the session's own role exists
-    name = row["name"]
-    temp = ", ".join(row["temp_roles"] or [])
-    return [
-        ("runtime login is not a superuser", not row["superuser"], name),
-        ("runtime login does not bypass row-level security", not row["bypassrls"], name),
-        ("runtime login cannot create roles", not row["createrole"], name),
-        ("runtime login cannot create databases", not row["createdb"], name),
-        ("runtime login owns nothing", not row["owns"], name),
-        ("runtime login is not the owner", not row["is_owner"], name),
+    login = await conn.fetchrow(_LOGIN, layer.owner, layer.app, layer.directory)
+    assert login is not None  # noqa: S101 - the session's own role exists
+    found = {row["name"]: row for row in await conn.fetch(_ROLES, layer.app, layer.directory)}
+    name = login["name"]
+    temp = ", ".join(login["temp_roles"] or [])
+    results = [
+        *_powers("runtime login", found[name]),
+        ("runtime login is NOINHERIT", not found[name]["inherit"], name),
+        ("runtime login owns nothing", not login["owns"], name),
+        ("runtime login is not the owner", not login["is_owner"], name),
         ("no runtime role can create temp tables", not temp, temp or name),
         (
             "runtime login may become the app and directory roles",
-            bool(row["can_become"]),
+            bool(login["can_become"]),
             f"{layer.app}, {layer.directory}",
         ),
+    ]
+    for kind, role in (("app role", layer.app), ("directory role", layer.directory)):
+        results.append((f"{kind} present", role in found, role))
+        if role in found:
+            results += _powers(kind, found[role])
+    return results
+
+
+def _powers(who: str, role: asyncpg.Record) -> list[tuple[str, bool, str]]:
+    """What no role of the layer may be: powerful, or a member of another role."""
+    name, others = role["name"], ", ".join(role["member_of"])
+    return [
+        (f"{who} is not a superuser", not role["superuser"], name),
+        (f"{who} does not bypass row-level security", not role["bypassrls"], name),
+        (f"{who} cannot create roles", not role["createrole"], name),
+        (f"{who} cannot create databases", not role["createdb"], name),
+        (f"{who} is a member of no other role", not others, others or name),
     ]
 
 

@@ -21,6 +21,8 @@ from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings, schema
 from slack_fathom_db.cli import main
+from slack_fathom_db.errors import ValidationError
+from slack_fathom_db.roles import scram_verifier
 from slack_fathom_db.testing import throwaway_database
 from tests.conftest import superuser_dsn
 from tests.helpers import fetch_row
@@ -211,9 +213,9 @@ def test_migrate_creates_and_upgrades_then_current(cli_db: CliDatabase, tmp_path
     assert current.stdout.strip() == schema.head()
 
 
-CHECKS = 14
-"""Lines of ``sfdb check``: connection, version, seven on the runtime login, app role (2),
-row-level security, migrations."""
+CHECKS = 26
+"""Lines of ``sfdb check``: connection, version, ten on the runtime login, six on each of the
+app and directory roles, row-level security, migrations."""
 
 
 async def test_check_passes_on_a_migrated_database(
@@ -228,14 +230,34 @@ async def test_check_passes_on_a_migrated_database(
     assert f"pass  runtime login owns nothing  {cli_db.runtime}" in lines
 
 
-async def test_check_fails_when_the_app_role_bypasses_rls(sfdb_server: URL, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["app", "directory"])
+async def test_check_fails_when_a_layer_role_holds_a_power_or_another_role(
+    sfdb_server: URL, tmp_path: Path, kind: str
+) -> None:
+    """Before: only SUPERUSER and BYPASSRLS of the app role were checked. Now: one line for
+    each power and for membership of another role, of the app and the directory role."""
     async with throwaway_database(sfdb_server) as settings:
-        role = settings.roles.app
-        await admin_execute(sfdb_server, f'ALTER ROLE "{role}" BYPASSRLS')
+        role = getattr(settings.roles, kind)
+        await admin_execute(
+            sfdb_server, f'ALTER ROLE "{role}" SUPERUSER BYPASSRLS CREATEROLE CREATEDB'
+        )
+        await admin_execute(sfdb_server, f'GRANT pg_write_all_data TO "{role}"')
         result = sfdb("check", url=url_of(settings), cwd=tmp_path, extra_env=owner_env(settings))
     assert result.returncode == 1, result.stdout
-    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
-    assert failed == [f"FAIL  app role is NOSUPERUSER NOBYPASSRLS  {role}"]
+    assert failed_lines(result.stdout) == [
+        # A superuser may create temp tables, and the runtime login may become it.
+        f"FAIL  no runtime role can create temp tables  {role}",
+        f"FAIL  {kind} role is not a superuser  {role}",
+        f"FAIL  {kind} role does not bypass row-level security  {role}",
+        f"FAIL  {kind} role cannot create roles  {role}",
+        f"FAIL  {kind} role cannot create databases  {role}",
+        f"FAIL  {kind} role is a member of no other role  pg_write_all_data",
+    ]
+
+
+def failed_lines(stdout: str) -> list[str]:
+    """The lines of ``sfdb check`` that report a problem."""
+    return [line for line in stdout.splitlines() if line.startswith("FAIL")]
 
 
 async def test_check_fails_when_database_url_is_the_migrating_login(
@@ -251,9 +273,10 @@ async def test_check_fails_when_database_url_is_the_migrating_login(
     assert "Traceback" not in result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == CHECKS, result.stdout
-    failed = [line for line in lines if line.startswith("FAIL")]
-    assert failed == [
+    assert failed_lines(result.stdout) == [
         f"FAIL  runtime login cannot create roles  {name}",
+        f"FAIL  runtime login is a member of no other role  {settings.roles.owner}",
+        f"FAIL  runtime login is NOINHERIT  {name}",
         f"FAIL  runtime login owns nothing  {name}",
         f"FAIL  runtime login is not the owner  {name}",
         f"FAIL  no runtime role can create temp tables  {name}",
@@ -327,6 +350,23 @@ async def test_downgrade_to_base_and_back(
     assert again.returncode == 0, again.stderr
     check = sfdb("check", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+ROLE_STATE = """
+SELECT a.rolpassword, a.rolcanlogin, a.rolinherit, a.rolsuper, a.rolbypassrls,
+       a.rolcreaterole, a.rolcreatedb,
+       ARRAY(SELECT roleid::regrole::text FROM pg_auth_members WHERE member = a.oid
+             ORDER BY 1) AS member_of,
+       has_database_privilege(a.oid, current_database(), 'CONNECT') AS may_connect,
+       ARRAY(SELECT setdatabase || ': ' || setconfig::text FROM pg_db_role_setting
+             WHERE setrole = a.oid ORDER BY 1) AS defaults
+FROM pg_authid a WHERE a.rolname = $1
+"""
+
+
+async def role_state(admin: asyncpg.Connection, name: str) -> dict[str, object]:
+    """What ``sfdb create-login`` may change of the role ``name``, read as a superuser."""
+    return dict(await fetch_row(admin, ROLE_STATE, name))
 
 
 def _scram_matches(verifier: str, password: str) -> bool:
@@ -403,7 +443,20 @@ async def test_create_login_takes_the_password_on_stdin_and_makes_a_login_that_h
             )
             assert check.returncode == 0, check.stdout + check.stderr
 
-            # Run again, it keeps the login and sets the new password.
+            # The login gives itself defaults; run again, create-login keeps the login, sets
+            # the new password and drops those defaults.
+            conn = await asyncpg.connect(
+                login_url.set(drivername="postgresql").render_as_string(hide_password=False)
+            )
+            try:
+                await conn.execute("ALTER ROLE CURRENT_USER SET statement_timeout = '1ms'")
+                await conn.execute(
+                    f'ALTER ROLE CURRENT_USER IN DATABASE "{login_url.database}" '
+                    "SET search_path = pg_temp"
+                )
+            finally:
+                await conn.close()
+            assert (await role_state(admin, name))["defaults"]
             again = create_login(name, second, url=url_of(settings), cwd=tmp_path, env=env)
             assert again.returncode == 0, again.stderr
             assert again.stdout.startswith(f"set a new password for login {name}:")
@@ -414,6 +467,7 @@ async def test_create_login_takes_the_password_on_stdin_and_makes_a_login_that_h
             assert isinstance(renewed, str)
             assert _scram_matches(renewed, second)
             assert not _scram_matches(renewed, first)
+            assert (await role_state(admin, name))["defaults"] == []
         finally:
             await admin.close()
     await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{name}"')
@@ -451,6 +505,133 @@ async def test_create_login_refuses_the_name_of_a_superuser(
             assert await admin.fetchval(memberships, superuser) == member_of
         finally:
             await admin.close()
+
+
+@pytest.mark.parametrize("owned", ["a schema in another database", "a database"])
+async def test_create_login_refuses_a_login_that_owns_something_on_the_cluster(
+    sfdb_server: URL,
+    sfdb_direct_settings: DatabaseSettings,
+    admin: asyncpg.Connection,
+    tmp_path: Path,
+    owned: str,
+) -> None:
+    """Before: a login, a member of nothing, that owned a schema of another database or a
+    database was taken over with a new password. Now: refused, naming what it owns, unchanged."""
+    name = f"sfdb_owning_{secrets.token_hex(4)}"
+    made = f"{name}_thing"
+    kind = "SCHEMA" if owned.startswith("a schema") else "DATABASE"
+    await admin_execute(sfdb_server, f'CREATE ROLE "{name}" LOGIN NOINHERIT')
+    try:
+        if kind == "SCHEMA":  # in the server's first database, not the one of the login
+            await admin_execute(sfdb_server, f'CREATE SCHEMA "{made}" AUTHORIZATION "{name}"')
+            what = f"objects in database {sfdb_server.database}"
+        else:
+            await admin_execute(sfdb_server, f'CREATE DATABASE "{made}" OWNER "{name}"')
+            what = f"database {made}"
+        before = await role_state(admin, name)
+        refused = create_login(
+            name,
+            secrets.token_urlsafe(24),
+            url=url_of(sfdb_direct_settings),
+            cwd=tmp_path,
+            env=owner_env(sfdb_direct_settings),
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stdout == ""
+        assert refused.stderr.strip().splitlines() == [
+            f"sfdb create-login: create login: role {name} exists and owns {what}; "
+            "choose another name"
+        ]
+        assert await role_state(admin, name) == before
+    finally:
+        await admin_execute(sfdb_server, f'DROP {kind} IF EXISTS "{made}"')
+        await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{name}"')
+
+
+@pytest.mark.parametrize("held", ["a member", "a privilege in another database"])
+async def test_create_login_refuses_a_login_with_members_or_privileges(
+    sfdb_server: URL,
+    sfdb_direct_settings: DatabaseSettings,
+    admin: asyncpg.Connection,
+    tmp_path: Path,
+    held: str,
+) -> None:
+    """Before: a login that another role was a member of, or that held a privilege, was
+    taken over: its members would have inherited the app and directory roles. Now:
+    refused, naming them, unchanged."""
+    name = f"sfdb_holding_{secrets.token_hex(4)}"
+    other = f"{name}_member"
+    await admin_execute(sfdb_server, f'CREATE ROLE "{name}" LOGIN NOINHERIT')
+    try:
+        if held == "a member":
+            await admin_execute(sfdb_server, f'CREATE ROLE "{other}" IN ROLE "{name}"')
+            problem = f"has members ({other})"
+        else:  # the server's first database, not the one of the login
+            await admin_execute(sfdb_server, f'GRANT CREATE ON SCHEMA public TO "{name}"')
+            problem = f"holds privileges on objects in database {sfdb_server.database}"
+        before = await role_state(admin, name)
+        refused = create_login(
+            name,
+            secrets.token_urlsafe(24),
+            url=url_of(sfdb_direct_settings),
+            cwd=tmp_path,
+            env=owner_env(sfdb_direct_settings),
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stdout == ""
+        assert refused.stderr.strip().splitlines() == [
+            f"sfdb create-login: create login: role {name} exists and {problem}; "
+            "choose another name"
+        ]
+        assert await role_state(admin, name) == before
+    finally:
+        await admin_execute(sfdb_server, f'REVOKE ALL ON SCHEMA public FROM "{name}"')
+        await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{other}"')
+        await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{name}"')
+
+
+NOT_ASCII = {
+    "full-width letters": "\uff50\uff41\uff53\uff53\uff57\uff4f\uff52\uff44",
+    "no-break space": "correct\u00a0horse",
+    "soft hyphen": "correct\u00adhorse",
+    "accented letters": "p\u00e4ssw\u00f6rd-2026",
+}
+"""Passwords PostgreSQL would normalise (SASLprep) before hashing: the soft hyphen is
+dropped, the others become ASCII letters or a space."""
+
+
+@pytest.mark.parametrize("password", list(NOT_ASCII.values()), ids=list(NOT_ASCII))
+async def test_create_login_refuses_a_password_that_is_not_ascii(
+    sfdb_direct_settings: DatabaseSettings,
+    admin: asyncpg.Connection,
+    tmp_path: Path,
+    password: str,
+) -> None:
+    """Before: hashed as it was, giving a login that could never sign in. Now: refused, the
+    password never repeated, no role made."""
+    name = f"sfdb_unicode_{secrets.token_hex(4)}"
+    refused = create_login(
+        name,
+        password,
+        url=url_of(sfdb_direct_settings),
+        cwd=tmp_path,
+        env=owner_env(sfdb_direct_settings),
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == [
+        "sfdb create-login: password: must be ASCII (PostgreSQL normalises other characters "
+        "before hashing, so the login could never sign in); choose an ASCII password"
+    ]
+    assert not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+    with pytest.raises(ValidationError) as bad:
+        scram_verifier(password)
+    assert password not in str(bad.value)
+
+
+def test_scram_verifier_takes_every_printable_ascii_password() -> None:
+    password = "".join(chr(c) for c in range(0x20, 0x7F))
+    assert _scram_matches(scram_verifier(password), password)
 
 
 def test_create_login_takes_no_password_on_the_command_line(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ second database made on the same server (``throwaway_database``) has its own
 owner, app and directory roles, its own migrating login (``CREATEROLE``, as
 on a managed service) and its own runtime login. Neither login may connect
 here (``CONNECT`` is revoked from PUBLIC); let in by a superuser, neither
-reads anything, whatever role it becomes.
+reads anything, whatever role it becomes. ``sfdb create-login`` named after
+any of its roles refuses and changes nothing (its owner, say, would otherwise
+become a login with a password known here).
 
 A documented limitation on PostgreSQL 15 (README, "Threat model";
 ``xfail(strict=True)`` there, with its diagnosis): a login with ``CREATEROLE``
@@ -15,8 +17,9 @@ may take over any role that is not a superuser, the layer's included, so the
 other database's migrating login grants itself this database's roles.
 
 ``sfdb check`` (run as ``python -m slack_fathom_db.cli check``) fails, one line
-per problem, when ``DATABASE_URL`` is the migrating login, a superuser, or a
-login that may create temp tables, and passes for the runtime login.
+per problem, when ``DATABASE_URL`` is the migrating login, a superuser, a
+login that may create temp tables, inherits, or is a member of other roles
+(``pg_write_all_data``, another database's), and passes for the runtime login.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from tests.security.attackers import (
     fingerprint,
     names,
 )
-from tests.test_cli import sfdb
+from tests.test_cli import create_login, failed_lines, owner_env, role_state, sfdb, url_of
 
 # -- 5. another database on the same cluster -----------------------------------------------
 
@@ -149,6 +152,44 @@ async def _attempt(conn: asyncpg.Connection, move: str, attack: str) -> str:
     return "ran"
 
 
+async def test_create_login_refuses_another_databases_roles(
+    other: DatabaseSettings,
+    sfdb_direct_settings: DatabaseSettings,
+    admin: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    """Before: the other database's owner (NOLOGIN, a member of nothing) passed, and became a
+    login with the password given here. Now: each of its roles and logins is refused, with
+    the reason, and left exactly as it was."""
+    theirs = other.roles
+    logins = logins_of(other)
+    group = "cannot log in (a group role)"
+    refusals = {
+        theirs.owner: group,
+        theirs.app: group,
+        theirs.directory: group,
+        logins["migrator"].username: "is a superuser, bypasses row-level security or may "
+        "create roles or databases",
+        logins["runtime"].username: f"is a member of other roles ({theirs.app}, "
+        f"{theirs.directory})",
+    }
+    for name, reason in refusals.items():
+        assert name is not None
+        before = await role_state(admin, name)
+        refused = create_login(
+            name,
+            "known-to-the-attacker",
+            url=url_of(sfdb_direct_settings),
+            cwd=tmp_path,
+            env=owner_env(sfdb_direct_settings),
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert refused.stderr.strip().splitlines() == [
+            f"sfdb create-login: create login: role {name} exists and {reason}; choose another name"
+        ]
+        assert await role_state(admin, name) == before, name
+
+
 TAKE_THIS_DATABASES_ROLES: Final = (
     "A DOCUMENTED LIMITATION (README, 'Threat model'): on PostgreSQL 15 a login with "
     "CREATEROLE may take over any role that is not a superuser, the layer's included: give "
@@ -221,11 +262,6 @@ async def test_another_databases_migrator_cannot_take_this_databases_roles(
 # -- 6. sfdb check -------------------------------------------------------------------------
 
 
-def failed_lines(stdout: str) -> list[str]:
-    """The lines of ``sfdb check`` that report a problem."""
-    return [line for line in stdout.splitlines() if line.startswith("FAIL")]
-
-
 async def test_check_fails_for_the_migrating_login(
     sfdb_direct_settings: DatabaseSettings, tmp_path: Path
 ) -> None:
@@ -237,6 +273,8 @@ async def test_check_fails_for_the_migrating_login(
     roles = sfdb_direct_settings.roles
     assert failed_lines(done.stdout) == [
         f"FAIL  runtime login cannot create roles  {login}",
+        f"FAIL  runtime login is a member of no other role  {roles.owner}",
+        f"FAIL  runtime login is NOINHERIT  {login}",
         f"FAIL  runtime login owns nothing  {login}",
         f"FAIL  runtime login is not the owner  {login}",
         f"FAIL  no runtime role can create temp tables  {login}",
@@ -258,6 +296,7 @@ async def test_check_fails_for_a_superuser(
         f"FAIL  runtime login does not bypass row-level security  {login}",
         f"FAIL  runtime login cannot create roles  {login}",
         f"FAIL  runtime login cannot create databases  {login}",
+        f"FAIL  runtime login is NOINHERIT  {login}",
         f"FAIL  runtime login owns nothing  {login}",
         f"FAIL  runtime login is not the owner  {login}",
         f"FAIL  no runtime role can create temp tables  {login}",
@@ -292,6 +331,37 @@ async def test_check_fails_for_a_login_that_may_create_temp_tables(
 
 
 MAY_BECOME: Final = ("login", "app", "directory")
+
+
+async def test_check_fails_for_a_login_that_inherits_or_is_a_member_of_other_roles(
+    sfdb_server: URL,
+    other: DatabaseSettings,
+    sfdb_direct_settings: DatabaseSettings,
+    tmp_path: Path,
+) -> None:
+    """Before: a runtime login that a superuser made INHERIT, and a member of
+    pg_read_all_data, pg_write_all_data and another database's roles, passed every line.
+    Now: one line for the roles it should not be a member of, one for INHERIT."""
+    login = sfdb_direct_settings.sqlalchemy_url().username
+    extra = ["pg_read_all_data", "pg_write_all_data", other.roles.owner, other.roles.app]
+    granted = ", ".join(f'"{role}"' for role in extra)
+    # From the server's first database: on Citus, a GRANT made in the suite's one would be
+    # sent to the worker, which does not know the other database's roles.
+    superuser = await asyncpg.connect(dsn(sfdb_server), timeout=CONNECT_TIMEOUT)
+    try:
+        await superuser.execute(f'GRANT {granted} TO "{login}"')
+        await superuser.execute(f'ALTER ROLE "{login}" INHERIT')
+        url = sfdb_direct_settings.sqlalchemy_url().render_as_string(hide_password=False)
+        done = sfdb("check", url=url, cwd=tmp_path)
+    finally:
+        await superuser.execute(f'ALTER ROLE "{login}" NOINHERIT')
+        await superuser.execute(f'REVOKE {granted} FROM "{login}"')
+        await superuser.close(timeout=CONNECT_TIMEOUT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert failed_lines(done.stdout) == [
+        f"FAIL  runtime login is a member of no other role  {', '.join(sorted(extra))}",
+        f"FAIL  runtime login is NOINHERIT  {login}",
+    ]
 
 
 def test_check_passes_for_the_runtime_login(
