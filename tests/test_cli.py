@@ -507,27 +507,50 @@ async def test_create_login_refuses_the_name_of_a_superuser(
             await admin.close()
 
 
-@pytest.mark.parametrize("owned", ["a schema in another database", "a database"])
-async def test_create_login_refuses_a_login_that_owns_something_on_the_cluster(
+UNFIT_LOGINS = {
+    "owns a schema in another database": (
+        'CREATE SCHEMA "{name}_thing" AUTHORIZATION "{name}"',
+        'DROP SCHEMA IF EXISTS "{name}_thing"',
+        "owns objects in database {server_database}",
+    ),
+    "owns a database": (
+        'CREATE DATABASE "{name}_thing" OWNER "{name}"',
+        'DROP DATABASE IF EXISTS "{name}_thing"',
+        "owns database {name}_thing",
+    ),
+    "has a member": (
+        'CREATE ROLE "{name}_member" IN ROLE "{name}"',
+        'DROP ROLE IF EXISTS "{name}_member"',
+        "has members ({name}_member)",
+    ),
+    "holds a privilege in another database": (
+        'GRANT CREATE ON SCHEMA public TO "{name}"',
+        'REVOKE ALL ON SCHEMA public FROM "{name}"',
+        "holds privileges on objects in database {server_database}",
+    ),
+}
+"""How an existing login is unfit, made and undone as the superuser in the server's first
+database (not the one of the login), and the reason create-login gives."""
+
+
+@pytest.mark.parametrize("case", UNFIT_LOGINS.values(), ids=UNFIT_LOGINS.keys())
+async def test_create_login_refuses_a_login_that_owns_or_holds_something_on_the_cluster(
     sfdb_server: URL,
     sfdb_direct_settings: DatabaseSettings,
     admin: asyncpg.Connection,
     tmp_path: Path,
-    owned: str,
+    case: tuple[str, str, str],
 ) -> None:
     """Before: a login, a member of nothing, that owned a schema of another database or a
-    database was taken over with a new password. Now: refused, naming what it owns, unchanged."""
-    name = f"sfdb_owning_{secrets.token_hex(4)}"
-    made = f"{name}_thing"
-    kind = "SCHEMA" if owned.startswith("a schema") else "DATABASE"
+    database, had members (who would inherit the app and directory roles) or held a
+    privilege was taken over with a new password. Now: refused, naming why, unchanged."""
+    name = f"sfdb_unfit_{secrets.token_hex(4)}"
+    make, undo, reason = (
+        part.format(name=name, server_database=sfdb_server.database) for part in case
+    )
     await admin_execute(sfdb_server, f'CREATE ROLE "{name}" LOGIN NOINHERIT')
     try:
-        if kind == "SCHEMA":  # in the server's first database, not the one of the login
-            await admin_execute(sfdb_server, f'CREATE SCHEMA "{made}" AUTHORIZATION "{name}"')
-            what = f"objects in database {sfdb_server.database}"
-        else:
-            await admin_execute(sfdb_server, f'CREATE DATABASE "{made}" OWNER "{name}"')
-            what = f"database {made}"
+        await admin_execute(sfdb_server, make)
         before = await role_state(admin, name)
         refused = create_login(
             name,
@@ -539,54 +562,11 @@ async def test_create_login_refuses_a_login_that_owns_something_on_the_cluster(
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert refused.stdout == ""
         assert refused.stderr.strip().splitlines() == [
-            f"sfdb create-login: create login: role {name} exists and owns {what}; "
-            "choose another name"
+            f"sfdb create-login: create login: role {name} exists and {reason}; choose another name"
         ]
         assert await role_state(admin, name) == before
     finally:
-        await admin_execute(sfdb_server, f'DROP {kind} IF EXISTS "{made}"')
-        await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{name}"')
-
-
-@pytest.mark.parametrize("held", ["a member", "a privilege in another database"])
-async def test_create_login_refuses_a_login_with_members_or_privileges(
-    sfdb_server: URL,
-    sfdb_direct_settings: DatabaseSettings,
-    admin: asyncpg.Connection,
-    tmp_path: Path,
-    held: str,
-) -> None:
-    """Before: a login that another role was a member of, or that held a privilege, was
-    taken over: its members would have inherited the app and directory roles. Now:
-    refused, naming them, unchanged."""
-    name = f"sfdb_holding_{secrets.token_hex(4)}"
-    other = f"{name}_member"
-    await admin_execute(sfdb_server, f'CREATE ROLE "{name}" LOGIN NOINHERIT')
-    try:
-        if held == "a member":
-            await admin_execute(sfdb_server, f'CREATE ROLE "{other}" IN ROLE "{name}"')
-            problem = f"has members ({other})"
-        else:  # the server's first database, not the one of the login
-            await admin_execute(sfdb_server, f'GRANT CREATE ON SCHEMA public TO "{name}"')
-            problem = f"holds privileges on objects in database {sfdb_server.database}"
-        before = await role_state(admin, name)
-        refused = create_login(
-            name,
-            secrets.token_urlsafe(24),
-            url=url_of(sfdb_direct_settings),
-            cwd=tmp_path,
-            env=owner_env(sfdb_direct_settings),
-        )
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        assert refused.stdout == ""
-        assert refused.stderr.strip().splitlines() == [
-            f"sfdb create-login: create login: role {name} exists and {problem}; "
-            "choose another name"
-        ]
-        assert await role_state(admin, name) == before
-    finally:
-        await admin_execute(sfdb_server, f'REVOKE ALL ON SCHEMA public FROM "{name}"')
-        await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{other}"')
+        await admin_execute(sfdb_server, undo)
         await admin_execute(sfdb_server, f'DROP ROLE IF EXISTS "{name}"')
 
 

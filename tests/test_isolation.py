@@ -45,7 +45,7 @@ from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, 
 from slack_fathom_db.tenancy import outside_opener
 from slack_fathom_db.testing import engine_of, execute_in
 from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import fetch_row, on_citus
+from tests.helpers import fetch_row, on_citus, sqlstate_of
 
 # -- snapshots ---------------------------------------------------------------------------
 
@@ -81,19 +81,6 @@ def bound(sql: str, **values: object) -> TextClause:
     return text(sql).bindparams(
         **{name: value for name, value in values.items() if re.search(rf":{name}\b", sql)}
     )
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE somewhere in the cause chain of ``exc`` (SQLAlchemy or asyncpg)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if isinstance(code, str):
-            return code
-        current = getattr(current, "orig", None) or current.__cause__
-    return None
 
 
 def assert_refused_by_database(exc: BaseException) -> None:

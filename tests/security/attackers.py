@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, ResourceClosedError
 
 from slack_fathom_db.testing import execute_in
 from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import sqlstate_of
 
 if TYPE_CHECKING:
     import uuid
@@ -108,19 +109,6 @@ async def attacker(url: URL) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close(timeout=CONNECT_TIMEOUT)
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE somewhere along the causes of ``exc`` (SQLAlchemy or asyncpg)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if isinstance(code, str):
-            return code
-        current = getattr(current, "orig", None) or current.__cause__
-    return None
 
 
 @dataclass(frozen=True)
