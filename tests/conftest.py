@@ -7,6 +7,7 @@ tenants of its own with unique Slack team ids instead of relying on rollback.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -97,6 +98,18 @@ def superuser_dsn(server: URL, settings: DatabaseSettings) -> str:
     return server.set(drivername="postgresql", database=database).render_as_string(False)
 
 
+@contextlib.asynccontextmanager
+async def superuser_connection(
+    server: URL, settings: DatabaseSettings
+) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection as the suite's superuser on the database of ``settings``."""
+    conn = await asyncpg.connect(superuser_dsn(server, settings))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 @pytest_asyncio.fixture
 async def admin(
     sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
@@ -106,11 +119,8 @@ async def admin(
     Straight to the server, also in the PgBouncer pass. The layer itself runs as
     the runtime login of the test database (see ``slack_fathom_db.testing``).
     """
-    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
-    try:
+    async with superuser_connection(sfdb_server, sfdb_direct_settings) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest_asyncio.fixture

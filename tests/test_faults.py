@@ -48,7 +48,7 @@ from slack_fathom_db.testing import (
     local_cluster_control,
     throwaway_database,
 )
-from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
+from tests.conftest import superuser_connection, superuser_dsn, unique_team_id, unique_user_id
 from tests.helpers import (
     checked_out,
     fetch_row,
@@ -141,11 +141,8 @@ async def observer(
     sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
 ) -> AsyncIterator[asyncpg.Connection]:
     """A second superuser connection, to watch pg_stat_activity while ``admin`` holds locks."""
-    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
-    try:
+    async with superuser_connection(sfdb_server, sfdb_direct_settings) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest_asyncio.fixture
@@ -153,11 +150,8 @@ async def locker(
     sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
 ) -> AsyncIterator[asyncpg.Connection]:
     """A second superuser connection, to hold a lock while ``admin`` watches and kills."""
-    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
-    try:
+    async with superuser_connection(sfdb_server, sfdb_direct_settings) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -26,7 +26,7 @@ import pytest_asyncio
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings
-from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
+from tests.conftest import superuser_connection, unique_team_id, unique_user_id
 from tests.helpers import on_citus, reported_constraint
 
 TABLES = frozenset(
@@ -259,11 +259,8 @@ async def seed_tenant(conn: asyncpg.Connection, name: str) -> Seeded:
 @pytest_asyncio.fixture(scope="module")
 async def seeded(sfdb_server: URL, sfdb_direct_settings: DatabaseSettings) -> tuple[Seeded, Seeded]:
     """Two tenants, A and B, each with a committed row in every tenant-owned table."""
-    conn = await asyncpg.connect(superuser_dsn(sfdb_server, sfdb_direct_settings))
-    try:
+    async with superuser_connection(sfdb_server, sfdb_direct_settings) as conn:
         return await seed_tenant(conn, "Tenant A"), await seed_tenant(conn, "Tenant B")
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
