@@ -19,7 +19,6 @@ opens a fresh one next time.
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
@@ -34,13 +33,9 @@ from slack_fathom_db.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from sqlalchemy.engine import Result
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
     from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
-    from sqlalchemy.sql import Executable
 
 SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
 """Every transaction's search path: pg_temp last, so no temp object shadows anything."""
@@ -68,17 +63,12 @@ DRIVER_ERRORS = (
 )
 
 
-@asynccontextmanager
-async def connect(engine: AsyncEngine, *, action: str) -> AsyncIterator[AsyncConnection]:
-    """A pooled connection for the block, with errors of getting one translated."""
+async def connect(engine: AsyncEngine, *, action: str) -> AsyncConnection:
+    """A pooled connection, with errors of getting one translated; the caller closes it."""
     try:
-        conn = await engine.connect()
+        return await engine.connect()
     except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
         raise translate(exc, action=action) from exc
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def connection_lost(error: SlackFathomDBError, driver: asyncpg.Connection | None) -> bool:
@@ -104,87 +94,19 @@ async def discard(
     if conn.invalidated:
         return
     if driver is None:
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
+        driver = (await conn.get_raw_connection()).driver_connection
     if driver is not None:
         driver.terminate()
     await conn.invalidate(cause)
 
 
-async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
+async def driver_of(conn: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a pooled connection."""
     raw = await conn.get_raw_connection()
     driver: asyncpg.Connection | None = raw.driver_connection
-    assert driver is not None  # noqa: S101 - a pooled connection always has its driver
+    if driver is None:  # a pooled connection always has its driver
+        raise DatabaseUnavailable("the pooled connection has no driver connection")
     return driver
-
-
-async def send(
-    conn: AsyncConnection, sql: str, *, action: str, driver: asyncpg.Connection | None = None
-) -> str:
-    """Send ``sql`` (one or several statements, no parameters) in one simple-protocol message.
-
-    Returns the command tag of the last statement (``COMMIT``, or ``ROLLBACK``
-    when PostgreSQL answers a ``COMMIT`` of an aborted transaction). A
-    connection-level failure discards the connection so the pool opens a
-    fresh one next time; every failure is translated.
-    """
-    if driver is None:  # the caller may pass the one it holds: this costs a greenlet switch
-        driver = await _driver(conn)
-    try:
-        return await driver.execute(sql)
-    except DRIVER_ERRORS as exc:
-        error = translate(exc, action=action)
-        if connection_lost(error, driver):
-            await discard(conn, exc, driver=driver)
-        raise error from exc
-
-
-async def execute_outside_tenant(
-    conn: AsyncConnection, statement: Executable, *, opener: str | None, action: str
-) -> Result[Any]:
-    """Run one statement outside any tenant transaction (autocommit), errors translated.
-
-    With an ``opener`` (behind PgBouncer in transaction mode) the statement is
-    wrapped in a transaction it opens and ``COMMIT``: the driver prepares and
-    executes in two exchanges, which must reach the same server connection,
-    and the role and search path come from the opener, not from a session
-    that PgBouncer may have given to somebody else.
-    """
-    if opener:
-        await send(conn, opener, action=action)
-    try:
-        result = await conn.execute(statement)
-    except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
-        error = translate(exc, action=action)
-        if connection_lost(error, None):
-            await discard(conn, exc)
-        elif opener and not conn.invalidated:
-            await send(conn, "ROLLBACK", action=action)
-        raise error from exc
-    if opener:
-        await send(conn, "COMMIT", action=action)
-    return result
-
-
-async def fetchrow_outside_tenant(
-    conn: AsyncConnection, sql: str, *args: Any, opener: str | None, action: str
-) -> Any:
-    """Like :func:`execute_outside_tenant`, for SQL run on the driver: the first row or None."""
-    driver = await _driver(conn)
-    if opener:
-        await send(conn, opener, action=action, driver=driver)
-    try:
-        row = await driver.fetchrow(sql, *args)
-    except DRIVER_ERRORS as exc:
-        error = translate(exc, action=action)
-        if connection_lost(error, driver):
-            await discard(conn, exc, driver=driver)
-        elif opener:
-            await send(conn, "ROLLBACK", action=action, driver=driver)
-        raise error from exc
-    if opener:
-        await send(conn, "COMMIT", action=action, driver=driver)
-    return row
 
 
 def install_pool_guards(engine: AsyncEngine) -> None:

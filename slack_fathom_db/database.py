@@ -12,23 +12,17 @@ import logging
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
-from sqlalchemy import event, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import (
-    DRIVER_ERRORS,
-    connect,
-    execute_outside_tenant,
-    fetchrow_outside_tenant,
-    install_pool_guards,
-)
+from slack_fathom_db.connections import install_pool_guards
 from slack_fathom_db.errors import SlackFathomDBError
-from slack_fathom_db.repositories.audit import audit_values
+from slack_fathom_db.models.base import utcnow
+from slack_fathom_db.repositories.audit import EventFields, audit_values
 from slack_fathom_db.repositories.rate_limits import (
     RateLimitDecision,
     window,
@@ -36,6 +30,7 @@ from slack_fathom_db.repositories.rate_limits import (
     window_decision,
 )
 from slack_fathom_db.retries import retry_conflicts
+from slack_fathom_db.runner import Runner, outside_tenant
 from slack_fathom_db.settings import DatabaseSettings
 from slack_fathom_db.tenancy import (
     TenantDirectory,
@@ -46,20 +41,33 @@ from slack_fathom_db.tenancy import (
 from slack_fathom_db.uow import UnitOfWork
 
 if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
     import asyncpg
 
-    from slack_fathom_db.models import AuditLog
-from slack_fathom_db.models.base import utcnow
+    from slack_fathom_db.records import AuditLog
 
-__all__ = ["Database", "DatabaseInfo"]
+__all__ = ["Database", "DatabaseInfo", "PoolStats"]
 
 APPLICATION_NAME = "slack_fathom_db"
 _log = logging.getLogger(__name__)
 # ``SELECT f(...)`` (not ``SELECT … FROM f(...)``): the form Citus runs whole on the
 # node of the tenant once the function is distributed (sfdb distribute).
 _CONSUME_SQL = "SELECT sfdb_consume_rate_limit($1, $2, $3, $4, $5, $6, $7)"
+_INFO_SQL = (
+    "SELECT current_setting('server_version') AS version, "
+    "current_database() AS database, session_user AS user"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The connection pool's figures at one moment."""
+
+    size: int
+    checked_out: int
+    overflow: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,15 +108,17 @@ class Database:
             self._engine = self._build_engine()
         return self._engine
 
-    @property
-    def _opener(self) -> str | None:
-        return outside_opener(self.settings)
+    def _outside(self, action: str) -> AbstractAsyncContextManager[Runner]:
+        """A runner for one statement outside any tenant (as the directory role)."""
+        return outside_tenant(
+            self._pool(), self.settings, begin=outside_opener(self.settings), action=action
+        )
 
     @property
     def directory(self) -> TenantDirectory:
-        """Slack workspaces ↔ tenants: ``install`` and ``resolve``."""
+        """Slack workspaces ↔ tenants: ``install``, ``resolve`` and ``uninstall``."""
         if self._directory is None:
-            self._directory = TenantDirectory(self._pool(), opener=self._opener)
+            self._directory = TenantDirectory(self._pool(), self.settings)
         return self._directory
 
     def unit_of_work(
@@ -136,6 +146,7 @@ class Database:
         """
         charge = window_charge(resource_type, limit=limit, period=period, cost=cost)
         tenant = validation.uuid_value(tenant_id, field="tenant_id")
+        timeout = self.settings.statement_timeout_ms
 
         async def attempt() -> RateLimitDecision:
             # One statement in autocommit (sfdb_consume_rate_limit, migration 0002): it
@@ -143,20 +154,9 @@ class Database:
             # lasts as long as the statement, not a client round trip.
             now = utcnow()
             start, end = window(charge.period, now)
-            async with connect(self._pool(), action="rate limit") as conn:
-                row = await fetchrow_outside_tenant(
-                    conn,
-                    _CONSUME_SQL,
-                    tenant,
-                    charge.resource_type,
-                    charge.period,
-                    start,
-                    charge.cost,
-                    charge.limit,
-                    self.settings.statement_timeout_ms,
-                    opener=self._opener,
-                    action="rate limit",
-                )
+            arguments = (tenant, *charge.key, start, charge.cost, charge.limit, timeout)
+            async with self._outside("rate limit") as runner:
+                (row,) = await runner.fetch(_CONSUME_SQL, arguments, action="rate limit")
             granted, prior = row[0]
             if granted is not None:
                 return window_decision(charge, spent=granted, allowed=True, now=now, end=end)
@@ -165,79 +165,56 @@ class Database:
         return await retry_conflicts(attempt)
 
     async def log_security_event(
-        self,
-        tenant_id: TenantId,
-        *,
-        event_type: str,
-        event_category: str,
-        action_description: str,
-        status: str = "denied",
-        user_id: uuid.UUID | None = None,
-        resource_type: str | None = None,
-        resource_id: uuid.UUID | str | None = None,
-        ip_address: str | None = None,
-        user_agent: str | None = None,
-        metadata: dict[str, Any] | None = None,
+        self, tenant_id: TenantId, **event: Unpack[EventFields]
     ) -> AuditLog:
         """Write an audit event in its own short transaction, so it survives a rollback.
 
-        Same fields as ``AuditRepo.log_event``; for denials (a cross-tenant
-        attempt, a rate-limit refusal) that must be kept even when the caller's
-        unit of work rolls back.
+        The fields of ``AuditRepo.log_event``, with ``status`` ``denied`` unless
+        given; for denials (a cross-tenant attempt, a rate-limit refusal) that
+        must be kept even when the caller's unit of work rolls back.
         """
-        event = audit_values(
-            event_type=event_type,
-            event_category=event_category,
-            action_description=action_description,
-            status=status,
-            user_id=user_id,
-            resource_type=resource_type,
-            resource_id=resource_id,
-            ip_address=ip_address,
-            user_agent=user_agent,
-            metadata=metadata,
-            max_json_bytes=self.settings.max_json_bytes,
-        )  # validated before a connection is taken
+        event.setdefault("status", "denied")
+        audit_values(event, max_json_bytes=self.settings.max_json_bytes)  # before connecting
         async with self.unit_of_work(tenant_id) as uow:
-            logged = await uow.audit._insert_event(event)
+            logged = await uow.audit.log_event(**event)
             await uow.commit()
         return logged
 
     async def check_connection(self) -> bool:
         """``True`` if a connection can be had and answers ``SELECT 1``."""
         try:
-            async with connect(self._pool(), action="check connection") as conn:
-                await execute_outside_tenant(
-                    conn, text("SELECT 1"), opener=self._opener, action="check"
-                )
-        except (SlackFathomDBError, SQLAlchemyError, *DRIVER_ERRORS):
+            async with self._outside("check connection") as runner:
+                await runner.fetch("SELECT 1", (), action="check connection")
+        except SlackFathomDBError:
             return False
         return True
 
     async def info(self) -> DatabaseInfo:
         """Server version, database, user and pool figures; the URL with its password masked."""
-        statement = text(
-            "SELECT current_setting('server_version') AS version, "
-            "current_database() AS database, session_user AS user"
-        )
-        async with connect(self._pool(), action="read database info") as conn:
-            result = await execute_outside_tenant(
-                conn, statement, opener=self._opener, action="read database info"
-            )
-            row = result.one()
-        pool = self._pool().pool
-        checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
-        overflow = max(0, pool.overflow()) if isinstance(pool, QueuePool) else 0
+        async with self._outside("read database info") as runner:
+            (row,) = await runner.fetch(_INFO_SQL, (), action="read database info")
+        pool = self.pool_stats()
         return DatabaseInfo(
             url=self.settings.masked_url or "",
-            server_version=row.version,
-            database=row.database,
-            user=row.user,
+            server_version=row["version"],
+            database=row["database"],
+            user=row["user"],
             app_role=self.settings.roles.app,
-            pool_size=self.settings.pool_size,
-            checked_out=checked_out,
-            overflow=overflow,
+            pool_size=pool.size,
+            checked_out=pool.checked_out,
+            overflow=pool.overflow,
             pgbouncer=self.settings.pgbouncer,
+        )
+
+    def pool_stats(self) -> PoolStats:
+        """The pool's figures now: size, connections checked out, overflow in use."""
+        pool = None if self._engine is None else self._engine.pool
+        if not isinstance(pool, QueuePool):
+            return PoolStats(size=self.settings.pool_size, checked_out=0, overflow=0)
+        return PoolStats(
+            size=self.settings.pool_size,
+            checked_out=pool.checkedout(),
+            overflow=max(0, pool.overflow()),
         )
 
     async def dispose(self) -> None:
@@ -297,7 +274,6 @@ class Database:
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout,
             pool_recycle=settings.pool_recycle,
-            echo=settings.echo,
             hide_parameters=True,
             isolation_level="AUTOCOMMIT",
             connect_args=connect_args,

@@ -9,7 +9,6 @@ message names the rule (a constraint, a column, an SQLSTATE), never a value.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Final
 
@@ -97,19 +96,53 @@ class StatementTimeout(DatabaseUnavailable):
     """A statement ran past ``DATABASE_STATEMENT_TIMEOUT_MS`` and the server cancelled it."""
 
 
-# SQLSTATE classes and codes, as PostgreSQL documents them (Appendix A).
-_UNIQUE_VIOLATION: Final = "23505"
-_FOREIGN_KEY_VIOLATION: Final = "23503"
-_CHECK_VIOLATION: Final = "23514"
-_NOT_NULL_VIOLATION: Final = "23502"
-_EXCLUSION_VIOLATION: Final = "23P01"
-_INSUFFICIENT_PRIVILEGE: Final = "42501"
-_SERIALIZATION_FAILURE: Final = "40001"
-_DEADLOCK_DETECTED: Final = "40P01"
-_QUERY_CANCELED: Final = "57014"
-_LOCK_NOT_AVAILABLE: Final = "55P03"
-_UNKNOWN_DATABASE: Final = "3D000"
-_TENANT_MISSING: Final = "P0002"  # raised by sfdb_require_tenant() in the migrations
+# What a database error becomes, by SQLSTATE (PostgreSQL's Appendix A), then by its
+# class (the first two characters). Each message follows "<action>: "; {where} names the
+# constraint when there is one, {code} is the SQLSTATE. Never a parameter value.
+_BY_SQLSTATE: Final[dict[str, tuple[type[SlackFathomDBError], str]]] = {
+    "23505": (Conflict, "a live row with the same key already exists{where}"),
+    "23P01": (Conflict, "a live row with the same key already exists{where}"),
+    "23503": (NotFound, "a referenced row does not exist in this tenant{where}"),
+    "23514": (ValidationError, "the database rejected a value{where} [{code}]"),
+    "23502": (ValidationError, "the database rejected a value{where} [{code}]"),
+    "22": (ValidationError, "the database rejected a value{where} [{code}]"),
+    "42501": (
+        TenantIsolationError,
+        "the database refused the statement: row-level security, or a privilege the role "
+        "in effect does not hold{where}",
+    ),
+    "40001": (SerializationConflict, "a concurrent transaction won [{code}]; retry"),
+    "40P01": (SerializationConflict, "a concurrent transaction won [{code}]; retry"),
+    "P0002": (TenantNotFound, "the tenant is unknown or soft-deleted"),  # sfdb_require_tenant()
+    "28": (
+        DatabaseUnavailable,
+        "the server refused the login (check the user, password and database of "
+        "DATABASE_URL) [{code}]",
+    ),
+    "3D000": (
+        DatabaseUnavailable,
+        "the server refused the login (check the user, password and database of "
+        "DATABASE_URL) [{code}]",
+    ),
+    "53": (DatabaseUnavailable, "the server is out of resources (too many connections?) [{code}]"),
+    "55P03": (StatementTimeout, "waited too long for a row lock (lock timeout) [{code}]"),
+    "57014": (StatementTimeout, "the statement was cancelled (statement timeout) [{code}]"),
+    "08": (DatabaseUnavailable, "the database is unreachable [{code}]"),
+    "57P": (DatabaseUnavailable, "the database is unreachable [{code}]"),
+}
+_CITUS_LOGIN_REFUSED: Final = (
+    "a Citus worker refused a login of the role the coordinator connects as (after SET "
+    "LOCAL ROLE, the app role): it must be able to log in on every node (sfdb distribute "
+    "grants LOGIN; pg_hba.conf must admit it)"
+)
+_CLIENT_TIMEOUT: Final = (
+    "the database did not answer in time (client-side bound: DATABASE_CONNECT_TIMEOUT to "
+    "connect, the statement timeout plus a margin for a statement)"
+)
+_POOL_EXHAUSTED: Final = (
+    "the connection pool is exhausted (no connection became free within "
+    "DATABASE_POOL_TIMEOUT); raise DATABASE_POOL_SIZE or shorten units of work"
+)
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -149,20 +182,17 @@ _SHARD_SUFFIX: Final = re.compile(r"_[0-9]{6,}$")
 def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
-    if isinstance(
-        exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)
-    ):
-        return True
-    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
-        return True
-    code = _sqlstate(exc)
-    if code is not None and code.startswith(("08", "57P")):
-        return True
+    lost = (
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+    )
     orig = getattr(exc, "orig", None)
-    cause = exc.__cause__
     return any(
-        isinstance(inner, (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError))
-        for inner in (orig, cause, getattr(orig, "__cause__", None))
+        isinstance(inner, lost)
+        for inner in (exc, orig, exc.__cause__, getattr(orig, "__cause__", None))
     )
 
 
@@ -175,55 +205,19 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
     if isinstance(exc, SlackFathomDBError):
         return exc
     if isinstance(exc, sa_exc.TimeoutError):
-        return PoolExhausted(
-            f"{action}: the connection pool is exhausted (no connection became free "
-            "within DATABASE_POOL_TIMEOUT); raise DATABASE_POOL_SIZE or shorten units of work"
-        )
+        return PoolExhausted(f"{action}: {_POOL_EXHAUSTED}")
     code = _sqlstate(exc)
-    rule = _constraint(exc)
-    where = f" ({rule})" if rule else ""
-    if code in (_UNIQUE_VIOLATION, _EXCLUSION_VIOLATION):
-        return Conflict(f"{action}: a live row with the same key already exists{where}")
-    if code == _FOREIGN_KEY_VIOLATION:
-        return NotFound(f"{action}: a referenced row does not exist in this tenant{where}")
-    if code in (_CHECK_VIOLATION, _NOT_NULL_VIOLATION) or (code or "").startswith("22"):
-        return ValidationError(f"{action}: the database rejected a value{where} [{code}]")
-    if code == _INSUFFICIENT_PRIVILEGE:
-        return TenantIsolationError(
-            f"{action}: the database refused the statement: row-level security, or a "
-            f"privilege the role in effect does not hold{where}"
-        )
-    if code in (_SERIALIZATION_FAILURE, _DEADLOCK_DETECTED):
-        return SerializationConflict(f"{action}: a concurrent transaction won [{code}]; retry")
-    if code == _TENANT_MISSING:
-        return TenantNotFound(f"{action}: the tenant is unknown or soft-deleted")
-    if code is not None and (code.startswith("28") or code == _UNKNOWN_DATABASE):
-        return DatabaseUnavailable(
-            f"{action}: the server refused the login (check the user, password and database "
-            f"of DATABASE_URL) [{code}]"
-        )
-    if code is not None and code.startswith("53"):  # insufficient resources
-        return DatabaseUnavailable(
-            f"{action}: the server is out of resources (too many connections?) [{code}]"
-        )
-    if code == _LOCK_NOT_AVAILABLE:
-        return StatementTimeout(f"{action}: waited too long for a row lock (lock timeout) [{code}]")
-    if code == _QUERY_CANCELED:
-        return StatementTimeout(
-            f"{action}: the statement was cancelled (statement timeout) [{code}]"
-        )
+    if code is not None:
+        entry = _BY_SQLSTATE.get(code) or _BY_SQLSTATE.get(code[:3]) or _BY_SQLSTATE.get(code[:2])
+        if entry is not None:
+            error_class, message = entry
+            rule = _constraint(exc)
+            where = f" ({rule})" if rule else ""
+            return error_class(f"{action}: " + message.format(where=where, code=code))
     if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
-        return ConfigurationError(
-            f"{action}: a Citus worker refused a login of the role the coordinator connects "
-            "as (after SET LOCAL ROLE, the app role): it must be able to log in on every "
-            "node (sfdb distribute grants LOGIN; pg_hba.conf must admit it)"
-        )
+        return ConfigurationError(f"{action}: {_CITUS_LOGIN_REFUSED}")
     if isinstance(exc, TimeoutError):
-        return DatabaseUnavailable(
-            f"{action}: the database did not answer in time (client-side bound: "
-            "DATABASE_CONNECT_TIMEOUT to connect, the statement timeout plus a margin "
-            "for a statement)"
-        )
+        return DatabaseUnavailable(f"{action}: {_CLIENT_TIMEOUT}")
     if _is_connection_error(exc):
         return DatabaseUnavailable(f"{action}: the database is unreachable ({type(exc).__name__})")
     return SlackFathomDBError(f"{action}: unexpected database error [{code or type(exc).__name__}]")

@@ -8,6 +8,7 @@ show it masked (``postgresql+asyncpg://user:***@host/db``).
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Final, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -112,7 +113,17 @@ class DatabaseSettings(BaseSettings):
     max_overflow: Annotated[int, Field(ge=0, le=1000)] = 10
     pool_timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
     pool_recycle: Annotated[int, Field(ge=-1)] = 3600
-    echo: bool = False
+    echo: bool = Field(
+        default=False, description="Log the SQL of every statement (never its parameters)."
+    )
+    slow_statement_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
+        default=1000,
+        description="Log a warning for every statement that takes this long (0: never).",
+    )
+    trace_tenant: bool = Field(
+        default=False,
+        description="Put the tenant id on the unit of work's tracing span (OpenTelemetry).",
+    )
     pgbouncer: bool = Field(
         default=False,
         description="Transaction pooling in front: no prepared-statement cache.",
@@ -196,7 +207,7 @@ class DatabaseSettings(BaseSettings):
             raise ValueError("must be a lower-case identifier ([a-z_][a-z0-9_]*, 63 at most)")
         return value
 
-    @property
+    @cached_property
     def roles(self) -> LayerRoles:
         """The names of the owner, app and directory roles of this database."""
         # The migration URL names the real database; the runtime URL may name an alias

@@ -26,17 +26,14 @@ import uuid
 from typing import TYPE_CHECKING, Final, NewType
 
 from slack_fathom_db import validation
-from slack_fathom_db.connections import (
-    BEGIN,
-    SEARCH_PATH,
-    connect,
-    fetchrow_outside_tenant,
-)
+from slack_fathom_db.connections import BEGIN, SEARCH_PATH
 from slack_fathom_db.models.tenants import PLAN_TIERS
+from slack_fathom_db.runner import outside_tenant
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from slack_fathom_db.runner import Runner
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = [
@@ -61,9 +58,7 @@ def tenant_id_from_trusted(value: uuid.UUID) -> TenantId:
 def transaction_preamble(
     tenant_id: uuid.UUID,
     *,
-    role: str,
-    statement_timeout_ms: int,
-    idle_timeout_ms: int,
+    settings: DatabaseSettings,
     check_tenant: bool,
     citus: bool = False,
 ) -> tuple[str, ...]:
@@ -76,9 +71,9 @@ def transaction_preamble(
     if not isinstance(tenant_id, uuid.UUID):  # a str would be injected verbatim
         raise TypeError("tenant_id must be a uuid.UUID")
     tenant_id = validation.canonical_uuid(tenant_id)  # a subclass's __str__ is never used
-    settings = "; ".join(
+    local = "; ".join(
         [
-            f'SET LOCAL ROLE "{role}"',
+            f'SET LOCAL ROLE "{settings.roles.app}"',
             # Nothing a session left behind (a temp table, another schema) can shadow
             # the layer's tables or functions.
             f"SET LOCAL search_path = {SEARCH_PATH}",
@@ -86,17 +81,18 @@ def transaction_preamble(
             # What the login's own defaults (ALTER ROLE … SET) or a shared server session
             # may have changed: row security stays on, the layer's timeouts apply.
             "SET LOCAL row_security = on",
-            f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}",
+            f"SET LOCAL statement_timeout = {int(settings.statement_timeout_ms)}",
             "SET LOCAL lock_timeout = 0",
             # A caller that awaits something slow inside a unit of work loses its
             # connection (and its locks) after this, instead of holding them for ever.
-            f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_timeout_ms)}",
+            "SET LOCAL idle_in_transaction_session_timeout = "
+            f"{int(settings.idle_in_transaction_timeout_ms)}",
         ]
     )
     check = ("SELECT sfdb_require_tenant()",) if check_tenant else ()
     if citus:
-        return (BEGIN, settings, *check)
-    return ("; ".join([BEGIN, settings, *check]),)
+        return (BEGIN, local, *check)
+    return ("; ".join([BEGIN, local, *check]),)
 
 
 def outside_opener(settings: DatabaseSettings) -> str | None:
@@ -150,18 +146,16 @@ def session_settings(settings: DatabaseSettings) -> dict[str, str]:
     }
 
 
-async def has_citus(conn: AsyncConnection, *, opener: str | None) -> bool:
-    """Whether the database behind ``conn`` has the Citus extension; asked once per connection.
+async def has_citus(runner: Runner) -> bool:
+    """Whether the database behind ``runner`` has the Citus extension.
 
     The answer is kept in the pooled connection's ``info``, so a connection
     answers it once in its life, not once per unit of work.
     """
-    known = conn.info.get(_CITUS_KEY)
+    known = runner.info.get(_CITUS_KEY)
     if known is None:
-        row = await fetchrow_outside_tenant(
-            conn, _HAS_CITUS, opener=opener, action="inspect the database"
-        )
-        known = conn.info[_CITUS_KEY] = bool(row[0])
+        (row,) = await runner.fetch(_HAS_CITUS, (), action="inspect the database")
+        known = runner.info[_CITUS_KEY] = bool(row[0])
     return bool(known)
 
 
@@ -171,11 +165,12 @@ _HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'ci
 
 
 class TenantDirectory:
-    """Maps Slack workspaces to tenants: ``install`` and ``resolve``."""
+    """Maps Slack workspaces to tenants: ``install``, ``resolve`` and ``uninstall``."""
 
-    def __init__(self, engine: AsyncEngine, *, opener: str | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, settings: DatabaseSettings) -> None:
         self._engine = engine
-        self._opener = opener
+        self._settings = settings
+        self._opener = outside_opener(settings)
 
     async def install(
         self,
@@ -214,25 +209,24 @@ class TenantDirectory:
     async def resolve(self, slack_team_id: str) -> TenantId | None:
         """The tenant of a workspace; ``None`` if unknown or soft-deleted."""
         team_id = validation.slack_team_id(slack_team_id)
-        async with connect(self._engine, action="resolve tenant") as conn:
-            return await resolve_on(conn, team_id, opener=self._opener)
+        return await self._call(_RESOLVE, team_id, action="resolve tenant")
 
     async def _call(self, sql: str, *args: object, action: str) -> TenantId | None:
-        async with connect(self._engine, action=action) as conn:
-            row = await fetchrow_outside_tenant(
-                conn, sql, *args, opener=self._opener, action=action
-            )
-        return None if row is None or row[0] is None else TenantId(row[0])
+        async with outside_tenant(
+            self._engine, self._settings, begin=self._opener, action=action
+        ) as runner:
+            return await call_directory(runner, sql, *args, action=action)
 
 
-async def resolve_on(
-    conn: AsyncConnection, slack_team_id: str, *, opener: str | None
-) -> TenantId | None:
-    """Resolve a validated Slack team id on an open connection (autocommit)."""
-    row = await fetchrow_outside_tenant(
-        conn, _RESOLVE, slack_team_id, opener=opener, action="resolve tenant"
-    )
-    return None if row is None or row[0] is None else TenantId(row[0])
+async def resolve_on(runner: Runner, slack_team_id: str) -> TenantId | None:
+    """Resolve a validated Slack team id on a runner outside any tenant transaction."""
+    return await call_directory(runner, _RESOLVE, slack_team_id, action="resolve tenant")
+
+
+async def call_directory(runner: Runner, sql: str, *args: object, action: str) -> TenantId | None:
+    """Run one of the directory's functions; the tenant id it returns, or ``None``."""
+    rows = await runner.fetch(sql, args, action=action)
+    return None if not rows or rows[0][0] is None else TenantId(rows[0][0])
 
 
 # The directory's statements are functions of the owner (migration 0006): the directory

@@ -57,6 +57,7 @@ from sqlalchemy.engine import URL
 
 from slack_fathom_db import citus, schema
 from slack_fathom_db.database import Database
+from slack_fathom_db.errors import UsageError
 from slack_fathom_db.roles import create_login
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.sql import Executable
 
+    from slack_fathom_db.runner import Runner
     from slack_fathom_db.uow import UnitOfWork
 
 __all__ = [
@@ -89,6 +91,7 @@ __all__ = [
     "pgbouncer",
     "pgbouncer_binary",
     "pgbouncer_requested",
+    "runner_of",
     "throwaway_database",
 ]
 
@@ -703,9 +706,8 @@ async def execute_in(uow: UnitOfWork, statement: str | Executable) -> Result[Any
     The connection is dropped when the unit of work ends, never pooled again:
     nothing such SQL leaves on the session reaches the next user.
     """
-    session = await uow._tenant_session()
-    uow._exposed = True  # its connection is dropped, not pooled, when the unit of work ends
-    return await session.execute(text(statement) if isinstance(statement, str) else statement)
+    conn, _ = await runner_of(uow).expose()
+    return await conn.execute(text(statement) if isinstance(statement, str) else statement)
 
 
 async def driver_of(uow: UnitOfWork) -> asyncpg.Connection:
@@ -714,8 +716,16 @@ async def driver_of(uow: UnitOfWork) -> asyncpg.Connection:
     Like :func:`execute_in`, it marks the unit of work: its connection is dropped when
     the unit of work ends, never pooled again.
     """
-    uow._exposed = True
-    return await uow._driver_connection()
+    _, driver = await runner_of(uow).expose()
+    return driver
+
+
+def runner_of(uow: UnitOfWork) -> Runner:
+    """The runner of an open unit of work (savepoints and retries in tests)."""
+    runner = uow._runner
+    if runner is None:
+        raise UsageError("the unit of work is not open")
+    return runner
 
 
 # -- the pytest plugin ----------------------------------------------------------------

@@ -42,12 +42,11 @@ class Base(DeclarativeBase):
 
 
 class Timestamps:
-    """``created_at`` and ``updated_at``, both ``timestamptz`` set by the server."""
+    """``created_at`` and ``updated_at``, both ``timestamptz``; the server sets them on insert,
+    and every UPDATE a repository builds (``TenantRepository._update``) stamps ``updated_at``."""
 
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), sort_order=90)
-    updated_at: Mapped[datetime] = mapped_column(
-        server_default=func.now(), onupdate=utcnow, sort_order=91
-    )
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), sort_order=91)
 
 
 class SoftDelete:

@@ -2,161 +2,104 @@
 
 Invariants:
 
-* A repository is built by a unit of work and reads its tenant and session
-  from it; no public method takes a ``tenant_id``.
+* A repository is built by a unit of work from its runner, its tenant and its
+  settings; no public method takes a ``tenant_id``.
 * Every statement a repository runs is built here: ``_select`` / ``_live``
-  filter on ``tenant_id = :tenant``, ``_update`` does too, ``_insert`` stamps
-  the tenant on the row, and ``_tenant_row`` / ``_update_tenant_row`` address
-  the tenant's own row in the global ``tenants`` table. A test reads the
-  repository sources and fails if a statement is built any other way.
+  filter on ``tenant_id = :tenant``, ``_update`` does too (and stamps
+  ``updated_at``), ``_insert`` stamps the tenant on the row, and
+  ``_tenant_row`` / ``_update_tenant_row`` address the tenant's own row in the
+  global ``tenants`` table. A test reads the repository sources and fails if a
+  statement is built any other way.
 * Row-level security scopes the same statements again in the database, so a
   mistake here yields no rows rather than another tenant's rows.
-* Database errors are translated here, at the boundary, and chained.
+* Statements run only through the runner (:mod:`slack_fathom_db.runner`),
+  which translates errors; reads come back as :mod:`slack_fathom_db.records`.
 
-Hot paths run *compiled* statements: built once per repository class by the
-same helpers (the tenant is the bind parameter ``sfdb_tenant``, every other
-value a named bind parameter), compiled once to PostgreSQL's SQL, and run on
-the unit of work's asyncpg connection with the tenant supplied on every call.
-Rows come back as ORM objects built directly from the record: detached
-snapshots, read-only like every object a repository returns.
+Fixed-shape statements are compiled once per repository class, by name (the
+tenant is the bind parameter ``sfdb_tenant``, every other value a named bind
+parameter), and run with the tenant supplied on every call; dynamic ones
+(``tenants.update``, transitions) are compiled on each call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NamedTuple, TypeVar
 
-from sqlalchemy import (
-    BindParameter,
-    Select,
-    Update,
-    bindparam,
-    inspect,
-    select,
-    tuple_,
-    update,
-)
+from sqlalchemy import BindParameter, Select, Update, bindparam, inspect, select, tuple_, update
 from sqlalchemy.dialects.postgresql import UUID, Insert, insert
-from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.exc import SQLAlchemyError
 
-from slack_fathom_db.connections import DRIVER_ERRORS
-from slack_fathom_db.errors import NotFound, translate
-from slack_fathom_db.models import Tenant
+from slack_fathom_db import models, records, tracing
+from slack_fathom_db.errors import NotFound
 from slack_fathom_db.models.base import Base, utcnow
+from slack_fathom_db.runner import TENANT_KEY, CompiledStatement, compile_statement
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    import asyncpg
     from sqlalchemy import ColumnElement
-    from sqlalchemy.engine import Result
-    from sqlalchemy.orm import Mapper
-    from sqlalchemy.sql import ClauseElement, Executable
-    from sqlalchemy.sql.compiler import SQLCompiler
+    from sqlalchemy.sql import ClauseElement
 
+    from slack_fathom_db.runner import Runner
     from slack_fathom_db.settings import DatabaseSettings
     from slack_fathom_db.tenancy import TenantId
-    from slack_fathom_db.uow import UnitOfWork
 
 ModelT = TypeVar("ModelT", bound=Base)
+RecordT = TypeVar("RecordT", bound=NamedTuple)
 T = TypeVar("T")
 
-EXECUTION_OPTIONS = {"populate_existing": True}
-"""Rows returned refresh objects already in the identity map: READ COMMITTED, not stale copies."""
-
-TENANT_KEY: Final = "sfdb_tenant"
-_DIALECT: Final = asyncpg_dialect()  # type: ignore[no-untyped-call]
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledStatement:
-    """A statement compiled once: its SQL and the order of its named parameters."""
-
-    sql: str
-    names: tuple[str, ...]
-    processors: tuple[Callable[[Any], Any] | None, ...]
-
-    def arguments(self, tenant_id: object, params: dict[str, Any]) -> list[Any]:
-        """The positional arguments, the tenant included, as the driver wants them."""
-        values = [tenant_id if name == TENANT_KEY else params[name] for name in self.names]
-        return [
-            value if process is None or value is None else process(value)
-            for value, process in zip(values, self.processors, strict=True)
-        ]
+RECORDS: Final[dict[type[Base], type[Any]]] = {
+    models.Tenant: records.Tenant,
+    models.User: records.User,
+    models.CrmConnection: records.CrmConnection,
+    models.AccountMapping: records.AccountMapping,
+    models.MeetingSession: records.MeetingSession,
+    models.AuditLog: records.AuditLog,
+}
+"""The record each model's rows are read into (same attributes, same order)."""
 
 
-def compile_statement(statement: ClauseElement) -> CompiledStatement:
-    """Compile for asyncpg (``$n`` placeholders); only named, value-less parameters allowed."""
-    compiled = cast("SQLCompiler", statement.compile(dialect=_DIALECT))
-    names = tuple(compiled.positiontup or ())
-    processors = []
-    for name in names:
-        bind = compiled.binds.get(name)
-        if bind is None or (
-            name != TENANT_KEY and (bind.callable is not None or bind.value is not None)
-        ):
-            raise TypeError(f"compiled statements take named, value-less parameters; not {name!r}")
-        # The type's own conversion, as SQLAlchemy would apply it (e.g. JSON serialisation).
-        processors.append(bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT))
-    return CompiledStatement(sql=str(compiled), names=names, processors=tuple(processors))
-
-
-def loader(model: type[ModelT]) -> Callable[[Any], ModelT]:
-    """A function that builds a detached, fully loaded ``model`` from a record."""
-    mapper: Mapper[Any] = inspect(model)
-    fields = [
-        (column.name, prop.key, column.type.dialect_impl(_DIALECT).result_processor(_DIALECT, None))
-        for prop in mapper.column_attrs
-        for column in prop.columns
-    ]
-    new_instance = mapper.class_manager.new_instance
-
-    def load(record: Any) -> ModelT:
-        instance: ModelT = new_instance()
-        values = instance.__dict__  # the instance's loaded state, as SQLAlchemy keeps it
-        for column, key, process in fields:
-            value = record[column]
-            values[key] = value if process is None or value is None else process(value)
-        return instance
-
-    return load
+def row_columns(model: type[Base]) -> list[ColumnElement[Any]]:
+    """Every column of ``model``, in the order of its attributes (and of its record)."""
+    return [prop.columns[0] for prop in inspect(model).column_attrs]
 
 
 class TenantRepository(Generic[ModelT]):
     """Base of every repository: tenant-scoped statement builders and execution."""
 
     model: type[ModelT]
+    span_prefix: ClassVar[str]
+    """Its name on the unit of work (``uow.<name>``): tracing spans are ``sfdb.<name>.<method>``."""
     _compiled: ClassVar[dict[str, CompiledStatement]]
-    _loaders: ClassVar[dict[type[Any], Callable[[Any], Any]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._compiled = {}
+        tracing.trace_methods(cls, cls.span_prefix)
 
-    def __init__(self, uow: UnitOfWork) -> None:
-        self._uow = uow
-
-    def _tenant(self) -> BindParameter[Any]:
-        """The tenant as the bind parameter every helper filters and stamps with."""
-        return bindparam(TENANT_KEY, self.tenant_id, type_=UUID(as_uuid=True))
+    def __init__(self, runner: Runner, tenant_id: TenantId, settings: DatabaseSettings) -> None:
+        self._run = runner
+        self._tenant_id = tenant_id
+        self._settings = settings
 
     @property
     def tenant_id(self) -> TenantId:
         """The tenant this repository is scoped to."""
-        return self._uow.tenant_id
-
-    @property
-    def _settings(self) -> DatabaseSettings:
-        """The settings of the unit of work's ``Database`` (limits, leases)."""
-        return self._uow.settings
+        return self._tenant_id
 
     @property
     def _max_json_bytes(self) -> int:
         return self._settings.max_json_bytes
 
+    # -- statement builders ----------------------------------------------------------
+
+    def _tenant(self) -> BindParameter[Any]:
+        """The tenant as the bind parameter every helper filters and stamps with."""
+        return bindparam(TENANT_KEY, self._tenant_id, type_=UUID(as_uuid=True))
+
     def _select(self, model: type[Base] | None = None) -> Select[Any]:
         target: Any = model or self.model
-        return select(target).where(target.tenant_id == self._tenant())
+        return select(*row_columns(target)).where(target.tenant_id == self._tenant())
 
     def _live(self, model: type[Base] | None = None) -> Select[Any]:
         target: Any = model or self.model
@@ -164,7 +107,10 @@ class TenantRepository(Generic[ModelT]):
 
     def _update(self, model: type[Base] | None = None) -> Update:
         target: Any = model or self.model
-        return update(target).where(target.tenant_id == self._tenant())
+        statement = update(target).where(target.tenant_id == self._tenant())
+        if "updated_at" in target.__table__.c:
+            statement = statement.values(updated_at=utcnow())
+        return statement
 
     def _insert(self, model: type[Base] | None = None, **values: Any) -> Insert:
         if "tenant_id" in values:
@@ -193,30 +139,68 @@ class TenantRepository(Generic[ModelT]):
             tuple_(target.tenant_id, target.id).in_(select(chosen.c.tenant_id, chosen.c.id))
         )
 
-    def _tenant_row(self) -> Select[Tenant]:
-        return select(Tenant).where(Tenant.id == self._tenant(), Tenant.deleted_at.is_(None))
+    def _tenant_row(self) -> Select[Any]:
+        tenant = models.Tenant
+        return select(*row_columns(tenant)).where(
+            tenant.id == self._tenant(), tenant.deleted_at.is_(None)
+        )
 
     def _update_tenant_row(self) -> Update:
-        return update(Tenant).where(Tenant.id == self._tenant(), Tenant.deleted_at.is_(None))
+        tenant = models.Tenant
+        return (
+            update(tenant)
+            .where(tenant.id == self._tenant(), tenant.deleted_at.is_(None))
+            .values(updated_at=utcnow())
+        )
 
-    async def _execute(self, statement: Executable, *, action: str) -> Result[Any]:
-        session = await self._uow._tenant_session()
-        try:
-            return await session.execute(statement, execution_options=EXECUTION_OPTIONS)
-        except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
-            error = translate(exc, action=action)
-            await self._uow.statement_failed(error, exc)
-            raise error from exc
+    # -- execution -------------------------------------------------------------------
+
+    async def _rows(self, statement: ClauseElement, *, action: str) -> list[asyncpg.Record]:
+        """Run a dynamic statement (compiled with its values) and return its rows."""
+        return await self._run.fetch_statement(statement, action=action)
+
+    async def _all(self, statement: ClauseElement, *, action: str) -> list[Any]:
+        """Run a dynamic statement that returns rows of this repository's model: records."""
+        make = RECORDS[self._model_of(statement)]._make
+        return [make(row) for row in await self._rows(statement, action=action)]
+
+    async def _one_or_none(self, statement: ClauseElement, *, action: str) -> Any:
+        """The record of the one row a dynamic statement returns, or ``None``."""
+        found = await self._all(statement, action=action)
+        return found[0] if found else None
+
+    async def _scalar(self, statement: ClauseElement, *, action: str) -> Any:
+        """The first column of the first row a dynamic statement returns, or ``None``."""
+        rows = await self._rows(statement, action=action)
+        return rows[0][0] if rows else None
+
+    async def _fetch(
+        self, name: str, build: Callable[[], ClauseElement], *, action: str, **params: Any
+    ) -> list[asyncpg.Record]:
+        """Run the compiled statement ``name`` (built by ``build`` once) and return its rows."""
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = compile_statement(build())
+        return await self._run.fetch(
+            compiled.sql, compiled.arguments(self._tenant_id, params), action=action
+        )
+
+    async def _fetch_records(
+        self,
+        record: type[RecordT],
+        name: str,
+        build: Callable[[], ClauseElement],
+        *,
+        action: str,
+        **params: Any,
+    ) -> list[RecordT]:
+        """Like :meth:`_fetch`, the rows read into ``record`` s."""
+        make = record._make
+        return [make(row) for row in await self._fetch(name, build, action=action, **params)]
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
         """Run ``operation`` in a savepoint, again after a serialization failure or deadlock."""
-        return await self._uow.retrying(operation, action=action)
-
-    async def _one_or_none(self, statement: Executable, *, action: str) -> Any:
-        return (await self._execute(statement, action=action)).scalar_one_or_none()
-
-    async def _all(self, statement: Executable, *, action: str) -> list[Any]:
-        return list((await self._execute(statement, action=action)).scalars().all())
+        return await self._run.retrying(operation, action=action)
 
     async def _soft_delete(self, model: Any, row_id: Any, *, action: str, **extra: Any) -> None:
         statement = (
@@ -225,47 +209,16 @@ class TenantRepository(Generic[ModelT]):
             .values(deleted_at=utcnow(), **extra)
             .returning(model.id)
         )
-        if await self._one_or_none(statement, action=action) is None:
+        if await self._scalar(statement, action=action) is None:
             raise NotFound(f"{action}: no live row with that id")
 
-    # -- compiled statements on the driver (hot paths) ----------------------------------
+    def _model_of(self, statement: ClauseElement) -> type[Base]:
+        """The model whose row a statement returns (its table, or the returning table)."""
+        table = getattr(statement, "table", None)
+        if table is None:
+            froms = statement.get_final_froms()  # type: ignore[attr-defined]
+            table = froms[0]
+        return _MODEL_OF_TABLE[table.name]
 
-    def _compiled_statement(
-        self, name: str, build: Callable[[], ClauseElement]
-    ) -> CompiledStatement:
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            compiled = self._compiled[name] = compile_statement(build())
-        return compiled
 
-    async def _fetch(
-        self, name: str, build: Callable[[], ClauseElement], *, action: str, **params: Any
-    ) -> list[Any]:
-        """Run the compiled statement ``name`` (built by ``build`` once) and return its records."""
-        compiled = self._compiled_statement(name, build)
-        driver = await self._uow._driver_connection()
-        try:
-            return list(
-                await driver.fetch(compiled.sql, *compiled.arguments(self.tenant_id, params))
-            )
-        except DRIVER_ERRORS as exc:
-            error = translate(exc, action=action)
-            await self._uow.statement_failed(error, exc)
-            raise error from exc
-
-    async def _fetch_models(
-        self,
-        model: type[T],
-        name: str,
-        build: Callable[[], ClauseElement],
-        *,
-        action: str,
-        **params: Any,
-    ) -> list[T]:
-        load = self._loaders.get(model)
-        if load is None:
-            load = self._loaders[model] = loader(model)
-        records = await self._fetch(name, build, action=action, **params)
-        instances = [load(record) for record in records]
-        self._uow.track(instances)
-        return instances
+_MODEL_OF_TABLE: Final = {model.__tablename__: model for model in RECORDS}

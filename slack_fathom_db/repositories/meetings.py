@@ -39,12 +39,12 @@ from sqlalchemy import (
     or_,
 )
 
-from slack_fathom_db import validation
+from slack_fathom_db import records, validation
 from slack_fathom_db.errors import Conflict, InvalidStateTransition, NotFound
 from slack_fathom_db.models import MeetingSession
 from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.models.meetings import CRM_SYNC_STATUSES
-from slack_fathom_db.repositories.base import TenantRepository
+from slack_fathom_db.repositories.base import TenantRepository, row_columns
 
 if TYPE_CHECKING:
     import uuid
@@ -78,6 +78,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
     """``uow.meetings``."""
 
     model = MeetingSession
+    span_prefix = "meetings"
 
     async def create(
         self,
@@ -90,7 +91,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         started_at: datetime | None = None,
         duration_seconds: int | None = None,
         participants: Iterable[Mapping[str, Any] | str] = (),
-    ) -> MeetingSession:
+    ) -> records.MeetingSession:
         """Record a meeting as ``pending``; a second delivery of the same recording returns it.
 
         Idempotent on ``fathom_recording_id`` among live meetings, also under
@@ -118,8 +119,12 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             ),
         }
         for _ in range(2):  # a racing delivery rolled back in between: try once more
-            created = await self._fetch_models(
-                MeetingSession, "create", self._create_statement, action="create meeting", **values
+            created = await self._fetch_records(
+                records.MeetingSession,
+                "create",
+                self._create_statement,
+                action="create meeting",
+                **values,
             )
             if created:
                 return created[0]
@@ -139,27 +144,31 @@ class MeetingRepo(TenantRepository[MeetingSession]):
                 index_elements=[MeetingSession.tenant_id, MeetingSession.fathom_recording_id],
                 index_where=MeetingSession.deleted_at.is_(None),
             )
-            .returning(*columns)
+            .returning(*row_columns(MeetingSession))
         )
 
-    async def get(self, meeting_id: uuid.UUID) -> MeetingSession | None:
+    async def get(self, meeting_id: uuid.UUID) -> records.MeetingSession | None:
         """A live meeting by id."""
         mid = validation.uuid_value(meeting_id, field="meeting_id")
-        found = await self._fetch_models(
-            MeetingSession, "get", self._by_id, action="get meeting", meeting_id=mid
+        found = await self._fetch_records(
+            records.MeetingSession, "get", self._by_id, action="get meeting", meeting_id=mid
         )
         return found[0] if found else None
 
     def _by_id(self) -> Any:
         return self._live().where(MeetingSession.id == bindparam("meeting_id", type_=Uuid))
 
-    async def get_by_fathom_id(self, fathom_recording_id: str) -> MeetingSession | None:
+    async def get_by_fathom_id(self, fathom_recording_id: str) -> records.MeetingSession | None:
         """A live meeting by its Fathom recording id."""
         rec = validation.text(
             fathom_recording_id, field="fathom_recording_id", max_length=validation.MAX_NAME
         )
-        found = await self._fetch_models(
-            MeetingSession, "by_fathom_id", self._by_fathom_id, action="get meeting", rec=rec
+        found = await self._fetch_records(
+            records.MeetingSession,
+            "by_fathom_id",
+            self._by_fathom_id,
+            action="get meeting",
+            rec=rec,
         )
         return found[0] if found else None
 
@@ -174,7 +183,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         *,
         expected_version: int | None = None,
         lease_seconds: float | None = None,
-    ) -> MeetingSession:
+    ) -> records.MeetingSession:
         """pending or failed → processing; counts an attempt and leases the meeting.
 
         The lease ends ``lease_seconds`` (default ``DATABASE_CLAIM_LEASE_SECONDS``)
@@ -200,7 +209,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         action_items: Iterable[Mapping[str, Any] | str] = (),
         ai_output: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
-    ) -> MeetingSession:
+    ) -> records.MeetingSession:
         """processing → completed, with the summary, action items and raw AI output."""
         return await self._transition(
             meeting_id,
@@ -222,7 +231,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
 
     async def fail_processing(
         self, meeting_id: uuid.UUID, *, error: str, expected_version: int | None = None
-    ) -> MeetingSession:
+    ) -> records.MeetingSession:
         """processing → failed, keeping the error; :meth:`start_processing` retries it."""
         return await self._transition(
             meeting_id,
@@ -235,7 +244,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
 
     async def claim_pending(
         self, *, limit: int, lease_seconds: float | None = None
-    ) -> list[MeetingSession]:
+    ) -> list[records.MeetingSession]:
         """Claim up to ``limit`` meetings, oldest first, for this worker and return them.
 
         Claimable are pending meetings and meetings in processing whose lease
@@ -283,11 +292,13 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             version=MeetingSession.version + 1,
         )
         await self._retrying(
-            lambda: self._all(abandon.returning(MeetingSession.id), action="give up meetings"),
+            lambda: self._rows(abandon.returning(MeetingSession.id), action="give up meetings"),
             action="give up meetings",
         )
-        claimed: list[MeetingSession] = await self._retrying(
-            lambda: self._all(claim.returning(MeetingSession), action="claim pending meetings"),
+        claimed: list[records.MeetingSession] = await self._retrying(
+            lambda: self._all(
+                claim.returning(*row_columns(MeetingSession)), action="claim pending meetings"
+            ),
             action="claim pending meetings",
         )
         return sorted(claimed, key=lambda meeting: meeting.created_at)
@@ -310,7 +321,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         status: str,
         crm_record_id: str | None = None,
         error: str | None = None,
-    ) -> MeetingSession:
+    ) -> records.MeetingSession:
         """Record a CRM sync attempt of a completed meeting.
 
         ``synced`` needs ``crm_record_id`` and ``failed`` needs ``error``; both
@@ -339,9 +350,9 @@ class MeetingRepo(TenantRepository[MeetingSession]):
                 MeetingSession.status == "completed",
             )
             .values(**values, version=MeetingSession.version + 1)
-            .returning(MeetingSession)
+            .returning(*row_columns(MeetingSession))
         )
-        meeting: MeetingSession | None = await self._one_or_none(
+        meeting: records.MeetingSession | None = await self._one_or_none(
             statement, action="record CRM sync"
         )
         if meeting is None:
@@ -355,11 +366,11 @@ class MeetingRepo(TenantRepository[MeetingSession]):
 
     async def for_user(
         self, user_id: uuid.UUID, *, days: int = 30, limit: int = 50
-    ) -> list[MeetingSession]:
+    ) -> list[records.MeetingSession]:
         """A user's live meetings of the last ``days`` days, newest first."""
         uid = validation.uuid_value(user_id, field="user_id")
-        return await self._fetch_models(
-            MeetingSession,
+        return await self._fetch_records(
+            records.MeetingSession,
             "for_user",
             self._for_user_statement,
             action="list a user's meetings",
@@ -367,10 +378,10 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             **_page(days, limit),
         )
 
-    async def recent(self, *, days: int = 30, limit: int = 50) -> list[MeetingSession]:
+    async def recent(self, *, days: int = 30, limit: int = 50) -> list[records.MeetingSession]:
         """The tenant's live meetings of the last ``days`` days, newest first."""
-        return await self._fetch_models(
-            MeetingSession,
+        return await self._fetch_records(
+            records.MeetingSession,
             "recent",
             self._recent_statement,
             action="list recent meetings",
@@ -401,7 +412,7 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         target: str,
         expected_version: int | None,
         **values: Any,
-    ) -> MeetingSession:
+    ) -> records.MeetingSession:
         mid = validation.uuid_value(meeting_id, field="meeting_id")
         allowed = _ALLOWED_FROM[target]
         statement = self._update().where(
@@ -414,8 +425,8 @@ class MeetingRepo(TenantRepository[MeetingSession]):
             statement = statement.where(MeetingSession.version == version)
         statement = statement.values(
             status=target, version=MeetingSession.version + 1, **values
-        ).returning(MeetingSession)
-        meeting: MeetingSession | None = await self._one_or_none(
+        ).returning(*row_columns(MeetingSession))
+        meeting: records.MeetingSession | None = await self._one_or_none(
             statement, action=f"move meeting to {target}"
         )
         if meeting is not None:

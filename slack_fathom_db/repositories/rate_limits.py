@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import DateTime, Float, Integer, Text, bindparam, cast, extract, func, select
 
@@ -34,6 +34,11 @@ from slack_fathom_db.errors import RateLimitExceeded
 from slack_fathom_db.models import ApiRateLimit
 from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.repositories.base import TenantRepository
+
+if TYPE_CHECKING:
+    from slack_fathom_db.runner import Runner
+    from slack_fathom_db.settings import DatabaseSettings
+    from slack_fathom_db.tenancy import TenantId
 
 __all__ = [
     "PERIODS",
@@ -131,9 +136,10 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
     """``uow.rate_limits``."""
 
     model = ApiRateLimit
+    span_prefix = "rate_limits"
 
-    def __init__(self, uow: Any) -> None:
-        super().__init__(uow)
+    def __init__(self, runner: Runner, tenant_id: TenantId, settings: DatabaseSettings) -> None:
+        super().__init__(runner, tenant_id, settings)
         self._deferred = _Deferred()
 
     async def consume(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import Text, bindparam, func, select
 
-from slack_fathom_db import validation
+from slack_fathom_db import records, validation
 from slack_fathom_db.errors import NotFound, ValidationError
 from slack_fathom_db.models import AccountMapping, CrmConnection, MeetingSession, Tenant, User
 from slack_fathom_db.models.base import utcnow
@@ -18,7 +18,7 @@ from slack_fathom_db.models.tenants import (
     SUBSCRIPTION_STATUSES,
     USER_ROLES,
 )
-from slack_fathom_db.repositories.base import TenantRepository
+from slack_fathom_db.repositories.base import TenantRepository, row_columns
 
 if TYPE_CHECKING:
     import uuid
@@ -49,12 +49,15 @@ class TenantRepo(TenantRepository[User]):
     """``uow.tenants``: everything that belongs to the workspace rather than to a meeting."""
 
     model = User
+    span_prefix = "tenants"
 
     # -- the workspace ---------------------------------------------------------------
 
-    async def get(self) -> Tenant | None:
+    async def get(self) -> records.Tenant | None:
         """The tenant row, or ``None`` once soft-deleted."""
-        result: Tenant | None = await self._one_or_none(self._tenant_row(), action="get tenant")
+        result: records.Tenant | None = await self._one_or_none(
+            self._tenant_row(), action="get tenant"
+        )
         return result
 
     async def update(
@@ -65,7 +68,7 @@ class TenantRepo(TenantRepository[User]):
         subscription_status: str | _Unset = UNSET,
         settings: dict[str, Any] | _Unset = UNSET,
         trial_ends_at: datetime | _Unset | None = UNSET,
-    ) -> Tenant:
+    ) -> records.Tenant:
         """Change the named fields of the workspace; the others stay as they are."""
         values: dict[str, Any] = {}
         if not isinstance(slack_team_name, _Unset):
@@ -90,8 +93,8 @@ class TenantRepo(TenantRepository[User]):
             )
         if not values:
             raise ValidationError("update: name at least one field to change")
-        statement = self._update_tenant_row().values(**values).returning(Tenant)
-        tenant: Tenant | None = await self._one_or_none(statement, action="update tenant")
+        statement = self._update_tenant_row().values(**values).returning(*row_columns(Tenant))
+        tenant: records.Tenant | None = await self._one_or_none(statement, action="update tenant")
         if tenant is None:
             raise NotFound("update tenant: the tenant is soft-deleted")
         return tenant
@@ -99,7 +102,7 @@ class TenantRepo(TenantRepository[User]):
     async def soft_delete(self) -> None:
         """Mark the workspace deleted: it no longer resolves and no new unit of work opens."""
         statement = self._update_tenant_row().values(deleted_at=utcnow()).returning(Tenant.id)
-        if await self._one_or_none(statement, action="soft-delete tenant") is None:
+        if await self._scalar(statement, action="soft-delete tenant") is None:
             raise NotFound("soft-delete tenant: the tenant is already soft-deleted")
 
     # -- users -----------------------------------------------------------------------
@@ -111,7 +114,7 @@ class TenantRepo(TenantRepository[User]):
         slack_email: str | None = None,
         display_name: str | None = None,
         role: str = "member",
-    ) -> User:
+    ) -> records.User:
         """Add a Slack user, or return the live one with that id (email and name refreshed).
 
         Idempotent on ``slack_user_id``; ``role`` applies when the user is created.
@@ -133,30 +136,34 @@ class TenantRepo(TenantRepository[User]):
                 "display_name": func.coalesce(upsert.excluded.display_name, User.display_name),
                 "updated_at": utcnow(),
             },
-        ).returning(User)
-        user: User = (await self._execute(statement, action="add user")).scalar_one()
+        ).returning(*row_columns(User))
+        user: records.User = await self._one_or_none(statement, action="add user")
         return user
 
-    async def get_user(self, user_id: uuid.UUID) -> User | None:
+    async def get_user(self, user_id: uuid.UUID) -> records.User | None:
         """A live user by id."""
         uid = validation.uuid_value(user_id, field="user_id")
-        result: User | None = await self._one_or_none(
+        result: records.User | None = await self._one_or_none(
             self._live().where(User.id == uid), action="get user"
         )
         return result
 
-    async def get_user_by_slack_id(self, slack_user_id: str) -> User | None:
+    async def get_user_by_slack_id(self, slack_user_id: str) -> records.User | None:
         """A live user by Slack user id."""
         sid = validation.slack_user_id(slack_user_id)
-        users = await self._fetch_models(
-            User, "user_by_slack_id", self._user_by_slack_id, action="get user", slack_user_id=sid
+        users = await self._fetch_records(
+            records.User,
+            "user_by_slack_id",
+            self._user_by_slack_id,
+            action="get user",
+            slack_user_id=sid,
         )
         return users[0] if users else None
 
     def _user_by_slack_id(self) -> Any:
         return self._live().where(User.slack_user_id == bindparam("slack_user_id", type_=Text))
 
-    async def list_users(self, *, limit: int = 50) -> list[User]:
+    async def list_users(self, *, limit: int = 50) -> list[records.User]:
         """Live users, oldest first, at most ``limit`` (1000 at most)."""
         count = validation.list_limit(limit)
         return await self._all(
@@ -177,7 +184,7 @@ class TenantRepo(TenantRepository[User]):
         credentials_secret_id: str,
         connected_by_user_id: uuid.UUID | None = None,
         is_default: bool = False,
-    ) -> CrmConnection:
+    ) -> records.CrmConnection:
         """Record a CRM connection; its credentials stay in the secrets manager.
 
         With ``is_default=True`` it replaces the current default connection.
@@ -194,29 +201,31 @@ class TenantRepo(TenantRepository[User]):
         }
         if values["is_default"]:
             await self._clear_default()
-        statement = self._insert(CrmConnection, **values).returning(CrmConnection)
-        connection: CrmConnection = (
-            await self._execute(statement, action="connect CRM")
-        ).scalar_one()
+        statement = self._insert(CrmConnection, **values).returning(*row_columns(CrmConnection))
+        connection: records.CrmConnection = await self._one_or_none(statement, action="connect CRM")
         return connection
 
-    async def get_crm_connection(self, crm_connection_id: uuid.UUID) -> CrmConnection | None:
+    async def get_crm_connection(
+        self, crm_connection_id: uuid.UUID
+    ) -> records.CrmConnection | None:
         """A live CRM connection by id."""
         cid = validation.uuid_value(crm_connection_id, field="crm_connection_id")
-        result: CrmConnection | None = await self._one_or_none(
+        result: records.CrmConnection | None = await self._one_or_none(
             self._live(CrmConnection).where(CrmConnection.id == cid), action="get CRM connection"
         )
         return result
 
-    async def default_crm_connection(self) -> CrmConnection | None:
+    async def default_crm_connection(self) -> records.CrmConnection | None:
         """The live default CRM connection, if one is set."""
-        result: CrmConnection | None = await self._one_or_none(
+        result: records.CrmConnection | None = await self._one_or_none(
             self._live(CrmConnection).where(CrmConnection.is_default),
             action="get default CRM connection",
         )
         return result
 
-    async def set_default_crm_connection(self, crm_connection_id: uuid.UUID) -> CrmConnection:
+    async def set_default_crm_connection(
+        self, crm_connection_id: uuid.UUID
+    ) -> records.CrmConnection:
         """Make a live connection the default (and the previous default not)."""
         cid = validation.uuid_value(crm_connection_id, field="crm_connection_id")
         target = self._live(CrmConnection).where(CrmConnection.id == cid).with_for_update()
@@ -227,16 +236,16 @@ class TenantRepo(TenantRepository[User]):
             self._update(CrmConnection)
             .where(CrmConnection.id == cid, CrmConnection.deleted_at.is_(None))
             .values(is_default=True)
-            .returning(CrmConnection)
+            .returning(*row_columns(CrmConnection))
         )
-        connection: CrmConnection | None = await self._one_or_none(
+        connection: records.CrmConnection | None = await self._one_or_none(
             statement, action="set default CRM connection"
         )
         if connection is None:
             raise NotFound("set default CRM connection: no live connection with that id")
         return connection
 
-    async def list_crm_connections(self, *, limit: int = 50) -> list[CrmConnection]:
+    async def list_crm_connections(self, *, limit: int = 50) -> list[records.CrmConnection]:
         """Live CRM connections, the default first, at most ``limit`` (1000 at most)."""
         count = validation.list_limit(limit)
         return await self._all(
@@ -257,10 +266,7 @@ class TenantRepo(TenantRepository[User]):
         )
         if keep is not None:
             statement = statement.where(CrmConnection.id != keep)
-        await self._execute(
-            statement.values(is_default=False),
-            action="clear default CRM connection",
-        )
+        await self._rows(statement.values(is_default=False), action="clear default CRM connection")
 
     # -- account mappings ------------------------------------------------------------
 
@@ -272,7 +278,7 @@ class TenantRepo(TenantRepository[User]):
         crm_account_id: str,
         crm_account_name: str | None = None,
         verified: bool = False,
-    ) -> AccountMapping:
+    ) -> records.AccountMapping:
         """Map an email domain to a CRM account of a live connection (upsert)."""
         cid = validation.uuid_value(crm_connection_id, field="crm_connection_id")
         values = {
@@ -302,10 +308,8 @@ class TenantRepo(TenantRepository[User]):
                 "verified": upsert.excluded.verified,
                 "updated_at": utcnow(),
             },
-        ).returning(AccountMapping)
-        mapping: AccountMapping = (
-            await self._execute(statement, action="map account")
-        ).scalar_one()
+        ).returning(*row_columns(AccountMapping))
+        mapping: records.AccountMapping = await self._one_or_none(statement, action="map account")
         return mapping
 
     async def find_account(
@@ -314,7 +318,7 @@ class TenantRepo(TenantRepository[User]):
         *,
         crm_connection_id: uuid.UUID | None = None,
         verified_only: bool = False,
-    ) -> AccountMapping | None:
+    ) -> records.AccountMapping | None:
         """The mapping for an email or domain (the most specific parent domain wins).
 
         Looks in the named connection, or in the default one when none is named,
@@ -345,9 +349,11 @@ class TenantRepo(TenantRepository[User]):
             self._update(AccountMapping)
             .where(AccountMapping.id == match.scalar_subquery())
             .values(last_used_at=utcnow())
-            .returning(AccountMapping)
+            .returning(*row_columns(AccountMapping))
         )
-        result: AccountMapping | None = await self._one_or_none(statement, action="find account")
+        result: records.AccountMapping | None = await self._one_or_none(
+            statement, action="find account"
+        )
         return result
 
     # -- statistics ------------------------------------------------------------------
@@ -371,11 +377,11 @@ class TenantRepo(TenantRepository[User]):
             count(MeetingSession, MeetingSession.created_at >= since).label("recent"),
             count(AccountMapping).label("account_mappings"),
         )
-        row = (await self._execute(statement, action="tenant stats")).one()
+        (row,) = await self._rows(statement, action="tenant stats")
         return TenantStats(
-            users=row.users,
-            crm_connections=row.crm_connections,
-            meetings_total=row.meetings_total,
-            meetings_last_30_days=row.recent,
-            account_mappings=row.account_mappings,
+            users=row["users"],
+            crm_connections=row["crm_connections"],
+            meetings_total=row["meetings_total"],
+            meetings_last_30_days=row["recent"],
+            account_mappings=row["account_mappings"],
         )

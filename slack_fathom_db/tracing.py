@@ -1,0 +1,69 @@
+"""Tracing with OpenTelemetry, when the ``otel`` extra is installed; nothing otherwise.
+
+A span per unit of work (``sfdb.unit_of_work``) and one per repository call,
+named by its intent (``sfdb.meetings.recent``). Spans carry no parameter and
+no tenant id, unless ``DATABASE_TRACE_TENANT=true`` puts the tenant id on the
+unit of work's span. Without ``opentelemetry-api`` every hook here is a no-op
+that costs nothing per call: repository methods are not even wrapped.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+try:
+    from opentelemetry import trace
+except ImportError:  # the otel extra is not installed
+    trace = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    import uuid
+    from collections.abc import Callable, Coroutine
+
+    from slack_fathom_db.settings import DatabaseSettings
+
+__all__ = ["ENABLED", "tag_tenant", "trace_methods", "unit_of_work_span"]
+
+ENABLED = trace is not None
+"""Whether ``opentelemetry-api`` is importable (the ``otel`` extra)."""
+_TRACER_NAME = "slack_fathom_db"
+
+
+def unit_of_work_span(settings: DatabaseSettings) -> AbstractContextManager[Any]:
+    """The span of one unit of work (a no-op context without OpenTelemetry)."""
+    if trace is None:
+        return nullcontext()
+    span: AbstractContextManager[Any] = trace.get_tracer(_TRACER_NAME).start_as_current_span(
+        "sfdb.unit_of_work"
+    )
+    return span
+
+
+def tag_tenant(span: Any, settings: DatabaseSettings, tenant_id: uuid.UUID) -> None:
+    """Put the tenant id on ``span``, only if the settings opt in."""
+    if trace is not None and settings.trace_tenant and span is not None:
+        span.set_attribute("sfdb.tenant_id", str(tenant_id))
+
+
+def trace_methods(cls: type[Any], prefix: str) -> None:
+    """Wrap every public coroutine method of ``cls`` in a span ``sfdb.<prefix>.<name>``."""
+    if trace is None:
+        return
+    for name, method in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+            setattr(cls, name, _traced(f"sfdb.{prefix}.{name}", method))
+
+
+def _traced(
+    span_name: str, method: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    @functools.wraps(method)
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        assert trace is not None  # noqa: S101 - only wrapped when importable
+        with trace.get_tracer(_TRACER_NAME).start_as_current_span(span_name):
+            return await method(*args, **kwargs)
+
+    return traced
