@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from slack_fathom_db import __version__, citus, roles, schema
+from slack_fathom_db import __version__, citus, logins, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
@@ -269,7 +269,7 @@ async def _migrate(settings: DatabaseSettings, revision: str) -> None:
     out.print(f"{where} is at revision {current}")
     if _is_embedded(settings) and current == schema.head():
         # Local socket, trust: the password is never asked for; a fresh one each time.
-        await roles.create_login(settings, EMBEDDED_RUNTIME, secrets.token_urlsafe(24))
+        await logins.create_login(settings, EMBEDDED_RUNTIME, secrets.token_urlsafe(24))
 
 
 async def _downgrade(settings: DatabaseSettings, revision: str) -> None:
@@ -446,7 +446,7 @@ def _read_password() -> str:
 
 async def _create_login(settings: DatabaseSettings, name: str, password: str) -> None:
     _warn_if_owner_falls_back(settings)
-    created = await roles.create_login(settings, name, password)
+    created = await logins.create_login(settings, name, password)
     what = "created login" if created else "set a new password for login"
     out.print(f"{what} {name}: a member of {settings.roles.app} and {settings.roles.directory}")
 

@@ -100,37 +100,38 @@ class CompiledStatement:
         ]
 
 
-def _compile(statement: ClauseElement) -> tuple[SQLCompiler, CompiledStatement]:
-    compiled = cast(
-        "SQLCompiler",
-        statement.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True}),
-    )
-    names = tuple(compiled.positiontup or ())
-    processors = tuple(
-        compiled.binds[name].type.dialect_impl(_DIALECT).bind_processor(_DIALECT) for name in names
-    )
-    return compiled, CompiledStatement(sql=str(compiled), names=names, processors=processors)
-
-
 def compile_statement(statement: ClauseElement) -> CompiledStatement:
     """Compile a fixed-shape statement once: every parameter named and given per call.
 
     Only the tenant's parameter may carry a value (it is replaced on every call).
     """
-    compiled, result = _compile(statement)
-    for name in result.names:
+    compiled = cast("SQLCompiler", statement.compile(dialect=_DIALECT))
+    names = tuple(compiled.positiontup or ())
+    for name in names:
         bind = compiled.binds[name]
         if name != TENANT_KEY and (bind.callable is not None or bind.value is not None):
             raise TypeError(f"compiled statements take named, value-less parameters; not {name!r}")
-    return result
+    processors = tuple(
+        compiled.binds[name].type.dialect_impl(_DIALECT).bind_processor(_DIALECT) for name in names
+    )
+    return CompiledStatement(sql=str(compiled), names=names, processors=processors)
 
 
 def render(statement: ClauseElement) -> tuple[str, list[Any]]:
-    """Compile a dynamic statement with the values it carries: its SQL and arguments."""
-    compiled, result = _compile(statement)
-    values = compiled.construct_params()
-    tenant = values.get(TENANT_KEY)
-    return result.sql, result.arguments(tenant, values)
+    """Compile a dynamic statement with the values it carries: its SQL and arguments.
+
+    Lists (``IN``) are expanded into one parameter per item, as SQLAlchemy does.
+    """
+    compiled = cast("SQLCompiler", statement.compile(dialect=_DIALECT))
+    state = compiled.construct_expanded_state()
+    original = {item: name for name, items in state.parameter_expansion.items() for item in items}
+    arguments = []
+    for name in state.positiontup or ():
+        bind = compiled.binds[original.get(name, name)]
+        process = bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+        value = state.parameters[name]
+        arguments.append(value if process is None or value is None else process(value))
+    return state.statement, arguments
 
 
 class Runner:
@@ -169,6 +170,11 @@ class Runner:
     def info(self) -> dict[Any, Any]:
         """The pooled connection's own dictionary: what it answered once in its life."""
         return self._conn.info
+
+    @property
+    def driver(self) -> asyncpg.Connection:
+        """The driver connection (its identity and backend, for probes in tests)."""
+        return self._driver
 
     @property
     def in_transaction(self) -> bool:

@@ -47,6 +47,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -58,7 +59,7 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import citus, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import UsageError
-from slack_fathom_db.roles import create_login
+from slack_fathom_db.logins import create_login
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     import asyncpg
     from sqlalchemy.engine import Result
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.sql import Executable
+    from sqlalchemy.sql import Executable, TextClause
 
     from slack_fathom_db.runner import Runner
     from slack_fathom_db.uow import UnitOfWork
@@ -91,6 +92,7 @@ __all__ = [
     "pgbouncer",
     "pgbouncer_binary",
     "pgbouncer_requested",
+    "probe_outside",
     "runner_of",
     "throwaway_database",
 ]
@@ -621,7 +623,7 @@ async def throwaway_database(
     It belongs to a login made for it that may create roles and is no superuser,
     as on a managed service. Migrated to head (unless ``migrate=False``) with
     that login's credentials (``migration_url``), and used through a runtime
-    login made by :func:`slack_fathom_db.roles.create_login` (``url``).
+    login made by :func:`slack_fathom_db.logins.create_login` (``url``).
     Without ``migrate`` the runtime login does not exist yet: ``url`` is the
     migrating login's. Everything, roles included, is dropped afterwards.
     """
@@ -718,6 +720,16 @@ async def driver_of(uow: UnitOfWork) -> asyncpg.Connection:
     """
     _, driver = await runner_of(uow).expose()
     return driver
+
+
+async def probe_outside(db: Database, sql: str | TextClause) -> tuple[Any, asyncpg.Connection]:
+    """Run ``sql`` as the layer runs a statement outside any unit of work (as the directory
+    role; behind PgBouncer in a transaction its opener starts): the first row, with its
+    columns as attributes, and the driver connection it ran on (pooled again after)."""
+    text_ = sql if isinstance(sql, str) else sql.text
+    async with db._outside("probe") as runner:
+        rows = await runner.fetch(text_, (), action="probe")
+        return SimpleNamespace(**dict(rows[0])), runner.driver
 
 
 def runner_of(uow: UnitOfWork) -> Runner:

@@ -17,7 +17,7 @@ import pytest
 
 from slack_fathom_db import Database, TenantId
 from slack_fathom_db.errors import Conflict, RateLimitExceeded, ValidationError
-from slack_fathom_db.models import AuditLog, User
+from slack_fathom_db.records import AuditLog, User
 from slack_fathom_db.repositories.audit import AuditRepo
 from tests.conftest import unique_user_id
 

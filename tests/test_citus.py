@@ -17,8 +17,8 @@ from pydantic import SecretStr
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
 from slack_fathom_db.errors import ConfigurationError, Conflict, translate
+from slack_fathom_db.logins import create_login
 from slack_fathom_db.maintenance import purge_rate_limit_windows
-from slack_fathom_db.roles import create_login
 from slack_fathom_db.testing import CitusCluster, citus_database
 from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
 from tests.test_cli import owner_env, sfdb, url_of

@@ -23,7 +23,7 @@ import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, DatabaseUnavailable, ValidationError
-from slack_fathom_db.models import MeetingSession
+from slack_fathom_db.records import MeetingSession
 from slack_fathom_db.testing import driver_of
 from tests.conftest import unique_user_id
 from tests.helpers import fetch_row

@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import DatabaseSettings, schema
 from slack_fathom_db.cli import main
 from slack_fathom_db.errors import ValidationError
-from slack_fathom_db.roles import scram_verifier
+from slack_fathom_db.logins import scram_verifier
 from slack_fathom_db.testing import throwaway_database
 from tests.conftest import superuser_dsn
 from tests.helpers import fetch_row

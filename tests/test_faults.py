@@ -23,13 +23,12 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 import pytest_asyncio
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 import slack_fathom_db.database as database_module
-import slack_fathom_db.uow as uow_module
+import slack_fathom_db.runner as runner_module
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork, retries
-from slack_fathom_db.connections import connection_lost, send
+from slack_fathom_db.connections import connection_lost, driver_of
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
     PoolExhausted,
@@ -46,6 +45,7 @@ from slack_fathom_db.testing import (
     engine_of,
     execute_in,
     local_cluster_control,
+    runner_of,
     throwaway_database,
 )
 from tests.conftest import superuser_connection, superuser_dsn, unique_team_id, unique_user_id
@@ -680,11 +680,12 @@ async def test_statement_timeout_is_set_per_transaction_not_per_connection(
     # parameter, nothing is sent when connecting and the server session keeps its own.
     engine = engine_of(timeout_db)
     async with engine.connect() as conn:
+        driver = await driver_of(conn)
         if timeout_db.settings.pgbouncer:
-            await send(conn, "BEGIN", action="probe")  # simple protocol, as the layer does
-        outside = (await conn.execute(text("SHOW statement_timeout"))).scalar_one()
+            await driver.execute("BEGIN")  # simple protocol, as the layer does
+        outside = await driver.fetchval("SHOW statement_timeout")
         if timeout_db.settings.pgbouncer:
-            await send(conn, "COMMIT", action="probe")
+            await driver.execute("COMMIT")
     assert (outside == "300ms") is not timeout_db.settings.pgbouncer
 
 
@@ -736,7 +737,7 @@ async def test_slow_statement_raises_statement_timeout_and_the_connection_stays_
 @pytest.fixture
 def attempts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """Attempts per retried operation, by kind: ``transaction`` (db.rate_limit) and
-    ``savepoint`` (UnitOfWork.retrying). A spy around the real ``retry_conflicts``."""
+    ``savepoint`` (Runner.retrying). A spy around the real ``retry_conflicts``."""
     seen: dict[str, list[int]] = defaultdict(list)
 
     def spy(kind: str, real: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -756,7 +757,7 @@ def attempts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     monkeypatch.setattr(
         database_module, "retry_conflicts", spy("transaction", retries.retry_conflicts)
     )
-    monkeypatch.setattr(uow_module, "retry_conflicts", spy("savepoint", retries.retry_conflicts))
+    monkeypatch.setattr(runner_module, "retry_conflicts", spy("savepoint", retries.retry_conflicts))
     return seen
 
 
@@ -1074,7 +1075,9 @@ async def test_a_non_conflict_error_inside_retrying_is_raised_at_once(
     async with db.unit_of_work(tenant_a) as uow:
         await uow.tenants.add_user(slack_user_id=slack_user)
         with pytest.raises(ValueError, match="credentials_secret_id"):
-            await uow.retrying(lambda: duplicate_meeting_of_another_user(uow), action="test")
+            await runner_of(uow).retrying(
+                lambda: duplicate_meeting_of_another_user(uow), action="test"
+            )
     assert calls == 1
     assert attempts["savepoint"] == [1]
 

@@ -38,12 +38,10 @@ from sqlalchemy import TextClause, event, text
 from sqlalchemy.exc import DBAPIError
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, TenantStats, UnitOfWork
-from slack_fathom_db.connections import execute_outside_tenant
 from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAborted
-from slack_fathom_db.models import CrmConnection, MeetingSession, User
+from slack_fathom_db.records import CrmConnection, MeetingSession, User
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
-from slack_fathom_db.tenancy import outside_opener
-from slack_fathom_db.testing import engine_of, execute_in
+from slack_fathom_db.testing import engine_of, execute_in, probe_outside
 from tests.conftest import unique_team_id, unique_user_id
 from tests.helpers import fetch_row, on_citus, sqlstate_of
 
@@ -1070,14 +1068,7 @@ async def test_every_transaction_is_scoped_and_the_connection_is_reset_after(
         async def outside() -> tuple[Any, asyncpg.Connection]:
             # The pool's one connection, as the layer runs a statement outside any tenant
             # (behind PgBouncer, in a transaction its opener starts).
-            async with engine_of(single).connect() as conn:
-                raw = await conn.get_raw_connection()
-                driver = raw.driver_connection
-                assert isinstance(driver, asyncpg.Connection), driver
-                result = await execute_outside_tenant(
-                    conn, PROBE, opener=outside_opener(settings), action="probe"
-                )
-                return result.one(), driver
+            return await probe_outside(single, PROBE)
 
         def assert_outside(row: Any) -> None:
             assert (row.role, row.login) == (roles.directory, login)

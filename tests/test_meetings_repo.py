@@ -20,7 +20,7 @@ from slack_fathom_db.errors import (
     SlackFathomDBError,
     ValidationError,
 )
-from slack_fathom_db.models import MeetingSession, User
+from slack_fathom_db.records import MeetingSession, User
 from tests.conftest import unique_user_id
 
 

@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, schema
-from slack_fathom_db.roles import create_login
+from slack_fathom_db.logins import create_login
 from slack_fathom_db.testing import throwaway_database
 from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
 

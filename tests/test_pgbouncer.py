@@ -22,9 +22,12 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
-from slack_fathom_db.connections import execute_outside_tenant
-from slack_fathom_db.tenancy import outside_opener
-from slack_fathom_db.testing import engine_of, execute_in, pgbouncer, pgbouncer_binary
+from slack_fathom_db.testing import (
+    execute_in,
+    pgbouncer,
+    pgbouncer_binary,
+    probe_outside,
+)
 from slack_fathom_db.uow import UnitOfWork
 from tests.conftest import unique_team_id, unique_user_id
 
@@ -151,11 +154,7 @@ async def test_many_interleaved_tenants_over_two_server_connections(
         assert slack_user in users
         # Outside any unit of work, on the same client connection pool, as the layer runs a
         # statement there (in a transaction its opener starts): no tenant context.
-        async with engine_of(bounced).connect() as conn:
-            result = await execute_outside_tenant(
-                conn, PROBE, opener=outside_opener(bounced.settings), action="probe"
-            )
-            outside = result.one()
+        outside, _ = await probe_outside(bounced, PROBE)
         assert await bounced.directory.resolve("T0NOBODY") is None
         return Seen(tenant, probes, users, recordings, raw_users, outside)
 

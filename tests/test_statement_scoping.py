@@ -17,8 +17,8 @@ every way a statement could read or write a table without one of them:
    CTE, a ``select`` of those, optionally ``.label``-ed), and nothing chained
    on the wrapper may name a model;
 3. reaching for the session or connection (``.execute(``, ``.exec_driver_sql(``,
-   ``.stream(``, ``session``, ``_uow``, ``_conn``, …): statements run only
-   through the base executors ``_execute`` / ``_one_or_none`` / ``_all``;
+   ``.stream(``, ``session``, ``_run``, ``_conn``, …): statements run only
+   through the base executors ``_rows`` / ``_all`` / ``_one_or_none`` / ``_scalar``;
 4. passing the base executors a statement that is not scoped;
 5. pulling another table into a helper-built statement: a model other than
    the statement's own named in ``.where``/``.with_only_columns``/``.values``/
@@ -58,10 +58,10 @@ HELPERS = frozenset(
         "_update_oldest",
     }
 )
-EXECUTORS = frozenset({"_execute", "_one_or_none", "_all"})
+EXECUTORS = frozenset({"_rows", "_one_or_none", "_all", "_scalar"})
 # Executors of compiled statements, and the position of their builder argument: a
 # reference to a method of the repository that returns a helper-built statement.
-COMPILED_EXECUTORS = {"_fetch": 1, "_fetch_models": 2}
+COMPILED_EXECUTORS = {"_fetch": 1, "_fetch_records": 2}
 # Statement builders and raw-SQL constructs of SQLAlchemy; ``select`` is handled by rule 2.
 FORBIDDEN_BUILDERS = frozenset(
     {
@@ -101,6 +101,10 @@ SESSION_ATTRIBUTES = frozenset(
         "_engine",
         "engine",
         "_uow",
+        "_run",
+        "fetch",
+        "fetch_statement",
+        "driver",
         "get_raw_connection",
         "driver_connection",
         "bind",
@@ -248,7 +252,7 @@ class _Checker:
                         self.flag(
                             node,
                             f"calls .{func.attr}(...) directly; statements run through "
-                            "self._execute / _one_or_none / _all",
+                            "self._rows / _all / _one_or_none / _scalar",
                         )
             if isinstance(node, ast.Attribute) and node.attr in SESSION_ATTRIBUTES:
                 self.flag(
@@ -550,14 +554,14 @@ BAD_SOURCES = {
             statement = select(
                 self._live().with_only_columns(func.count()).scalar_subquery(), User.id
             )
-            return await self._execute(statement, action="x")
+            return await self._rows(statement, action="x")
         """
     ),
     "where_on_a_select_wrapper": _repo(
         """
         async def count(self):
             scoped = self._live().with_only_columns(func.count()).scalar_subquery()
-            return await self._execute(select(scoped).where(User.id == 1), action="x")
+            return await self._rows(select(scoped).where(User.id == 1), action="x")
         """
     ),
     "imported_update": "from sqlalchemy import update\n",
@@ -586,7 +590,7 @@ BAD_SOURCES = {
     "session_from_the_unit_of_work": _repo(
         """
         async def raw(self):
-            session = await self._uow._tenant_session()
+            session = self._run
             return await session.scalars(self._live())
         """
     ),
@@ -620,7 +624,7 @@ BAD_SOURCES = {
         """
         async def touch(self):
             statement = self._update(User).values(display_name=CrmConnection.provider_type)
-            return await self._execute(statement, action="x")
+            return await self._rows(statement, action="x")
         """
     ),
     "variable_reassigned_to_an_unscoped_statement": _repo(
@@ -676,7 +680,7 @@ GOOD_SOURCE = _repo(
             )
 
         statement = select(count(User).label("users"), count(CrmConnection).label("crm"))
-        return (await self._execute(statement, action="stats")).one()
+        return (await self._rows(statement, action="stats")).one()
 
     async def charge(self, name):
         insert = self._insert(User, slack_user_id=name)
@@ -686,7 +690,7 @@ GOOD_SOURCE = _repo(
             select(charged.c.id).scalar_subquery().label("granted"),
             prior.scalar_subquery().label("prior"),
         )
-        return (await self._execute(statement, action="charge")).one()
+        return (await self._rows(statement, action="charge")).one()
 
     async def find(self, cid, verified):
         connection = self._live(CrmConnection).with_only_columns(CrmConnection.id)

@@ -15,7 +15,7 @@ import pytest
 
 from slack_fathom_db import Database, TenantId, TenantStats
 from slack_fathom_db.errors import NotFound, TenantNotFound, ValidationError
-from slack_fathom_db.models import CrmConnection, MeetingSession, User
+from slack_fathom_db.records import CrmConnection, MeetingSession, User
 from tests.conftest import unique_team_id, unique_user_id
 
 SECRET_REFERENCES = [

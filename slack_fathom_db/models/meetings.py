@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column
 
 from slack_fathom_db.models.base import Base, SoftDelete, TenantOwned, Timestamps, one_of
-
-if TYPE_CHECKING:
-    from slack_fathom_db.models.tenants import User
 
 MEETING_STATUSES: Final = ("pending", "processing", "completed", "failed")
 CRM_SYNC_STATUSES: Final = ("not_synced", "pending", "synced", "failed")
@@ -109,8 +106,6 @@ class MeetingSession(TenantOwned, Timestamps, SoftDelete, Base):
     crm_synced_at: Mapped[datetime | None]
 
     version: Mapped[int] = mapped_column(server_default=text("1"))
-
-    user: Mapped[User] = relationship(lazy="raise", viewonly=True)
 
     def __repr__(self) -> str:
         return f"MeetingSession(id={self.id}, status={self.status!r})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from sqlalchemy import (
     CheckConstraint,
@@ -21,12 +21,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column
 
 from slack_fathom_db.models.base import Base, SoftDelete, TenantOwned, Timestamps, one_of
-
-if TYPE_CHECKING:
-    from slack_fathom_db.models.meetings import MeetingSession
 
 PLAN_TIERS: Final = ("free", "starter", "pro", "enterprise")
 SUBSCRIPTION_STATUSES: Final = ("trialing", "active", "past_due", "canceled")
@@ -59,10 +56,6 @@ class Tenant(Timestamps, SoftDelete, Base):
     trial_ends_at: Mapped[datetime | None]
     settings: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
 
-    users: Mapped[list[User]] = relationship(lazy="raise", viewonly=True)
-    crm_connections: Mapped[list[CrmConnection]] = relationship(lazy="raise", viewonly=True)
-    account_mappings: Mapped[list[AccountMapping]] = relationship(lazy="raise", viewonly=True)
-
     def __repr__(self) -> str:
         return f"Tenant(id={self.id}, slack_team_id={self.slack_team_id!r})"
 
@@ -86,8 +79,6 @@ class User(TenantOwned, Timestamps, SoftDelete, Base):
     slack_email: Mapped[str | None] = mapped_column(String(320))
     display_name: Mapped[str | None] = mapped_column(Text)
     role: Mapped[str] = mapped_column(Text, server_default="member")
-
-    meetings: Mapped[list[MeetingSession]] = relationship(lazy="raise", viewonly=True)
 
     def __repr__(self) -> str:
         return f"User(id={self.id}, slack_user_id={self.slack_user_id!r})"
@@ -118,8 +109,6 @@ class CrmConnection(TenantOwned, Timestamps, SoftDelete, Base):
     connected_by_user_id: Mapped[uuid.UUID | None]
     is_default: Mapped[bool] = mapped_column(server_default=text("false"))
     status: Mapped[str] = mapped_column(Text, server_default="active")
-
-    account_mappings: Mapped[list[AccountMapping]] = relationship(lazy="raise", viewonly=True)
 
     def __repr__(self) -> str:
         # credentials_secret_id is a reference, but a reference is still nobody's business here

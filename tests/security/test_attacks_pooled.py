@@ -47,16 +47,16 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings
-from slack_fathom_db.connections import execute_outside_tenant
 from slack_fathom_db.errors import SlackFathomDBError, TenantIsolationError
-from slack_fathom_db.tenancy import outside_opener
 from slack_fathom_db.testing import (
     driver_of,
-    engine_of,
     execute_in,
     pgbouncer,
     pgbouncer_binary,
     throwaway_database,
+)
+from slack_fathom_db.testing import (
+    probe_outside as probe_as_the_layer,
 )
 from slack_fathom_db.uow import UnitOfWork
 from tests.conftest import unique_user_id
@@ -149,11 +149,8 @@ def pinned(row: Any) -> tuple[Any, ...]:
 
 async def probe_outside(db: Database) -> Any:
     """:data:`PROBE` as the layer runs its statements outside units of work (pooled after)."""
-    async with engine_of(db).connect() as conn:
-        result = await execute_outside_tenant(
-            conn, PROBE, opener=outside_opener(db.settings), action="probe"
-        )
-        return result.one()
+    row, _ = await probe_as_the_layer(db, PROBE)
+    return row
 
 
 HAS_PREPARED: Final = "SELECT count(*) > 0 FROM pg_prepared_statements WHERE name = 'sfdb_attack'"

@@ -101,9 +101,7 @@ async def test_a_uuid_subclass_cannot_write_sql_into_the_transaction_opener(
     db: Database, tenant_a: TenantId
 ) -> None:
     shifty = Shifty(int=tenant_a.int)
-    (message,) = transaction_preamble(
-        shifty, role="sfdb_app", statement_timeout_ms=1, idle_timeout_ms=1, check_tenant=False
-    )
+    (message,) = transaction_preamble(shifty, settings=db.settings, check_tenant=False)
     assert f"app.tenant_id = '{uuid.UUID(int=tenant_a.int)}'" in message
     assert "postgres" not in message
     assert type(uuid_value(shifty, field="tenant_id")) is uuid.UUID
