@@ -56,8 +56,27 @@ def since(days: int = RECENT_DAYS) -> datetime:
     return datetime.now(UTC) - timedelta(days=days)
 
 
+IDLE_TIMEOUT_MS: Final = 60_000
+SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
+
+
+def session_settings(directory_role: str) -> dict[str, str]:
+    """What a connection opens with, as the layer's direct connections do: outside any
+    tenant it acts as the directory role, with a pinned path, row security and timeouts."""
+    return {
+        "role": directory_role,
+        "search_path": SEARCH_PATH,
+        "row_security": "on",
+        "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+        "lock_timeout": "0",
+        "default_transaction_read_only": "off",
+        "default_transaction_isolation": "read committed",
+    }
+
+
 def tenant_preamble(tenant_id: uuid.UUID, *, begin: bool, check_tenant: bool = True) -> str:
-    """The statements that open a tenant transaction, for implementations that send them by hand.
+    """The statements that open a tenant transaction, the layer's own, for implementations
+    that send them by hand.
 
     ``tenant_id`` must be a :class:`uuid.UUID` (read back from the database), so
     the literal cannot carry anything else.
@@ -65,10 +84,14 @@ def tenant_preamble(tenant_id: uuid.UUID, *, begin: bool, check_tenant: bool = T
     if not isinstance(tenant_id, uuid.UUID):
         raise TypeError("tenant_id must be a uuid.UUID")
     statements = [
-        *(["BEGIN"] if begin else []),
-        f"SET LOCAL ROLE {APP_ROLE}",
+        *(["BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"] if begin else []),
+        f'SET LOCAL ROLE "{APP_ROLE}"',
+        f"SET LOCAL search_path = {SEARCH_PATH}",
         f"SET LOCAL app.tenant_id = '{tenant_id}'",
+        "SET LOCAL row_security = on",
         f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}",
+        "SET LOCAL lock_timeout = 0",
+        f"SET LOCAL idle_in_transaction_session_timeout = {IDLE_TIMEOUT_MS}",
         *(["SELECT sfdb_require_tenant()"] if check_tenant else []),
     ]
     return "; ".join(statements)

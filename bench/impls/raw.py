@@ -1,14 +1,17 @@
 """Raw asyncpg: the layer's statements written by hand, with a pool (the practical lower bound).
 
-Same transaction shape and statements as the layer: one simple-protocol
-message opens each tenant transaction (``BEGIN; SET LOCAL ROLE …; SET LOCAL
-app.tenant_id = '…'; SET LOCAL statement_timeout …; SELECT
-sfdb_require_tenant()``), then the statements (prepared once per connection
-by asyncpg's statement cache, each one round trip), then ``COMMIT``. The
-INSERTs return the whole row, as the layer's do, and ``jsonb`` is decoded to
-Python objects, as SQLAlchemy does. The pool's per-release reset query
-(``RESET ALL`` …) is replaced by a rollback-if-needed check, because nothing
-here sets session state: a careful hand-written version would do the same.
+The same statements and round trips as the layer, on the same roles:
+connections open as the directory role with the layer's session settings;
+a team resolves with ``sfdb_resolve_tenant()`` and a rate limit is one
+autocommitted ``sfdb_consume_rate_limit()``; one simple-protocol message
+opens each tenant transaction (the layer's preamble, ``SET LOCAL`` s and
+``SELECT sfdb_require_tenant()`` included), then the statements (prepared
+once per connection by asyncpg's statement cache, each one round trip), then
+``COMMIT``. The INSERTs return the whole row, as the layer's do, and
+``jsonb`` is decoded to Python objects, as the layer does. The pool's
+per-release reset query (``RESET ALL`` …) is replaced by a
+rollback-if-needed check, because nothing here sets session state: a
+careful hand-written version would do the same.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from bench.impls.base import (
     NEVER_DENY,
     RECENT_DAYS,
     RECENT_LIMIT,
+    STATEMENT_TIMEOUT_MS,
     Implementation,
     day_start,
+    session_settings,
     since,
     tenant_preamble,
 )
+from slack_fathom_db.settings import DatabaseSettings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -53,22 +59,8 @@ AUDIT_COLUMNS: Final = (
     "resource_type, resource_id, ip_address, user_agent, metadata, created_at"
 )
 
-RESOLVE: Final = "SELECT id FROM tenants WHERE slack_team_id = $1 AND deleted_at IS NULL"
-CHARGE: Final = """
-WITH charged AS (
-    INSERT INTO api_rate_limits (tenant_id, resource_type, period, window_start, request_count)
-    VALUES ($1, $2, $3, $4, $5)
-    ON CONFLICT (tenant_id, resource_type, period, window_start) DO UPDATE
-        SET request_count = api_rate_limits.request_count + excluded.request_count,
-            updated_at = now()
-        WHERE api_rate_limits.request_count + excluded.request_count <= $6
-    RETURNING api_rate_limits.request_count
-)
-SELECT (SELECT request_count FROM charged) AS granted,
-       (SELECT request_count FROM api_rate_limits
-         WHERE tenant_id = $1 AND resource_type = $2 AND period = $3 AND window_start = $4)
-           AS prior
-"""
+RESOLVE: Final = "SELECT sfdb_resolve_tenant($1)"
+CHARGE: Final = "SELECT sfdb_consume_rate_limit($1, $2, $3, $4, $5, $6, $7)"
 USER_BY_SLACK_ID: Final = (
     f"SELECT {USER_COLUMNS} FROM users "  # noqa: S608 - constant column list
     "WHERE tenant_id = $1 AND deleted_at IS NULL AND slack_user_id = $2"
@@ -118,9 +110,11 @@ class RawAsyncpgImpl(Implementation):
     key = "raw"
     title = "raw asyncpg"
     isolation = (
-        "by hand, like the layer: one simple-protocol `conn.execute()` of `BEGIN; SET LOCAL "
-        f"ROLE {APP_ROLE}; SET LOCAL app.tenant_id = '<uuid>'; SET LOCAL statement_timeout; "
-        "SELECT sfdb_require_tenant()`, then the statements, then `COMMIT`"
+        "by hand, the layer's statements: connections open as the directory role; "
+        "`sfdb_resolve_tenant()` and `sfdb_consume_rate_limit()` autocommitted; one "
+        "simple-protocol `conn.execute()` of the layer's preamble (`BEGIN; SET LOCAL ROLE "
+        f"{APP_ROLE}; SET LOCAL search_path, app.tenant_id, row_security, timeouts; SELECT "
+        "sfdb_require_tenant()`), then the statements, then `COMMIT`"
     )
 
     def __init__(self) -> None:
@@ -134,13 +128,17 @@ class RawAsyncpgImpl(Implementation):
         return self._pool
 
     async def open(self, dsn: str, *, pool_size: int) -> None:
+        roles = DatabaseSettings(url=dsn, app_role=APP_ROLE, _env_file=None).roles
         self._pool = await asyncpg.create_pool(
             dsn,
             min_size=pool_size,
             max_size=pool_size,
             init=_init,
             reset=_reset,
-            server_settings={"application_name": "sfdb_bench_raw"},
+            server_settings={
+                "application_name": "sfdb_bench_raw",
+                **session_settings(roles.directory),
+            },
         )
 
     async def close(self) -> None:
@@ -160,13 +158,10 @@ class RawAsyncpgImpl(Implementation):
                 raise
 
     async def _charge(self, tenant_id: uuid.UUID, resource: str) -> bool:
-        async with self._transaction(tenant_id) as conn:
-            row: Any = await conn.fetchrow(
-                CHARGE, tenant_id, resource, "daily", day_start(), 1, NEVER_DENY
-            )
-            allowed = row["granted"] is not None
-            await conn.execute("COMMIT" if allowed else "ROLLBACK")
-        return allowed
+        granted, _prior = await self.pool.fetchval(
+            CHARGE, tenant_id, resource, "daily", day_start(), 1, NEVER_DENY, STATEMENT_TIMEOUT_MS
+        )
+        return granted is not None
 
     async def handler(self, event: HandlerEvent) -> None:
         tenant_id = await self.pool.fetchval(RESOLVE, event.slack_team_id)
