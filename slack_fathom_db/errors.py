@@ -206,6 +206,8 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return exc
     if isinstance(exc, sa_exc.TimeoutError):
         return PoolExhausted(f"{action}: {_POOL_EXHAUSTED}")
+    if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
+        return ConfigurationError(f"{action}: {_CITUS_LOGIN_REFUSED}")
     code = _sqlstate(exc)
     if code is not None:
         entry = _BY_SQLSTATE.get(code) or _BY_SQLSTATE.get(code[:3]) or _BY_SQLSTATE.get(code[:2])
@@ -214,8 +216,6 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
             rule = _constraint(exc)
             where = f" ({rule})" if rule else ""
             return error_class(f"{action}: " + message.format(where=where, code=code))
-    if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
-        return ConfigurationError(f"{action}: {_CITUS_LOGIN_REFUSED}")
     if isinstance(exc, TimeoutError):
         return DatabaseUnavailable(f"{action}: {_CLIENT_TIMEOUT}")
     if _is_connection_error(exc):

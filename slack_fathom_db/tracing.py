@@ -29,16 +29,15 @@ __all__ = ["ENABLED", "tag_tenant", "trace_methods", "unit_of_work_span"]
 
 ENABLED = trace is not None
 """Whether ``opentelemetry-api`` is importable (the ``otel`` extra)."""
-_TRACER_NAME = "slack_fathom_db"
+_TRACER = None if trace is None else trace.get_tracer("slack_fathom_db")
+"""One tracer for the package: it follows the provider the application sets, whenever."""
 
 
 def unit_of_work_span(settings: DatabaseSettings) -> AbstractContextManager[Any]:
     """The span of one unit of work (a no-op context without OpenTelemetry)."""
-    if trace is None:
+    if _TRACER is None:
         return nullcontext()
-    span: AbstractContextManager[Any] = trace.get_tracer(_TRACER_NAME).start_as_current_span(
-        "sfdb.unit_of_work"
-    )
+    span: AbstractContextManager[Any] = _TRACER.start_as_current_span("sfdb.unit_of_work")
     return span
 
 
@@ -50,7 +49,7 @@ def tag_tenant(span: Any, settings: DatabaseSettings, tenant_id: uuid.UUID) -> N
 
 def trace_methods(cls: type[Any], prefix: str) -> None:
     """Wrap every public coroutine method of ``cls`` in a span ``sfdb.<prefix>.<name>``."""
-    if trace is None:
+    if _TRACER is None:
         return
     for name, method in list(vars(cls).items()):
         if not name.startswith("_") and inspect.iscoroutinefunction(method):
@@ -60,10 +59,12 @@ def trace_methods(cls: type[Any], prefix: str) -> None:
 def _traced(
     span_name: str, method: Callable[..., Coroutine[Any, Any, Any]]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
+    start = _TRACER.start_as_current_span if _TRACER is not None else None
+
     @functools.wraps(method)
     async def traced(*args: Any, **kwargs: Any) -> Any:
-        assert trace is not None  # noqa: S101 - only wrapped when importable
-        with trace.get_tracer(_TRACER_NAME).start_as_current_span(span_name):
+        assert start is not None  # noqa: S101 - only wrapped when importable
+        with start(span_name):
             return await method(*args, **kwargs)
 
     return traced

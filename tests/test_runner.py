@@ -19,6 +19,7 @@ from sqlalchemy import inspect
 import slack_fathom_db
 from slack_fathom_db import Database, records
 from slack_fathom_db.errors import (
+    ConfigurationError,
     Conflict,
     DatabaseUnavailable,
     NotFound,
@@ -209,8 +210,8 @@ async def test_pool_stats_count_what_is_checked_out(db: Database, tenant_a: Tena
 
 
 class _Raised(Exception):
-    def __init__(self, sqlstate: str) -> None:
-        super().__init__("boom")
+    def __init__(self, sqlstate: str, message: str = "boom") -> None:
+        super().__init__(message)
         self.sqlstate = sqlstate
 
 
@@ -240,6 +241,16 @@ def test_database_errors_are_translated_by_one_table(
     error = translate(_Raised(sqlstate), action="do it")
     assert type(error) is expected
     assert error.args[0].startswith("do it: ")
+
+
+def test_a_citus_worker_refusing_a_login_is_a_configuration_error() -> None:
+    refused = _Raised(
+        "08006",
+        "connection to the remote node app@127.0.0.1:9701 failed with the following error: "
+        'FATAL:  role "app" is not permitted to log in',
+    )
+    assert type(translate(refused, action="x")) is ConfigurationError
+    assert type(translate(_Raised("08006"), action="x")) is DatabaseUnavailable
 
 
 # -- the package's import graph -----------------------------------------------------------
