@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 from sqlalchemy import event
-from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.util import greenlet_spawn
 
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
@@ -34,8 +35,8 @@ from slack_fathom_db.errors import (
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
 
 SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
 """Every transaction's search path: pg_temp last, so no temp object shadows anything."""
@@ -63,12 +64,28 @@ DRIVER_ERRORS = (
 )
 
 
-async def connect(engine: AsyncEngine, *, action: str) -> AsyncConnection:
-    """A pooled connection, with errors of getting one translated; the caller closes it."""
+async def checkout(
+    engine: AsyncEngine, *, action: str
+) -> tuple[PoolProxiedConnection, asyncpg.Connection]:
+    """A pooled connection and its driver connection, errors of getting one translated.
+
+    Straight from the pool (no SQLAlchemy ``Connection`` around it): the runner
+    is the only code that uses it. Give it back with :func:`checkin`.
+    """
     try:
-        return await engine.connect()
-    except (SQLAlchemyError, *DRIVER_ERRORS) as exc:
+        pooled = await engine.raw_connection()
+    except Exception as exc:  # the pool's, the driver's or its SQLAlchemy adapter's errors
         raise translate(exc, action=action) from exc
+    driver: asyncpg.Connection | None = pooled.driver_connection
+    if driver is None:  # a pooled connection always has its driver
+        await checkin(pooled)
+        raise DatabaseUnavailable(f"{action}: the pooled connection has no driver connection")
+    return pooled, driver
+
+
+async def checkin(pooled: PoolProxiedConnection) -> None:
+    """Return a connection to the pool (a transaction left open is rolled back there)."""
+    await greenlet_spawn(pooled.close)
 
 
 def connection_lost(error: SlackFathomDBError, driver: asyncpg.Connection | None) -> bool:
@@ -83,30 +100,18 @@ def connection_lost(error: SlackFathomDBError, driver: asyncpg.Connection | None
     return isinstance(error, DatabaseUnavailable) and not isinstance(error, StatementTimeout)
 
 
-async def discard(
-    conn: AsyncConnection, cause: BaseException, *, driver: asyncpg.Connection | None = None
+def discard(
+    pooled: PoolProxiedConnection, driver: asyncpg.Connection, cause: BaseException
 ) -> None:
-    """Drop ``conn`` from the pool: abort its socket now, then invalidate it.
+    """Drop a pooled connection: abort its socket now, then invalidate it.
 
     No I/O waits on the server: after a client timeout the server (or a
     proxy) may never answer a graceful close.
     """
-    if conn.invalidated:
+    if not pooled.is_valid:
         return
-    if driver is None:
-        driver = (await conn.get_raw_connection()).driver_connection
-    if driver is not None:
-        driver.terminate()
-    await conn.invalidate(cause)
-
-
-async def driver_of(conn: AsyncConnection) -> asyncpg.Connection:
-    """The asyncpg connection under a pooled connection."""
-    raw = await conn.get_raw_connection()
-    driver: asyncpg.Connection | None = raw.driver_connection
-    if driver is None:  # a pooled connection always has its driver
-        raise DatabaseUnavailable("the pooled connection has no driver connection")
-    return driver
+    driver.terminate()
+    pooled.invalidate(cause)
 
 
 def install_pool_guards(engine: AsyncEngine) -> None:

@@ -46,10 +46,10 @@ from slack_fathom_db.connections import (
     DRIVER_ERRORS,
     ROLLBACK,
     ROLLBACK_AND_RESET,
-    connect,
+    checkin,
+    checkout,
     connection_lost,
     discard,
-    driver_of,
 )
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
@@ -65,7 +65,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     import asyncpg
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.pool import PoolProxiedConnection
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -144,14 +145,14 @@ class Runner:
 
     def __init__(
         self,
-        conn: AsyncConnection,
+        pooled: PoolProxiedConnection,
         driver: asyncpg.Connection,
         settings: DatabaseSettings,
         *,
         begin: Callable[[], Sequence[str]] | None,
         autocommit: bool,
     ) -> None:
-        self._conn = conn
+        self._pooled = pooled
         self._driver = driver
         self._settings = settings
         self._begin_messages = begin
@@ -169,7 +170,7 @@ class Runner:
     @property
     def info(self) -> dict[Any, Any]:
         """The pooled connection's own dictionary: what it answered once in its life."""
-        return self._conn.info
+        return self._pooled.info
 
     @property
     def driver(self) -> asyncpg.Connection:
@@ -227,7 +228,7 @@ class Runner:
         except DRIVER_ERRORS as exc:
             error = translate(exc, action=action)
             if connection_lost(error, self._driver):
-                await discard(self._conn, exc, driver=self._driver)
+                discard(self._pooled, self._driver, exc)
             raise error from exc
         finally:
             self._timed(sql, action, started)
@@ -274,7 +275,7 @@ class Runner:
         self._aborted_by = None
         if self._in_transaction:
             self._in_transaction = False
-            if not self._conn.invalidated:
+            if self._pooled.is_valid:
                 await self.send(ROLLBACK_AND_RESET if self.exposed else ROLLBACK, action="rollback")
 
     async def retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
@@ -329,7 +330,7 @@ class Runner:
             elif self._aborted_by is None:
                 self._aborted_by = f"{type(error).__name__}: {error}"
         if connection_lost(error, self._driver):
-            await discard(self._conn, exc, driver=self._driver)
+            discard(self._pooled, self._driver, exc)
         return error
 
     async def _rollback_quietly(self) -> None:
@@ -350,8 +351,8 @@ class Runner:
 
     # -- the connection --------------------------------------------------------------
 
-    async def expose(self) -> tuple[AsyncConnection, asyncpg.Connection]:
-        """The connection, inside the open transaction, for SQL the layer did not write.
+    async def expose(self) -> asyncpg.Connection:
+        """The driver connection, inside the open transaction, for SQL the layer did not write.
 
         Only :mod:`slack_fathom_db.testing` uses it (probes and attacks in tests).
         The runner is marked: its session is reset with the transaction, and its
@@ -359,7 +360,7 @@ class Runner:
         """
         await self._ensure_transaction("probe")
         self.exposed = True
-        return self._conn, self._driver
+        return self._driver
 
     async def close(self, *, quiet: bool) -> None:
         """Roll back what is open and return the connection (drop it if it was exposed).
@@ -380,9 +381,10 @@ class Runner:
                 if self.exposed:
                     # It ran SQL the layer did not write: whatever that left on the session
                     # (a prepared statement, a cursor, a setting) goes with the connection.
-                    await discard(self._conn, UsageError("the connection served foreign SQL"))
+                    cause = UsageError("the connection served foreign SQL")
+                    discard(self._pooled, self._driver, cause)
             finally:
-                await self._conn.close()
+                await checkin(self._pooled)
 
     @property
     def closed(self) -> bool:
@@ -392,7 +394,7 @@ class Runner:
     @property
     def invalidated(self) -> bool:
         """Whether the connection was discarded (it will not be pooled again)."""
-        return self._conn.invalidated
+        return not self._pooled.is_valid
 
 
 async def open_runner(
@@ -404,13 +406,8 @@ async def open_runner(
     action: str,
 ) -> Runner:
     """A runner on a pooled connection of ``engine``."""
-    conn = await connect(engine, action=action)
-    try:
-        driver = await driver_of(conn)
-    except BaseException:
-        await conn.close()
-        raise
-    return Runner(conn, driver, settings, begin=begin, autocommit=autocommit)
+    pooled, driver = await checkout(engine, action=action)
+    return Runner(pooled, driver, settings, begin=begin, autocommit=autocommit)
 
 
 @asynccontextmanager

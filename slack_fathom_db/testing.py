@@ -34,6 +34,7 @@ coordinator. Tests marked ``not_on_citus`` say why they cannot run on Citus.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -53,22 +54,21 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import pytest_asyncio
 from pydantic import SecretStr
-from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import citus, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import UsageError
 from slack_fathom_db.logins import create_login
+from slack_fathom_db.runner import render
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
     import asyncpg
-    from sqlalchemy.engine import Result
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.sql import Executable, TextClause
+    from sqlalchemy.sql import ClauseElement, TextClause
 
     from slack_fathom_db.runner import Runner
     from slack_fathom_db.uow import UnitOfWork
@@ -79,6 +79,7 @@ __all__ = [
     "LocalCluster",
     "NoPostgreSQL",
     "PgBouncer",
+    "ProbeResult",
     "citus_cluster",
     "citus_database",
     "citus_library",
@@ -699,17 +700,57 @@ def engine_of(db: Database) -> AsyncEngine:
     return db._pool()
 
 
-async def execute_in(uow: UnitOfWork, statement: str | Executable) -> Result[Any]:
+class ProbeResult:
+    """The rows of a probe run by :func:`execute_in`, read the way SQLAlchemy's results are."""
+
+    def __init__(self, rows: list[asyncpg.Record], status: str | None) -> None:
+        self._values = [tuple(row.values()) for row in rows]
+        self._rows: list[Any] = []
+        if rows:
+            names = list(rows[0].keys())
+            row_type: Any = collections.namedtuple("Row", names, rename=True)  # type: ignore[misc]
+            self._rows = [row_type._make(values) for values in self._values]
+        self.rowcount = int(status.rsplit(" ", 1)[-1]) if status and status[-1].isdigit() else -1
+        """Rows the statement changed (``UPDATE 3`` → 3), or -1."""
+
+    def all(self) -> list[Any]:
+        """Every row (a named tuple: its columns as attributes)."""
+        return list(self._rows)
+
+    def one(self) -> Any:
+        """The one row; raises if there is not exactly one."""
+        (row,) = self._rows
+        return row
+
+    def scalar(self) -> Any:
+        """The first column of the first row, or ``None``."""
+        return self._values[0][0] if self._values else None
+
+    def scalar_one(self) -> Any:
+        """The first column of the one row; raises if there is not exactly one."""
+        (values,) = self._values
+        return values[0]
+
+    def scalars(self) -> list[Any]:
+        """The first column of every row."""
+        return [values[0] for values in self._values]
+
+
+async def execute_in(uow: UnitOfWork, statement: str | ClauseElement) -> ProbeResult:
     """Run ``statement`` in the open, tenant-scoped transaction of ``uow``: for probes.
 
     What code that can send SQL on the layer's connection could do, and what
     a test needs to prove it changes nothing: it runs as the app role, under
-    the unit of work's tenant, exactly as the repositories' statements do.
-    The connection is dropped when the unit of work ends, never pooled again:
-    nothing such SQL leaves on the session reaches the next user.
+    the unit of work's tenant, exactly as the repositories' statements do, and
+    raises the driver's own errors (nothing translates them). The connection is
+    dropped when the unit of work ends, never pooled again: nothing such SQL
+    leaves on the session reaches the next user.
     """
-    conn, _ = await runner_of(uow).expose()
-    return await conn.execute(text(statement) if isinstance(statement, str) else statement)
+    driver = await runner_of(uow).expose()
+    sql, arguments = (statement, []) if isinstance(statement, str) else render(statement)
+    prepared = await driver.prepare(sql)
+    rows = await prepared.fetch(*arguments)
+    return ProbeResult(rows, prepared.get_statusmsg())
 
 
 async def driver_of(uow: UnitOfWork) -> asyncpg.Connection:
@@ -718,8 +759,7 @@ async def driver_of(uow: UnitOfWork) -> asyncpg.Connection:
     Like :func:`execute_in`, it marks the unit of work: its connection is dropped when
     the unit of work ends, never pooled again.
     """
-    _, driver = await runner_of(uow).expose()
-    return driver
+    return await runner_of(uow).expose()
 
 
 async def probe_outside(db: Database, sql: str | TextClause) -> tuple[Any, asyncpg.Connection]:

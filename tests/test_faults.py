@@ -28,7 +28,7 @@ from sqlalchemy.engine import URL
 import slack_fathom_db.database as database_module
 import slack_fathom_db.runner as runner_module
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork, retries
-from slack_fathom_db.connections import connection_lost, driver_of
+from slack_fathom_db.connections import connection_lost
 from slack_fathom_db.errors import (
     DatabaseUnavailable,
     PoolExhausted,
@@ -680,7 +680,8 @@ async def test_statement_timeout_is_set_per_transaction_not_per_connection(
     # parameter, nothing is sent when connecting and the server session keeps its own.
     engine = engine_of(timeout_db)
     async with engine.connect() as conn:
-        driver = await driver_of(conn)
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
         if timeout_db.settings.pgbouncer:
             await driver.execute("BEGIN")  # simple protocol, as the layer does
         outside = await driver.fetchval("SHOW statement_timeout")

@@ -35,7 +35,6 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from sqlalchemy import TextClause, event, text
-from sqlalchemy.exc import DBAPIError
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, TenantStats, UnitOfWork
 from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAborted
@@ -83,7 +82,7 @@ def bound(sql: str, **values: object) -> TextClause:
 
 def assert_refused_by_database(exc: BaseException) -> None:
     """A cross-tenant write refused by RLS or grants: TenantIsolationError or SQLSTATE 42501."""
-    assert isinstance(exc, TenantIsolationError | DBAPIError), repr(exc)
+    assert isinstance(exc, TenantIsolationError | asyncpg.PostgresError), repr(exc)
     assert sqlstate_of(exc) == "42501", (type(exc), sqlstate_of(exc))
 
 
@@ -940,13 +939,11 @@ async def test_raw_selects_see_only_own_rows_without_a_where(
                 )
             ).scalar_one()
             assert named == 0, table
-        tenant_ids = (await execute_in(uow, "SELECT id FROM tenants")).scalars().all()
+        tenant_ids = (await execute_in(uow, "SELECT id FROM tenants")).scalars()
         assert tenant_ids == [world.b]
         fathom_ids = (
-            (await execute_in(uow, "SELECT fathom_recording_id FROM meeting_sessions"))
-            .scalars()
-            .all()
-        )
+            await execute_in(uow, "SELECT fathom_recording_id FROM meeting_sessions")
+        ).scalars()
         assert fathom_ids == [world.b_meeting.fathom_recording_id]
 
 
@@ -977,7 +974,7 @@ async def test_raw_insert_stamped_with_a_is_refused(
         "a_user": world.a_users["owner"].id,
         "a_conn": world.a_conns["default"].id,
     }
-    with pytest.raises((TenantIsolationError, DBAPIError)) as raised:  # noqa: PT012
+    with pytest.raises((TenantIsolationError, asyncpg.PostgresError)) as raised:  # noqa: PT012
         async with db.unit_of_work(world.b) as uow:
             await execute_in(uow, bound(RAW_INSERTS[table], **params))
             await uow.commit()
@@ -998,13 +995,13 @@ async def test_raw_update_of_a_rows_changes_nothing(
             f"UPDATE {table} SET tenant_id = tenant_id WHERE tenant_id = :a",
             f"UPDATE {table} SET tenant_id = tenant_id",
         ):
-            with pytest.raises(DBAPIError) as raised:
+            with pytest.raises(asyncpg.PostgresError) as raised:
                 await execute_in(uow, bound(moving, a=world.a))
             assert_refused_by_database(raised.value)
             assert f"permission denied for table {table}" in str(raised.value)
             await uow.rollback()
         if table == "audit_logs":  # the app role may not UPDATE audit rows at all
-            with pytest.raises(DBAPIError) as raised:
+            with pytest.raises(asyncpg.PostgresError) as raised:
                 await execute_in(
                     uow,
                     bound("UPDATE audit_logs SET status = status WHERE tenant_id = :a", a=world.a),
@@ -1025,7 +1022,7 @@ async def test_raw_move_of_own_row_into_a_is_refused(
     db: Database, world: World, admin: asyncpg.Connection
 ) -> None:
     before = await snapshot(admin, world.a)
-    with pytest.raises((TenantIsolationError, DBAPIError)) as raised:  # noqa: PT012
+    with pytest.raises((TenantIsolationError, asyncpg.PostgresError)) as raised:  # noqa: PT012
         async with db.unit_of_work(world.b) as uow:
             await execute_in(
                 uow,

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
-from sqlalchemy.exc import DBAPIError, ResourceClosedError
 
 from slack_fathom_db.testing import execute_in
 from tests.conftest import unique_team_id, unique_user_id
@@ -155,12 +154,9 @@ async def uow_attempt(
         async with db.unit_of_work(tenant) as uow:
             await execute_in(uow, become(move, settings))
             result = await execute_in(uow, sql)
-            try:
-                rows = tuple(tuple(row) for row in result.all())
-            except ResourceClosedError:  # a statement that returns no rows
-                rows = ()
+            rows = tuple(tuple(row) for row in result.all())
             await uow.rollback()
-    except DBAPIError as exc:
+    except asyncpg.PostgresError as exc:
         return _refusal("unit of work", move, exc)
     return Outcome("unit of work", move, None, "", rows)
 
