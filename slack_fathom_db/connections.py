@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import greenlet_spawn
 
 from slack_fathom_db.errors import (
@@ -36,7 +37,7 @@ from slack_fathom_db.errors import (
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
+    from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, PoolResetState
 
 SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
 """Every transaction's search path: pg_temp last, so no temp object shadows anything."""
@@ -78,14 +79,24 @@ async def checkout(
         raise translate(exc, action=action) from exc
     driver: asyncpg.Connection | None = pooled.driver_connection
     if driver is None:  # a pooled connection always has its driver
-        await checkin(pooled)
+        await greenlet_spawn(pooled.close)
         raise DatabaseUnavailable(f"{action}: the pooled connection has no driver connection")
     return pooled, driver
 
 
-async def checkin(pooled: PoolProxiedConnection) -> None:
-    """Return a connection to the pool (a transaction left open is rolled back there)."""
-    await greenlet_spawn(pooled.close)
+async def checkin(pooled: PoolProxiedConnection, driver: asyncpg.Connection, pool: Pool) -> None:
+    """Return a connection to the pool (a transaction left open is rolled back there).
+
+    A healthy, idle connection that fits back into the queue is returned at once:
+    that does no I/O (the pool's rollback-on-return is a no-op outside a transaction),
+    so it needs none of SQLAlchemy's greenlet machinery. Anything else (a transaction
+    still open, an overflow connection to close, an invalidated one) goes the long way.
+    """
+    idle = pooled.is_valid and not driver.is_closed() and not driver.is_in_transaction()
+    if idle and isinstance(pool, QueuePool) and pool.checkedin() < pool.size():
+        pooled.close()
+    else:
+        await greenlet_spawn(pooled.close)
 
 
 def connection_lost(error: SlackFathomDBError, driver: asyncpg.Connection | None) -> bool:

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
     import asyncpg
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.pool import PoolProxiedConnection
+    from sqlalchemy.pool import Pool, PoolProxiedConnection
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -145,6 +145,7 @@ class Runner:
 
     def __init__(
         self,
+        pool: Pool,
         pooled: PoolProxiedConnection,
         driver: asyncpg.Connection,
         settings: DatabaseSettings,
@@ -152,6 +153,7 @@ class Runner:
         begin: Callable[[], Sequence[str]] | None,
         autocommit: bool,
     ) -> None:
+        self._pool = pool
         self._pooled = pooled
         self._driver = driver
         self._settings = settings
@@ -384,7 +386,7 @@ class Runner:
                     cause = UsageError("the connection served foreign SQL")
                     discard(self._pooled, self._driver, cause)
             finally:
-                await checkin(self._pooled)
+                await checkin(self._pooled, self._driver, self._pool)
 
     @property
     def closed(self) -> bool:
@@ -407,7 +409,7 @@ async def open_runner(
 ) -> Runner:
     """A runner on a pooled connection of ``engine``."""
     pooled, driver = await checkout(engine, action=action)
-    return Runner(pooled, driver, settings, begin=begin, autocommit=autocommit)
+    return Runner(engine.pool, pooled, driver, settings, begin=begin, autocommit=autocommit)
 
 
 @asynccontextmanager

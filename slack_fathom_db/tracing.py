@@ -34,12 +34,16 @@ _TRACER = None if trace is None else trace.get_tracer("slack_fathom_db")
 """One tracer for the package: it follows the provider the application sets, whenever."""
 
 
+_provider_set = False
+
+
 def _configured() -> bool:
     """Whether the application has set a tracer provider (before that, spans record nothing,
-    and the layer skips them rather than pay for spans nobody sees)."""
-    return trace is not None and not isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider
-    )
+    and the layer skips them rather than pay for spans nobody sees). Once set, it stays."""
+    global _provider_set  # noqa: PLW0603 - a one-way latch
+    if not _provider_set and trace is not None:
+        _provider_set = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return _provider_set
 
 
 def unit_of_work_span(settings: DatabaseSettings) -> AbstractContextManager[Any]:
