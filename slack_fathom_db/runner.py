@@ -95,6 +95,8 @@ class CompiledStatement:
     def arguments(self, tenant_id: object, params: Mapping[str, Any]) -> list[Any]:
         """The positional arguments, the tenant included, as the driver wants them."""
         values = [tenant_id if name == TENANT_KEY else params[name] for name in self.names]
+        if not any(self.processors):
+            return values
         return [
             value if process is None or value is None else process(value)
             for value, process in zip(values, self.processors, strict=True)

@@ -34,16 +34,14 @@ _TRACER = None if trace is None else trace.get_tracer("slack_fathom_db")
 """One tracer for the package: it follows the provider the application sets, whenever."""
 
 
-_provider_set = False
-
-
 def _configured() -> bool:
-    """Whether the application has set a tracer provider (before that, spans record nothing,
-    and the layer skips them rather than pay for spans nobody sees). Once set, it stays."""
-    global _provider_set  # noqa: PLW0603 - a one-way latch
-    if not _provider_set and trace is not None:
-        _provider_set = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
-    return _provider_set
+    """Whether the application has set a tracer provider: before that, spans record nothing,
+    and the layer skips them rather than pay for spans nobody sees.
+
+    Reads the API's global (``get_tracer_provider()`` would read the environment on every
+    call); tests/test_runner.py fails if spans stop appearing once a provider is set.
+    """
+    return getattr(trace, "_TRACER_PROVIDER", None) is not None
 
 
 def unit_of_work_span(settings: DatabaseSettings) -> AbstractContextManager[Any]:
@@ -74,11 +72,14 @@ def _traced(
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     start = _TRACER.start_as_current_span if _TRACER is not None else None
 
-    @functools.wraps(method)
-    async def traced(*args: Any, **kwargs: Any) -> Any:
-        if start is None or not _configured():
-            return await method(*args, **kwargs)
+    async def in_span(*args: Any, **kwargs: Any) -> Any:
+        assert start is not None  # noqa: S101 - only wrapped when importable
         with start(span_name):
             return await method(*args, **kwargs)
+
+    @functools.wraps(method)
+    def traced(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        # The method's own coroutine when nothing records: no extra frame per call.
+        return in_span(*args, **kwargs) if _configured() else method(*args, **kwargs)
 
     return traced

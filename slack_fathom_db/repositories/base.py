@@ -195,8 +195,14 @@ class TenantRepository(Generic[ModelT]):
         **params: Any,
     ) -> list[RecordT]:
         """Like :meth:`_fetch`, the rows read into ``record`` s."""
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = compile_statement(build())
+        rows = await self._run.fetch(
+            compiled.sql, compiled.arguments(self._tenant_id, params), action=action
+        )
         make = record._make
-        return [make(row) for row in await self._fetch(name, build, action=action, **params)]
+        return [make(row) for row in rows]
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
         """Run ``operation`` in a savepoint, again after a serialization failure or deadlock."""
