@@ -19,12 +19,13 @@ opens a fresh one next time.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import greenlet_spawn
 
 from slack_fathom_db.errors import (
@@ -37,7 +38,7 @@ from slack_fathom_db.errors import (
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.ext.asyncio import AsyncEngine
-    from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, PoolResetState
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
 
 SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
 """Every transaction's search path: pg_temp last, so no temp object shadows anything."""
@@ -73,6 +74,9 @@ async def checkout(
     Straight from the pool (no SQLAlchemy ``Connection`` around it): the runner
     is the only code that uses it. Give it back with :func:`checkin`.
     """
+    pool = engine.pool
+    if isinstance(pool, QueuePool) and pool.checkedin() == 0 and _at_capacity(pool):
+        _waits[pool] = _waits.get(pool, 0) + 1
     try:
         pooled = await engine.raw_connection()
     except Exception as exc:  # the pool's, the driver's or its SQLAlchemy adapter's errors
@@ -82,6 +86,19 @@ async def checkout(
         await greenlet_spawn(pooled.close)
         raise DatabaseUnavailable(f"{action}: the pooled connection has no driver connection")
     return pooled, driver
+
+
+_waits: weakref.WeakKeyDictionary[Pool, int] = weakref.WeakKeyDictionary()
+
+
+def _at_capacity(pool: QueuePool) -> bool:
+    """Whether no connection may be opened: a checkout must wait for one to come back."""
+    return pool.checkedout() >= pool.size() + max(0, pool._max_overflow)
+
+
+def waits(pool: Pool) -> int:
+    """How many checkouts from ``pool`` found every connection busy and had to wait."""
+    return _waits.get(pool, 0)
 
 
 async def checkin(pooled: PoolProxiedConnection, driver: asyncpg.Connection, pool: Pool) -> None:

@@ -18,8 +18,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
-from slack_fathom_db import validation
-from slack_fathom_db.connections import install_pool_guards
+from slack_fathom_db import tracing, validation
+from slack_fathom_db.connections import install_pool_guards, waits
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.models.base import utcnow
 from slack_fathom_db.repositories.audit import EventFields, audit_values
@@ -66,8 +66,13 @@ class PoolStats:
     """The connection pool's figures at one moment."""
 
     size: int
+    """Connections the pool keeps (``DATABASE_POOL_SIZE``)."""
     checked_out: int
+    """Connections in use now."""
     overflow: int
+    """Connections open beyond ``size`` now (at most ``DATABASE_MAX_OVERFLOW``)."""
+    waits: int
+    """Checkouts so far that found every allowed connection busy and had to wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,14 +212,15 @@ class Database:
         )
 
     def pool_stats(self) -> PoolStats:
-        """The pool's figures now: size, connections checked out, overflow in use."""
+        """The pool's figures now (zeros before the first connection)."""
         pool = None if self._engine is None else self._engine.pool
         if not isinstance(pool, QueuePool):
-            return PoolStats(size=self.settings.pool_size, checked_out=0, overflow=0)
+            return PoolStats(size=self.settings.pool_size, checked_out=0, overflow=0, waits=0)
         return PoolStats(
             size=self.settings.pool_size,
             checked_out=pool.checkedout(),
             overflow=max(0, pool.overflow()),
+            waits=waits(pool),
         )
 
     async def dispose(self) -> None:
@@ -279,6 +285,9 @@ class Database:
             connect_args=connect_args,
         )
         install_pool_guards(engine)
+        tracing.observe_pool(
+            f"{settings.roles.app.removesuffix('_app')}#{id(self):x}", self.pool_stats
+        )
         drivers = self._drivers
 
         def remember(dbapi_connection: Any, _record: object) -> None:

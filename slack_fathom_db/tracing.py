@@ -1,4 +1,4 @@
-"""Tracing with OpenTelemetry, when the ``otel`` extra is installed; nothing otherwise.
+"""Tracing and pool metrics with OpenTelemetry, when the ``otel`` extra is installed.
 
 A span per unit of work (``sfdb.unit_of_work``) and one per repository call,
 named by its intent (``sfdb.meetings.recent``). Spans carry no parameter and
@@ -6,27 +6,33 @@ no tenant id, unless ``DATABASE_TRACE_TENANT=true`` puts the tenant id on the
 unit of work's span. Without ``opentelemetry-api`` every hook here is a no-op
 that costs nothing per call: repository methods are not even wrapped; with it but no
 tracer provider set by the application, a call costs one check.
+
+Pool figures are observable gauges of the meter ``slack_fathom_db``:
+``sfdb.pool.size``, ``sfdb.pool.checked_out``, ``sfdb.pool.overflow`` and
+``sfdb.pool.waits`` (a counter), read from ``Database.pool_stats()`` when the
+application's metric reader collects.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 try:
-    from opentelemetry import trace
+    from opentelemetry import metrics, trace
 except ImportError:  # the otel extra is not installed
-    trace = None  # type: ignore[assignment]
+    metrics = trace = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     import uuid
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterable
 
     from slack_fathom_db.settings import DatabaseSettings
 
-__all__ = ["ENABLED", "tag_tenant", "trace_methods", "unit_of_work_span"]
+__all__ = ["ENABLED", "observe_pool", "tag_tenant", "trace_methods", "unit_of_work_span"]
 
 ENABLED = trace is not None
 """Whether ``opentelemetry-api`` is importable (the ``otel`` extra)."""
@@ -72,14 +78,52 @@ def _traced(
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     start = _TRACER.start_as_current_span if _TRACER is not None else None
 
-    async def in_span(*args: Any, **kwargs: Any) -> Any:
-        assert start is not None  # noqa: S101 - only wrapped when importable
+    @functools.wraps(method)
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        if start is None or not _configured():
+            return await method(*args, **kwargs)
         with start(span_name):
             return await method(*args, **kwargs)
 
-    @functools.wraps(method)
-    def traced(*args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        # The method's own coroutine when nothing records: no extra frame per call.
-        return in_span(*args, **kwargs) if _configured() else method(*args, **kwargs)
-
     return traced
+
+
+_POOL_FIGURES: Final = ("size", "checked_out", "overflow", "waits")
+_pools: dict[str, Callable[[], Callable[[], object] | None]] = {}
+"""Pool name -> a weak reader of its figures, for every live ``Database`` that built a pool."""
+_instruments: list[object] = []
+
+
+def observe_pool(name: str, pool_stats: Callable[[], object]) -> None:
+    """Report what ``pool_stats()`` (a bound method, held weakly) returns while its owner
+    lives, as gauges (``waits`` as a counter) with the attribute ``pool.name``."""
+    if metrics is None:
+        return
+    _pools[name] = weakref.WeakMethod(pool_stats)
+    if _instruments:
+        return
+    meter = metrics.get_meter("slack_fathom_db")
+
+    def observe(figure: str) -> Callable[[Any], Iterable[Any]]:
+        def callback(_options: Any) -> Iterable[Any]:
+            assert metrics is not None  # noqa: S101 - only registered when importable
+            observations = []
+            for pool_name, read in list(_pools.items()):
+                method = read()
+                if method is None:
+                    del _pools[pool_name]
+                    continue
+                value = getattr(method(), figure)
+                observations.append(metrics.Observation(value, {"pool.name": pool_name}))
+            return observations
+
+        return callback
+
+    for figure in _POOL_FIGURES:
+        name_, help_ = f"sfdb.pool.{figure}", f"connection pool: {figure.replace('_', ' ')}"
+        create = (
+            meter.create_observable_counter
+            if figure == "waits"
+            else (meter.create_observable_gauge)
+        )
+        _instruments.append(create(name_, callbacks=[observe(figure)], description=help_))

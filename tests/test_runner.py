@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import logging
 import uuid
 from pathlib import Path
@@ -10,7 +11,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 import pytest_asyncio
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -204,6 +207,55 @@ async def test_pool_stats_count_what_is_checked_out(db: Database, tenant_a: Tena
     assert during.checked_out == before.checked_out + 1
     assert after.checked_out == before.checked_out
     assert during.size == db.settings.pool_size
+
+
+async def test_pool_waits_count_checkouts_that_found_every_connection_busy(
+    settings: DatabaseSettings, tenant_a: TenantId
+) -> None:
+    single = Database(settings.model_copy(update={"pool_size": 1, "max_overflow": 0}))
+    try:
+        assert single.pool_stats().waits == 0
+        async with single.unit_of_work(tenant_a):
+            waiting = asyncio.ensure_future(single.directory.resolve("T0WAITING"))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()  # the one connection is busy
+            assert single.pool_stats().waits == 1
+        assert await waiting is None
+        async with single.unit_of_work(tenant_a):
+            pass
+        assert single.pool_stats().waits == 1  # a free connection: no wait
+    finally:
+        await single.dispose()
+
+
+async def test_pool_figures_are_opentelemetry_metrics(
+    settings: DatabaseSettings, tenant_a: TenantId
+) -> None:
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    observed = Database(settings.model_copy(update={"pool_size": 3}))
+    try:
+        async with observed.unit_of_work(tenant_a):
+            data = reader.get_metrics_data()
+    finally:
+        await observed.dispose()
+    assert data is not None
+    ours = f"#{id(observed):x}"
+    points = {
+        metric.name: [
+            getattr(point, "value", None)
+            for point in metric.data.data_points
+            if str((point.attributes or {}).get("pool.name", "")).endswith(ours)
+        ]
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        if scope.scope.name == "slack_fathom_db"
+        for metric in scope.metrics
+    }
+    assert points["sfdb.pool.size"] == [3]
+    assert points["sfdb.pool.checked_out"] == [1]
+    assert points["sfdb.pool.overflow"] == [0]
+    assert points["sfdb.pool.waits"] == [0]
 
 
 # -- the error table ----------------------------------------------------------------------
