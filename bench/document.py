@@ -165,6 +165,14 @@ def render(run: Run, *, markdown: bool) -> str:
         report.results_table(run.results, run.workloads, run.impls, run.datasets, markdown=md)
     )
     parts.append("ops/s: operations per second; p50, p99: latency in ms; c: concurrency.")
+    parts.append(_heading("Client CPU per operation", 2, markdown=md))
+    parts.append(
+        "CPU milliseconds of the benchmark process (the client: the implementation, the driver "
+        "and the event loop; not the server) per operation, at concurrency 32, median of the "
+        "rounds. The server shares the machine's cores, so every client millisecond saved is "
+        "throughput."
+    )
+    parts.append(report.cpu_table(run.results, run.workloads, run.impls, run.datasets, markdown=md))
     parts.append(_heading("Targets", 2, markdown=md))
     parts.append(report.targets_table(run.targets, markdown=md))
     note = report.scale_note(run.results)

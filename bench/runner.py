@@ -29,6 +29,13 @@ class Sample:
     seconds: float
     latencies: tuple[float, ...]
     """Sorted, in seconds."""
+    cpu_seconds: float = 0.0
+    """CPU time of this (client) process during the run: the server's is not in it."""
+
+    @property
+    def cpu_ms_per_op(self) -> float:
+        """Client CPU milliseconds per operation."""
+        return self.cpu_seconds * 1000 / self.ops if self.ops else math.nan
 
     @property
     def throughput(self) -> float:
@@ -81,9 +88,14 @@ async def run_load(
             seq += 1
 
     gc.collect()
-    started = clock()
+    started, cpu_started = clock(), time.process_time()
     if seconds is not None:
         deadline = started + seconds
     await asyncio.gather(*(worker(index) for index in range(concurrency)))
-    elapsed = clock() - started
-    return Sample(ops=len(latencies), seconds=elapsed, latencies=tuple(sorted(latencies)))
+    elapsed, cpu = clock() - started, time.process_time() - cpu_started
+    return Sample(
+        ops=len(latencies),
+        seconds=elapsed,
+        latencies=tuple(sorted(latencies)),
+        cpu_seconds=cpu,
+    )
