@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from slack_fathom_db import __version__, citus, logins, schema
+from slack_fathom_db import __version__, citus, demo, logins, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import URL
 
-    from slack_fathom_db.repositories import RateLimitDecision
     from slack_fathom_db.tenancy import TenantId
 
 __all__ = ["main"]
@@ -57,7 +56,6 @@ TENANT_OWNED = (
     "audit_logs",
     "api_rate_limits",
 )
-DEMO_TEAM_ID = "TDEMO00001"
 EMBEDDED_DATABASE = "slack_fathom_db"
 EMBEDDED_MIGRATOR = "slack_fathom_db_migrator"
 EMBEDDED_RUNTIME = "slack_fathom_db_runtime"
@@ -526,41 +524,29 @@ def _audit_table(events: Sequence[Any], *, title: str) -> Table:
 
 # -- the demo --------------------------------------------------------------------------
 
-DEMO_ACCOUNTS = {
-    "acme.example": ("hs-1001", "Acme Corp"),
-    "globex.example": ("hs-1002", "Globex"),
-    "initech.example": ("hs-1003", "Initech"),
-}
-
 
 async def _demo(settings: DatabaseSettings, meetings: int) -> None:
     await _migrate(settings, "head")
     async with Database(settings) as db:
-        tenant_id = await db.directory.install(
-            slack_team_id=DEMO_TEAM_ID, slack_team_name="Demo Sales Team", plan_tier="pro"
-        )
-        users = await _demo_workspace(db, tenant_id)
-        outcome = await _demo_meetings(db, tenant_id, users, meetings)
-        decisions = await _demo_rate_limits(db, tenant_id)
-        async with db.unit_of_work(tenant_id) as uow:
-            stats = await uow.tenants.stats()
-            events = await uow.audit.recent(days=1, limit=8)
+        with _progress(meetings) as advance:
+            report = await demo.run(db, meetings, advance=advance)
+    outcome = report.outcome
     out.print(
-        f"\ningested {meetings} meetings: {outcome['completed']} completed "
+        f"\ningested {report.meetings} meetings: {outcome['completed']} completed "
         f"({outcome['retried']} after a failed first attempt), "
         f"{outcome['synced']} synced to the CRM, {outcome['sync_failed']} CRM syncs failed"
     )
-    table = Table(title=f"workspace {DEMO_TEAM_ID}")
+    table = Table(title=f"workspace {demo.DEMO_TEAM_ID}")
     table.add_column("")
     table.add_column("count", justify="right")
-    for name in stats.__dataclass_fields__:
-        table.add_row(name.replace("_", " "), str(getattr(stats, name)))
+    for name in report.stats.__dataclass_fields__:
+        table.add_row(name.replace("_", " "), str(getattr(report.stats, name)))
     out.print(table)
-    out.print(_audit_table(events, title="last audit events"))
+    out.print(_audit_table(report.events, title="last audit events"))
     limits = Table(title="rate limit demo_exports (5 per minute)")
     for column in ("call", "allowed", "current", "remaining", "retry after (s)"):
         limits.add_column(column, justify="right")
-    for n, decision in enumerate(decisions, start=1):
+    for n, decision in enumerate(report.decisions, start=1):
         limits.add_row(
             str(n),
             "yes" if decision.allowed else "[red]no[/red]",
@@ -569,117 +555,6 @@ async def _demo(settings: DatabaseSettings, meetings: int) -> None:
             f"{decision.retry_after:.0f}",
         )
     out.print(limits)
-
-
-async def _demo_workspace(db: Database, tenant_id: TenantId) -> list[Any]:
-    async with db.unit_of_work(tenant_id) as uow:
-        users = [
-            await uow.tenants.add_user(
-                slack_user_id=f"UDEMO{n:04d}",
-                slack_email=f"rep{n}@demo-sales.example",
-                display_name=f"Sales Rep {n}",
-                role="owner" if n == 0 else "member",
-            )
-            for n in range(3)
-        ]
-        crm = await uow.tenants.default_crm_connection()
-        if crm is None:
-            crm = await uow.tenants.connect_crm(
-                provider_type="hubspot",
-                credentials_secret_id="vault:demo/crm/hubspot",  # noqa: S106 - a reference
-                connected_by_user_id=users[0].id,
-                is_default=True,
-            )
-            await uow.audit.log_event(
-                event_type="crm.connected",
-                event_category="integration",
-                action_description="HubSpot connected",
-                user_id=users[0].id,
-                resource_type="crm_connection",
-                resource_id=crm.id,
-            )
-        for domain, (account_id, name) in DEMO_ACCOUNTS.items():
-            await uow.tenants.map_account(
-                crm_connection_id=crm.id,
-                email_domain=domain,
-                crm_account_id=account_id,
-                crm_account_name=name,
-                verified=True,
-            )
-        await uow.commit()
-    return users
-
-
-async def _demo_meetings(
-    db: Database, tenant_id: TenantId, users: list[Any], count: int
-) -> dict[str, int]:
-    outcome = {"completed": 0, "retried": 0, "synced": 0, "sync_failed": 0}
-    run = time.strftime("%Y%m%d%H%M%S")
-    domains = list(DEMO_ACCOUNTS)
-    with _progress(count) as advance:
-        for n in range(count):
-            user = users[n % len(users)]
-            domain = domains[n % len(domains)]
-            async with db.unit_of_work(tenant_id) as uow:
-                meeting = await uow.meetings.create(
-                    user_id=user.id,
-                    fathom_recording_id=f"demo-{run}-{n:05d}",
-                    title=f"Discovery call #{n + 1} with {DEMO_ACCOUNTS[domain][1]}",
-                    participants=[{"email": f"buyer{n}@{domain}"}, {"email": user.slack_email}],
-                )
-                meeting = await uow.meetings.start_processing(meeting.id)
-                if n % 7 == 3:  # the summariser fails once; the retry succeeds
-                    meeting = await uow.meetings.fail_processing(
-                        meeting.id, error="summariser timed out"
-                    )
-                    meeting = await uow.meetings.start_processing(meeting.id)
-                    outcome["retried"] += 1
-                meeting = await uow.meetings.complete_processing(
-                    meeting.id,
-                    summary="Budget confirmed; follow-up demo next week.",
-                    action_items=[{"owner": user.display_name, "text": "Send the proposal"}],
-                    expected_version=meeting.version,
-                )
-                outcome["completed"] += 1
-                account = await uow.tenants.find_account(f"buyer{n}@{domain}")
-                if account is not None and n % 11 != 5:
-                    meeting = await uow.meetings.record_crm_sync(
-                        meeting.id, status="synced", crm_record_id=f"note-{run}-{n}"
-                    )
-                    outcome["synced"] += 1
-                else:
-                    meeting = await uow.meetings.record_crm_sync(
-                        meeting.id, status="failed", error="CRM answered 429"
-                    )
-                    outcome["sync_failed"] += 1
-                synced = meeting.crm_sync_status == "synced"
-                await uow.audit.log_event(
-                    event_type="meeting.processed",
-                    event_category="data",
-                    action_description=f"Meeting {n + 1} summarised"
-                    + (", note sent to the CRM" if synced else "; CRM sync failed"),
-                    user_id=user.id,
-                    resource_type="meeting_session",
-                    resource_id=meeting.id,
-                    status="success" if synced else "failure",
-                )
-                await uow.commit()
-            advance()
-    return outcome
-
-
-async def _demo_rate_limits(db: Database, tenant_id: TenantId) -> list[RateLimitDecision]:
-    decisions: list[RateLimitDecision] = []
-    while not decisions or decisions[-1].allowed:
-        decisions.append(await db.rate_limit(tenant_id, "demo_exports", limit=5, period="minute"))
-    await db.log_security_event(
-        tenant_id,
-        event_type="rate_limit.denied",
-        event_category="security",
-        action_description="demo_exports limit reached",
-        status="denied",
-    )
-    return decisions
 
 
 @contextlib.contextmanager

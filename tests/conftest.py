@@ -8,7 +8,6 @@ tenants of its own with unique Slack team ids instead of relying on rollback.
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -17,6 +16,7 @@ import pytest_asyncio
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
+from tests.helpers import unique_team_id
 
 pytest_plugins = ["slack_fathom_db.testing"]
 
@@ -44,16 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
-
-
-def unique_team_id() -> str:
-    """A Slack team id no other test uses."""
-    return "T" + secrets.token_hex(6).upper()
-
-
-def unique_user_id() -> str:
-    """A Slack user id no other test uses."""
-    return "U" + secrets.token_hex(6).upper()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Helpers the tests share, written once: typed reads, pool figures, and the server's view.
+"""Helpers the tests share, written once: users, DSNs, typed reads, pool figures, and the
+server's view.
 
 Reads through a superuser connection come back typed (a missing row or a value
 of the wrong type fails the test where it is read). What tests ask of the
@@ -15,15 +16,57 @@ through that, so one test holds in every pass.
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+import secrets
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
+from sqlalchemy.engine import URL
 from sqlalchemy.pool import QueuePool
 
 from slack_fathom_db import Database
-from slack_fathom_db.testing import engine_of
+
+if TYPE_CHECKING:
+    from slack_fathom_db.records import User
+    from slack_fathom_db.settings import DatabaseSettings
+    from slack_fathom_db.tenancy import TenantId
 
 T = TypeVar("T")
+
+
+def unique_team_id() -> str:
+    """A Slack team id no other test uses."""
+    return "T" + secrets.token_hex(6).upper()
+
+
+def unique_user_id() -> str:
+    """A Slack user id no other test uses."""
+    return "U" + secrets.token_hex(6).upper()
+
+
+async def add_user(db: Database, tenant: TenantId, **fields: str) -> User:
+    """A new, committed user of ``tenant`` (a fresh Slack id; ``fields`` as ``add_user`` takes)."""
+    async with db.unit_of_work(tenant) as uow:
+        user = await uow.tenants.add_user(slack_user_id=unique_user_id(), **fields)
+        await uow.commit()
+    return user
+
+
+async def count_live_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
+    """Live (not soft-deleted) users of ``tenant`` with that Slack id, as a superuser sees them."""
+    return await fetch_value(
+        admin,
+        int,
+        "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2 "
+        "AND deleted_at IS NULL",
+        tenant,
+        slack_user,
+    )
+
+
+def dsn(source: URL | DatabaseSettings) -> str:
+    """A libpq ``postgresql://`` URL (password included) for asyncpg or a subprocess."""
+    url = source if isinstance(source, URL) else source.sqlalchemy_url()
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def fetch_row(conn: asyncpg.Connection, sql: str, *args: object) -> asyncpg.Record:
@@ -42,7 +85,7 @@ async def fetch_value(conn: asyncpg.Connection, kind: type[T], sql: str, *args: 
 
 def queue_pool(db: Database) -> QueuePool:
     """The pool of ``db``'s engine, whose figures tests read (a ``Database`` pools in a queue)."""
-    pool = engine_of(db).pool
+    pool = db._pool().pool  # engine_of(db).pool; the plugin module is for pytest to import
     assert isinstance(pool, QueuePool), pool
     return pool
 
@@ -59,7 +102,7 @@ async def pooled_backend_pid(db: Database) -> int:
     drop its connection): with a one-connection pool, it is the connection the next
     unit of work gets, or the one the last gave back.
     """
-    async with engine_of(db).connect() as conn:
+    async with db._pool().connect() as conn:
         pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
     assert isinstance(pid, int), pid
     return pid

@@ -17,16 +17,9 @@ import pytest
 
 from slack_fathom_db import Database, TenantId
 from slack_fathom_db.errors import Conflict, RateLimitExceeded, ValidationError
-from slack_fathom_db.records import AuditLog, User
+from slack_fathom_db.records import AuditLog
 from slack_fathom_db.repositories.audit import AuditRepo
-from tests.conftest import unique_user_id
-
-
-async def _user(db: Database, tenant: TenantId) -> User:
-    async with db.unit_of_work(tenant) as uow:
-        user = await uow.tenants.add_user(slack_user_id=unique_user_id())
-        await uow.commit()
-    return user
+from tests.helpers import add_user
 
 
 async def _audit_count(admin: asyncpg.Connection, tenant: TenantId) -> int:
@@ -57,7 +50,7 @@ async def _insert_old_event(
 
 
 async def test_log_event_round_trips_every_field(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a)
     resource = uuid.uuid4()
     metadata = {
         "provider": "hubspot",
@@ -602,7 +595,7 @@ async def test_limit_used_up_meanwhile_fails_the_commit(
 ) -> None:
     await _away_from_window_edge()
     assert issubclass(RateLimitExceeded, Conflict)
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a)
     async with db.unit_of_work(tenant_a) as uow:
         decision = await uow.rate_limits.consume("meetings_processed", limit=1)
         assert decision.allowed

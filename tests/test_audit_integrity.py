@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import NotFound, ValidationError
-from tests.conftest import unique_user_id
+from tests.helpers import unique_user_id
 
 ATTEMPTS = {
     "update": "UPDATE audit_logs SET action_description = 'rewritten' WHERE tenant_id = $1",

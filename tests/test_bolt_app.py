@@ -28,7 +28,7 @@ from slack_bolt.response import BoltResponse
 
 from examples.bolt_app import USAGE, create_app
 from slack_fathom_db import Database, TenantId
-from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import unique_team_id, unique_user_id
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 FORM = "application/x-www-form-urlencoded"

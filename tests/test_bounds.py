@@ -24,7 +24,7 @@ from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
 from slack_fathom_db.errors import DatabaseUnavailable, ValidationError
 from slack_fathom_db.testing import engine_of, execute_in
 from slack_fathom_db.validation import MAX_JSON_DEPTH, MAX_LIST_LIMIT
-from tests.conftest import unique_user_id
+from tests.helpers import unique_user_id
 
 IDLE_TIMEOUT = text(
     "SELECT setting FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'"

@@ -20,17 +20,14 @@ from slack_fathom_db.errors import ConfigurationError, Conflict, translate
 from slack_fathom_db.logins import create_login
 from slack_fathom_db.maintenance import purge_rate_limit_windows
 from slack_fathom_db.testing import CitusCluster, citus_database
-from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
+from tests.conftest import superuser_dsn
+from tests.helpers import dsn, unique_team_id, unique_user_id
 from tests.test_cli import owner_env, sfdb, url_of
 
 pytestmark = pytest.mark.citus_only
 
 OLD_REVISION = "0002"
 """A revision before leases, the purge policies and the Citus-ready rate-limit function."""
-
-
-def dsn(settings: DatabaseSettings) -> str:
-    return settings.sqlalchemy_url().set(drivername="postgresql").render_as_string(False)
 
 
 @pytest_asyncio.fixture

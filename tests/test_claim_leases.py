@@ -25,8 +25,7 @@ from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, DatabaseUnavailable, ValidationError
 from slack_fathom_db.records import MeetingSession
 from slack_fathom_db.testing import driver_of
-from tests.conftest import unique_user_id
-from tests.helpers import fetch_row
+from tests.helpers import fetch_row, unique_user_id
 
 HANG = 60.0
 """Upper bound for anything that must not hang (a generous one: machines are noisy)."""

@@ -24,8 +24,7 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import DatabaseUnavailable
 from slack_fathom_db.testing import PgBouncer, engine_of, pgbouncer
-from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import fetch_value
+from tests.helpers import fetch_value, unique_team_id, unique_user_id
 
 T = TypeVar("T")
 

@@ -20,8 +20,7 @@ import pytest_asyncio
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import Conflict, RateLimitExceeded
 from slack_fathom_db.testing import execute_in
-from tests.conftest import unique_user_id
-from tests.helpers import fetch_row, lock_waiters
+from tests.helpers import fetch_row, lock_waiters, unique_user_id
 
 GATHER_TIMEOUT = 120.0
 """Generous ceiling for a whole race: a hang fails the test instead of the run."""

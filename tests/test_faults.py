@@ -48,14 +48,17 @@ from slack_fathom_db.testing import (
     runner_of,
     throwaway_database,
 )
-from tests.conftest import superuser_connection, superuser_dsn, unique_team_id, unique_user_id
+from tests.conftest import superuser_connection, superuser_dsn
 from tests.helpers import (
     checked_out,
+    count_live_users,
     fetch_row,
     fetch_value,
     lock_waiters,
     pooled_backend_pid,
     queue_pool,
+    unique_team_id,
+    unique_user_id,
 )
 
 T = TypeVar("T")
@@ -71,16 +74,6 @@ async def backend_pid(uow: UnitOfWork) -> int:
     pid = (await execute_in(uow, "SELECT pg_backend_pid()")).scalar_one()
     assert isinstance(pid, int), pid
     return pid
-
-
-async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
-    return await fetch_value(
-        admin,
-        int,
-        "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2",
-        tenant,
-        slack_user,
-    )
 
 
 async def create_meeting(db: Database, tenant: TenantId) -> uuid.UUID:
@@ -224,14 +217,14 @@ async def test_backend_killed_mid_unit_of_work(
 
     # Nothing of that transaction is stored, the pool holds nothing, and the next unit of
     # work succeeds on a fresh connection.
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
     assert checked_out(tiny_db) == 0
     async with asyncio.timeout(HANG), tiny_db.unit_of_work(tenant_a) as uow:
         fresh_pid = await backend_pid(uow)
         await uow.tenants.add_user(slack_user_id=slack_user)
         await uow.commit()
     assert fresh_pid != pids[0]
-    assert await count_users(admin, tenant_a, slack_user) == 1
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
     assert checked_out(tiny_db) == 0
     assert await open_transactions(admin) == 0
 
@@ -257,7 +250,7 @@ async def test_backend_killed_while_pooled_is_replaced_transparently(
         assert await backend_pid(uow) != pid
         await uow.tenants.add_user(slack_user_id=slack_user)
         await uow.commit()
-    assert await count_users(admin, tenant_a, slack_user) == 1
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
 
 
 # -- a restarted server, a stopped server, a server that never answers ----------------
@@ -590,7 +583,7 @@ async def test_timeout_while_blocked_on_a_lock_rolls_back_and_returns_the_connec
     finally:
         await admin.execute("ROLLBACK")
     assert checked_out(tiny_db) == 0
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
     assert await open_transactions(admin) == 0
     async with asyncio.timeout(HANG), tiny_db.unit_of_work(tenant_a) as uow:
         decision = await uow.rate_limits.consume("locked", limit=100)
@@ -722,7 +715,7 @@ async def test_slow_statement_raises_statement_timeout_and_the_connection_stays_
                 await uow.commit()
     finally:
         await admin.execute("ROLLBACK")
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
     # The same connection went back to the pool and serves the next unit of work.
     if pid is not None:
         assert await pooled_backend_pid(timeout_db) == pid

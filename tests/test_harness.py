@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, testing
-from tests.conftest import unique_user_id
+from tests.helpers import unique_user_id
 
 
 def test_an_explicit_url_wins(monkeypatch: pytest.MonkeyPatch) -> None:

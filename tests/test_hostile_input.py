@@ -40,8 +40,8 @@ from slack_fathom_db.errors import (
     UsageError,
     ValidationError,
 )
-from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
-from tests.helpers import fetch_row
+from tests.conftest import superuser_dsn
+from tests.helpers import fetch_row, unique_team_id, unique_user_id
 
 T = TypeVar("T")
 

@@ -41,8 +41,7 @@ from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAb
 from slack_fathom_db.records import CrmConnection, MeetingSession, User
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
 from slack_fathom_db.testing import engine_of, execute_in, probe_outside
-from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import fetch_row, on_citus, sqlstate_of
+from tests.helpers import fetch_row, on_citus, sqlstate_of, unique_team_id, unique_user_id
 
 # -- snapshots ---------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.maintenance import purge_rate_limit_windows
 from slack_fathom_db.repositories.rate_limits import window
 from slack_fathom_db.testing import throwaway_database
-from tests.conftest import superuser_dsn, unique_team_id
+from tests.conftest import superuser_dsn
+from tests.helpers import dsn, unique_team_id
 from tests.test_cli import owner_env, sfdb, url_of
 
 NOW = datetime.now(UTC)
@@ -158,10 +159,6 @@ async def own_database(sfdb_server: URL) -> AsyncIterator[DatabaseSettings]:
     """
     async with throwaway_database(sfdb_server) as settings:
         yield settings
-
-
-def dsn(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def test_the_owner_purges_every_tenant_and_the_runtime_roles_see_nothing_of_it(

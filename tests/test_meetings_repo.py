@@ -21,14 +21,7 @@ from slack_fathom_db.errors import (
     ValidationError,
 )
 from slack_fathom_db.records import MeetingSession, User
-from tests.conftest import unique_user_id
-
-
-async def _user(db: Database, tenant: TenantId) -> User:
-    async with db.unit_of_work(tenant) as uow:
-        user = await uow.tenants.add_user(slack_user_id=unique_user_id(), display_name="Ann")
-        await uow.commit()
-    return user
+from tests.helpers import add_user, unique_user_id
 
 
 async def _meeting(
@@ -70,7 +63,7 @@ async def _count(admin: asyncpg.Connection, tenant: TenantId, rec: str) -> int:
 
 
 async def test_create_round_trips_every_field(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     async with db.unit_of_work(tenant_a) as uow:
         crm = await uow.tenants.connect_crm(
             provider_type="hubspot", credentials_secret_id="vault:crm/hubspot"
@@ -124,7 +117,7 @@ async def test_create_round_trips_every_field(db: Database, tenant_a: TenantId) 
 
 
 async def test_create_defaults(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     async with db.unit_of_work(tenant_a) as uow:
         created = await uow.meetings.create(
             user_id=user.id, fathom_recording_id="rec-minimal", title="Minimal"
@@ -143,7 +136,7 @@ async def test_create_defaults(db: Database, tenant_a: TenantId) -> None:
 async def test_create_rejects_naive_started_at(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     async with db.unit_of_work(tenant_a) as uow:
         with pytest.raises(ValidationError, match="started_at"):
             await uow.meetings.create(
@@ -159,7 +152,7 @@ async def test_create_rejects_naive_started_at(
 async def test_create_rejects_negative_duration(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     async with db.unit_of_work(tenant_a) as uow:
         with pytest.raises(ValidationError, match="duration_seconds"):
             await uow.meetings.create(
@@ -175,7 +168,7 @@ async def test_create_rejects_negative_duration(
 async def test_create_rejects_nul_in_title_and_writes_nothing(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     async with db.unit_of_work(tenant_a) as uow:
         with pytest.raises(ValidationError, match="title"):
             await uow.meetings.create(
@@ -233,7 +226,7 @@ async def test_commit_after_a_database_error_does_not_pretend_to_succeed(
 async def test_create_is_idempotent_on_fathom_recording_id(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     first = await _meeting(db, tenant_a, user, "rec-twice")
     second = await _meeting(db, tenant_a, user, "rec-twice")
     assert second.id == first.id
@@ -250,8 +243,12 @@ async def test_create_is_idempotent_on_fathom_recording_id(
 async def test_same_recording_id_in_two_tenants_gives_two_rows(
     db: Database, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    in_a = await _meeting(db, tenant_a, await _user(db, tenant_a), "rec-shared")
-    in_b = await _meeting(db, tenant_b, await _user(db, tenant_b), "rec-shared")
+    in_a = await _meeting(
+        db, tenant_a, await add_user(db, tenant_a, display_name="Ann"), "rec-shared"
+    )
+    in_b = await _meeting(
+        db, tenant_b, await add_user(db, tenant_b, display_name="Ann"), "rec-shared"
+    )
     assert in_a.id != in_b.id
     async with db.unit_of_work(tenant_a) as uow:
         found = await uow.meetings.get_by_fathom_id("rec-shared")
@@ -263,7 +260,7 @@ async def test_same_recording_id_in_two_tenants_gives_two_rows(
 async def test_create_after_soft_delete_gives_a_new_row(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     first = await _meeting(db, tenant_a, user, "rec-again")
     async with db.unit_of_work(tenant_a) as uow:
         await uow.meetings.soft_delete(first.id)
@@ -292,7 +289,7 @@ async def test_create_after_soft_delete_gives_a_new_row(
 async def test_soft_delete_unknown_or_deleted_meeting_is_not_found(
     db: Database, tenant_a: TenantId
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     async with db.unit_of_work(tenant_a) as uow:
         await uow.meetings.soft_delete(meeting.id)
@@ -309,7 +306,7 @@ async def test_soft_delete_unknown_or_deleted_meeting_is_not_found(
 
 
 async def test_get_and_get_by_fathom_id(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user, "rec-read")
     async with db.unit_of_work(tenant_a) as uow:
         by_id = await uow.meetings.get(meeting.id)
@@ -335,7 +332,7 @@ async def test_get_rejects_malformed_id(db: Database, tenant_a: TenantId) -> Non
 
 
 async def test_lifecycle_pending_processing_completed(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     assert meeting.version == 1
     async with db.unit_of_work(tenant_a) as uow:
@@ -375,7 +372,7 @@ async def test_lifecycle_pending_processing_completed(db: Database, tenant_a: Te
 
 
 async def test_pending_to_completed_directly_is_invalid(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     async with db.unit_of_work(tenant_a) as uow:
         with pytest.raises(InvalidStateTransition):
@@ -392,7 +389,7 @@ async def test_pending_to_completed_directly_is_invalid(db: Database, tenant_a: 
 
 
 async def test_fail_then_retry(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     async with db.unit_of_work(tenant_a) as uow:
         await uow.meetings.start_processing(meeting.id)
@@ -427,7 +424,7 @@ async def test_fail_then_retry(db: Database, tenant_a: TenantId) -> None:
 
 
 async def test_completed_cannot_go_back_to_processing(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     async with db.unit_of_work(tenant_a) as uow:
         await uow.meetings.start_processing(meeting.id)
@@ -451,7 +448,7 @@ async def test_completed_cannot_go_back_to_processing(db: Database, tenant_a: Te
 
 
 async def test_processing_to_processing_is_invalid(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     async with db.unit_of_work(tenant_a) as uow:
         await uow.meetings.start_processing(meeting.id)
@@ -466,7 +463,7 @@ async def test_processing_to_processing_is_invalid(db: Database, tenant_a: Tenan
 
 
 async def test_expected_version_detects_lost_update(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     meeting = await _meeting(db, tenant_a, user)
     async with db.unit_of_work(tenant_a) as uow:
         started = await uow.meetings.start_processing(meeting.id, expected_version=1)
@@ -495,8 +492,8 @@ async def test_expected_version_detects_lost_update(db: Database, tenant_a: Tena
 async def test_transitions_of_unknown_meeting_are_not_found(
     db: Database, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    other = await _meeting(db, tenant_b, await _user(db, tenant_b))
-    deleted = await _meeting(db, tenant_a, await _user(db, tenant_a))
+    other = await _meeting(db, tenant_b, await add_user(db, tenant_b, display_name="Ann"))
+    deleted = await _meeting(db, tenant_a, await add_user(db, tenant_a, display_name="Ann"))
     async with db.unit_of_work(tenant_a) as uow:
         await uow.meetings.soft_delete(deleted.id)
         await uow.commit()
@@ -522,7 +519,7 @@ async def test_transitions_of_unknown_meeting_are_not_found(
 
 
 async def _completed(db: Database, tenant: TenantId) -> MeetingSession:
-    meeting = await _meeting(db, tenant, await _user(db, tenant))
+    meeting = await _meeting(db, tenant, await add_user(db, tenant, display_name="Ann"))
     async with db.unit_of_work(tenant) as uow:
         await uow.meetings.start_processing(meeting.id)
         done = await uow.meetings.complete_processing(meeting.id, summary="Summary")
@@ -584,7 +581,7 @@ async def test_record_crm_sync_synced_first_time(db: Database, tenant_a: TenantI
 
 
 async def test_record_crm_sync_requires_completed_meeting(db: Database, tenant_a: TenantId) -> None:
-    meeting = await _meeting(db, tenant_a, await _user(db, tenant_a))
+    meeting = await _meeting(db, tenant_a, await add_user(db, tenant_a, display_name="Ann"))
     async with db.unit_of_work(tenant_a) as uow:
         with pytest.raises(InvalidStateTransition):
             await uow.meetings.record_crm_sync(meeting.id, status="synced", crm_record_id="r-1")
@@ -626,8 +623,8 @@ async def test_record_crm_sync_validation(db: Database, tenant_a: TenantId) -> N
 async def test_for_user_and_recent_order_window_limit(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    ann = await _user(db, tenant_a)
-    bob = await _user(db, tenant_a)
+    ann = await add_user(db, tenant_a, display_name="Ann")
+    bob = await add_user(db, tenant_a, display_name="Ann")
     now = datetime.now(UTC)
     ages = {"a1": 1, "a5": 5, "a20": 20, "a45": 45, "b2": 2, "b10": 10, "gone": 3}
     ids: dict[str, uuid.UUID] = {}
@@ -677,8 +674,8 @@ async def test_for_user_and_recent_order_window_limit(
 async def test_listings_exclude_other_tenants(
     db: Database, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    mine = await _meeting(db, tenant_a, await _user(db, tenant_a))
-    await _meeting(db, tenant_b, await _user(db, tenant_b))
+    mine = await _meeting(db, tenant_a, await add_user(db, tenant_a, display_name="Ann"))
+    await _meeting(db, tenant_b, await add_user(db, tenant_b, display_name="Ann"))
     async with db.unit_of_work(tenant_a) as uow:
         recent = await uow.meetings.recent()
     assert [m.id for m in recent] == [mine.id]
@@ -702,7 +699,7 @@ async def test_listing_arguments_are_validated(db: Database, tenant_a: TenantId)
 async def test_claim_pending_oldest_first_with_limit(
     db: Database, tenant_a: TenantId, admin: asyncpg.Connection
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a, display_name="Ann")
     now = datetime.now(UTC)
     created: dict[str, uuid.UUID] = {}
     for name, minutes in (("new", 1), ("old", 30), ("mid", 10), ("oldest", 60)):
@@ -756,7 +753,7 @@ async def test_claim_pending_oldest_first_with_limit(
 async def test_claim_pending_is_tenant_scoped(
     db: Database, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    other = await _meeting(db, tenant_b, await _user(db, tenant_b))
+    other = await _meeting(db, tenant_b, await add_user(db, tenant_b, display_name="Ann"))
     async with db.unit_of_work(tenant_a) as uow:
         claimed = await uow.meetings.claim_pending(limit=100)
         await uow.commit()
@@ -768,7 +765,7 @@ async def test_claim_pending_is_tenant_scoped(
 
 
 async def test_claimed_rollback_leaves_meeting_pending(db: Database, tenant_a: TenantId) -> None:
-    meeting = await _meeting(db, tenant_a, await _user(db, tenant_a))
+    meeting = await _meeting(db, tenant_a, await add_user(db, tenant_a, display_name="Ann"))
     async with db.unit_of_work(tenant_a) as uow:
         claimed = await uow.meetings.claim_pending(limit=5)
         assert [m.id for m in claimed] == [meeting.id]

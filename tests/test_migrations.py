@@ -27,7 +27,8 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import Database, DatabaseSettings, schema
 from slack_fathom_db.logins import create_login
 from slack_fathom_db.testing import throwaway_database
-from tests.conftest import superuser_dsn, unique_team_id, unique_user_id
+from tests.conftest import superuser_dsn
+from tests.helpers import dsn, unique_team_id, unique_user_id
 
 OUR_TABLES = {
     "tenants",
@@ -41,13 +42,9 @@ OUR_TABLES = {
 HEAD = "0006"
 
 
-def _dsn(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 async def _connect(settings: DatabaseSettings) -> asyncpg.Connection:
     """A connection as the migrating login: it owns the database (and is a member of the owner)."""
-    return await asyncpg.connect(_dsn(settings.for_migrations().sqlalchemy_url()))
+    return await asyncpg.connect(dsn(settings.for_migrations().sqlalchemy_url()))
 
 
 @pytest_asyncio.fixture
@@ -222,7 +219,7 @@ async def test_a_database_dropped_without_downgrade_migrates_again_under_its_nam
     finally:
         await conn.close()
 
-    server = await asyncpg.connect(_dsn(sfdb_server))
+    server = await asyncpg.connect(dsn(sfdb_server))
     try:
         await server.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await server.execute(f'CREATE DATABASE "{name}" OWNER "{migrator}"')

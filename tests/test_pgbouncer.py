@@ -29,7 +29,7 @@ from slack_fathom_db.testing import (
     probe_outside,
 )
 from slack_fathom_db.uow import UnitOfWork
-from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import unique_team_id, unique_user_id
 
 SERVER_CONNECTIONS = 2
 TENANTS = 24

@@ -26,8 +26,8 @@ import pytest_asyncio
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings
-from tests.conftest import superuser_connection, unique_team_id, unique_user_id
-from tests.helpers import on_citus, reported_constraint
+from tests.conftest import superuser_connection
+from tests.helpers import on_citus, reported_constraint, unique_team_id, unique_user_id
 
 TABLES = frozenset(
     {

@@ -25,14 +25,11 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import Database, DatabaseSettings, TenantId, schema
 from slack_fathom_db.errors import DatabaseUnavailable, SlackFathomDBError
 from slack_fathom_db.testing import engine_of, local_cluster_control, throwaway_database
+from tests.helpers import dsn
 
 PASSWORD = f"pw-{secrets.token_hex(12)}"
 WRONG = f"wrong-{secrets.token_hex(12)}"
 ROLE = "sfdb_pw_login"
-
-
-def dsn(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from slack_fathom_db import Database, TenantId
-from tests.conftest import unique_user_id
+from tests.helpers import unique_user_id
 
 
 async def test_handler_sketch(db: Database, tenant_a: TenantId) -> None:

@@ -16,7 +16,7 @@ import pytest
 from slack_fathom_db import Database, TenantId, TenantStats
 from slack_fathom_db.errors import NotFound, TenantNotFound, ValidationError
 from slack_fathom_db.records import CrmConnection, MeetingSession, User
-from tests.conftest import unique_team_id, unique_user_id
+from tests.helpers import add_user, unique_team_id, unique_user_id
 
 SECRET_REFERENCES = [
     "arn:aws:secretsmanager:us-east-1:123456789012:secret:crm/hubspot-AbCdEf",
@@ -28,13 +28,6 @@ RAW_TOKENS = [
     "xoxb-123-456-abc",
     "sk_live_abcdef",
 ]
-
-
-async def _user(db: Database, tenant: TenantId, **fields: str) -> User:
-    async with db.unit_of_work(tenant) as uow:
-        user = await uow.tenants.add_user(slack_user_id=unique_user_id(), **fields)
-        await uow.commit()
-    return user
 
 
 async def _crm(
@@ -166,7 +159,7 @@ async def test_update_validation(db: Database, tenant_a: TenantId) -> None:
 async def test_soft_delete_and_reinstall(db: Database) -> None:
     team = unique_team_id()
     tenant = await db.directory.install(slack_team_id=team, slack_team_name="Doomed")
-    user = await _user(db, tenant)
+    user = await add_user(db, tenant)
     async with db.unit_of_work(tenant) as uow:
         await uow.tenants.soft_delete()
         assert await uow.tenants.get() is None
@@ -225,7 +218,7 @@ async def test_add_user_and_reads(db: Database, tenant_a: TenantId) -> None:
 
 
 async def test_add_user_defaults(db: Database, tenant_a: TenantId) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a)
     assert user.role == "member"
     assert user.slack_email is None
     assert user.display_name is None
@@ -275,9 +268,9 @@ async def test_add_user_is_idempotent_and_refreshes(
 async def test_list_users_is_tenant_scoped(
     db: Database, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    ann = await _user(db, tenant_a, display_name="Ann")
-    bob = await _user(db, tenant_a, display_name="Bob")
-    await _user(db, tenant_b, display_name="Eve")
+    ann = await add_user(db, tenant_a, display_name="Ann")
+    bob = await add_user(db, tenant_a, display_name="Bob")
+    await add_user(db, tenant_b, display_name="Eve")
     async with db.unit_of_work(tenant_a) as uow:
         users = await uow.tenants.list_users()
     assert sorted(u.id for u in users) == sorted([ann.id, bob.id])
@@ -289,7 +282,7 @@ async def test_remove_user(db: Database, tenant_a: TenantId, admin: asyncpg.Conn
     async with db.unit_of_work(tenant_a) as uow:
         gone = await uow.tenants.add_user(slack_user_id=slack_id, display_name="Gone")
         await uow.commit()
-    stays = await _user(db, tenant_a)
+    stays = await add_user(db, tenant_a)
     meeting = await _meeting(db, tenant_a, gone)
     before = await _stats(db, tenant_a)
     assert before.users == 2
@@ -332,7 +325,7 @@ async def test_remove_user(db: Database, tenant_a: TenantId, admin: asyncpg.Conn
 async def test_remove_unknown_user_is_not_found(
     db: Database, tenant_a: TenantId, tenant_b: TenantId
 ) -> None:
-    other = await _user(db, tenant_b)
+    other = await add_user(db, tenant_b)
     async with db.unit_of_work(tenant_a) as uow:
         with pytest.raises(NotFound):
             await uow.tenants.remove_user(uuid.uuid4())
@@ -386,7 +379,7 @@ async def test_add_user_rejects_bad_role(db: Database, tenant_a: TenantId) -> No
 async def test_connect_crm_accepts_secret_references(
     db: Database, tenant_a: TenantId, reference: str
 ) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a)
     async with db.unit_of_work(tenant_a) as uow:
         connection = await uow.tenants.connect_crm(
             provider_type="salesforce",
@@ -533,7 +526,7 @@ async def test_set_default_of_unknown_connection_is_not_found(
 
 
 async def test_disconnect_crm(db: Database, tenant_a: TenantId, admin: asyncpg.Connection) -> None:
-    user = await _user(db, tenant_a)
+    user = await add_user(db, tenant_a)
     default = await _crm(db, tenant_a, is_default=True)
     other = await _crm(db, tenant_a, provider="salesforce")
     meeting = await _meeting(db, tenant_a, user, default)
@@ -917,9 +910,9 @@ async def test_stats_of_a_new_tenant(db: Database, tenant_a: TenantId) -> None:
 async def test_stats_counts_live_rows(
     db: Database, tenant_a: TenantId, tenant_b: TenantId, admin: asyncpg.Connection
 ) -> None:
-    ann = await _user(db, tenant_a)
-    await _user(db, tenant_a)
-    gone_user = await _user(db, tenant_a)
+    ann = await add_user(db, tenant_a)
+    await add_user(db, tenant_a)
+    gone_user = await add_user(db, tenant_a)
     crm = await _crm(db, tenant_a, is_default=True)
     gone_crm = await _crm(db, tenant_a, provider="salesforce")
     fresh = await _meeting(db, tenant_a, ann, crm)
@@ -946,7 +939,7 @@ async def test_stats_counts_live_rows(
         tenant_a,
     )
     # another tenant's rows never count
-    other = await _user(db, tenant_b)
+    other = await add_user(db, tenant_b)
     await _meeting(db, tenant_b, other)
     await _crm(db, tenant_b)
 

@@ -15,8 +15,13 @@ from sqlalchemy import text
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
 from slack_fathom_db.errors import NotFound, TenantNotFound, UsageError
 from slack_fathom_db.testing import engine_of, execute_in
-from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import checked_out, fetch_row, fetch_value
+from tests.helpers import (
+    checked_out,
+    count_live_users,
+    fetch_row,
+    unique_team_id,
+    unique_user_id,
+)
 
 CONTEXT = text(
     "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
@@ -49,17 +54,6 @@ def login_user(settings: DatabaseSettings) -> str:
 async def enter(uow: UnitOfWork) -> None:
     async with uow:
         pass
-
-
-async def count_users(admin: asyncpg.Connection, tenant: TenantId, slack_user: str) -> int:
-    return await fetch_value(
-        admin,
-        int,
-        "SELECT count(*) FROM users WHERE tenant_id = $1 AND slack_user_id = $2 "
-        "AND deleted_at IS NULL",
-        tenant,
-        slack_user,
-    )
 
 
 class Context(NamedTuple):
@@ -133,7 +127,7 @@ async def test_commit_persists(db: Database, tenant_a: TenantId, admin: asyncpg.
         await uow.tenants.add_user(slack_user_id=slack_user, display_name="Ada")
         await uow.commit()
 
-    assert await count_users(admin, tenant_a, slack_user) == 1
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
     async with db.unit_of_work(tenant_a) as uow:
         user = await uow.tenants.get_user_by_slack_id(slack_user)
     assert user is not None
@@ -149,7 +143,7 @@ async def test_leaving_without_commit_rolls_back(
         # visible inside its own transaction
         assert await uow.tenants.get_user(user.id) is not None
 
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
     async with db.unit_of_work(tenant_a) as uow:
         assert await uow.tenants.get_user_by_slack_id(slack_user) is None
 
@@ -171,7 +165,7 @@ async def test_exception_rolls_back_and_propagates_unchanged(
     assert excinfo.value is raised
     assert excinfo.value.__cause__ is None
     assert str(excinfo.value) == "the handler failed"
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
 
 
 async def test_exception_after_commit_keeps_the_committed_part(
@@ -189,8 +183,8 @@ async def test_exception_after_commit_keeps_the_committed_part(
     with pytest.raises(Boom):
         await handler()
 
-    assert await count_users(admin, tenant_a, kept) == 1
-    assert await count_users(admin, tenant_a, lost) == 0
+    assert await count_live_users(admin, tenant_a, kept) == 1
+    assert await count_live_users(admin, tenant_a, lost) == 0
 
 
 async def test_explicit_rollback_then_more_work_then_commit(
@@ -204,8 +198,8 @@ async def test_explicit_rollback_then_more_work_then_commit(
         await uow.tenants.add_user(slack_user_id=kept)
         await uow.commit()
 
-    assert await count_users(admin, tenant_a, dropped) == 0
-    assert await count_users(admin, tenant_a, kept) == 1
+    assert await count_live_users(admin, tenant_a, dropped) == 0
+    assert await count_live_users(admin, tenant_a, kept) == 1
 
 
 async def test_multiple_commits_in_one_unit_of_work(
@@ -215,16 +209,16 @@ async def test_multiple_commits_in_one_unit_of_work(
     async with db.unit_of_work(tenant_a) as uow:
         await uow.tenants.add_user(slack_user_id=first)
         await uow.commit()
-        assert await count_users(admin, tenant_a, first) == 1  # committed for real, now
+        assert await count_live_users(admin, tenant_a, first) == 1  # committed for real, now
         await uow.tenants.add_user(slack_user_id=second)
         await uow.commit()
         await uow.commit()  # nothing pending: still fine
         await uow.tenants.add_user(slack_user_id=third)
         # leaves without a last commit
 
-    assert await count_users(admin, tenant_a, first) == 1
-    assert await count_users(admin, tenant_a, second) == 1
-    assert await count_users(admin, tenant_a, third) == 0
+    assert await count_live_users(admin, tenant_a, first) == 1
+    assert await count_live_users(admin, tenant_a, second) == 1
+    assert await count_live_users(admin, tenant_a, third) == 0
 
 
 # -- single use, one task -----------------------------------------------------------------
@@ -258,11 +252,11 @@ async def test_using_it_from_another_task_raises(
         with pytest.raises(UsageError):
             await asyncio.create_task(execute_in(uow, "SELECT 1"))
         # still usable, and nothing was committed or rolled back by the other task
-        assert await count_users(admin, tenant_a, slack_user) == 0
+        assert await count_live_users(admin, tenant_a, slack_user) == 0
         assert await uow.tenants.get_user_by_slack_id(slack_user) is not None
         await uow.commit()
 
-    assert await count_users(admin, tenant_a, slack_user) == 1
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
 
 
 async def test_using_it_after_the_block_raises(db: Database, tenant_a: TenantId) -> None:
@@ -563,7 +557,7 @@ async def test_rollback_after_a_failed_statement_lets_the_unit_of_work_continue(
         await uow.tenants.add_user(slack_user_id=slack_user)
         await uow.commit()
 
-    assert await count_users(admin, tenant_a, slack_user) == 1
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
 
 
 # -- returned objects ---------------------------------------------------------------------
@@ -659,7 +653,7 @@ async def test_cancelled_unit_of_work_rolls_back_and_returns_its_connection(
         await task
 
     assert checked_out(small_db) == 0
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
     state = await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pooled.pid)
     assert state in (None, "idle")
     await assert_clean_pooled_connection(small_db, settings, expected=pooled.driver)
@@ -685,7 +679,7 @@ async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
         await slow_handler()
 
     assert checked_out(small_db) == 0
-    assert await count_users(admin, tenant_a, slack_user) == 0
+    assert await count_live_users(admin, tenant_a, slack_user) == 0
     # The pool's only connection (or its replacement) is usable at once, not after the sleep.
     await asyncio.wait_for(assert_clean_pooled_connection(small_db, settings), timeout=20)
 
@@ -697,7 +691,7 @@ async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
             return row.tenant
 
     assert await asyncio.wait_for(next_handler(), timeout=20) == str(tenant_a)
-    assert await count_users(admin, tenant_a, slack_user) == 1
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
 
 
 async def test_many_cancelled_units_of_work_do_not_leak_connections(

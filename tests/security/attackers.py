@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncpg
 
 from slack_fathom_db.testing import execute_in
-from tests.conftest import unique_team_id, unique_user_id
-from tests.helpers import sqlstate_of
+from tests.helpers import dsn, sqlstate_of, unique_team_id, unique_user_id
 
 if TYPE_CHECKING:
     import uuid
@@ -88,11 +87,6 @@ def become(move: str, settings: DatabaseSettings) -> str:
     if move == "reset":
         return "RESET ROLE"
     return f'SET ROLE "{names(settings)[move]}"'
-
-
-def dsn(url: URL) -> str:
-    """``url`` as asyncpg takes it, password included."""
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @contextlib.asynccontextmanager

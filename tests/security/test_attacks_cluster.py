@@ -36,13 +36,13 @@ from sqlalchemy.engine import URL
 from slack_fathom_db import DatabaseSettings
 from slack_fathom_db.testing import throwaway_database
 from tests.conftest import superuser_dsn
+from tests.helpers import dsn
 from tests.security.attackers import (
     CONNECT_TIMEOUT,
     TABLES,
     World,
     attacker,
     changes,
-    dsn,
     fingerprint,
     names,
 )

@@ -59,13 +59,11 @@ from slack_fathom_db.testing import (
     probe_outside as probe_as_the_layer,
 )
 from slack_fathom_db.uow import UnitOfWork
-from tests.conftest import unique_user_id
-from tests.helpers import on_citus
+from tests.helpers import dsn, on_citus, unique_user_id
 from tests.security.attackers import (
     CONNECT_TIMEOUT,
     World,
     attacker,
-    dsn,
     names,
     refused_everywhere,
     seeded,
