@@ -9,6 +9,7 @@ the command prints it.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -106,7 +107,7 @@ async def _meetings(
     advance: Callable[[], None],
 ) -> dict[str, int]:
     outcome = {"completed": 0, "retried": 0, "synced": 0, "sync_failed": 0}
-    run = time.strftime("%Y%m%d%H%M%S")
+    run = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"  # runs in one second differ
     domains = list(DEMO_ACCOUNTS)
     for n in range(count):
         user = users[n % len(users)]

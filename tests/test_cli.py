@@ -1,25 +1,30 @@
-"""The ``sfdb`` command, run as a subprocess against real PostgreSQL."""
+"""The ``sfdb`` command against real PostgreSQL: in this process, and as a process of its own
+where only a process shows it (the entry point, the embedded server)."""
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from rich.console import Console
 from sqlalchemy.engine import URL
 
-from slack_fathom_db import DatabaseSettings, schema
+from slack_fathom_db import DatabaseSettings, cli, schema
 from slack_fathom_db.cli import main
 from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.logins import scram_verifier
@@ -37,7 +42,74 @@ def sfdb(
     extra_env: dict[str, str] | None = None,
     stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``sfdb`` in a clean environment (no DATABASE_* from outside, no .env)."""
+    """Run ``sfdb`` in a clean environment (no DATABASE_* from outside, no .env).
+
+    In this process (a fresh process costs more than a second): ``main()`` runs on a
+    thread of its own with its own event loop, while the environment, working
+    directory, standard input and output are swapped for its run. The test's event
+    loop is blocked meanwhile, so nothing else sees them.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "SFDB_"))}
+    env["COLUMNS"] = "200"
+    if url is not None:
+        env["DATABASE_URL"] = url
+    env.update(extra_env or {})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_run_cli, list(args), env, cwd, stdin).result(timeout=300)
+
+
+def _run_cli(
+    args: list[str], env: dict[str, str], cwd: Path, stdin: str | None
+) -> subprocess.CompletedProcess[str]:
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with (
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+            _stdin(stdin),
+            _consoles_of(stdout, stderr),
+        ):
+            try:
+                code = cli.main(args)
+            except SystemExit as exited:  # argparse: --help, bad usage
+                code = exited.code if isinstance(exited.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["sfdb", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _stdin(text: str | None) -> Iterator[None]:
+    saved = sys.stdin
+    sys.stdin = io.StringIO(text or "")
+    try:
+        yield
+    finally:
+        sys.stdin = saved
+
+
+@contextlib.contextmanager
+def _consoles_of(stdout: io.StringIO, stderr: io.StringIO) -> Iterator[None]:
+    """The CLI's consoles write to the captured streams, 200 columns wide, no colour."""
+    saved = cli.out, cli.err
+    cli.out = Console(file=stdout, width=200, highlight=False, no_color=True)
+    cli.err = Console(file=stderr, width=200, highlight=False, soft_wrap=True, no_color=True)
+    try:
+        yield
+    finally:
+        cli.out, cli.err = saved
+
+
+def sfdb_process(
+    *args: str, url: str | None, cwd: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m slack_fathom_db.cli`` in a process of its own, for what only a process shows."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "SFDB_"))}
     env["COLUMNS"] = "200"
     if url is not None:
@@ -47,7 +119,6 @@ def sfdb(
         [sys.executable, "-m", "slack_fathom_db.cli", *args],
         cwd=cwd,
         env=env,
-        input=stdin,
         capture_output=True,
         text=True,
         timeout=300,
@@ -179,7 +250,7 @@ def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str])
 
 
 def test_help_as_a_subprocess(tmp_path: Path) -> None:
-    result = sfdb("--help", url=None, cwd=tmp_path)
+    result = sfdb_process("--help", url=None, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "migrate" in result.stdout
     assert "demo" in result.stdout
