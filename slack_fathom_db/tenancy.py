@@ -27,10 +27,13 @@ from typing import TYPE_CHECKING, Final, NewType
 
 from slack_fathom_db import validation
 from slack_fathom_db.connections import BEGIN, SEARCH_PATH
+from slack_fathom_db.errors import DatabaseUnavailable, TenantNotFound
 from slack_fathom_db.models.tenants import PLAN_TIERS
-from slack_fathom_db.runner import outside_tenant
+from slack_fathom_db.runner import open_runner, outside_tenant, stale
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from slack_fathom_db.runner import Runner
@@ -40,6 +43,7 @@ __all__ = [
     "TenantDirectory",
     "TenantId",
     "has_citus",
+    "open_tenant",
     "outside_opener",
     "session_settings",
     "tenant_id_from_trusted",
@@ -162,6 +166,65 @@ async def has_citus(runner: Runner) -> bool:
 _CITUS_KEY: Final = "sfdb_citus"
 
 _HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+
+
+async def open_tenant(
+    engine: AsyncEngine,
+    settings: DatabaseSettings,
+    *,
+    tenant_id: TenantId | None,
+    slack_team_id: str | None,
+) -> tuple[Runner, TenantId]:
+    """A runner whose transactions are the tenant's, its first one open and checked.
+
+    A team id is resolved first, on the same connection. Every transaction opens
+    with :func:`transaction_preamble`; the first also checks that the tenant is
+    live (:class:`TenantNotFound`). A pooled connection that died since its last
+    use fails before anything was done: one more attempt, on a fresh connection,
+    is safe (:func:`slack_fathom_db.runner.stale`).
+    """
+    opener = outside_opener(settings)
+    for attempt in (1, 2):
+        runner = await open_runner(
+            engine,
+            settings,
+            begin=None if opener is None else (lambda: (opener,)),
+            autocommit=True,
+            action="open unit of work",
+        )
+        try:
+            tenant = tenant_id
+            if slack_team_id is not None:
+                tenant = await resolve_on(runner, slack_team_id)
+            if tenant is None:
+                raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
+            begin = _tenant_begin(tenant, settings, citus=await has_citus(runner))
+            runner.rescope(begin=begin, autocommit=False)
+            await runner.begin("open unit of work")
+        except DatabaseUnavailable as exc:
+            await runner.close(quiet=True)
+            if attempt == 2 or not stale(exc, runner):
+                raise
+        except BaseException:
+            await runner.close(quiet=True)
+            raise
+        else:
+            return runner, tenant
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _tenant_begin(
+    tenant: TenantId, settings: DatabaseSettings, *, citus: bool
+) -> Callable[[], tuple[str, ...]]:
+    """What opens each transaction of a tenant's runner; the first also checks the tenant."""
+    first = True
+
+    def begin() -> tuple[str, ...]:
+        nonlocal first
+        check, first = first, False
+        return transaction_preamble(tenant, settings=settings, check_tenant=check, citus=citus)
+
+    return begin
 
 
 class TenantDirectory:

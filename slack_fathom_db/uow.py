@@ -23,22 +23,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Self
 
 from slack_fathom_db import tracing, validation
-from slack_fathom_db.errors import DatabaseUnavailable, TenantNotFound, UsageError
+from slack_fathom_db.errors import UsageError
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
-from slack_fathom_db.runner import Runner, open_runner, stale
-from slack_fathom_db.tenancy import (
-    TenantId,
-    has_citus,
-    outside_opener,
-    resolve_on,
-    transaction_preamble,
-)
+from slack_fathom_db.tenancy import TenantId, open_tenant
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from slack_fathom_db.runner import Runner
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = ["UnitOfWork"]
@@ -89,54 +83,22 @@ class UnitOfWork:
         self._entered = True
         span = self._span.__enter__()
         try:
-            runner = self._runner = await self._open()
+            runner, tenant = await open_tenant(
+                self._engine,
+                self._settings,
+                tenant_id=self._tenant_id,
+                slack_team_id=self._slack_team_id,
+            )
         except BaseException as exc:
             self._span.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        tracing.tag_tenant(span, self._settings, self.tenant_id)
-        tenant, settings = self.tenant_id, self._settings
+        self._runner, self._tenant_id, settings = runner, tenant, self._settings
+        tracing.tag_tenant(span, settings, tenant)
         self.tenants = TenantRepo(runner, tenant, settings)
         self.meetings = MeetingRepo(runner, tenant, settings)
         self.audit = AuditRepo(runner, tenant, settings)
         self.rate_limits = RateLimitRepo(runner, tenant, settings)
         return self
-
-    async def _open(self) -> Runner:
-        opener = outside_opener(self._settings)
-        for attempt in (1, 2):
-            runner = await open_runner(
-                self._engine,
-                self._settings,
-                begin=None if opener is None else (lambda: (opener,)),
-                autocommit=True,
-                action="open unit of work",
-            )
-            try:
-                if self._slack_team_id is not None:
-                    self._tenant_id = await resolve_on(runner, self._slack_team_id)
-                    if self._tenant_id is None:
-                        raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
-                citus = await has_citus(runner)
-                first = [True]
-
-                def preamble(citus: bool = citus, first: list[bool] = first) -> tuple[str, ...]:
-                    check, first[0] = first[0], False
-                    return transaction_preamble(
-                        self.tenant_id, settings=self._settings, check_tenant=check, citus=citus
-                    )
-
-                runner.rescope(begin=preamble, autocommit=False)
-                await runner.begin("open unit of work")
-            except DatabaseUnavailable as exc:
-                await runner.close(quiet=True)
-                if attempt == 2 or not stale(exc, runner):
-                    raise
-            except BaseException:
-                await runner.close(quiet=True)
-                raise
-            else:
-                return runner
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def __aexit__(
         self,

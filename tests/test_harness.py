@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -21,7 +22,8 @@ def test_no_server_anywhere_fails_with_instructions(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv(testing.ENV_URL, raising=False)
     monkeypatch.setattr(testing, "_pg_bin_dirs", list)  # no local binaries
     monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setitem(__import__("sys").modules, "pgserver", None)  # not installed
+    for module in ("pgserver", "pgserver.postgres_server"):  # not installed (nor imported)
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(testing.NoPostgreSQL) as caught, testing.find_server():
         pytest.fail("find_server() yielded a server although none can be had")
     message = str(caught.value)
