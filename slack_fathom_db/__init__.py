@@ -5,7 +5,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from slack_fathom_db.database import Database, DatabaseInfo
+from slack_fathom_db import records
+from slack_fathom_db.database import Database, DatabaseInfo, PoolStats
 from slack_fathom_db.repositories import RateLimitDecision, TenantStats
 from slack_fathom_db.settings import DatabaseSettings
 from slack_fathom_db.tenancy import TenantId
@@ -20,9 +21,11 @@ __all__ = [
     "Database",
     "DatabaseInfo",
     "DatabaseSettings",
+    "PoolStats",
     "RateLimitDecision",
     "TenantId",
     "TenantStats",
     "UnitOfWork",
     "__version__",
+    "records",
 ]
