@@ -30,10 +30,10 @@ driver's records; repositories turn them into :mod:`slack_fathom_db.records`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
+from asyncio import current_task
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
@@ -163,7 +163,7 @@ class Runner:
         self._autocommit = autocommit
         self._in_transaction = False
         self._aborted_by: str | None = None
-        self._task = asyncio.current_task()
+        self._task = current_task()
         self._closed = False
         self._echo = settings.echo
         self._slow = settings.slow_statement_ms / 1000 if settings.slow_statement_ms else None
@@ -197,7 +197,11 @@ class Runner:
 
     async def fetch(self, sql: str, args: Sequence[Any], *, action: str) -> list[asyncpg.Record]:
         """Run one statement (inside the runner's transaction) and return its rows."""
-        await self._ensure_transaction(action)
+        ready = self._in_transaction or self._begin_messages is None
+        if not ready or self._aborted_by is not None or current_task() is not self._task:
+            await self._ensure_transaction(action)  # begins, or raises what is wrong
+        elif self._closed:
+            self.check_usable()
         started = time.perf_counter()
         if self._echo:
             _sql_log.info("%s  -- %s", sql, action)
@@ -308,7 +312,7 @@ class Runner:
         """Raise :class:`UsageError` once closed, or when used from another task."""
         if self._closed:
             raise UsageError("the unit of work is not open: use it inside its `async with` block")
-        if asyncio.current_task() is not self._task:
+        if current_task() is not self._task:
             raise UsageError("a unit of work belongs to the task that entered it; do not share it")
 
     async def _ensure_transaction(self, action: str) -> None:
@@ -445,4 +449,4 @@ def stale(error: DatabaseUnavailable, runner: Runner) -> bool:
     connection is safe. A server that did not answer in time is not retried: it
     would only double the wait.
     """
-    return runner.invalidated and not isinstance(error.__cause__, asyncio.TimeoutError)
+    return runner.invalidated and not isinstance(error.__cause__, TimeoutError)
