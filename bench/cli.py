@@ -30,6 +30,7 @@ from bench import dataset, document, report
 from bench.counting import count_round_trips
 from bench.explain import explain_layer_queries
 from bench.impls import ALL
+from bench.profiling import profile_handler
 from bench.runner import run_load
 from bench.workloads import WORKLOADS
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from bench.dataset import Dataset
     from bench.explain import Plan
     from bench.impls.base import Implementation
+    from bench.profiling import Profile as HandlerProfile
     from bench.report import Results
     from bench.workloads import Workload
 
@@ -131,6 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-output", action="store_true", help="write no Markdown report")
     parser.add_argument("--skip-counts", action="store_true", help="no round-trip counting pass")
     parser.add_argument("--skip-explain", action="store_true", help="no EXPLAIN pass")
+    parser.add_argument("--skip-profile", action="store_true", help="no handler profile")
     return parser.parse_args(argv)
 
 
@@ -170,6 +173,13 @@ async def _main(args: argparse.Namespace) -> int:
             tag = uuid.uuid4().hex[:8]
             counts = [await count_round_trips(impl, datasets["large"], tag) for impl in impls]
         results = await measure(profile, impls, workloads, datasets)
+        profiles: list[HandlerProfile] = []
+        if not args.skip_profile and any(w.key == "handler" for w in workloads):
+            log("profiling one handler call of each implementation")
+            tag = uuid.uuid4().hex[:8]
+            profiles = [
+                await profile_handler(impl, datasets["small"], f"{tag}{impl.key}") for impl in impls
+            ]
     finally:
         if not args.keep:
             for data in datasets.values():
@@ -190,6 +200,7 @@ async def _main(args: argparse.Namespace) -> int:
         results=results,
         counts=counts,
         plans=plans,
+        profiles=profiles,
         targets=report.targets(results, counts, plans, datasets),
         elapsed=elapsed,
     )

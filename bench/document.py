@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from bench import report
 from bench.explain import SMALL_TABLE
 from bench.impls.sync_orm import DEFAULT_EXECUTOR_THREADS
+from bench.profiling import COMPONENTS, OPS, OTHER
 from bench.workloads import SPREAD_TENANTS
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from bench.dataset import Dataset
     from bench.explain import Plan
     from bench.impls.base import Implementation
+    from bench.profiling import Profile
     from bench.report import Results, Target
     from bench.workloads import Workload
 
@@ -38,8 +40,45 @@ class Run:
     results: Results
     counts: Sequence[Counts]
     plans: Sequence[Plan]
+    profiles: Sequence[Profile]
     targets: Sequence[Target]
     elapsed: float
+
+
+def _profile_table(profiles: Sequence[Profile], *, markdown: bool) -> str:
+    names = [name for name, _ in COMPONENTS] + [OTHER]
+    rows = [[name, *(f"{p.ms_per_call.get(name, 0.0):.3f}" for p in profiles)] for name in names]
+    rows.append(["total, profiled", *(f"{sum(p.ms_per_call.values()):.3f}" for p in profiles)])
+    rows.append(["client CPU per call, not profiled", *(f"{p.cpu_ms:.3f}" for p in profiles)])
+    return report.table(
+        ["component (ms per handler call)", *(p.impl for p in profiles)], rows, markdown=markdown
+    )
+
+
+def _profile_gap(profiles: Sequence[Profile]) -> str | None:
+    """The layer's extra client CPU against raw asyncpg's, and the components it is in."""
+    by_impl = {p.impl: p for p in profiles}
+    layer, raw = by_impl.get("layer"), by_impl.get("raw")
+    if layer is None or raw is None:
+        return None
+    extra = {
+        name: layer.ms_per_call.get(name, 0.0) - raw.ms_per_call.get(name, 0.0)
+        for name in {*layer.ms_per_call, *raw.ms_per_call}
+    }
+    total = sum(value for value in extra.values() if value > 0)
+    if total <= 0:
+        return None
+    top = [
+        name for name in sorted(extra, key=lambda n: extra[n], reverse=True)[:3] if extra[name] > 0
+    ]
+    shares = ", ".join(f"{name} {extra[name] / total:.0%}" for name in top)
+    return (
+        f"Unprofiled, a handler call costs the layer {layer.cpu_ms:.3f} ms of client CPU "
+        f"and raw asyncpg {raw.cpu_ms:.3f} ms ({layer.cpu_ms / raw.cpu_ms:.2f}x); the "
+        "client and the server share two cores, so every client millisecond costs "
+        f"throughput at concurrency 32. Where the layer spends more (shares of its extra "
+        f"profiled CPU): {shares}."
+    )
 
 
 def _heading(text: str, level: int, *, markdown: bool) -> str:
@@ -178,6 +217,20 @@ def render(run: Run, *, markdown: bool) -> str:
     note = report.scale_note(run.results)
     if note:
         parts.append(note)
+    if run.profiles:
+        parts.append(_heading("Where the client's CPU goes (handler)", 2, markdown=md))
+        parts.append(
+            f"Each implementation runs {OPS:,} handler calls one after another, once plainly "
+            "(the client CPU per call in the last row) and once under cProfile, timed by "
+            "the process's CPU clock; the CPU time spent in each function itself is added "
+            "up by the component it belongs to. "
+            "The profiler slows everything by a similar factor: compare the rows, not "
+            "the milliseconds with those above."
+        )
+        parts.append(_profile_table(run.profiles, markdown=md))
+        gap = _profile_gap(run.profiles)
+        if gap:
+            parts.append(gap)
     if run.counts:
         parts.append(_heading("Round trips per operation", 2, markdown=md))
         parts.append(

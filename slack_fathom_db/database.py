@@ -30,7 +30,7 @@ from slack_fathom_db.repositories.rate_limits import (
     window_decision,
 )
 from slack_fathom_db.retries import retry_conflicts
-from slack_fathom_db.runner import Runner, outside_tenant
+from slack_fathom_db.runner import Runner, fetch_outside, outside_tenant
 from slack_fathom_db.settings import DatabaseSettings
 from slack_fathom_db.tenancy import (
     TenantDirectory,
@@ -41,6 +41,7 @@ from slack_fathom_db.tenancy import (
 from slack_fathom_db.uow import UnitOfWork
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
@@ -97,6 +98,7 @@ class Database:
         self.settings = settings if settings is not None else DatabaseSettings()
         self._engine: AsyncEngine | None = None
         self._directory: TenantDirectory | None = None
+        self._opener = outside_opener(self.settings)
         # Every driver connection the pool opened, so dispose() can abort what will not close.
         self._drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
 
@@ -114,9 +116,20 @@ class Database:
         return self._engine
 
     def _outside(self, action: str) -> AbstractAsyncContextManager[Runner]:
-        """A runner for one statement outside any tenant (as the directory role)."""
-        return outside_tenant(
-            self._pool(), self.settings, begin=outside_opener(self.settings), action=action
+        """A runner for statements outside any tenant (as the directory role), each its own."""
+        return outside_tenant(self._pool(), self.settings, begin=self._opener, action=action)
+
+    async def _fetch_outside(
+        self, sql: str, args: Sequence[object], *, action: str
+    ) -> list[asyncpg.Record]:
+        """One statement outside any tenant (as the directory role)."""
+        return await fetch_outside(
+            self._pool(),
+            self.settings,
+            sql,
+            args,
+            begin=outside_opener(self.settings),
+            action=action,
         )
 
     @property
@@ -160,8 +173,7 @@ class Database:
             now = utcnow()
             start, end = window(charge.period, now)
             arguments = (tenant, *charge.key, start, charge.cost, charge.limit, timeout)
-            async with self._outside("rate limit") as runner:
-                (row,) = await runner.fetch(_CONSUME_SQL, arguments, action="rate limit")
+            (row,) = await self._fetch_outside(_CONSUME_SQL, arguments, action="rate limit")
             granted, prior = row[0]
             if granted is not None:
                 return window_decision(charge, spent=granted, allowed=True, now=now, end=end)
@@ -188,16 +200,14 @@ class Database:
     async def check_connection(self) -> bool:
         """``True`` if a connection can be had and answers ``SELECT 1``."""
         try:
-            async with self._outside("check connection") as runner:
-                await runner.fetch("SELECT 1", (), action="check connection")
+            await self._fetch_outside("SELECT 1", (), action="check connection")
         except SlackFathomDBError:
             return False
         return True
 
     async def info(self) -> DatabaseInfo:
         """Server version, database, user and pool figures; the URL with its password masked."""
-        async with self._outside("read database info") as runner:
-            (row,) = await runner.fetch(_INFO_SQL, (), action="read database info")
+        (row,) = await self._fetch_outside(_INFO_SQL, (), action="read database info")
         pool = self.pool_stats()
         return DatabaseInfo(
             url=self.settings.masked_url or "",

@@ -72,7 +72,14 @@ if TYPE_CHECKING:
 
     from slack_fathom_db.settings import DatabaseSettings
 
-__all__ = ["CompiledStatement", "Runner", "compile_statement", "outside_tenant", "render"]
+__all__ = [
+    "CompiledStatement",
+    "Runner",
+    "compile_statement",
+    "fetch_outside",
+    "outside_tenant",
+    "render",
+]
 
 T = TypeVar("T")
 
@@ -158,7 +165,6 @@ class Runner:
         self._pool = pool
         self._pooled = pooled
         self._driver = driver
-        self._settings = settings
         self._begin_messages = begin
         self._autocommit = autocommit
         self._in_transaction = False
@@ -416,6 +422,29 @@ async def open_runner(
     """A runner on a pooled connection of ``engine``."""
     pooled, driver = await checkout(engine, action=action)
     return Runner(engine.pool, pooled, driver, settings, begin=begin, autocommit=autocommit)
+
+
+async def fetch_outside(
+    engine: AsyncEngine,
+    settings: DatabaseSettings,
+    sql: str,
+    args: Sequence[Any],
+    *,
+    begin: str | None,
+    action: str,
+) -> list[asyncpg.Record]:
+    """Run one statement outside any tenant on a pooled connection (see :func:`outside_tenant`)."""
+    runner = await open_runner(
+        engine,
+        settings,
+        begin=None if begin is None else (lambda: (begin,)),
+        autocommit=True,
+        action=action,
+    )
+    try:
+        return await runner.fetch(sql, args, action=action)
+    finally:
+        await runner.close(quiet=True)
 
 
 @asynccontextmanager

@@ -29,11 +29,12 @@ from slack_fathom_db import validation
 from slack_fathom_db.connections import BEGIN, SEARCH_PATH
 from slack_fathom_db.errors import DatabaseUnavailable, TenantNotFound
 from slack_fathom_db.models.tenants import PLAN_TIERS
-from slack_fathom_db.runner import open_runner, outside_tenant, stale
+from slack_fathom_db.runner import fetch_outside, open_runner, stale
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import asyncpg
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from slack_fathom_db.runner import Runner
@@ -275,20 +276,19 @@ class TenantDirectory:
         return await self._call(_RESOLVE, team_id, action="resolve tenant")
 
     async def _call(self, sql: str, *args: object, action: str) -> TenantId | None:
-        async with outside_tenant(
-            self._engine, self._settings, begin=self._opener, action=action
-        ) as runner:
-            return await call_directory(runner, sql, *args, action=action)
+        rows = await fetch_outside(
+            self._engine, self._settings, sql, args, begin=self._opener, action=action
+        )
+        return _tenant_of(rows)
 
 
 async def resolve_on(runner: Runner, slack_team_id: str) -> TenantId | None:
     """Resolve a validated Slack team id on a runner outside any tenant transaction."""
-    return await call_directory(runner, _RESOLVE, slack_team_id, action="resolve tenant")
+    return _tenant_of(await runner.fetch(_RESOLVE, (slack_team_id,), action="resolve tenant"))
 
 
-async def call_directory(runner: Runner, sql: str, *args: object, action: str) -> TenantId | None:
-    """Run one of the directory's functions; the tenant id it returns, or ``None``."""
-    rows = await runner.fetch(sql, args, action=action)
+def _tenant_of(rows: list[asyncpg.Record]) -> TenantId | None:
+    """The tenant id one of the directory's functions returned, or ``None``."""
     return None if not rows or rows[0][0] is None else TenantId(rows[0][0])
 
 

@@ -17,7 +17,11 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from slack_fathom_db.models.base import Base, one_of
 
-RATE_LIMIT_PERIODS: Final = ("minute", "hourly", "daily", "monthly", "bucket")
+WINDOW_PERIODS: Final = ("minute", "hourly", "daily", "monthly")
+"""The fixed windows, aligned to UTC."""
+BUCKET: Final = "bucket"
+"""The period of a token bucket's row."""
+RATE_LIMIT_PERIODS: Final = (*WINDOW_PERIODS, BUCKET)
 
 
 class ApiRateLimit(Base):

@@ -33,6 +33,7 @@ from slack_fathom_db import validation
 from slack_fathom_db.errors import RateLimitExceeded
 from slack_fathom_db.models import ApiRateLimit
 from slack_fathom_db.models.base import utcnow
+from slack_fathom_db.models.rate_limits import BUCKET, WINDOW_PERIODS
 from slack_fathom_db.repositories.base import TenantRepository
 
 if TYPE_CHECKING:
@@ -49,8 +50,7 @@ __all__ = [
     "window_decision",
 ]
 
-PERIODS: Final = ("minute", "hourly", "daily", "monthly")
-_BUCKET: Final = "bucket"
+PERIODS: Final = WINDOW_PERIODS
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_LIMIT: Final = 2**31 - 1
 _FAR_AWAY_SECONDS: Final = 100 * 366 * 86_400.0
@@ -117,7 +117,7 @@ class _Bucket:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.bucket, _BUCKET)
+        return (self.bucket, BUCKET)
 
 
 @dataclass(slots=True)
@@ -354,7 +354,7 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
     def _bucket_params(self, charge: _Bucket) -> dict[str, Any]:
         return {
             "resource": charge.bucket,
-            "period": _BUCKET,
+            "period": BUCKET,
             "window_start": _EPOCH,
             "capacity": float(charge.capacity),
             "rate": charge.refill_per_second,
