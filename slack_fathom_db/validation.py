@@ -212,13 +212,17 @@ def list_limit(value: object) -> int:
     return integer(value, field="limit", minimum=1, maximum=MAX_LIST_LIMIT)
 
 
-def positive_number(value: object, *, field: str, maximum: float = 1e12) -> float:
-    """A finite number greater than zero."""
+def positive_number(
+    value: object, *, field: str, maximum: float = 1e12, minimum: float | None = None
+) -> float:
+    """A finite number above zero (at least ``minimum`` if given), at most ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _fail(field, "must be a number")
     number = float(value)
-    if not math.isfinite(number) or not 0 < number <= maximum:
-        raise _fail(field, f"must be greater than 0 and at most {maximum:g}")
+    low_ok = number > 0 if minimum is None else number >= minimum
+    if not math.isfinite(number) or not low_ok or number > maximum:
+        low = "greater than 0" if minimum is None else f"at least {minimum:g}"
+        raise _fail(field, f"must be {low} and at most {maximum:g}")
     return number
 
 

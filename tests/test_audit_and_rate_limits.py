@@ -660,6 +660,27 @@ async def test_rate_limit_arguments_are_validated(
 # -- rate limits: token buckets ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("rate", [5e-324, 1e-10, 0.0, -1.0, float("nan"), 1e13])
+async def test_a_refill_rate_out_of_bounds_is_refused_before_any_sql(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection, rate: float
+) -> None:
+    bucket = f"b{uuid.uuid4().hex[:10]}"
+    async with db.unit_of_work(tenant_a) as uow:
+        with pytest.raises(ValidationError, match="refill_per_second"):
+            await uow.rate_limits.take(bucket, capacity=5, refill_per_second=rate)
+        slowest = await uow.rate_limits.take(bucket, capacity=5, refill_per_second=1e-9)
+        await uow.commit()  # a subnormal rate would have underflowed here, in the database
+    assert slowest.allowed
+    assert (
+        await admin.fetchval(
+            "SELECT request_count FROM api_rate_limits WHERE tenant_id = $1 AND resource_type = $2",
+            tenant_a,
+            bucket,
+        )
+        == 0
+    )
+
+
 async def _take(
     db: Database, tenant: TenantId, bucket: str, *, capacity: int, refill: float, tokens: int = 1
 ) -> tuple[bool, int, float]:

@@ -54,6 +54,8 @@ PERIODS: Final = WINDOW_PERIODS
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_LIMIT: Final = 2**31 - 1
 _FAR_AWAY_SECONDS: Final = 100 * 366 * 86_400.0
+_MIN_REFILL: Final = 1e-9
+"""Tokens per second, at least (one per ~32 years): slower rates underflow the arithmetic."""
 _KEY: Final = (
     ApiRateLimit.tenant_id,
     ApiRateLimit.resource_type,
@@ -183,12 +185,15 @@ class RateLimitRepo(TenantRepository[ApiRateLimit]):
     async def take(
         self, bucket: str, *, capacity: int, refill_per_second: float, tokens: int = 1
     ) -> RateLimitDecision:
-        """Take ``tokens`` from a token bucket that refills continuously, charged at commit."""
+        """Take ``tokens`` from a token bucket that refills continuously, charged at commit.
+
+        ``refill_per_second`` is at least 1e-9 (one token in about 32 years).
+        """
         charge = _Bucket(
             bucket=validation.resource_name(bucket, field="bucket"),
             capacity=validation.integer(capacity, field="capacity", minimum=1),
             refill_per_second=validation.positive_number(
-                refill_per_second, field="refill_per_second"
+                refill_per_second, field="refill_per_second", minimum=_MIN_REFILL
             ),
             tokens=validation.integer(tokens, field="tokens", minimum=1),
         )
