@@ -4,10 +4,9 @@ The engine's connections run in driver-level autocommit, so a statement
 outside a transaction (a directory lookup) costs one round trip, and a
 tenant transaction is opened by one simple-protocol message that holds
 ``BEGIN`` and the ``SET LOCAL`` statements together (three messages on
-Citus; see :func:`slack_fathom_db.tenancy.transaction_preamble`). Statements inside it go
-through SQLAlchemy, or, on hot paths, straight to the asyncpg connection as SQL
-compiled once; ``COMMIT`` and ``ROLLBACK`` are sent the same way as the
-preamble.
+Citus; see :func:`slack_fathom_db.tenancy.transaction_preamble`). Every
+statement, ``COMMIT`` and ``ROLLBACK`` included, is sent on the asyncpg
+connection by a :class:`slack_fathom_db.runner.Runner`.
 
 Invariant: a connection never returns to the pool inside a transaction. A
 pool ``reset`` listener rolls back whatever a cancelled or failed caller left
@@ -123,7 +122,7 @@ def connection_lost(error: SlackFathomDBError, driver: asyncpg.Connection | None
     connection usable; a lost link or a server silent past the client
     timeout does not.
     """
-    if driver is not None and driver.is_closed():
+    if driver is not None and driver.is_closed():  # None: judge by the error alone
         return True
     return isinstance(error, DatabaseUnavailable) and not isinstance(error, StatementTimeout)
 

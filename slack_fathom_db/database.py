@@ -12,6 +12,7 @@ import logging
 import uuid
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Self, Unpack
 
 from sqlalchemy import event
@@ -98,7 +99,6 @@ class Database:
         self.settings = settings if settings is not None else DatabaseSettings()
         self._engine: AsyncEngine | None = None
         self._directory: TenantDirectory | None = None
-        self._opener = outside_opener(self.settings)
         # Every driver connection the pool opened, so dispose() can abort what will not close.
         self._drivers: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
 
@@ -115,6 +115,11 @@ class Database:
             self._engine = self._build_engine()
         return self._engine
 
+    @cached_property
+    def _opener(self) -> str | None:
+        """How a statement outside any tenant opens its transaction (behind PgBouncer)."""
+        return outside_opener(self.settings)
+
     def _outside(self, action: str) -> AbstractAsyncContextManager[Runner]:
         """A runner for statements outside any tenant (as the directory role), each its own."""
         return outside_tenant(self._pool(), self.settings, begin=self._opener, action=action)
@@ -128,7 +133,7 @@ class Database:
             self.settings,
             sql,
             args,
-            begin=outside_opener(self.settings),
+            begin=self._opener,
             action=action,
         )
 
@@ -290,7 +295,6 @@ class Database:
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout,
             pool_recycle=settings.pool_recycle,
-            hide_parameters=True,
             isolation_level="AUTOCOMMIT",
             connect_args=connect_args,
         )

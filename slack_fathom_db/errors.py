@@ -1,8 +1,8 @@
 """The exception hierarchy, and the translation of database errors into it.
 
 Every error this package raises on purpose is a :class:`SlackFathomDBError`.
-Database errors are translated at the repository boundary by
-:func:`translate` and chained ``from`` the original, so the cause stays
+Database errors are translated once, where statements run (the runner, and
+the pool checkout), by :func:`translate` and chained ``from`` the original, so the cause stays
 available to a debugger while the message stays free of parameters: a
 message names the rule (a constraint, a column, an SQLSTATE), never a value.
 """
@@ -114,6 +114,10 @@ _BY_SQLSTATE: Final[dict[str, tuple[type[SlackFathomDBError], str]]] = {
     "40001": (SerializationConflict, "a concurrent transaction won [{code}]; retry"),
     "40P01": (SerializationConflict, "a concurrent transaction won [{code}]; retry"),
     "P0002": (TenantNotFound, "the tenant is unknown or soft-deleted"),  # sfdb_require_tenant()
+    "25P02": (
+        TransactionAborted,
+        "an earlier statement of the transaction failed or was cancelled; roll back",
+    ),
     "28": (
         DatabaseUnavailable,
         "the server refused the login (check the user, password and database of "
@@ -182,6 +186,8 @@ _SHARD_SUFFIX: Final = re.compile(r"_[0-9]{6,}$")
 def _is_connection_error(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
+    if isinstance(exc, ValueError):  # a client-side encoding error, not a lost link
+        return False
     lost = (
         OSError,
         asyncpg.InterfaceError,
@@ -206,6 +212,9 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return exc
     if isinstance(exc, sa_exc.TimeoutError):
         return PoolExhausted(f"{action}: {_POOL_EXHAUSTED}")
+    if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+        # The driver could not encode an argument: nothing was sent, the link is fine.
+        return ValidationError(f"{action}: a value cannot be sent as its column's type")
     if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
         return ConfigurationError(f"{action}: {_CITUS_LOGIN_REFUSED}")
     code = _sqlstate(exc)

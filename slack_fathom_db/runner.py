@@ -119,7 +119,8 @@ def compile_statement(statement: ClauseElement) -> CompiledStatement:
     names = tuple(compiled.positiontup or ())
     for name in names:
         bind = compiled.binds[name]
-        if name != TENANT_KEY and (bind.callable is not None or bind.value is not None):
+        valued = bind.callable is not None or bind.value is not None
+        if (name != TENANT_KEY and valued) or bind.expanding or bind.literal_execute:
             raise TypeError(f"compiled statements take named, value-less parameters; not {name!r}")
     processors = tuple(
         compiled.binds[name].type.dialect_impl(_DIALECT).bind_processor(_DIALECT) for name in names
@@ -171,6 +172,7 @@ class Runner:
         self._aborted_by: str | None = None
         self._task = current_task()
         self._closed = False
+        self._discarded = False
         self._echo = settings.echo
         self._slow = settings.slow_statement_ms / 1000 if settings.slow_statement_ms else None
         self.exposed = False
@@ -214,7 +216,13 @@ class Runner:
         try:
             rows = await self._driver.fetch(sql, *args)
         except DRIVER_ERRORS as exc:
-            raise await self._failed(exc, action) from exc
+            error = self._failed(exc, action)
+            if self._autocommit:
+                await self._rollback_quietly()
+            raise error from exc
+        except BaseException:
+            self._interrupted()
+            raise
         finally:
             self._timed(sql, action, started)
         if self._autocommit and self._in_transaction:
@@ -228,11 +236,11 @@ class Runner:
         sql, args = render(statement)
         return await self.fetch(sql, args, action=action)
 
-    async def send(self, sql: str, *, action: str) -> str:
+    async def _send(self, sql: str, *, action: str) -> str:
         """Send ``sql`` (statements without parameters) in one simple-protocol message.
 
         Returns the command tag of the last statement. For the runner's own
-        transaction control and for probes; never for a tenant's data.
+        transaction control (preamble, savepoints, ``COMMIT``, ``ROLLBACK``) only.
         """
         if self._echo:
             _sql_log.info("%s  -- %s", _TENANT_LITERAL.sub("'…'", sql), action)
@@ -240,10 +248,10 @@ class Runner:
         try:
             return await self._driver.execute(sql)
         except DRIVER_ERRORS as exc:
-            error = translate(exc, action=action)
-            if connection_lost(error, self._driver):
-                discard(self._pooled, self._driver, exc)
-            raise error from exc
+            raise self._failed(exc, action) from exc
+        except BaseException:
+            self._interrupted()
+            raise
         finally:
             self._timed(sql, action, started)
 
@@ -255,7 +263,7 @@ class Runner:
             raise UsageError("this runner runs statements autocommitted")
         try:
             for message in self._begin_messages():
-                await self.send(message, action=action)
+                await self._send(message, action=action)
         except BaseException:
             self._in_transaction = True  # a part of the messages may have opened one
             await self._rollback_quietly()
@@ -289,8 +297,10 @@ class Runner:
         self._aborted_by = None
         if self._in_transaction:
             self._in_transaction = False
-            if self._pooled.is_valid:
-                await self.send(ROLLBACK_AND_RESET if self.exposed else ROLLBACK, action="rollback")
+            if not self._discarded:
+                await self._send(
+                    ROLLBACK_AND_RESET if self.exposed else ROLLBACK, action="rollback"
+                )
 
     async def retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
         """Run ``operation`` in a savepoint; after a serialization failure or deadlock,
@@ -302,14 +312,14 @@ class Runner:
         await self._ensure_transaction(action)
 
         async def attempt() -> T:
-            await self.send("SAVEPOINT sfdb_retry", action=action)
+            await self._send("SAVEPOINT sfdb_retry", action=action)
             try:
                 result = await operation()
             except SerializationConflict:
-                await self.send("ROLLBACK TO SAVEPOINT sfdb_retry", action=action)
+                await self._send("ROLLBACK TO SAVEPOINT sfdb_retry", action=action)
                 self._aborted_by = None
                 raise
-            await self.send("RELEASE SAVEPOINT sfdb_retry", action=action)
+            await self._send("RELEASE SAVEPOINT sfdb_retry", action=action)
             return result
 
         return await retry_conflicts(attempt)
@@ -333,19 +343,27 @@ class Runner:
 
     async def _end(self, message: str, action: str) -> str:
         self._in_transaction = False
-        return await self.send(message, action=action)
+        return await self._send(message, action=action)
 
-    async def _failed(self, exc: BaseException, action: str) -> SlackFathomDBError:
-        """Translate a statement's error; the transaction is aborted, a lost link dropped."""
+    def _failed(self, exc: BaseException, action: str) -> SlackFathomDBError:
+        """Translate a statement's error: a lost or silent link is dropped first (nothing
+        more is sent on it), and the open transaction is aborted."""
         error = translate(exc, action=action)
-        if self._in_transaction:
-            if self._autocommit:
-                await self._rollback_quietly()
-            elif self._aborted_by is None:
-                self._aborted_by = f"{type(error).__name__}: {error}"
         if connection_lost(error, self._driver):
-            discard(self._pooled, self._driver, exc)
+            self._discard(exc)
+        if self._in_transaction and self._aborted_by is None:
+            self._aborted_by = f"{type(error).__name__}: {error}"
         return error
+
+    def _interrupted(self) -> None:
+        """A statement was cancelled while in flight: its effect is unknown, so the
+        transaction counts as aborted (``commit()`` refuses; ``rollback()`` clears it)."""
+        if self._in_transaction and self._aborted_by is None:
+            self._aborted_by = "a statement was cancelled before it finished"
+
+    def _discard(self, cause: BaseException) -> None:
+        self._discarded = True
+        discard(self._pooled, self._driver, cause)
 
     async def _rollback_quietly(self) -> None:
         """Roll back after a failure that is being raised: a lost link is no second error."""
@@ -395,8 +413,7 @@ class Runner:
                 if self.exposed:
                     # It ran SQL the layer did not write: whatever that left on the session
                     # (a prepared statement, a cursor, a setting) goes with the connection.
-                    cause = UsageError("the connection served foreign SQL")
-                    discard(self._pooled, self._driver, cause)
+                    self._discard(UsageError("the connection served foreign SQL"))
             finally:
                 await checkin(self._pooled, self._driver, self._pool)
 
@@ -406,9 +423,9 @@ class Runner:
         return self._closed
 
     @property
-    def invalidated(self) -> bool:
-        """Whether the connection was discarded (it will not be pooled again)."""
-        return not self._pooled.is_valid
+    def discarded(self) -> bool:
+        """Whether the connection was dropped (lost, silent, or exposed): never pooled again."""
+        return self._discarded
 
 
 async def open_runner(
@@ -478,4 +495,4 @@ def stale(error: DatabaseUnavailable, runner: Runner) -> bool:
     connection is safe. A server that did not answer in time is not retried: it
     would only double the wait.
     """
-    return runner.invalidated and not isinstance(error.__cause__, TimeoutError)
+    return runner.discarded and not isinstance(error.__cause__, TimeoutError)

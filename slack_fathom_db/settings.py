@@ -8,7 +8,7 @@ show it masked (``postgresql+asyncpg://user:***@host/db``).
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import lru_cache
 from typing import Annotated, Any, Final, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -74,6 +74,13 @@ def normalize_url(raw: str) -> URL:
 _SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword", "passfile", "sslkey"})
 
 
+@lru_cache(maxsize=64)
+def _roles(url: str | None, prefix: str | None, app: str | None) -> LayerRoles:
+    """The roles of a URL's database (or of ``prefix``); cached: every unit of work asks."""
+    database = "" if url is None else make_url(url).database or ""
+    return LayerRoles.for_prefix(prefix or role_prefix(database), app=app)
+
+
 def mask_url(url: URL) -> str:
     """``url`` as text with its password, and query parameters that hold secrets, masked."""
     placeholder = "sfdbmasked"  # rendered as is, then shown as the password's *** is
@@ -90,7 +97,8 @@ class DatabaseSettings(BaseSettings):
 
     Environment names: ``DATABASE_URL``, ``DATABASE_POOL_SIZE``,
     ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``,
-    ``DATABASE_POOL_RECYCLE``, ``DATABASE_ECHO``, ``DATABASE_PGBOUNCER``,
+    ``DATABASE_POOL_RECYCLE``, ``DATABASE_ECHO``, ``DATABASE_SLOW_STATEMENT_MS``,
+    ``DATABASE_TRACE_TENANT``, ``DATABASE_PGBOUNCER``,
     ``DATABASE_STATEMENT_TIMEOUT_MS``, ``DATABASE_CONNECT_TIMEOUT``,
     ``DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS``, ``DATABASE_MAX_JSON_BYTES``,
     ``DATABASE_CLAIM_LEASE_SECONDS``, ``DATABASE_MAX_PROCESSING_ATTEMPTS``,
@@ -207,17 +215,16 @@ class DatabaseSettings(BaseSettings):
             raise ValueError("must be a lower-case identifier ([a-z_][a-z0-9_]*, 63 at most)")
         return value
 
-    @cached_property
+    @property
     def roles(self) -> LayerRoles:
         """The names of the owner, app and directory roles of this database."""
         # The migration URL names the real database; the runtime URL may name an alias
         # (a PgBouncer database entry).
         url = self.migration_url or self.url
-        database = "" if url is None else make_url(url.get_secret_value()).database or ""
-        if not self.role_prefix and not database:
+        secret = None if url is None else url.get_secret_value()
+        if not self.role_prefix and secret is None:
             self.sqlalchemy_url()  # raises: no URL at all
-        prefix = self.role_prefix or role_prefix(database)
-        return LayerRoles.for_prefix(prefix, app=self.app_role)
+        return _roles(secret, self.role_prefix, self.app_role)
 
     def for_migrations(self) -> DatabaseSettings:
         """These settings with ``DATABASE_MIGRATION_URL`` as the URL (the owner's side).

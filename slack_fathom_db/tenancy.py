@@ -203,8 +203,9 @@ async def open_tenant(
             runner.rescope(begin=begin, autocommit=False)
             await runner.begin("open unit of work")
         except DatabaseUnavailable as exc:
+            retry = attempt == 1 and stale(exc, runner)
             await runner.close(quiet=True)
-            if attempt == 2 or not stale(exc, runner):
+            if not retry:
                 raise
         except BaseException:
             await runner.close(quiet=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final
 
 try:
@@ -28,14 +28,12 @@ except ImportError:  # the otel extra is not installed
 
 if TYPE_CHECKING:
     import uuid
-    from collections.abc import Callable, Coroutine, Iterable
+    from collections.abc import Callable, Coroutine, Iterable, Iterator
 
     from slack_fathom_db.settings import DatabaseSettings
 
-__all__ = ["ENABLED", "observe_pool", "tag_tenant", "trace_methods", "unit_of_work_span"]
+__all__ = ["observe_pool", "tag_tenant", "trace_methods", "unit_of_work_span"]
 
-ENABLED = trace is not None
-"""Whether ``opentelemetry-api`` is importable (the ``otel`` extra)."""
 _TRACER = None if trace is None else trace.get_tracer("slack_fathom_db")
 """One tracer for the package: it follows the provider the application sets, whenever."""
 
@@ -50,12 +48,27 @@ def _configured() -> bool:
     return getattr(trace, "_TRACER_PROVIDER", None) is not None
 
 
-def unit_of_work_span(settings: DatabaseSettings) -> AbstractContextManager[Any]:
+def unit_of_work_span() -> AbstractContextManager[Any]:
     """The span of one unit of work (a no-op context without OpenTelemetry)."""
     if _TRACER is None or not _configured():
         return nullcontext()
-    span: AbstractContextManager[Any] = _TRACER.start_as_current_span("sfdb.unit_of_work")
-    return span
+    return _span("sfdb.unit_of_work")
+
+
+@contextmanager
+def _span(name: str) -> Iterator[Any]:
+    """A span that records a failure by the exception's type only: a database error's text
+    may quote a row's values (``DETAIL: Key (…)=(…)``), and spans carry no values."""
+    assert _TRACER is not None  # noqa: S101 - only called when importable
+    assert trace is not None  # noqa: S101
+    with _TRACER.start_as_current_span(
+        name, record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+            raise
 
 
 def tag_tenant(span: Any, settings: DatabaseSettings, tenant_id: uuid.UUID) -> None:
@@ -76,13 +89,11 @@ def trace_methods(cls: type[Any], prefix: str) -> None:
 def _traced(
     span_name: str, method: Callable[..., Coroutine[Any, Any, Any]]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    start = _TRACER.start_as_current_span if _TRACER is not None else None
-
     @functools.wraps(method)
     async def traced(*args: Any, **kwargs: Any) -> Any:
-        if start is None or not _configured():
+        if not _configured():
             return await method(*args, **kwargs)
-        with start(span_name):
+        with _span(span_name):
             return await method(*args, **kwargs)
 
     return traced

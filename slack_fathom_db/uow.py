@@ -68,7 +68,7 @@ class UnitOfWork:
         )
         self._runner: Runner | None = None
         self._entered = False
-        self._span = tracing.unit_of_work_span(settings)
+        self._span = tracing.unit_of_work_span()
 
     @property
     def tenant_id(self) -> TenantId:

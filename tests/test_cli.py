@@ -54,8 +54,11 @@ def sfdb(
     if url is not None:
         env["DATABASE_URL"] = url
     env.update(extra_env or {})
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
         return pool.submit(_run_cli, list(args), env, cwd, stdin).result(timeout=300)
+    finally:
+        pool.shutdown(wait=False)  # a run past the timeout fails the test instead of hanging it
 
 
 def _run_cli(

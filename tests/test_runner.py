@@ -17,6 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from sqlalchemy import inspect
 
 import slack_fathom_db
@@ -184,6 +185,25 @@ async def test_spans_per_unit_of_work_and_repository_call_carry_no_tenant_by_def
     assert all(span.parent.span_id == unit.context.span_id for span in finished[:2])  # type: ignore[union-attr]
     for span in finished:
         assert str(tenant_a) not in repr(dict(span.attributes or {}))
+
+
+async def test_a_failed_call_marks_its_span_by_the_error_type_and_quotes_no_values(
+    db: Database, tenant_a: TenantId, spans: InMemorySpanExporter
+) -> None:
+    ghost = uuid.uuid4()
+    spans.clear()
+    with pytest.raises(NotFound):
+        async with db.unit_of_work(tenant_a) as uow:
+            await uow.meetings.create(user_id=ghost, fathom_recording_id="rec-ghost", title="t")
+    failed = {span.name: span for span in spans.get_finished_spans()}
+    for name in ("sfdb.meetings.create", "sfdb.unit_of_work"):
+        span = failed[name]
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.status.description == "NotFound"
+        assert not span.events  # no exception event: a driver's message may quote a row
+        shown = repr(dict(span.attributes or {})) + repr(span.status)
+        assert str(ghost) not in shown
+        assert str(tenant_a) not in shown
 
 
 async def test_the_tenant_goes_on_the_span_only_when_asked(

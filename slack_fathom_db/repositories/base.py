@@ -15,10 +15,12 @@ Invariants:
 * Statements run only through the runner (:mod:`slack_fathom_db.runner`),
   which translates errors; reads come back as :mod:`slack_fathom_db.records`.
 
-Fixed-shape statements are compiled once per repository class, by name (the
-tenant is the bind parameter ``sfdb_tenant``, every other value a named bind
-parameter), and run with the tenant supplied on every call; dynamic ones
-(``tenants.update``, transitions) are compiled on each call.
+The statements of a handler's path are compiled once per repository class, by
+name (``_fetch`` / ``_fetch_records``: the tenant is the bind parameter
+``sfdb_tenant``, every other value a named bind parameter), and run with the
+tenant supplied on every call; the others (``tenants.update``, transitions,
+listings of users and CRM connections, …) are compiled with their values on
+each call (``_rows`` / ``_all`` / ``_one_or_none`` / ``_scalar``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sqlalchemy.dialects.postgresql import UUID, Insert, insert
 
 from slack_fathom_db import models, records, tracing
 from slack_fathom_db.errors import NotFound
-from slack_fathom_db.models.base import Base, utcnow
+from slack_fathom_db.models.base import Base, Timestamps, utcnow
 from slack_fathom_db.runner import TENANT_KEY, CompiledStatement, compile_statement
 
 if TYPE_CHECKING:
@@ -108,7 +110,7 @@ class TenantRepository(Generic[ModelT]):
     def _update(self, model: type[Base] | None = None) -> Update:
         target: Any = model or self.model
         statement = update(target).where(target.tenant_id == self._tenant())
-        if "updated_at" in target.__table__.c:
+        if issubclass(target, Timestamps):  # not api_rate_limits: its updated_at is a refill time
             statement = statement.values(updated_at=utcnow())
         return statement
 
@@ -178,9 +180,7 @@ class TenantRepository(Generic[ModelT]):
         self, name: str, build: Callable[[], ClauseElement], *, action: str, **params: Any
     ) -> list[asyncpg.Record]:
         """Run the compiled statement ``name`` (built by ``build`` once) and return its rows."""
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            compiled = self._compiled[name] = compile_statement(build())
+        compiled = self._compiled_statement(name, build)
         return await self._run.fetch(
             compiled.sql, compiled.arguments(self._tenant_id, params), action=action
         )
@@ -195,14 +195,21 @@ class TenantRepository(Generic[ModelT]):
         **params: Any,
     ) -> list[RecordT]:
         """Like :meth:`_fetch`, the rows read into ``record`` s."""
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            compiled = self._compiled[name] = compile_statement(build())
+        compiled = self._compiled_statement(name, build)
         rows = await self._run.fetch(
             compiled.sql, compiled.arguments(self._tenant_id, params), action=action
         )
         make = record._make
         return [make(row) for row in rows]
+
+    def _compiled_statement(
+        self, name: str, build: Callable[[], ClauseElement]
+    ) -> CompiledStatement:
+        """The statement ``name`` of this repository class, built and compiled on first use."""
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            compiled = self._compiled[name] = compile_statement(build())
+        return compiled
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]], *, action: str) -> T:
         """Run ``operation`` in a savepoint, again after a serialization failure or deadlock."""
