@@ -194,6 +194,11 @@ class Runner:
         """Whether a transaction is open on this runner."""
         return self._in_transaction
 
+    @property
+    def aborted(self) -> bool:
+        """Whether a statement of the open transaction failed (nothing of it can commit)."""
+        return self._aborted_by is not None
+
     def rescope(self, *, begin: Callable[[], Sequence[str]] | None, autocommit: bool) -> None:
         """Change how transactions open (e.g. from the directory's to a tenant's)."""
         if self._in_transaction:

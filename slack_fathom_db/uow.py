@@ -20,10 +20,11 @@ Invariants:
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import TYPE_CHECKING, Self
 
 from slack_fathom_db import tracing, validation
-from slack_fathom_db.errors import UsageError
+from slack_fathom_db.errors import SlackFathomDBError, UsageError
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
 from slack_fathom_db.tenancy import TenantId, open_tenant
 
@@ -123,11 +124,14 @@ class UnitOfWork:
         if a deferred charge no longer fits.
         """
         runner = self._usable()
-        if runner.in_transaction:
+        if runner.aborted or not runner.in_transaction:
+            self.rate_limits.discard_deferred_charges()  # nothing of it will be committed
+        else:
             try:
                 await self.rate_limits.apply_deferred_charges()
             except BaseException:
-                await runner.rollback()
+                with suppress(SlackFathomDBError):  # the charge's own error is the one to see
+                    await runner.rollback()
                 raise
         await runner.commit()
 

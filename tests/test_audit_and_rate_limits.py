@@ -16,10 +16,16 @@ import asyncpg
 import pytest
 
 from slack_fathom_db import Database, TenantId
-from slack_fathom_db.errors import Conflict, RateLimitExceeded, ValidationError
+from slack_fathom_db.errors import (
+    Conflict,
+    NotFound,
+    RateLimitExceeded,
+    TransactionAborted,
+    ValidationError,
+)
 from slack_fathom_db.records import AuditLog
 from slack_fathom_db.repositories.audit import AuditRepo
-from tests.helpers import add_user
+from tests.helpers import add_user, unique_user_id
 
 
 async def _audit_count(admin: asyncpg.Connection, tenant: TenantId) -> int:
@@ -822,3 +828,24 @@ async def test_token_bucket_arguments_are_validated(
         "SELECT count(*) FROM api_rate_limits WHERE tenant_id = $1", tenant_a
     )
     assert rows == 0
+
+
+async def test_a_charge_of_an_aborted_transaction_is_not_applied_by_a_later_commit(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    resource = f"r{uuid.uuid4().hex[:10]}"
+    async with db.unit_of_work(tenant_a) as uow:
+        assert (await uow.rate_limits.consume(resource, limit=10)).allowed
+        with pytest.raises(NotFound):  # a failed statement aborts the transaction
+            await uow.meetings.create(user_id=uuid.uuid4(), fathom_recording_id="r", title="t")
+        with pytest.raises(TransactionAborted):
+            await uow.commit()
+        await add_user(db, tenant_a)  # meanwhile, elsewhere
+        await uow.tenants.add_user(slack_user_id=unique_user_id())  # a new transaction
+        await uow.commit()
+    spent = await admin.fetchval(
+        "SELECT request_count FROM api_rate_limits WHERE tenant_id = $1 AND resource_type = $2",
+        tenant_a,
+        resource,
+    )
+    assert spent is None  # the charge went with the transaction it was made in
