@@ -12,7 +12,7 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Required, TypedDict, Unpack
 
-from sqlalchemy import bindparam
+from sqlalchemy import DateTime, Integer, Text, bindparam
 
 from slack_fathom_db import records, validation
 from slack_fathom_db.models import AuditLog
@@ -118,23 +118,39 @@ class AuditRepo(TenantRepository[AuditLog]):
     async def recent(self, *, days: int = 7, limit: int = 100) -> list[records.AuditLog]:
         """Events of the last ``days`` days, newest first."""
         window = timedelta(days=validation.integer(days, field="days", minimum=1, maximum=3660))
-        return await self._since(window, limit)
+        return await self._fetch_records(
+            records.AuditLog,
+            "recent",
+            self._recent,
+            action="list audit events",
+            **self._page(window, limit),
+        )
 
     async def recent_failures(self, *, hours: int = 24, limit: int = 100) -> list[records.AuditLog]:
         """Events whose status is not ``success``, of the last ``hours`` hours, newest first."""
         window = timedelta(
             hours=validation.integer(hours, field="hours", minimum=1, maximum=24 * 3660)
         )
-        return await self._since(window, limit, AuditLog.status != "success")
-
-    async def _since(
-        self, window: timedelta, limit: int, *conditions: Any
-    ) -> list[records.AuditLog]:
-        count = validation.list_limit(limit)
-        statement = (
-            self._select()
-            .where(AuditLog.created_at >= utcnow() - window, *conditions)
-            .order_by(AuditLog.created_at.desc(), AuditLog.id)
-            .limit(count)
+        return await self._fetch_records(
+            records.AuditLog,
+            "recent_failures",
+            self._recent_failures,
+            action="list audit events",
+            success="success",
+            **self._page(window, limit),
         )
-        return await self._all(statement, action="list audit events")
+
+    @staticmethod
+    def _page(window: timedelta, limit: int) -> dict[str, Any]:
+        return {"since": utcnow() - window, "limit": validation.list_limit(limit)}
+
+    def _recent(self) -> Any:
+        return (
+            self._select()
+            .where(AuditLog.created_at >= bindparam("since", type_=DateTime(timezone=True)))
+            .order_by(AuditLog.created_at.desc(), AuditLog.id)
+            .limit(bindparam("limit", type_=Integer))
+        )
+
+    def _recent_failures(self) -> Any:
+        return self._recent().where(AuditLog.status != bindparam("success", type_=Text))

@@ -15,12 +15,14 @@ Invariants:
 * Statements run only through the runner (:mod:`slack_fathom_db.runner`),
   which translates errors; reads come back as :mod:`slack_fathom_db.records`.
 
-The statements of a handler's path are compiled once per repository class, by
-name (``_fetch`` / ``_fetch_records``: the tenant is the bind parameter
+Fixed-shape statements (every read, a meeting's creation, an audit event, the
+rate-limit reads and charges) are compiled once per repository class, by name
+(``_fetch`` / ``_fetch_records``: the tenant is the bind parameter
 ``sfdb_tenant``, every other value a named bind parameter), and run with the
-tenant supplied on every call; the others (``tenants.update``, transitions,
-listings of users and CRM connections, …) are compiled with their values on
-each call (``_rows`` / ``_all`` / ``_one_or_none`` / ``_scalar``).
+tenant supplied on every call; those whose shape or values depend on the call
+(``tenants.update``, ``find_account``, transitions, upserts, soft deletes) are
+compiled with their values on each call (``_rows`` / ``_all`` /
+``_one_or_none`` / ``_scalar``).
 """
 
 from __future__ import annotations

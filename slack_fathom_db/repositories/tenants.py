@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Text, bindparam, func, select
+from sqlalchemy import Integer, Text, Uuid, bindparam, func, select
 
 from slack_fathom_db import records, validation
 from slack_fathom_db.errors import NotFound, ValidationError
@@ -55,10 +55,10 @@ class TenantRepo(TenantRepository[User]):
 
     async def get(self) -> records.Tenant | None:
         """The tenant row, or ``None`` once soft-deleted."""
-        result: records.Tenant | None = await self._one_or_none(
-            self._tenant_row(), action="get tenant"
+        found = await self._fetch_records(
+            records.Tenant, "tenant", self._tenant_row, action="get tenant"
         )
-        return result
+        return found[0] if found else None
 
     async def update(
         self,
@@ -143,10 +143,13 @@ class TenantRepo(TenantRepository[User]):
     async def get_user(self, user_id: uuid.UUID) -> records.User | None:
         """A live user by id."""
         uid = validation.uuid_value(user_id, field="user_id")
-        result: records.User | None = await self._one_or_none(
-            self._live().where(User.id == uid), action="get user"
+        found = await self._fetch_records(
+            records.User, "user", self._user_by_id, action="get user", user_id=uid
         )
-        return result
+        return found[0] if found else None
+
+    def _user_by_id(self) -> Any:
+        return self._live().where(User.id == bindparam("user_id", type_=Uuid))
 
     async def get_user_by_slack_id(self, slack_user_id: str) -> records.User | None:
         """A live user by Slack user id."""
@@ -166,8 +169,13 @@ class TenantRepo(TenantRepository[User]):
     async def list_users(self, *, limit: int = 50) -> list[records.User]:
         """Live users, oldest first, at most ``limit`` (1000 at most)."""
         count = validation.list_limit(limit)
-        return await self._all(
-            self._live().order_by(User.created_at, User.id).limit(count), action="list users"
+        return await self._fetch_records(
+            records.User, "users", self._users, action="list users", limit=count
+        )
+
+    def _users(self) -> Any:
+        return (
+            self._live().order_by(User.created_at, User.id).limit(bindparam("limit", type_=Integer))
         )
 
     async def remove_user(self, user_id: uuid.UUID) -> None:
@@ -210,18 +218,32 @@ class TenantRepo(TenantRepository[User]):
     ) -> records.CrmConnection | None:
         """A live CRM connection by id."""
         cid = validation.uuid_value(crm_connection_id, field="crm_connection_id")
-        result: records.CrmConnection | None = await self._one_or_none(
-            self._live(CrmConnection).where(CrmConnection.id == cid), action="get CRM connection"
+        found = await self._fetch_records(
+            records.CrmConnection,
+            "crm_connection",
+            self._crm_connection,
+            action="get CRM connection",
+            crm_connection_id=cid,
         )
-        return result
+        return found[0] if found else None
+
+    def _crm_connection(self) -> Any:
+        return self._live(CrmConnection).where(
+            CrmConnection.id == bindparam("crm_connection_id", type_=Uuid)
+        )
 
     async def default_crm_connection(self) -> records.CrmConnection | None:
         """The live default CRM connection, if one is set."""
-        result: records.CrmConnection | None = await self._one_or_none(
-            self._live(CrmConnection).where(CrmConnection.is_default),
+        found = await self._fetch_records(
+            records.CrmConnection,
+            "default_crm_connection",
+            self._default_crm_connection,
             action="get default CRM connection",
         )
-        return result
+        return found[0] if found else None
+
+    def _default_crm_connection(self) -> Any:
+        return self._live(CrmConnection).where(CrmConnection.is_default)
 
     async def set_default_crm_connection(
         self, crm_connection_id: uuid.UUID
@@ -248,11 +270,19 @@ class TenantRepo(TenantRepository[User]):
     async def list_crm_connections(self, *, limit: int = 50) -> list[records.CrmConnection]:
         """Live CRM connections, the default first, at most ``limit`` (1000 at most)."""
         count = validation.list_limit(limit)
-        return await self._all(
+        return await self._fetch_records(
+            records.CrmConnection,
+            "crm_connections",
+            self._crm_connections,
+            action="list CRM connections",
+            limit=count,
+        )
+
+    def _crm_connections(self) -> Any:
+        return (
             self._live(CrmConnection)
             .order_by(CrmConnection.is_default.desc(), CrmConnection.created_at, CrmConnection.id)
-            .limit(count),
-            action="list CRM connections",
+            .limit(bindparam("limit", type_=Integer))
         )
 
     async def disconnect_crm(self, crm_connection_id: uuid.UUID) -> None:
