@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Integer, Text, Uuid, bindparam, func, select
+from sqlalchemy import DateTime, Integer, Text, Uuid, bindparam, func, select
 
 from slack_fathom_db import records, validation
 from slack_fathom_db.errors import NotFound, ValidationError
@@ -391,7 +391,16 @@ class TenantRepo(TenantRepository[User]):
     async def stats(self) -> TenantStats:
         """Live counts of users, connections, meetings (all, last 30 days) and mappings."""
         since = utcnow() - timedelta(days=30)
+        (row,) = await self._fetch("stats", self._stats, action="tenant stats", since=since)
+        return TenantStats(
+            users=row["users"],
+            crm_connections=row["crm_connections"],
+            meetings_total=row["meetings_total"],
+            meetings_last_30_days=row["recent"],
+            account_mappings=row["account_mappings"],
+        )
 
+    def _stats(self) -> Any:
         def count(model: Any, *conditions: Any) -> Any:
             return (
                 self._live(model)
@@ -400,18 +409,11 @@ class TenantRepo(TenantRepository[User]):
                 .scalar_subquery()
             )
 
-        statement = select(
+        since = bindparam("since", type_=DateTime(timezone=True))
+        return select(
             count(User).label("users"),
             count(CrmConnection).label("crm_connections"),
             count(MeetingSession).label("meetings_total"),
             count(MeetingSession, MeetingSession.created_at >= since).label("recent"),
             count(AccountMapping).label("account_mappings"),
-        )
-        (row,) = await self._rows(statement, action="tenant stats")
-        return TenantStats(
-            users=row["users"],
-            crm_connections=row["crm_connections"],
-            meetings_total=row["meetings_total"],
-            meetings_last_30_days=row["recent"],
-            account_mappings=row["account_mappings"],
         )
