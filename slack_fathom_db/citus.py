@@ -27,6 +27,7 @@ import asyncpg
 
 from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import ConfigurationError, translate
+from slack_fathom_db.models import TENANT_OWNED_TABLES
 
 if TYPE_CHECKING:
     from slack_fathom_db.roles import LayerRoles
@@ -35,14 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["DISTRIBUTED_TABLES", "distribute", "is_distributed"]
 
 REFERENCE_TABLE: Final = "tenants"
-DISTRIBUTED_TABLES: Final = (  # in foreign-key order: a table after those it references
-    "users",
-    "crm_connections",
-    "account_mappings",
-    "meeting_sessions",
-    "audit_logs",
-    "api_rate_limits",
-)
+DISTRIBUTED_TABLES: Final = TENANT_OWNED_TABLES  # a table after those it references
 RATE_LIMIT_FUNCTION: Final = (
     "sfdb_consume_rate_limit(uuid, text, text, timestamptz, integer, integer, integer)"
 )

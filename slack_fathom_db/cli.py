@@ -37,6 +37,7 @@ from slack_fathom_db import __version__, citus, demo, logins, schema
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
+from slack_fathom_db.models import TENANT_OWNED_TABLES
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 
 if TYPE_CHECKING:
@@ -48,14 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-TENANT_OWNED = (
-    "users",
-    "crm_connections",
-    "meeting_sessions",
-    "account_mappings",
-    "audit_logs",
-    "api_rate_limits",
-)
 EMBEDDED_DATABASE = "slack_fathom_db"
 EMBEDDED_MIGRATOR = "slack_fathom_db_migrator"
 EMBEDDED_RUNTIME = "slack_fathom_db_runtime"
@@ -307,14 +300,16 @@ async def _check(settings: DatabaseSettings) -> bool:
             "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) "
             "AND relkind = 'r' AND relrowsecurity AND relforcerowsecurity "
             "AND relnamespace = 'public'::regnamespace",
-            list(TENANT_OWNED),
+            list(TENANT_OWNED_TABLES),
         )
-        missing = sorted(set(TENANT_OWNED) - {row["relname"] for row in rows})
+        missing = sorted(set(TENANT_OWNED_TABLES) - {row["relname"] for row in rows})
         results.append(
             (
                 "row-level security forced on tenant-owned tables",
                 not missing,
-                f"missing on {', '.join(missing)}" if missing else f"{len(TENANT_OWNED)} tables",
+                f"missing on {', '.join(missing)}"
+                if missing
+                else f"{len(TENANT_OWNED_TABLES)} tables",
             )
         )
         current = await _current_on(conn, settings)

@@ -31,6 +31,7 @@ __all__ = [
     "TransactionAborted",
     "UsageError",
     "ValidationError",
+    "sqlstate_of",
     "translate",
 ]
 
@@ -96,44 +97,42 @@ class StatementTimeout(DatabaseUnavailable):
     """A statement ran past ``DATABASE_STATEMENT_TIMEOUT_MS`` and the server cancelled it."""
 
 
-# What a database error becomes, by SQLSTATE (PostgreSQL's Appendix A), then by its
-# class (the first two characters). Each message follows "<action>: "; {where} names the
+# What a database error becomes, by SQLSTATE (PostgreSQL's Appendix A), or by its
+# class or subclass (a prefix). Each message follows "<action>: "; {where} names the
 # constraint when there is one, {code} is the SQLSTATE. Never a parameter value.
-_BY_SQLSTATE: Final[dict[str, tuple[type[SlackFathomDBError], str]]] = {
-    "23505": (Conflict, "a live row with the same key already exists{where}"),
-    "23P01": (Conflict, "a live row with the same key already exists{where}"),
-    "23503": (NotFound, "a referenced row does not exist in this tenant{where}"),
-    "23514": (ValidationError, "the database rejected a value{where} [{code}]"),
-    "23502": (ValidationError, "the database rejected a value{where} [{code}]"),
-    "22": (ValidationError, "the database rejected a value{where} [{code}]"),
-    "42501": (
+_RULES: Final[tuple[tuple[tuple[str, ...], type[SlackFathomDBError], str], ...]] = (
+    (("23505", "23P01"), Conflict, "a live row with the same key already exists{where}"),
+    (("23503",), NotFound, "a referenced row does not exist in this tenant{where}"),
+    (("23514", "23502", "22"), ValidationError, "the database rejected a value{where} [{code}]"),
+    (
+        ("42501",),
         TenantIsolationError,
         "the database refused the statement: row-level security, or a privilege the role "
         "in effect does not hold{where}",
     ),
-    "40001": (SerializationConflict, "a concurrent transaction won [{code}]; retry"),
-    "40P01": (SerializationConflict, "a concurrent transaction won [{code}]; retry"),
-    "P0002": (TenantNotFound, "the tenant is unknown or soft-deleted"),  # sfdb_require_tenant()
-    "25P02": (
+    (("40001", "40P01"), SerializationConflict, "a concurrent transaction won [{code}]; retry"),
+    (("P0002",), TenantNotFound, "the tenant is unknown or soft-deleted"),  # sfdb_require_tenant
+    (
+        ("25P02",),
         TransactionAborted,
         "an earlier statement of the transaction failed or was cancelled; roll back",
     ),
-    "28": (
+    (
+        ("28", "3D000"),
         DatabaseUnavailable,
         "the server refused the login (check the user, password and database of "
         "DATABASE_URL) [{code}]",
     ),
-    "3D000": (
+    (
+        ("53",),
         DatabaseUnavailable,
-        "the server refused the login (check the user, password and database of "
-        "DATABASE_URL) [{code}]",
+        "the server is out of resources (too many connections?) [{code}]",
     ),
-    "53": (DatabaseUnavailable, "the server is out of resources (too many connections?) [{code}]"),
-    "55P03": (StatementTimeout, "waited too long for a row lock (lock timeout) [{code}]"),
-    "57014": (StatementTimeout, "the statement was cancelled (statement timeout) [{code}]"),
-    "08": (DatabaseUnavailable, "the database is unreachable [{code}]"),
-    "57P": (DatabaseUnavailable, "the database is unreachable [{code}]"),
-}
+    (("55P03",), StatementTimeout, "waited too long for a row lock (lock timeout) [{code}]"),
+    (("57014",), StatementTimeout, "the statement was cancelled (statement timeout) [{code}]"),
+    (("08", "57P"), DatabaseUnavailable, "the database is unreachable [{code}]"),
+)
+_BY_SQLSTATE: Final = {code: (error, text) for codes, error, text in _RULES for code in codes}
 _CITUS_LOGIN_REFUSED: Final = (
     "a Citus worker refused a login of the role the coordinator connects as (after SET "
     "LOCAL ROLE, the app role): it must be able to log in on every node (sfdb distribute "
@@ -149,8 +148,8 @@ _POOL_EXHAUSTED: Final = (
 )
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    """Find the SQLSTATE of a database error, whether wrapped by SQLAlchemy or not."""
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE somewhere in the cause chain of ``exc`` (SQLAlchemy or asyncpg), if any."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -217,7 +216,7 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
         return ValidationError(f"{action}: a value cannot be sent as its column's type")
     if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
         return ConfigurationError(f"{action}: {_CITUS_LOGIN_REFUSED}")
-    code = _sqlstate(exc)
+    code = sqlstate_of(exc)
     if code is not None:
         entry = _BY_SQLSTATE.get(code) or _BY_SQLSTATE.get(code[:3]) or _BY_SQLSTATE.get(code[:2])
         if entry is not None:

@@ -175,16 +175,3 @@ async def reported_constraint(
         found = [n for n in names if n.startswith(shortened.group(1))]
     assert len(found) == 1, (name, table, found)
     return table, found[0]
-
-
-def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE somewhere in the cause chain of ``exc`` (SQLAlchemy or asyncpg)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
-        if isinstance(code, str):
-            return code
-        current = getattr(current, "orig", None) or current.__cause__
-    return None

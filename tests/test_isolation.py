@@ -37,11 +37,11 @@ import pytest_asyncio
 from sqlalchemy import TextClause, event, text
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, TenantStats, UnitOfWork
-from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAborted
+from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAborted, sqlstate_of
 from slack_fathom_db.records import CrmConnection, MeetingSession, User
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
 from slack_fathom_db.testing import engine_of, execute_in, probe_outside
-from tests.helpers import fetch_row, on_citus, sqlstate_of, unique_team_id, unique_user_id
+from tests.helpers import fetch_row, on_citus, unique_team_id, unique_user_id
 
 # -- snapshots ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import pytest_asyncio
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings
+from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 from tests.conftest import superuser_connection
 from tests.helpers import on_citus, reported_constraint, unique_team_id, unique_user_id
 
@@ -1349,3 +1350,14 @@ async def test_tenant_settings_do_not_outlive_the_transaction(
         )
     assert await admin.fetchval("SELECT current_user") == superuser
     assert await admin.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+
+
+def test_the_tenant_owned_tables_are_named_once_in_foreign_key_order() -> None:
+    keyed = {table.name for table in Base.metadata.tables.values() if "tenant_id" in table.c}
+    assert set(TENANT_OWNED_TABLES) == keyed
+    assert len(TENANT_OWNED_TABLES) == len(keyed)
+    seen = {"tenants"}
+    for name in TENANT_OWNED_TABLES:
+        referenced = {fk.column.table.name for fk in Base.metadata.tables[name].foreign_keys}
+        assert referenced <= seen, (name, referenced - seen)
+        seen.add(name)

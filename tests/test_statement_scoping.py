@@ -61,7 +61,7 @@ HELPERS = frozenset(
 EXECUTORS = frozenset({"_rows", "_one_or_none", "_all", "_scalar"})
 # Executors of compiled statements, and the position of their builder argument: a
 # reference to a method of the repository that returns a helper-built statement.
-COMPILED_EXECUTORS = {"_fetch": 1, "_fetch_records": 2}
+COMPILED_EXECUTORS = {"_fetch": 1, "_fetch_records": 2, "_fetch_record": 2}
 # Statement builders and raw-SQL constructs of SQLAlchemy; ``select`` is handled by rule 2.
 FORBIDDEN_BUILDERS = frozenset(
     {

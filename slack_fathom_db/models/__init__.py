@@ -1,12 +1,25 @@
 """ORM models, one module per aggregate; importing this package registers all seven tables."""
 
+from typing import Final
+
 from slack_fathom_db.models.audit import AuditLog
 from slack_fathom_db.models.base import Base
 from slack_fathom_db.models.meetings import MeetingSession
 from slack_fathom_db.models.rate_limits import ApiRateLimit
 from slack_fathom_db.models.tenants import AccountMapping, CrmConnection, Tenant, User
 
+TENANT_OWNED_TABLES: Final = (
+    "users",
+    "crm_connections",
+    "account_mappings",
+    "meeting_sessions",
+    "audit_logs",
+    "api_rate_limits",
+)
+"""The tables keyed by tenant (all but ``tenants``), a table after those it references."""
+
 __all__ = [
+    "TENANT_OWNED_TABLES",
     "AccountMapping",
     "ApiRateLimit",
     "AuditLog",

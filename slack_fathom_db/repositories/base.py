@@ -204,6 +204,19 @@ class TenantRepository(Generic[ModelT]):
         make = record._make
         return [make(row) for row in rows]
 
+    async def _fetch_record(
+        self,
+        record: type[RecordT],
+        name: str,
+        build: Callable[[], ClauseElement],
+        *,
+        action: str,
+        **params: Any,
+    ) -> RecordT | None:
+        """Like :meth:`_fetch_records`, for a statement of one row at most: it, or ``None``."""
+        found = await self._fetch_records(record, name, build, action=action, **params)
+        return found[0] if found else None
+
     def _compiled_statement(
         self, name: str, build: Callable[[], ClauseElement]
     ) -> CompiledStatement:

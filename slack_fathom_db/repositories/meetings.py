@@ -150,10 +150,9 @@ class MeetingRepo(TenantRepository[MeetingSession]):
     async def get(self, meeting_id: uuid.UUID) -> records.MeetingSession | None:
         """A live meeting by id."""
         mid = validation.uuid_value(meeting_id, field="meeting_id")
-        found = await self._fetch_records(
+        return await self._fetch_record(
             records.MeetingSession, "get", self._by_id, action="get meeting", meeting_id=mid
         )
-        return found[0] if found else None
 
     def _by_id(self) -> Any:
         return self._live().where(MeetingSession.id == bindparam("meeting_id", type_=Uuid))
@@ -163,14 +162,13 @@ class MeetingRepo(TenantRepository[MeetingSession]):
         rec = validation.text(
             fathom_recording_id, field="fathom_recording_id", max_length=validation.MAX_NAME
         )
-        found = await self._fetch_records(
+        return await self._fetch_record(
             records.MeetingSession,
             "by_fathom_id",
             self._by_fathom_id,
             action="get meeting",
             rec=rec,
         )
-        return found[0] if found else None
 
     def _by_fathom_id(self) -> Any:
         return self._live().where(

@@ -55,10 +55,9 @@ class TenantRepo(TenantRepository[User]):
 
     async def get(self) -> records.Tenant | None:
         """The tenant row, or ``None`` once soft-deleted."""
-        found = await self._fetch_records(
+        return await self._fetch_record(
             records.Tenant, "tenant", self._tenant_row, action="get tenant"
         )
-        return found[0] if found else None
 
     async def update(
         self,
@@ -143,10 +142,9 @@ class TenantRepo(TenantRepository[User]):
     async def get_user(self, user_id: uuid.UUID) -> records.User | None:
         """A live user by id."""
         uid = validation.uuid_value(user_id, field="user_id")
-        found = await self._fetch_records(
+        return await self._fetch_record(
             records.User, "user", self._user_by_id, action="get user", user_id=uid
         )
-        return found[0] if found else None
 
     def _user_by_id(self) -> Any:
         return self._live().where(User.id == bindparam("user_id", type_=Uuid))
@@ -154,14 +152,13 @@ class TenantRepo(TenantRepository[User]):
     async def get_user_by_slack_id(self, slack_user_id: str) -> records.User | None:
         """A live user by Slack user id."""
         sid = validation.slack_user_id(slack_user_id)
-        users = await self._fetch_records(
+        return await self._fetch_record(
             records.User,
             "user_by_slack_id",
             self._user_by_slack_id,
             action="get user",
             slack_user_id=sid,
         )
-        return users[0] if users else None
 
     def _user_by_slack_id(self) -> Any:
         return self._live().where(User.slack_user_id == bindparam("slack_user_id", type_=Text))
@@ -218,14 +215,13 @@ class TenantRepo(TenantRepository[User]):
     ) -> records.CrmConnection | None:
         """A live CRM connection by id."""
         cid = validation.uuid_value(crm_connection_id, field="crm_connection_id")
-        found = await self._fetch_records(
+        return await self._fetch_record(
             records.CrmConnection,
             "crm_connection",
             self._crm_connection,
             action="get CRM connection",
             crm_connection_id=cid,
         )
-        return found[0] if found else None
 
     def _crm_connection(self) -> Any:
         return self._live(CrmConnection).where(
@@ -234,13 +230,12 @@ class TenantRepo(TenantRepository[User]):
 
     async def default_crm_connection(self) -> records.CrmConnection | None:
         """The live default CRM connection, if one is set."""
-        found = await self._fetch_records(
+        return await self._fetch_record(
             records.CrmConnection,
             "default_crm_connection",
             self._default_crm_connection,
             action="get default CRM connection",
         )
-        return found[0] if found else None
 
     def _default_crm_connection(self) -> Any:
         return self._live(CrmConnection).where(CrmConnection.is_default)

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
+from slack_fathom_db.errors import sqlstate_of
+from slack_fathom_db.models import TENANT_OWNED_TABLES
 from slack_fathom_db.testing import execute_in
-from tests.helpers import dsn, sqlstate_of, unique_team_id, unique_user_id
+from tests.helpers import dsn, unique_team_id, unique_user_id
 
 if TYPE_CHECKING:
     import uuid
@@ -45,14 +47,7 @@ STATEMENT_TIMEOUT: Final = 30.0
 MOVES: Final = ("reset", "login", "app", "directory")
 """The roles the runtime login can reach, by the statement that reaches each (:func:`become`)."""
 
-TENANT_OWNED: Final = (
-    "users",
-    "crm_connections",
-    "account_mappings",
-    "meeting_sessions",
-    "audit_logs",
-    "api_rate_limits",
-)
+TENANT_OWNED: Final = TENANT_OWNED_TABLES
 TABLES: Final = ("tenants", *TENANT_OWNED)
 _ORDER: Final = {
     "tenants": "id",
