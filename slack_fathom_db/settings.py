@@ -156,6 +156,11 @@ class DatabaseSettings(BaseSettings):
         default=5,
         description="Claims of one meeting before an expired lease fails it for good.",
     )
+    token_keys: SecretStr | None = Field(
+        default=None,
+        description="Keys that encrypt Slack tokens at rest: <key id>:<base64 32 bytes>, "
+        "comma-separated; the first encrypts, all decrypt (slack_fathom_db.tokens).",
+    )
     migration_url: SecretStr | None = Field(
         default=None,
         description="postgresql:// URL with the credentials of a login that may become the "

@@ -57,6 +57,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import citus, schema
+from slack_fathom_db.tokens import generate_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import UsageError
 from slack_fathom_db.logins import create_login
@@ -550,6 +551,8 @@ class _Logins:
     migrator_password: str
     runtime: str
     runtime_password: str
+    token_keys: str
+    """The database's ``DATABASE_TOKEN_KEYS``: one key made for it."""
 
     @classmethod
     def for_database(cls, name: str) -> _Logins:
@@ -559,6 +562,7 @@ class _Logins:
             migrator_password=secrets.token_urlsafe(24),
             runtime=f"{name}_runtime",
             runtime_password=secrets.token_urlsafe(24),
+            token_keys=generate_key("test"),
         )
 
     def migration_url(self, server: URL) -> URL:
@@ -577,6 +581,7 @@ def _database_settings(server: URL, logins: _Logins, *, runtime: bool) -> Databa
     return DatabaseSettings(
         url=url.render_as_string(hide_password=False),
         migration_url=migration.render_as_string(hide_password=False),
+        token_keys=logins.token_keys,
         pool_size=10,
         max_overflow=20,
         _env_file=None,

@@ -1,4 +1,4 @@
-"""ORM models, one module per aggregate; importing this package registers all seven tables."""
+"""ORM models, one module per aggregate; importing this package registers every table."""
 
 from typing import Final
 
@@ -6,6 +6,7 @@ from slack_fathom_db.models.audit import AuditLog
 from slack_fathom_db.models.base import Base
 from slack_fathom_db.models.meetings import MeetingSession
 from slack_fathom_db.models.rate_limits import ApiRateLimit
+from slack_fathom_db.models.slack import SlackBot, SlackInstallation, SlackOAuthState
 from slack_fathom_db.models.tenants import AccountMapping, CrmConnection, Tenant, User
 
 TENANT_OWNED_TABLES: Final = (
@@ -15,6 +16,8 @@ TENANT_OWNED_TABLES: Final = (
     "meeting_sessions",
     "audit_logs",
     "api_rate_limits",
+    "slack_installations",
+    "slack_bots",
 )
 """The tables keyed by tenant (all but ``tenants``), a table after those it references."""
 
@@ -26,6 +29,9 @@ __all__ = [
     "Base",
     "CrmConnection",
     "MeetingSession",
+    "SlackBot",
+    "SlackInstallation",
+    "SlackOAuthState",
     "Tenant",
     "User",
 ]

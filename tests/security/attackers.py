@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
+from slack_sdk.oauth.installation_store import Installation
 
 from slack_fathom_db.errors import sqlstate_of
 from slack_fathom_db.models import TENANT_OWNED_TABLES
+from slack_fathom_db.slack import InstallationStore
 from slack_fathom_db.testing import execute_in
 from tests.helpers import dsn, unique_team_id, unique_user_id
 
@@ -57,6 +59,9 @@ _ORDER: Final = {
     "meeting_sessions": "id",
     "audit_logs": "id",
     "api_rate_limits": "tenant_id, resource_type, period, window_start",
+    "slack_installations": "id",
+    "slack_bots": "id",
+    "slack_oauth_states": "state_digest",
 }
 SECRET_REFERENCE: Final = "arn:aws:secretsmanager:us-east-1:123456789012:secret:crm/hubspot"
 
@@ -200,7 +205,7 @@ Fingerprint = dict[str, list[str]]
 
 
 async def fingerprint(admin: asyncpg.Connection) -> Fingerprint:
-    """Every row of the seven tables and the catalog that guards them, as a superuser sees it.
+    """Every row of the layer's tables and the catalog that guards them, as a superuser sees it.
 
     Rows are hashed table by table (a difference names the table); the catalog
     (owners, row-level security, policies, triggers, functions, schemas,
@@ -208,7 +213,7 @@ async def fingerprint(admin: asyncpg.Connection) -> Fingerprint:
     memberships and per-role settings) is kept as text.
     """
     seen: Fingerprint = {}
-    for table in TABLES:
+    for table in (*TABLES, "slack_oauth_states"):
         rows = await admin.fetch(
             f"SELECT row_to_json(t)::text AS j FROM {table} t ORDER BY {_ORDER[table]}"
         )
@@ -236,11 +241,29 @@ class Seeded:
     user_id: uuid.UUID
 
 
+SLACK_CLIENT_ID: Final = "1111.2222"
+BOT_TOKEN: Final = "xoxb-seeded-{team}"
+"""The seeded workspace's bot token, as Slack would have issued it."""
+
+
 async def seeded(db: Database, name: str) -> Seeded:
-    """Install a workspace and give it a user, a CRM connection, a mapping, a meeting,
-    an audit row and a rate-limit window."""
+    """Install a workspace through Bolt's store (a Slack installation and bot), and give it
+    a user, a CRM connection, a mapping, a meeting, an audit row and a rate-limit window."""
     team = unique_team_id()
-    tenant = await db.directory.install(slack_team_id=team, slack_team_name=name)
+    await InstallationStore(db, client_id=SLACK_CLIENT_ID).async_save(
+        Installation(
+            team_id=team,
+            team_name=name,
+            user_id=unique_user_id(),
+            bot_id="B0SEEDED",
+            bot_user_id="U0SEEDED",
+            bot_token=BOT_TOKEN.format(team=team),
+            bot_refresh_token=f"xoxe-1-seeded-{team}",
+            user_token=f"xoxp-seeded-{team}",
+        )
+    )
+    tenant = await db.directory.resolve(team)
+    assert tenant is not None
     async with db.unit_of_work(tenant) as uow:
         user = await uow.tenants.add_user(slack_user_id=unique_user_id())
         crm = await uow.tenants.connect_crm(

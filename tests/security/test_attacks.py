@@ -15,7 +15,7 @@ logged in as the schema owner, and every attack below worked.
 
 1. Back to the owner (here): become the owner, the migrating login or a
    superuser; list every tenant (the directory role included: it holds no
-   table, only the directory's three functions of the owner, which take a
+   table, only the directory's functions of the owner, which take a
    workspace by its Slack team id); disable or drop row-level security;
    rewrite, delete or truncate audit rows; create roles; ``COPY`` to or from a
    program or a file, read server files; create tables, views, functions,
@@ -44,8 +44,10 @@ itself does — ``SET LOCAL ROLE <app>; SET LOCAL app.tenant_id = '<another
 tenant>'`` — and then read and write that tenant's rows
 (:func:`test_still_open_code_that_sets_the_tenant_reads_that_tenants_rows`);
 it can run the rate-limit function as the directory role for any tenant,
-spending its quota, and the directory's three functions for any workspace it
-names. Row-level security trusts the tenant setting until a signed claim
+spending its quota, and the directory's functions for any workspace it
+names: resolve, install or uninstall it, delete its Slack tokens, and read
+them as ciphertexts, which it cannot decrypt without the application's key
+(:func:`test_the_directory_role_reads_slack_tokens_only_as_ciphertexts`). Row-level security trusts the tenant setting until a signed claim
 binds it. Every role may change its own password; on PostgreSQL 15 a login
 with ``CREATEROLE`` may take over the layer's roles
 (``test_attacks_cluster.py``, a strict xfail there).
@@ -143,6 +145,12 @@ DIRECTORY_FUNCTIONS: Final = (
     "sfdb_resolve_tenant(text)",
     "sfdb_install_tenant(text, text, text, text)",
     "sfdb_uninstall_tenant(text)",
+    "sfdb_find_slack_installation(text, text, text, text, text)",
+    "sfdb_find_slack_bot(text, text, text, text)",
+    "sfdb_save_slack_installation(text, text, text, jsonb, jsonb, jsonb)",
+    "sfdb_delete_slack_installations(text, text, text, text, text, text, jsonb)",
+    "sfdb_issue_slack_oauth_state(bytea, integer)",
+    "sfdb_consume_slack_oauth_state(bytea)",
 )
 RESOLVE: Final = (
     "SELECT public.sfdb_resolve_tenant('{other_team}')::text, "
@@ -157,7 +165,7 @@ async def test_the_directory_role_does_not_list_every_workspace(
     """Before: the directory role's policy on ``tenants`` (``USING (true)``) showed it every
     workspace's row. Now it holds no table and no policy names it: reached on either
     channel, its listing is refused (42501 on ``tenants``). What it may run are the
-    directory's three functions of the owner (SECURITY DEFINER), which take one
+    directory's functions of the owner (SECURITY DEFINER), which take one
     workspace by its Slack team id: it resolves a workspace it names, never a pattern.
     """
     roles = names(world.settings)
@@ -575,3 +583,32 @@ async def test_still_open_code_that_sets_the_tenant_reads_that_tenants_rows(
         await execute_in(uow, f"SET LOCAL app.tenant_id = '{world.b.tenant}'")
         seen = await execute_in(uow, "SELECT DISTINCT tenant_id FROM users")
         assert set(seen.scalars()) == {world.b.tenant}
+
+
+FIND_OTHERS_TOKENS: Final = (
+    "SELECT encode(bot_token, 'escape'), encode(user_token, 'escape'), "
+    "encode(bot_refresh_token, 'escape'), encode(latest_bot_token, 'escape') "
+    "FROM public.sfdb_find_slack_installation('1111.2222', '{other_team}', NULL, "
+    "'{other_team}', NULL)"
+)
+
+
+async def test_the_directory_role_reads_slack_tokens_only_as_ciphertexts(
+    db: Database, world: World, admin: asyncpg.Connection
+) -> None:
+    """The lookup Bolt makes before it knows the tenant is the directory's, for a workspace
+    it names: the attacker, as every reachable role, gets tenant b's row at most, and in
+    it ciphertexts that hold none of b's tokens (the key is the application's)."""
+    before = await fingerprint(admin)
+    outcomes = await every_attempt(db, world.settings, world.a.tenant, world.sql(FIND_OTHERS_TOKENS))
+    assert changes(before, await fingerprint(admin)) == []
+    reached = [outcome for outcome in outcomes if outcome.sqlstate is None]
+    assert reached, "the directory role may run the lookup"
+    for outcome in outcomes:
+        assert outcome.sqlstate in (None, "42501"), outcome
+    team = world.b.slack_team_id
+    for outcome in reached:
+        assert len(outcome.rows) == 1, outcome
+        text = " ".join(str(value) for value in outcome.rows[0])
+        for token in (f"xoxb-seeded-{team}", f"xoxp-seeded-{team}", f"xoxe-1-seeded-{team}"):
+            assert token not in text, outcome.move
