@@ -58,7 +58,7 @@ from slack_fathom_db.tenancy import open_tenant, tenant_id_from_trusted
 from slack_fathom_db.tokens import TokenCipher, parse_keys
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
     import asyncpg
     from slack_sdk.web.async_client import AsyncWebClient
@@ -95,7 +95,13 @@ _SHARED: Final = (
 )
 _SECRETS: Final = {
     "slack_installations": frozenset(
-        ("bot_token", "bot_refresh_token", "user_token", "user_refresh_token", "incoming_webhook_url")
+        (
+            "bot_token",
+            "bot_refresh_token",
+            "user_token",
+            "user_refresh_token",
+            "incoming_webhook_url",
+        )
     ),
     "slack_bots": frozenset(("bot_token", "bot_refresh_token")),
 }
@@ -192,7 +198,9 @@ class InstallationStore(AsyncInstallationStore):
                 "user_scopes": _scopes(installation.user_scopes),
             },
         )
-        await self._save(address, installation.team_name or installation.enterprise_name, row, bot, event)
+        await self._save(
+            address, installation.team_name or installation.enterprise_name, row, bot, event
+        )
 
     async def async_save_bot(self, bot: Bot) -> None:
         """Save a bot (and its tenant, and an audit event) at once."""
@@ -420,9 +428,7 @@ class InstallationStore(AsyncInstallationStore):
             installed_at=row[f"{prefix}installed_at"].timestamp(),
         )
 
-    def _opener(
-        self, table: str, row_id: uuid.UUID, row: Mapping[str, Any], prefix: str
-    ) -> Any:
+    def _opener(self, table: str, row_id: uuid.UUID, row: Mapping[str, Any], prefix: str) -> Any:
         def open_(column: str) -> str | None:
             blob = row[f"{prefix}{column}"]
             if blob is None:
@@ -454,10 +460,12 @@ class InstallationStore(AsyncInstallationStore):
     async def _refresh(self, found: _Found) -> Installation:
         """Refresh ``found``'s tokens once across processes; return what is stored after.
 
-        In the tenant's transaction: lock the installation and bot rows, read
-        them again (another process may have refreshed them while this one
-        waited), and only if still due ask Slack and store the new tokens
-        before the lock is released.
+        In the tenant's transaction: lock every row of the install's org/workspace
+        (installations, then bots, each in id order, so two refreshers never wait
+        for each other crosswise), read them again (another process may have
+        refreshed while this one waited), and only if still due ask Slack, and
+        store the new tokens in every row that held the old ones before the
+        locks are released.
         """
         if self._rotator is None:  # pragma: no cover - _due() said so
             return found.installation
@@ -467,13 +475,11 @@ class InstallationStore(AsyncInstallationStore):
         )
         try:
             repo = InstallationRepo(runner, tenant, db.settings)
-            locked_installation = (
-                None
-                if found.installation_id is None
-                else await repo.lock_installation(found.installation_id)
-            )
-            locked_bot = None if found.bot_id is None else await repo.lock_bot(found.bot_id)
-            current = found.reread(self, locked_installation, locked_bot)
+            place = found.installation
+            where = (self.client_id, place.enterprise_id, place.team_id)
+            installations = await repo.lock_installations(*where)
+            bots = await repo.lock_bots(*where)
+            current = found.reread(self, installations, bots)
             if current is None or not self._due(current.installation):
                 await runner.commit()
                 return found.installation if current is None else current.installation
@@ -483,39 +489,49 @@ class InstallationStore(AsyncInstallationStore):
             if refreshed is None:
                 await runner.commit()
                 return current.installation
-            await self._store(repo, current, refreshed)
+            await self._store(repo, current.installation, refreshed, installations, bots)
             await runner.commit()
             _log.info("refreshed the Slack tokens of tenant %s", tenant)
             return refreshed
         finally:
             await runner.close(quiet=True)
 
-    async def _store(self, repo: InstallationRepo, current: _Found, refreshed: Installation) -> None:
-        old_bot_token = current.installation.bot_token
+    async def _store(
+        self,
+        repo: InstallationRepo,
+        old: Installation,
+        new: Installation,
+        installations: list[asyncpg.Record],
+        bots: list[asyncpg.Record],
+    ) -> None:
+        """Put ``new``'s tokens in every locked row that holds ``old``'s."""
         bot_values = {
-            "bot_token": refreshed.bot_token,
-            "bot_refresh_token": refreshed.bot_refresh_token,
-            "bot_token_expires_at": _when(refreshed.bot_token_expires_at),
+            "bot_token": new.bot_token,
+            "bot_refresh_token": new.bot_refresh_token,
+            "bot_token_expires_at": _when(new.bot_token_expires_at),
         }
-        if current.installation_id is not None:
-            own = current.own_bot_token
-            values: dict[str, Any] = {
-                "user_token": refreshed.user_token,
-                "user_refresh_token": refreshed.user_refresh_token,
-                "user_token_expires_at": _when(refreshed.user_token_expires_at),
-            }
-            if own is not None and own == old_bot_token:
+        user_values = {
+            "user_token": new.user_token,
+            "user_refresh_token": new.user_refresh_token,
+            "user_token_expires_at": _when(new.user_token_expires_at),
+        }
+        bot_changed = new.bot_token != old.bot_token and old.bot_token is not None
+        user_changed = new.user_token != old.user_token and old.user_token is not None
+        for row in installations:
+            held = self._installation(row)
+            values: dict[str, Any] = {}
+            if bot_changed and held.bot_token == old.bot_token:
                 values.update(bot_values)
-            await repo.store_tokens(
-                SlackInstallation,
-                current.installation_id,
-                self._sealed("slack_installations", current.installation_id, values),
-            )
-        if current.bot_id is not None and current.bot is not None:
-            if current.bot.bot_token == old_bot_token:
-                await repo.store_tokens(
-                    SlackBot, current.bot_id, self._sealed("slack_bots", current.bot_id, bot_values)
-                )
+            if user_changed and held.user_token == old.user_token:
+                values.update(user_values)
+            if values:
+                sealed = self._sealed("slack_installations", row["id"], values)
+                await repo.store_tokens(SlackInstallation, row["id"], sealed)
+        for row in bots:
+            held_bot = self._bot(row, prefix="")
+            if bot_changed and held_bot is not None and held_bot.bot_token == old.bot_token:
+                sealed = self._sealed("slack_bots", row["id"], bot_values)
+                await repo.store_tokens(SlackBot, row["id"], sealed)
 
     def _sealed(self, table: str, row_id: uuid.UUID, values: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -613,26 +629,27 @@ class _Found:
     def reread(
         self,
         store: InstallationStore,
-        installation_row: asyncpg.Record | None,
-        bot_row: asyncpg.Record | None,
+        installations: list[asyncpg.Record],
+        bots: list[asyncpg.Record],
     ) -> _Found | None:
-        """The same, from rows read again under their locks (``None`` if they are gone)."""
+        """The same, from its rows read again under their locks (``None`` if they are gone)."""
+        bot_row = _newest((row for row in bots if row["bot_token"] is not None))
         bot = None if bot_row is None else store._bot(bot_row, prefix="")
+        bot_id = None if bot_row is None else bot_row["id"]
         if self.installation_id is None:
             if bot is None:
                 return None
-            return _Found(self.tenant_id, None, self.bot_id, _installation_of_bot(bot), bot)
-        if installation_row is None:
+            return _Found(self.tenant_id, None, bot_id, _installation_of_bot(bot), bot)
+        row = next((row for row in installations if row["id"] == self.installation_id), None)
+        if row is None:
             return None
-        found = _Found(
-            self.tenant_id,
-            self.installation_id,
-            self.bot_id if bot is not None else None,
-            store._installation(installation_row),
-            bot,
-        )
+        found = _Found(self.tenant_id, self.installation_id, bot_id, store._installation(row), bot)
         merged = self.installation.bot_token != self.own_bot_token
         return found.with_latest_bot() if merged else found
+
+
+def _newest(rows: Iterable[asyncpg.Record]) -> asyncpg.Record | None:
+    return max(rows, key=lambda row: row["installed_at"], default=None)
 
 
 def _installation_of_bot(bot: Bot) -> Installation:

@@ -57,12 +57,12 @@ from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import citus, schema
-from slack_fathom_db.tokens import generate_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import UsageError
 from slack_fathom_db.logins import create_login
 from slack_fathom_db.runner import render
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
+from slack_fathom_db.tokens import generate_key
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator, Mapping, Sequence

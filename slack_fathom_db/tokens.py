@@ -20,13 +20,12 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = ["TokenCipher", "TokenDecryptionError", "generate_key", "parse_keys"]
 
@@ -83,7 +82,7 @@ class TokenCipher:
         listed = list(keys)
         if not listed:
             raise ConfigurationError("no token key: set DATABASE_TOKEN_KEYS")
-        self._by_id = {kid: AESGCM(key) for kid, key in listed}
+        self._by_id: dict[str, AESGCM] = {kid: _aes_gcm(key) for kid, key in listed}
         self._write_id = listed[0][0]
         self._write_prefix = _prefix(self._write_id)
 
@@ -107,8 +106,12 @@ class TokenCipher:
         if cipher is None:
             known = "a malformed ciphertext" if kid is None else f"key {kid!r}, not configured"
             raise TokenDecryptionError(f"cannot decrypt a stored token ({context}): {known}")
+        from cryptography.exceptions import InvalidTag  # noqa: PLC0415 - see _aes_gcm
+
         try:
-            plain = cipher.decrypt(body[:_NONCE_BYTES], body[_NONCE_BYTES:], _AAD_PREFIX + context.encode())
+            plain = cipher.decrypt(
+                body[:_NONCE_BYTES], body[_NONCE_BYTES:], _AAD_PREFIX + context.encode()
+            )
         except InvalidTag:
             raise TokenDecryptionError(
                 f"cannot decrypt a stored token ({context}): it was altered, or belongs to "
@@ -122,6 +125,17 @@ class TokenCipher:
 
     def __repr__(self) -> str:
         return f"TokenCipher(key_id={self._write_id!r}, keys={len(self._by_id)})"
+
+
+def _aes_gcm(key: bytes) -> AESGCM:
+    # Imported here: only Slack installs need it (the `slack` extra); making a key does not.
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+    except ImportError:
+        raise ConfigurationError(
+            "token encryption needs the cryptography package: pip install 'slack-fathom-db[slack]'"
+        ) from None
+    return AESGCM(key)
 
 
 def _prefix(kid: str) -> bytes:

@@ -17,6 +17,7 @@ the layer depends on it:
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import secrets
 from collections.abc import AsyncIterator
@@ -84,11 +85,12 @@ class FakeSlack:
             issued.update(refresh_token=refresh, expires_in=self.expires_in)
         return issued
 
-    async def _oauth_v2_access(self, form: dict[str, str]) -> dict[str, Any]:
-        if (form.get("client_id"), form.get("client_secret")) != (
-            self.client_id,
-            self.client_secret,
-        ):
+    async def _oauth_v2_access(
+        self, form: dict[str, str], credentials: tuple[str, str] | None
+    ) -> dict[str, Any]:
+        # slack_sdk sends the app's credentials with HTTP basic auth; a form may carry them too.
+        given = credentials or (form.get("client_id", ""), form.get("client_secret", ""))
+        if given != (self.client_id, self.client_secret):
             return {"ok": False, "error": "invalid_client_id"}
         if form.get("grant_type") == "refresh_token":
             if self.refresh_delay:
@@ -141,16 +143,27 @@ class FakeSlack:
         method = request.match_info["method"]
         form = {key: str(value) for key, value in (await request.post()).items()}
         self.calls.append((method, form))
-        bearer = request.headers.get("Authorization", "")
-        token = bearer.removeprefix("Bearer ") if bearer.startswith("Bearer ") else None
+        authorization = request.headers.get("Authorization", "")
+        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else None
         if method == "oauth.v2.access":
-            return web.json_response(await self._oauth_v2_access(form))
+            return web.json_response(await self._oauth_v2_access(form, _basic(authorization)))
         if method == "auth.test":
             return web.json_response(self._auth_test(token or form.get("token")))
         if method == "team.info" or method.startswith("chat."):
             ok = token is not None and self.is_valid(token)
             return web.json_response({"ok": ok} if ok else {"ok": False, "error": "invalid_auth"})
         return web.json_response({"ok": False, "error": "unknown_method"}, status=404)
+
+
+def _basic(authorization: str) -> tuple[str, str] | None:
+    """The user and password of an HTTP basic ``Authorization`` header, if it is one."""
+    if not authorization.startswith("Basic "):
+        return None
+    try:
+        user, _, password = base64.b64decode(authorization[6:]).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return user, password
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from slack_sdk.oauth.installation_store.models.bot import Bot
 from slack_fathom_db import Database, DatabaseSettings
 from slack_fathom_db.errors import ConfigurationError, ValidationError
 from slack_fathom_db.slack import InstallationStore, OAuthStateStore
+from slack_fathom_db.tokens import TokenDecryptionError
 from tests.helpers import unique_team_id, unique_user_id
 
 
@@ -267,7 +268,7 @@ async def test_saving_twice_updates_the_same_row(
     assert found.app_id == "A111"
     for table in ("slack_installations", "slack_bots"):
         count = await admin.fetchval(
-            f"SELECT count(*) FROM {table} WHERE client_id = $1",  # noqa: S608 - fixed names
+            f"SELECT count(*) FROM {table} WHERE client_id = $1",
             store.client_id,
         )
         assert count == 1, table
@@ -368,8 +369,6 @@ async def test_tokens_are_ciphertexts_in_the_database(
 async def test_a_ciphertext_moved_to_another_row_does_not_decrypt(
     store: InstallationStore, ids: dict[str, str], admin: asyncpg.Connection
 ) -> None:
-    from slack_fathom_db.tokens import TokenDecryptionError
-
     await store.async_save(bot_installation(ids, installed_at=1e9))
     await store.async_save(bot_installation(ids, bot_token="xoxb-other", installed_at=1e9 + 1))
     await admin.execute(
@@ -450,7 +449,9 @@ async def test_an_expired_state_is_refused_and_purged(
     assert not any([await short.async_consume(state) for state in stale])
 
 
-async def test_states_are_kept_as_digests(states: OAuthStateStore, admin: asyncpg.Connection) -> None:
+async def test_states_are_kept_as_digests(
+    states: OAuthStateStore, admin: asyncpg.Connection
+) -> None:
     state = await states.async_issue()
     stored = await admin.fetch("SELECT state_digest FROM slack_oauth_states")
     assert all(state.encode() not in row["state_digest"] for row in stored)

@@ -197,9 +197,7 @@ def _protect(roles: LayerRoles) -> None:
     op.execute(
         f'CREATE POLICY owner_records ON audit_logs FOR INSERT TO "{roles.owner}" WITH CHECK (true)'
     )
-    op.execute(
-        f'REVOKE ALL ON slack_oauth_states FROM PUBLIC, "{roles.app}", "{roles.directory}"'
-    )
+    op.execute(f'REVOKE ALL ON slack_oauth_states FROM PUBLIC, "{roles.app}", "{roles.directory}"')
 
 
 def _select(table: str, columns: tuple[str, ...]) -> str:
@@ -229,9 +227,7 @@ def _functions() -> dict[str, str]:
     )
     out_bot = ", ".join(f"{column} {kind}" for column, kind in _types(BOT_COLUMNS, prefix=""))
     upsert = {
-        table: ", ".join(
-            f"{column} = EXCLUDED.{column}" for column in (*columns, "updated_at")
-        )
+        table: ", ".join(f"{column} = EXCLUDED.{column}" for column in (*columns, "updated_at"))
         for table, columns in (
             ("slack_installations", INSTALLATION_COLUMNS),
             ("slack_bots", BOT_COLUMNS),
@@ -344,8 +340,9 @@ def _functions() -> dict[str, str]:
             v_installations integer := 0;
             v_now timestamptz := now();
         BEGIN
-            IF p_what NOT IN ('bots', 'installations', 'all', 'uninstall') THEN
-                RAISE EXCEPTION 'unknown deletion: %', p_what USING ERRCODE = 'invalid_parameter_value';
+            IF p_what NOT IN ('bots', 'installations', 'uninstall') THEN
+                RAISE EXCEPTION 'unknown deletion: %', p_what
+                    USING ERRCODE = 'invalid_parameter_value';
             END IF;
             SELECT id INTO v_tenant FROM tenants WHERE slack_team_id = p_key AND deleted_at IS NULL;
             IF v_tenant IS NULL THEN RETURN 0; END IF;
@@ -372,8 +369,10 @@ def _functions() -> dict[str, str]:
             IF v_bots + v_installations > 0 OR p_what = 'uninstall' THEN
                 PERFORM sfdb_record_slack_event(
                     v_tenant,
-                    p_event || jsonb_build_object('metadata', coalesce(p_event -> 'metadata', '{{}}')
-                        || jsonb_build_object('bots', v_bots, 'installations', v_installations)),
+                    p_event || jsonb_build_object(
+                        'metadata', coalesce(p_event -> 'metadata', '{{}}')
+                        || jsonb_build_object('bots', v_bots, 'installations', v_installations)
+                    ),
                     v_now
                 );
             END IF;
@@ -450,7 +449,9 @@ def upgrade() -> None:
     _create_tables()
     _protect(roles)
     op.execute(_RECORD_EVENT)
-    op.execute("REVOKE ALL ON FUNCTION sfdb_record_slack_event(uuid, jsonb, timestamptz) FROM PUBLIC")
+    op.execute(
+        "REVOKE ALL ON FUNCTION sfdb_record_slack_event(uuid, jsonb, timestamptz) FROM PUBLIC"
+    )
     for signature, definition in _functions().items():
         op.execute(definition)
         op.execute(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
@@ -465,4 +466,3 @@ def downgrade() -> None:
     op.drop_table("slack_oauth_states")
     op.drop_table("slack_bots")
     op.drop_table("slack_installations")
-

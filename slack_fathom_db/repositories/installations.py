@@ -3,16 +3,16 @@
 Finding, saving and deleting installations happens before Bolt knows the
 tenant, through the directory's functions (:mod:`slack_fathom_db.slack`).
 What needs the tenant's own transaction is the token refresh: lock the rows
-whose tokens are about to be replaced (``FOR UPDATE``, so a second process
-waits and then reads the new tokens), and write the new ciphertexts.
+of the org/workspace whose tokens are about to be replaced (``FOR UPDATE``,
+installations before bots, each in id order, so a second process waits and
+then reads the new tokens), and write the new ciphertexts.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import BindParameter, bindparam
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy import Select, Text, bindparam
 
 from slack_fathom_db.models.slack import SlackBot, SlackInstallation
 from slack_fathom_db.repositories.base import TenantRepository
@@ -43,27 +43,31 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
     model = SlackInstallation
     span_prefix: ClassVar[str] = "installations"
 
-    async def lock_installation(self, installation_id: uuid.UUID) -> asyncpg.Record | None:
-        """The installation's row, locked until the transaction ends; ``None`` if gone."""
-        rows = await self._fetch(
-            "lock_installation",
-            lambda: self._select(SlackInstallation)
-            .where(SlackInstallation.id == _param("row_id"))
-            .with_for_update(),
-            action="lock installation",
-            row_id=installation_id,
+    async def lock_installations(
+        self, client_id: str, enterprise_id: str | None, team_id: str | None
+    ) -> list[asyncpg.Record]:
+        """The installations of an org/workspace, locked until the transaction ends."""
+        return await self._fetch(
+            "lock_installations",
+            lambda: _same_install(self._select(SlackInstallation), SlackInstallation),
+            action="lock installations",
+            client_id=client_id,
+            enterprise_id=enterprise_id,
+            team_id=team_id,
         )
-        return rows[0] if rows else None
 
-    async def lock_bot(self, bot_id: uuid.UUID) -> asyncpg.Record | None:
-        """The bot's row, locked until the transaction ends; ``None`` if gone."""
-        rows = await self._fetch(
-            "lock_bot",
-            lambda: self._select(SlackBot).where(SlackBot.id == _param("row_id")).with_for_update(),
-            action="lock bot",
-            row_id=bot_id,
+    async def lock_bots(
+        self, client_id: str, enterprise_id: str | None, team_id: str | None
+    ) -> list[asyncpg.Record]:
+        """The bots of an org/workspace, locked (after its installations) until the end."""
+        return await self._fetch(
+            "lock_bots",
+            lambda: _same_install(self._select(SlackBot), SlackBot),
+            action="lock bots",
+            client_id=client_id,
+            enterprise_id=enterprise_id,
+            team_id=team_id,
         )
-        return rows[0] if rows else None
 
     async def store_tokens(
         self, model: type[SlackInstallation | SlackBot], row_id: uuid.UUID, values: dict[str, Any]
@@ -80,5 +84,14 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
         )
 
 
-def _param(name: str) -> BindParameter[Any]:
-    return bindparam(name, type_=UUID(as_uuid=True))
+def _same_install(statement: Select[Any], model: Any) -> Select[Any]:
+    """Rows of one app's org/workspace (a missing one is NULL), in id order, locked."""
+    return (
+        statement.where(
+            model.client_id == bindparam("client_id", type_=Text()),
+            model.enterprise_id.is_not_distinct_from(bindparam("enterprise_id", type_=Text())),
+            model.team_id.is_not_distinct_from(bindparam("team_id", type_=Text())),
+        )
+        .order_by(model.id)
+        .with_for_update()
+    )

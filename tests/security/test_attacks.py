@@ -47,9 +47,10 @@ it can run the rate-limit function as the directory role for any tenant,
 spending its quota, and the directory's functions for any workspace it
 names: resolve, install or uninstall it, delete its Slack tokens, and read
 them as ciphertexts, which it cannot decrypt without the application's key
-(:func:`test_the_directory_role_reads_slack_tokens_only_as_ciphertexts`). Row-level security trusts the tenant setting until a signed claim
-binds it. Every role may change its own password; on PostgreSQL 15 a login
-with ``CREATEROLE`` may take over the layer's roles
+(:func:`test_the_directory_role_reads_slack_tokens_only_as_ciphertexts`).
+Row-level security trusts the tenant setting until a signed claim binds it.
+Every role may change its own password; on PostgreSQL 15 a login with
+``CREATEROLE`` may take over the layer's roles
 (``test_attacks_cluster.py``, a strict xfail there).
 """
 
@@ -600,7 +601,9 @@ async def test_the_directory_role_reads_slack_tokens_only_as_ciphertexts(
     it names: the attacker, as every reachable role, gets tenant b's row at most, and in
     it ciphertexts that hold none of b's tokens (the key is the application's)."""
     before = await fingerprint(admin)
-    outcomes = await every_attempt(db, world.settings, world.a.tenant, world.sql(FIND_OTHERS_TOKENS))
+    outcomes = await every_attempt(
+        db, world.settings, world.a.tenant, world.sql(FIND_OTHERS_TOKENS)
+    )
     assert changes(before, await fingerprint(admin)) == []
     reached = [outcome for outcome in outcomes if outcome.sqlstate is None]
     assert reached, "the directory role may run the lookup"
