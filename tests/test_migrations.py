@@ -39,7 +39,7 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0006"
+HEAD = "0007"
 
 
 async def _connect(settings: DatabaseSettings) -> asyncpg.Connection:
@@ -254,9 +254,9 @@ async def test_the_offline_scripts_do_what_the_online_migrations_do(
     downgrade = _offline_script(
         empty, lambda config: command.downgrade(config, f"{HEAD}:base", sql=True)
     )
-    assert f"Running upgrade 0005 -> {HEAD}" in upgrade
+    assert f"Running upgrade 0006 -> {HEAD}" in upgrade
     assert f'GRANT "{empty.roles.owner}" TO CURRENT_USER' in upgrade
-    assert f"Running downgrade {HEAD} -> 0005" in downgrade
+    assert f"Running downgrade {HEAD} -> 0006" in downgrade
 
     # Run as the migrating login, as `psql -f` would: the same states as online, both ways.
     conn = await _connect(empty)

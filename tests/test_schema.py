@@ -39,8 +39,12 @@ TABLES = frozenset(
         "account_mappings",
         "audit_logs",
         "api_rate_limits",
+        "slack_installations",
+        "slack_bots",
     }
 )
+GLOBAL_TABLES = frozenset({"tenants", "slack_oauth_states"})
+ALL_TABLES = TABLES | GLOBAL_TABLES
 TENANT_OWNED = sorted(TABLES - {"tenants"})
 SOFT_DELETED = ("tenants", "users", "crm_connections", "meeting_sessions", "account_mappings")
 
@@ -98,6 +102,14 @@ WHERE con.connamespace = 'public'::regnamespace
 OWNER_POLICIES = {
     ("api_rate_limits", "select_ended_windows", b"r"),
     ("api_rate_limits", "delete_ended_windows", b"d"),
+}
+# The owner's own policies of migration 0007: its functions (Bolt's lookups and saves, run
+# for the directory role) and sfdb rotate-token-keys read and write the installation tables,
+# and its saves add audit rows. ``(table, name, command): (USING, WITH CHECK)``.
+OWNER_MAINTENANCE = {
+    ("slack_installations", "owner_maintains", b"*"): ("true", "true"),
+    ("slack_bots", "owner_maintains", b"*"): ("true", "true"),
+    ("audit_logs", "owner_records", b"a"): (None, "true"),
 }
 ENDED_WINDOWS = "period <> 'bucket' AND sfdb_window_end(period, window_start) <= now()"
 
@@ -195,6 +207,22 @@ def minimal_row(table: str, seed: Seeded) -> dict[str, object]:
             "window_start": datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
             "request_count": 1,
         },
+        # Tokens are ciphertexts the application makes; any bytes do for the schema.
+        "slack_installations": {
+            "tenant_id": seed.tenant_id,
+            "client_id": "1111.2222",
+            "team_id": unique_team_id(),
+            "user_id": unique_user_id(),
+            "bot_token": secrets.token_bytes(48),
+            "installed_at": datetime.now(UTC),
+        },
+        "slack_bots": {
+            "tenant_id": seed.tenant_id,
+            "client_id": "1111.2222",
+            "team_id": unique_team_id(),
+            "bot_token": secrets.token_bytes(48),
+            "installed_at": datetime.now(UTC),
+        },
     }
     return rows[table]
 
@@ -254,6 +282,8 @@ async def seed_tenant(conn: asyncpg.Connection, name: str) -> Seeded:
             "request_count": 3,
         },
     )
+    for table in ("slack_installations", "slack_bots"):
+        await insert(conn, table, minimal_row(table, Seeded(tenant_id, user_id, *[user_id] * 4)))
     return Seeded(tenant_id, user_id, crm_id, meeting_id, mapping_id, audit_id)
 
 
@@ -285,12 +315,12 @@ async def fresh(admin: asyncpg.Connection) -> Seeded:
 # -- the catalog ----------------------------------------------------------------------
 
 
-async def test_the_seven_tables_exist_and_nothing_else(admin: asyncpg.Connection) -> None:
+async def test_the_layers_tables_exist_and_nothing_else(admin: asyncpg.Connection) -> None:
     rows = await admin.fetch(
         "SELECT relname FROM pg_class "
         "WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')"
     )
-    assert {r["relname"] for r in rows} == TABLES | {"alembic_version"}
+    assert {r["relname"] for r in rows} == ALL_TABLES | {"alembic_version"}
 
 
 @pytest.mark.parametrize("table", TENANT_OWNED)
@@ -308,7 +338,7 @@ async def test_tenant_id_is_a_non_null_uuid(admin: asyncpg.Connection, table: st
 async def test_primary_keys_lead_with_tenant_id(admin: asyncpg.Connection) -> None:
     rows = await admin.fetch(CONSTRAINTS_SQL + " AND con.contype = 'p'")
     primary = {r["table_name"]: list(r["columns"]) for r in rows}
-    assert set(primary) == TABLES | {"alembic_version"}
+    assert set(primary) == ALL_TABLES | {"alembic_version"}
     assert primary["tenants"] == ["id"]
     for table in TENANT_OWNED:
         assert primary[table][0] == "tenant_id", (table, primary[table])
@@ -561,6 +591,11 @@ async def test_row_level_security_is_enabled_forced_and_nullif_safe(
     assert policies, f"{table} has no policy"
     expected = _normalise(f"tenant_id = {CURRENT_TENANT}")
     for policy in policies:
+        maintenance = OWNER_MAINTENANCE.get((table, policy["polname"], policy["polcmd"]))
+        if maintenance is not None:
+            assert list(policy["roles"]) == [settings.roles.owner], policy["polname"]
+            assert (policy["using_expr"], policy["check_expr"]) == maintenance
+            continue
         assert policy["using_expr"] is not None, policy["polname"]
         if (table, policy["polname"], policy["polcmd"]) in OWNER_POLICIES:
             # The owner's purge of ended rate-limit windows (read and delete, no more). For
@@ -682,7 +717,7 @@ async def test_every_table_and_function_is_the_owners(
         "AND NOT EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass "
         "AND objid = c.oid AND deptype = 'e')"
     )
-    assert {r["relname"] for r in relations} == TABLES | {"alembic_version"}
+    assert {r["relname"] for r in relations} == ALL_TABLES | {"alembic_version"}
     functions = await admin.fetch(
         "SELECT proname, pg_get_userbyid(proowner) AS owner FROM pg_proc p "
         "WHERE pronamespace = 'public'::regnamespace "
@@ -783,6 +818,27 @@ APP_GRANTS: dict[str, dict[str, frozenset[str]]] = {
         "SELECT": EVERY_COLUMN,
         "INSERT": EVERY_COLUMN,
         "UPDATE": frozenset({"request_count", "tokens", "updated_at"}),
+    },
+    # Installs are written by the owner's functions; a unit of work only refreshes tokens.
+    "slack_installations": {
+        "SELECT": EVERY_COLUMN,
+        "UPDATE": frozenset(
+            {
+                "bot_token",
+                "bot_refresh_token",
+                "bot_token_expires_at",
+                "user_token",
+                "user_refresh_token",
+                "user_token_expires_at",
+                "updated_at",
+            }
+        ),
+    },
+    "slack_bots": {
+        "SELECT": EVERY_COLUMN,
+        "UPDATE": frozenset(
+            {"bot_token", "bot_refresh_token", "bot_token_expires_at", "updated_at"}
+        ),
     },
 }
 DIRECTORY_GRANTS: dict[str, dict[str, frozenset[str]]] = {
@@ -899,6 +955,13 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_resolve_tenant": {"directory"},
     "sfdb_install_tenant": {"directory"},
     "sfdb_uninstall_tenant": {"directory"},
+    "sfdb_find_slack_installation": {"directory"},
+    "sfdb_find_slack_bot": {"directory"},
+    "sfdb_save_slack_installation": {"directory"},
+    "sfdb_delete_slack_installations": {"directory"},
+    "sfdb_issue_slack_oauth_state": {"directory"},
+    "sfdb_consume_slack_oauth_state": {"directory"},
+    "sfdb_record_slack_event": set(),  # called by the owner's functions only
     "sfdb_window_end": set(),
     "sfdb_audit_logs_append_only": set(),  # triggers: called by no one
     "sfdb_audit_logs_server_fields": set(),
@@ -1257,7 +1320,21 @@ async def test_another_tenants_rows_are_invisible(
         assert [r["tenant_id"] for r in visible] == [seed_a.tenant_id]
 
 
-@pytest.mark.parametrize("table", TENANT_OWNED)
+# Installations are written by the owner's functions only (migration 0007).
+APP_INSERTS = [table for table in TENANT_OWNED if not table.startswith("slack_")]
+
+
+@pytest.mark.parametrize("table", ["slack_installations", "slack_bots"])
+async def test_the_app_role_inserts_no_installation_even_its_own(
+    admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, table: str
+) -> None:
+    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
+            await insert(admin, table, minimal_row(table, seed_a))
+    assert f"permission denied for table {table}" in str(caught.value)
+
+
+@pytest.mark.parametrize("table", APP_INSERTS)
 async def test_an_insert_for_another_tenant_is_refused(
     admin: asyncpg.Connection,
     settings: DatabaseSettings,

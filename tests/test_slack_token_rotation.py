@@ -114,7 +114,9 @@ async def test_concurrent_refreshes_call_slack_once_and_agree(
         )
     )
     refreshes = [
-        call for call in slack.calls_to("oauth.v2.access") if call.get("grant_type") == "refresh_token"
+        call
+        for call in slack.calls_to("oauth.v2.access")
+        if call.get("grant_type") == "refresh_token"
     ]
     assert len(refreshes) == 1
     tokens = {item.bot_token for item in found if item is not None}
@@ -145,7 +147,9 @@ async def test_a_bot_only_lookup_refreshes_once_too(
     bots = await asyncio.gather(
         *(stores[n % 2].async_find_bot(enterprise_id=None, team_id=team) for n in range(4))
     )
-    refreshes = [c for c in slack.calls_to("oauth.v2.access") if c.get("grant_type") == "refresh_token"]
+    refreshes = [
+        c for c in slack.calls_to("oauth.v2.access") if c.get("grant_type") == "refresh_token"
+    ]
     assert len(refreshes) == 1
     tokens = {bot.bot_token for bot in bots if bot is not None}
     assert len(tokens) == 1
@@ -164,7 +168,9 @@ async def test_a_token_far_from_expiry_is_not_refreshed(slack: FakeSlack, db: Da
     found = await store.async_find_installation(enterprise_id=None, team_id=team)
     assert found is not None
     assert found.bot_token == installation.bot_token
-    assert [c for c in slack.calls_to("oauth.v2.access") if c.get("grant_type") == "refresh_token"] == []
+    assert [
+        c for c in slack.calls_to("oauth.v2.access") if c.get("grant_type") == "refresh_token"
+    ] == []
 
 
 async def test_without_a_client_secret_the_store_leaves_rotation_to_bolt(
@@ -179,9 +185,7 @@ async def test_without_a_client_secret_the_store_leaves_rotation_to_bolt(
     assert all(c.get("grant_type") != "refresh_token" for c in slack.calls_to("oauth.v2.access"))
 
 
-async def test_a_failed_refresh_stores_nothing_and_says_so(
-    slack: FakeSlack, db: Database
-) -> None:
+async def test_a_failed_refresh_stores_nothing_and_says_so(slack: FakeSlack, db: Database) -> None:
     store = _store(db, slack)
     team, installation = await _install_expiring(slack, store)
     broken = InstallationStore(

@@ -448,14 +448,22 @@ def upgrade() -> None:
     roles = _roles()
     _create_tables()
     _protect(roles)
+    # Functions are made by the migrating login and handed to the owner, as revision 0006
+    # made the directory's: a Citus coordinator would otherwise create them on every worker
+    # as the owner, a role the workers may not know yet (sfdb distribute makes it there).
+    op.execute("RESET ROLE")
     op.execute(_RECORD_EVENT)
-    op.execute(
-        "REVOKE ALL ON FUNCTION sfdb_record_slack_event(uuid, jsonb, timestamptz) FROM PUBLIC"
-    )
-    for signature, definition in _functions().items():
-        op.execute(definition)
+    for signature, definition in (
+        ("sfdb_record_slack_event(uuid, jsonb, timestamptz)", None),
+        *_functions().items(),
+    ):
+        if definition is not None:
+            op.execute(definition)
         op.execute(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
-        op.execute(f'GRANT EXECUTE ON FUNCTION {signature} TO "{roles.directory}"')
+        op.execute(f'ALTER FUNCTION {signature} OWNER TO "{roles.owner}"')
+        if definition is not None:
+            op.execute(f'GRANT EXECUTE ON FUNCTION {signature} TO "{roles.directory}"')
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
 
 
 def downgrade() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from sqlalchemy import Select, Text, bindparam
+from sqlalchemy import Text, bindparam
 
 from slack_fathom_db.models.slack import SlackBot, SlackInstallation
 from slack_fathom_db.repositories.base import TenantRepository
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import uuid
 
     import asyncpg
+    from sqlalchemy import BindParameter
 
 __all__ = ["InstallationRepo"]
 
@@ -49,7 +50,7 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
         """The installations of an org/workspace, locked until the transaction ends."""
         return await self._fetch(
             "lock_installations",
-            lambda: _same_install(self._select(SlackInstallation), SlackInstallation),
+            self._installations_of_install,
             action="lock installations",
             client_id=client_id,
             enterprise_id=enterprise_id,
@@ -62,7 +63,7 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
         """The bots of an org/workspace, locked (after its installations) until the end."""
         return await self._fetch(
             "lock_bots",
-            lambda: _same_install(self._select(SlackBot), SlackBot),
+            self._bots_of_install,
             action="lock bots",
             client_id=client_id,
             enterprise_id=enterprise_id,
@@ -83,15 +84,32 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
             action="store refreshed tokens",
         )
 
+    # -- statements: an org/workspace's rows (a missing one is NULL), in id order, locked --
 
-def _same_install(statement: Select[Any], model: Any) -> Select[Any]:
-    """Rows of one app's org/workspace (a missing one is NULL), in id order, locked."""
-    return (
-        statement.where(
-            model.client_id == bindparam("client_id", type_=Text()),
-            model.enterprise_id.is_not_distinct_from(bindparam("enterprise_id", type_=Text())),
-            model.team_id.is_not_distinct_from(bindparam("team_id", type_=Text())),
+    def _installations_of_install(self) -> Any:
+        return (
+            self._select(SlackInstallation)
+            .where(
+                SlackInstallation.client_id == bindparam("client_id", type_=Text()),
+                SlackInstallation.enterprise_id.is_not_distinct_from(_text("enterprise_id")),
+                SlackInstallation.team_id.is_not_distinct_from(_text("team_id")),
+            )
+            .order_by(SlackInstallation.id)
+            .with_for_update()
         )
-        .order_by(model.id)
-        .with_for_update()
-    )
+
+    def _bots_of_install(self) -> Any:
+        return (
+            self._select(SlackBot)
+            .where(
+                SlackBot.client_id == bindparam("client_id", type_=Text()),
+                SlackBot.enterprise_id.is_not_distinct_from(_text("enterprise_id")),
+                SlackBot.team_id.is_not_distinct_from(_text("team_id")),
+            )
+            .order_by(SlackBot.id)
+            .with_for_update()
+        )
+
+
+def _text(name: str) -> BindParameter[str]:
+    return bindparam(name, type_=Text())
