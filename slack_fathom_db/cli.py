@@ -35,10 +35,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import __version__, citus, demo, logins, schema
 from slack_fathom_db.database import Database
-from slack_fathom_db.errors import SlackFathomDBError
-from slack_fathom_db.maintenance import DEFAULT_PURGE_AFTER_DAYS, purge_rate_limit_windows
+from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError
+from slack_fathom_db.maintenance import (
+    DEFAULT_PURGE_AFTER_DAYS,
+    purge_rate_limit_windows,
+    rotate_token_keys,
+)
 from slack_fathom_db.models import TENANT_OWNED_TABLES
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
+from slack_fathom_db.tokens import generate_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -131,6 +136,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"windows that ended more than N days ago (default {DEFAULT_PURGE_AFTER_DAYS})",
     )
+    commands.add_parser(
+        "rotate-token-keys",
+        help="re-encrypt stored Slack tokens with the first DATABASE_TOKEN_KEYS key "
+        "(as the schema owner)",
+    )
+    key = commands.add_parser(
+        "generate-token-key",
+        help="print a new key for DATABASE_TOKEN_KEYS (no database is used)",
+    )
+    key.add_argument("--id", dest="key_id", default=None, help="the key's id (default: random)")
     return parser
 
 
@@ -203,10 +218,22 @@ def _settings() -> Iterator[DatabaseSettings]:
             update={
                 "url": SecretStr(runtime.render_as_string(False)),
                 "migration_url": SecretStr(migration.render_as_string(False)),
+                "token_keys": settings.token_keys or SecretStr(_embedded_token_keys(data_dir)),
             }
         )
     finally:
         server.cleanup()
+
+
+def _embedded_token_keys(data_dir: Path) -> str:
+    """The embedded database's token key: made once, kept beside its data, readable by its
+    owner alone (a real deployment keeps DATABASE_TOKEN_KEYS in a secrets manager)."""
+    path = data_dir.with_name(data_dir.name + ".token-keys")
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(generate_key("embedded"))
+    return path.read_text().strip()
 
 
 async def _prepare_embedded(superuser: URL) -> None:
@@ -466,6 +493,21 @@ async def _purge_rate_limits(settings: DatabaseSettings, older_than_days: int) -
     )
 
 
+async def _rotate_token_keys(settings: DatabaseSettings) -> None:
+    done = await rotate_token_keys(settings)
+    out.print(
+        f"{done.rows_read} row(s) read; {done.secrets_rewritten} secret(s) in "
+        f"{done.rows_rewritten} row(s) re-encrypted with key {done.key_id}",
+        markup=False,
+    )
+    if done.unreadable:
+        raise CommandError(
+            f"{len(done.unreadable)} row(s) left as they were: no configured key decrypts "
+            f"them (a key dropped too early, or the row was altered): "
+            f"{', '.join(done.unreadable[:5])}{' …' if len(done.unreadable) > 5 else ''}"
+        )
+
+
 async def _tenant_of(db: Database, slack_team_id: str) -> TenantId:
     tenant_id = await db.directory.resolve(slack_team_id)
     if tenant_id is None:
@@ -585,6 +627,12 @@ def _progress(total: int) -> Iterator[Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "generate-token-key":
+        try:
+            out.print(generate_key(args.key_id), markup=False, highlight=False, soft_wrap=True)
+        except ConfigurationError as exc:
+            raise UsageProblem(str(exc)) from None
+        return 0
     with _settings() as settings:
         if args.command == "migrate":
             asyncio.run(_migrate(settings, args.revision))
@@ -605,6 +653,8 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_distribute(settings))
         elif args.command == "purge-rate-limits":
             asyncio.run(_purge_rate_limits(settings, args.older_than_days))
+        elif args.command == "rotate-token-keys":
+            asyncio.run(_rotate_token_keys(settings))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
         elif args.command == "audit":

@@ -51,14 +51,14 @@ from slack_sdk.oauth.state_store.async_state_store import AsyncOAuthStateStore
 from slack_sdk.oauth.token_rotation.async_rotator import AsyncTokenRotator
 
 from slack_fathom_db import validation
-from slack_fathom_db.errors import ConfigurationError, ValidationError
-from slack_fathom_db.models.slack import SlackBot, SlackInstallation
+from slack_fathom_db.errors import ValidationError
+from slack_fathom_db.models.slack import SECRET_COLUMNS, SlackBot, SlackInstallation
 from slack_fathom_db.repositories.installations import InstallationRepo
 from slack_fathom_db.tenancy import open_tenant, tenant_id_from_trusted
-from slack_fathom_db.tokens import TokenCipher, parse_keys
+from slack_fathom_db.tokens import TokenCipher
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Sequence
 
     import asyncpg
     from slack_sdk.web.async_client import AsyncWebClient
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from slack_fathom_db.database import Database
     from slack_fathom_db.tenancy import TenantId
 
-__all__ = ["InstallationStore", "OAuthStateStore", "token_cipher"]
+__all__ = ["InstallationStore", "OAuthStateStore"]
 
 _log = logging.getLogger(__name__)
 
@@ -77,46 +77,7 @@ _DELETE: Final = "SELECT sfdb_delete_slack_installations($1, $2, $3, $4, $5, $6,
 _ISSUE_STATE: Final = "SELECT sfdb_issue_slack_oauth_state($1, $2)"
 _CONSUME_STATE: Final = "SELECT sfdb_consume_slack_oauth_state($1)"
 
-_SHARED: Final = (
-    "client_id",
-    "app_id",
-    "enterprise_id",
-    "enterprise_name",
-    "team_id",
-    "team_name",
-    "bot_id",
-    "bot_user_id",
-    "bot_scopes",
-    "bot_token",
-    "bot_refresh_token",
-    "bot_token_expires_at",
-    "is_enterprise_install",
-    "installed_at",
-)
-_SECRETS: Final = {
-    "slack_installations": frozenset(
-        (
-            "bot_token",
-            "bot_refresh_token",
-            "user_token",
-            "user_refresh_token",
-            "incoming_webhook_url",
-        )
-    ),
-    "slack_bots": frozenset(("bot_token", "bot_refresh_token")),
-}
 _MAX_STATE: Final = 512
-
-
-def token_cipher(db: Database) -> TokenCipher:
-    """The cipher of ``db``'s ``DATABASE_TOKEN_KEYS``; :class:`ConfigurationError` without one."""
-    keys = db.settings.token_keys
-    if keys is None or not keys.get_secret_value().strip():
-        raise ConfigurationError(
-            "Slack installs need DATABASE_TOKEN_KEYS (the key that encrypts tokens at rest); "
-            "make one with `sfdb generate-token-key` and keep it in a secrets manager"
-        )
-    return TokenCipher(parse_keys(keys.get_secret_value()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +117,7 @@ class InstallationStore(AsyncInstallationStore):
         logger: logging.Logger | None = None,
     ) -> None:
         self._db = db
-        self._cipher = token_cipher(db)  # at start-up: no key, no store
+        self._cipher = TokenCipher.from_settings(db.settings)  # at start-up: no key, no store
         self.client_id = validation.text(client_id, field="client_id", max_length=255)
         self._minutes = validation.integer(
             token_rotation_expiration_minutes,
@@ -377,7 +338,7 @@ class InstallationStore(AsyncInstallationStore):
             self._bot(row, prefix="latest_"),
         )
 
-    def _installation(self, row: Mapping[str, Any], *, prefix: str = "") -> Installation:
+    def _installation(self, row: asyncpg.Record, *, prefix: str = "") -> Installation:
         row_id = row[f"{prefix}id"]
         open_ = self._opener("slack_installations", row_id, row, prefix)
         return Installation(
@@ -407,7 +368,7 @@ class InstallationStore(AsyncInstallationStore):
             installed_at=row[f"{prefix}installed_at"].timestamp(),
         )
 
-    def _bot(self, row: Mapping[str, Any], *, prefix: str) -> Bot | None:
+    def _bot(self, row: asyncpg.Record, *, prefix: str) -> Bot | None:
         row_id = row[f"{prefix}id"]
         if row_id is None:
             return None
@@ -428,7 +389,7 @@ class InstallationStore(AsyncInstallationStore):
             installed_at=row[f"{prefix}installed_at"].timestamp(),
         )
 
-    def _opener(self, table: str, row_id: uuid.UUID, row: Mapping[str, Any], prefix: str) -> Any:
+    def _opener(self, table: str, row_id: uuid.UUID, row: asyncpg.Record, prefix: str) -> Any:
         def open_(column: str) -> str | None:
             blob = row[f"{prefix}{column}"]
             if blob is None:
@@ -537,7 +498,7 @@ class InstallationStore(AsyncInstallationStore):
         return {
             column: (
                 self._cipher.encrypt(value, context=_context(table, column, row_id))
-                if column in _SECRETS[table] and value is not None
+                if column in SECRET_COLUMNS[table] and value is not None
                 else value
             )
             for column, value in values.items()
@@ -633,7 +594,7 @@ class _Found:
         bots: list[asyncpg.Record],
     ) -> _Found | None:
         """The same, from its rows read again under their locks (``None`` if they are gone)."""
-        bot_row = _newest((row for row in bots if row["bot_token"] is not None))
+        bot_row = _newest(row for row in bots if row["bot_token"] is not None)
         bot = None if bot_row is None else store._bot(bot_row, prefix="")
         bot_id = None if bot_row is None else bot_row["id"]
         if self.installation_id is None:
@@ -734,7 +695,7 @@ def _event(
     }
 
 
-def _scopes(scopes: str | list[str] | tuple[str, ...] | None) -> str:
+def _scopes(scopes: str | Sequence[str] | None) -> str:
     if scopes is None:
         return ""
     return scopes if isinstance(scopes, str) else ",".join(scopes)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from slack_fathom_db.settings import DatabaseSettings
+
 __all__ = ["TokenCipher", "TokenDecryptionError", "generate_key", "parse_keys"]
 
 _VERSION: Final = 1
@@ -85,6 +87,17 @@ class TokenCipher:
         self._by_id: dict[str, AESGCM] = {kid: _aes_gcm(key) for kid, key in listed}
         self._write_id = listed[0][0]
         self._write_prefix = _prefix(self._write_id)
+
+    @classmethod
+    def from_settings(cls, settings: DatabaseSettings) -> TokenCipher:
+        """The cipher of ``DATABASE_TOKEN_KEYS``; :class:`ConfigurationError` without one."""
+        keys = settings.token_keys
+        if keys is None or not keys.get_secret_value().strip():
+            raise ConfigurationError(
+                "Slack installs need DATABASE_TOKEN_KEYS (the key that encrypts tokens at "
+                "rest): make one with `sfdb generate-token-key` and keep it in a secrets manager"
+            )
+        return cls(parse_keys(keys.get_secret_value()))
 
     @property
     def key_id(self) -> str:

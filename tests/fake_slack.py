@@ -11,7 +11,13 @@ the layer depends on it:
   token and a new refresh token and invalidates the old ones: a refresh token
   works once, so two uncoordinated refreshes leave one caller with a token
   that no longer works;
-* ``auth.test`` answers for a valid token, ``invalid_auth`` for any other.
+* ``auth.test`` answers for a valid token, ``invalid_auth`` for any other;
+* ``response_url`` takes the messages an app posts back to a slash command
+  (Bolt does when it cannot authorize one), as ``hooks.slack.com`` does.
+
+Besides each call's form, the fake keeps the token each call presented (a
+bearer header, as slack_sdk sends it, or a ``token`` field) and every access
+token it issued.
 """
 
 from __future__ import annotations
@@ -52,7 +58,12 @@ class FakeSlack:
     refresh_delay: float = 0.0
     """Seconds a refresh takes (widens the window two refreshes can overlap in)."""
     base_url: str = ""
+    response_url: str = ""
     calls: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    """The messages posted to ``response_url``, in order."""
+    _presented: list[tuple[str, str | None]] = field(default_factory=list)
+    _issued: list[tuple[str, str]] = field(default_factory=list)
     _codes: dict[str, Workspace] = field(default_factory=dict)
     _tokens: dict[str, Workspace] = field(default_factory=dict)
     _refresh: dict[str, tuple[Workspace, str]] = field(default_factory=dict)
@@ -72,12 +83,21 @@ class FakeSlack:
         """The form of every call to ``method``, in order."""
         return [form for name, form in self.calls if name == method]
 
+    def tokens_used(self, method: str) -> list[str | None]:
+        """The token every call to ``method`` presented (``None``: none), in order."""
+        return [token for name, token in self._presented if name == method]
+
+    def tokens_issued(self, team_id: str) -> list[str]:
+        """Every access token issued for ``team_id`` (installs and refreshes), in order."""
+        return [token for team, token in self._issued if team == team_id]
+
     def _issue(self, workspace: Workspace) -> dict[str, Any]:
         serial = next(self._serial)
         token = f"xoxb-{workspace.team_id}-{serial}-{secrets.token_hex(6)}"
         if self.rotate_tokens:
             token = f"xoxe.{token}"
         self._tokens[token] = workspace
+        self._issued.append((workspace.team_id, token))
         issued: dict[str, Any] = {"access_token": token}
         if self.rotate_tokens:
             refresh = f"xoxe-1-{serial}-{secrets.token_hex(6)}"
@@ -144,7 +164,10 @@ class FakeSlack:
         form = {key: str(value) for key, value in (await request.post()).items()}
         self.calls.append((method, form))
         authorization = request.headers.get("Authorization", "")
-        token = authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else None
+        token = (
+            authorization.removeprefix("Bearer ") if authorization.startswith("Bearer ") else None
+        )
+        self._presented.append((method, token or form.get("token")))
         if method == "oauth.v2.access":
             return web.json_response(await self._oauth_v2_access(form, _basic(authorization)))
         if method == "auth.test":
@@ -153,6 +176,10 @@ class FakeSlack:
             ok = token is not None and self.is_valid(token)
             return web.json_response({"ok": ok} if ok else {"ok": False, "error": "invalid_auth"})
         return web.json_response({"ok": False, "error": "unknown_method"}, status=404)
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        self.responses.append(await request.json())
+        return web.Response(text="ok")
 
 
 def _basic(authorization: str) -> tuple[str, str] | None:
@@ -172,13 +199,14 @@ async def fake_slack(**options: Any) -> AsyncIterator[FakeSlack]:
     fake = FakeSlack(**options)
     app = web.Application()
     app.router.add_post("/api/{method}", fake._handle)
+    app.router.add_post("/commands/response", fake._respond)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    port = sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     fake.base_url = f"http://127.0.0.1:{port}/api/"
+    fake.response_url = f"http://127.0.0.1:{port}/commands/response"
     try:
         yield fake
     finally:

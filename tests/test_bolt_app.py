@@ -1,10 +1,17 @@
-"""examples/bolt_app.py driven offline: signed requests through ``app.async_dispatch``.
+"""examples/bolt_app.py driven offline: signed requests through ``app.async_dispatch``, and
+the multi-workspace app over HTTP.
 
 Requests are signed the way Slack signs them (``v0:<timestamp>:<body>``,
-HMAC-SHA256 with the signing secret), authorization is a stub that returns an
-``AuthorizeResult`` without asking Slack, and any attempt to reach the network
-fails the test. The database is the real, migrated test database; rows are
-checked with the ``admin`` (superuser) connection, which RLS does not filter.
+HMAC-SHA256 with the signing secret). For ``create_app``, authorization is a
+stub that returns an ``AuthorizeResult`` without asking Slack. The OAuth app
+(``create_oauth_app``) runs in the aiohttp application ``main()`` serves, on
+127.0.0.1 (Bolt's ``async_dispatch`` handles Slack's POSTs only; its install
+and redirect pages are routes of that application), with the local fake of
+Slack's Web API (``tests.fake_slack``) behind it: the tests play the
+installer's browser and Slack. Any attempt to reach a host other than
+127.0.0.1 fails the test. The database is the real, migrated test database;
+rows are checked with the ``admin`` (superuser) connection, which RLS does not
+filter.
 """
 
 from __future__ import annotations
@@ -12,28 +19,36 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import html
 import json
+import re
+import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from slack_bolt.async_app import AsyncApp, AsyncBoltRequest
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.response import BoltResponse
+from slack_sdk.web.async_client import AsyncWebClient
+from yarl import URL
 
-from examples.bolt_app import USAGE, create_app
+from examples.bolt_app import USAGE, create_app, create_oauth_app
 from slack_fathom_db import Database, TenantId
+from slack_fathom_db.slack import InstallationStore
+from tests.fake_slack import FakeSlack, Workspace, fake_slack
 from tests.helpers import unique_team_id, unique_user_id
 
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
-Headers = dict[str, str | Sequence[str]]  # what AsyncBoltRequest takes
 TABLES = ("tenants", "users", "meeting_sessions", "audit_logs", "api_rate_limits")
 
 
@@ -42,7 +57,7 @@ TABLES = ("tenants", "users", "meeting_sessions", "audit_logs", "api_rate_limits
 
 def signed_headers(
     body: str, *, content_type: str, secret: str = SIGNING_SECRET, timestamp: int | None = None
-) -> Headers:
+) -> dict[str, str]:
     ts = str(int(time.time()) if timestamp is None else timestamp)
     base = f"v0:{ts}:{body}".encode()
     signature = "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
@@ -53,7 +68,13 @@ def signed_headers(
     }
 
 
-def slash_command(team_id: str, user_id: str, text: str) -> str:
+def slash_command(
+    team_id: str,
+    user_id: str,
+    text: str,
+    *,
+    response_url: str = "https://hooks.slack.com/commands/T0/1/abc",
+) -> str:
     return urlencode(
         {
             "token": "deprecated-verification-token",
@@ -66,7 +87,7 @@ def slash_command(team_id: str, user_id: str, text: str) -> str:
             "command": "/fathom",
             "text": text,
             "api_app_id": "A0123456789",
-            "response_url": "https://hooks.slack.com/commands/T0/1/abc",
+            "response_url": response_url,
             "trigger_id": "1.2.abc",
         }
     )
@@ -86,10 +107,10 @@ def app_uninstalled(team_id: str) -> str:
     )
 
 
-async def send(app: AsyncApp, body: str, headers: Headers | None = None) -> BoltResponse:
+async def send(app: AsyncApp, body: str, headers: Mapping[str, str] | None = None) -> BoltResponse:
     if headers is None:
         headers = signed_headers(body, content_type=JSON if body.startswith("{") else FORM)
-    return await app.async_dispatch(AsyncBoltRequest(body=body, headers=headers))
+    return await app.async_dispatch(AsyncBoltRequest(body=body, headers=dict(headers)))
 
 
 def reply_of(response: BoltResponse) -> dict[str, Any]:
@@ -104,14 +125,20 @@ def reply_of(response: BoltResponse) -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def no_slack_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Fail any HTTP call (Web API, response_url): every aiohttp request lands here."""
+    """Fail any HTTP call beyond 127.0.0.1 (Slack's Web API, a response_url): every aiohttp
+    request passes here, and only the local fake of Slack and the app's own server answer."""
     attempts: list[str] = []
+    request = aiohttp.ClientSession._request
 
-    async def refuse(self: aiohttp.ClientSession, method: str, url: Any, **_: Any) -> None:
+    async def local_only(
+        self: aiohttp.ClientSession, method: str, url: Any, **options: Any
+    ) -> aiohttp.ClientResponse:
+        if URL(str(url)).host == "127.0.0.1":
+            return await request(self, method, url, **options)
         attempts.append(f"{method} {url}")
         raise AssertionError(f"network call attempted: {method} {url}")
 
-    monkeypatch.setattr(aiohttp.ClientSession, "_request", refuse)
+    monkeypatch.setattr(aiohttp.ClientSession, "_request", local_only)
     for name in ("SLACK_BOT_TOKEN", "SLACK_CLIENT_ID", "SLACK_CLIENT_SECRET"):
         monkeypatch.delenv(name, raising=False)
     yield attempts
@@ -430,3 +457,253 @@ async def test_app_uninstalled_soft_deletes_the_tenant(
     after = reply_of(await send(app, slash_command(team_id, unique_user_id(), "rec-10 After")))
     assert after["text"].startswith("This workspace isn't connected to Fathom notes.")
     assert [row["fathom_recording_id"] for row in await meetings(admin, tenant_id)] == ["rec-9"]
+
+
+# -- the multi-workspace app: Bolt's OAuth flow on the layer's stores -----------------
+
+STATE_COOKIE = "slack-app-oauth-state"
+HTTP = TestClient[web.Request, web.Application]
+
+
+@pytest_asyncio.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    async with fake_slack() as fake:
+        yield fake
+
+
+@pytest_asyncio.fixture
+async def http(db: Database, slack: FakeSlack) -> AsyncIterator[HTTP]:
+    """The OAuth app in the aiohttp application ``main()`` runs, served on 127.0.0.1."""
+    app = create_oauth_app(
+        db,
+        signing_secret=SIGNING_SECRET,
+        client_id=slack.client_id,
+        client_secret=slack.client_secret,
+        client=AsyncWebClient(base_url=slack.base_url),
+        process_before_response=True,
+    )
+    server = TestServer(app.web_app(path="/slack/events"), host="127.0.0.1")
+    # No cookie jar: each request says which state cookie its browser presents.
+    async with TestClient(server, cookie_jar=aiohttp.DummyCookieJar()) as client:
+        yield client
+
+
+@pytest.fixture
+def store(db: Database, slack: FakeSlack) -> InstallationStore:
+    """A store of its own, reading what the app's store wrote."""
+    return InstallationStore(db, client_id=slack.client_id)
+
+
+def new_workspace(name: str) -> Workspace:
+    return Workspace(team_id=unique_team_id(), team_name=name, installer_user_id=unique_user_id())
+
+
+async def begin_install(http: HTTP, slack: FakeSlack) -> str:
+    """Open the install page: a link to Slack's authorize page with a state, and that state
+    in a cookie; returns the state."""
+    response = await http.get("/slack/install")
+    page = await response.text()
+    assert response.status == 200, page
+    [link] = re.findall(r'<a href="([^"]+)"', page)
+    url = urlsplit(html.unescape(link))
+    assert (url.scheme, url.netloc, url.path) == ("https", "slack.com", "/oauth/v2/authorize")
+    query = parse_qs(url.query)
+    assert query["client_id"] == [slack.client_id]
+    assert query["scope"] == ["commands,chat:write"]
+    [state] = query["state"]
+    cookie = response.cookies[STATE_COOKIE]
+    assert cookie.value == state
+    assert cookie["secure"] is True
+    assert cookie["httponly"] is True
+    return state
+
+
+async def finish_install(
+    http: HTTP, *, code: str, state: str, cookie: str | None = None
+) -> aiohttp.ClientResponse:
+    """Slack sends the installer back to the redirect URI; the browser presents its cookie."""
+    return await http.get(
+        "/slack/oauth_redirect",
+        params={"code": code, "state": state},
+        headers={"Cookie": f"{STATE_COOKIE}={state if cookie is None else cookie}"},
+    )
+
+
+async def install(
+    http: HTTP, slack: FakeSlack, workspace: Workspace, *, state: str | None = None
+) -> str:
+    """A whole install of ``workspace``; returns the bot token Slack issued for it."""
+    if state is None:
+        state = await begin_install(http, slack)
+    response = await finish_install(http, code=slack.authorize(workspace), state=state)
+    page = await response.text()
+    assert response.status == 200, page
+    assert f"slack://app?team={workspace.team_id}&amp;id={workspace.app_id}" in page
+    assert response.cookies[STATE_COOKIE].value == "deleted"
+    [token] = slack.tokens_issued(workspace.team_id)
+    return token
+
+
+async def post_signed(http: HTTP, body: str) -> aiohttp.ClientResponse:
+    headers = signed_headers(body, content_type=JSON if body.startswith("{") else FORM)
+    return await http.post("/slack/events", data=body.encode(), headers=headers)
+
+
+async def command_reply(http: HTTP, body: str) -> dict[str, Any]:
+    response = await post_signed(http, body)
+    text = await response.text()
+    assert response.status == 200, text
+    reply: dict[str, Any] = json.loads(text)
+    assert reply["response_type"] == "ephemeral"
+    return reply
+
+
+async def recorded_title(db: Database, tenant_id: TenantId, recording_id: str) -> str | None:
+    async with db.unit_of_work(tenant_id) as uow:
+        meeting = await uow.meetings.get_by_fathom_id(recording_id)
+    return None if meeting is None else meeting.title
+
+
+async def stored_tokens(admin: asyncpg.Connection, team_id: str) -> int:
+    """Installation and bot rows kept for a workspace, whatever their tenant's state."""
+    count: int = await admin.fetchval(
+        "SELECT (SELECT count(*) FROM slack_installations WHERE team_id = $1) "
+        "+ (SELECT count(*) FROM slack_bots WHERE team_id = $1)",
+        team_id,
+    )
+    return count
+
+
+async def test_workspaces_install_use_and_uninstall_the_oauth_app(
+    http: HTTP,
+    slack: FakeSlack,
+    db: Database,
+    store: InstallationStore,
+    admin: asyncpg.Connection,
+) -> None:
+    acme, globex = new_workspace("Acme"), new_workspace("Globex")
+
+    # Acme installs: the token Slack issued is stored, works, and the tenant exists.
+    acme_token = await install(http, slack, acme)
+    found = await store.async_find_installation(enterprise_id=None, team_id=acme.team_id)
+    assert found is not None
+    assert found.bot_token == acme_token
+    assert slack.is_valid(acme_token)
+    assert (found.team_name, found.user_id, found.bot_user_id, found.bot_id, found.app_id) == (
+        "Acme",
+        acme.installer_user_id,
+        acme.bot_user_id,
+        acme.bot_id,
+        acme.app_id,
+    )
+    acme_tenant = await db.directory.resolve(acme.team_id)
+    assert acme_tenant is not None
+    async with db.unit_of_work(acme_tenant) as uow:
+        tenant = await uow.tenants.get()
+    assert tenant is not None
+    assert tenant.slack_team_name == "Acme"
+
+    # Globex installs too, as a tenant of its own.
+    globex_token = await install(http, slack, globex)
+    globex_tenant = await db.directory.resolve(globex.team_id)
+    assert globex_tenant is not None
+    assert globex_tenant != acme_tenant
+    assert globex_token != acme_token
+
+    # One recording id from each workspace: each request is authorized with its own
+    # workspace's stored token, and each meeting lands in its own tenant.
+    for workspace, token, title in (
+        (acme, acme_token, "Acme sync"),
+        (globex, globex_token, "Globex sync"),
+    ):
+        seen = len(slack.tokens_used("auth.test"))
+        body = slash_command(
+            workspace.team_id, unique_user_id(), f"123 {title}", response_url=slack.response_url
+        )
+        reply = await command_reply(http, body)
+        assert reply["text"] == f"Recorded *{title}*; its notes will follow shortly."
+        assert slack.tokens_used("auth.test")[seen:] == [token]
+    assert await recorded_title(db, acme_tenant, "123") == "Acme sync"
+    assert await recorded_title(db, globex_tenant, "123") == "Globex sync"
+
+    # Acme uninstalls: Bolt's revocation listener deletes its tokens and soft-deletes
+    # the tenant through the store, and the app's own listener does not run as well.
+    response = await post_signed(http, app_uninstalled(acme.team_id))
+    assert response.status == 200
+    assert await db.directory.resolve(acme.team_id) is None
+    assert await store.async_find_installation(enterprise_id=None, team_id=acme.team_id) is None
+    assert await store.async_find_bot(enterprise_id=None, team_id=acme.team_id) is None
+    assert await stored_tokens(admin, acme.team_id) == 0
+    [event] = await audit_rows(admin, acme_tenant, "slack.uninstalled")
+    assert event["event_category"] == "security"
+    assert await audit_rows(admin, acme_tenant, "app.uninstalled") == []
+
+    # Acme's /fathom now finds no installation: Bolt tells the user through the
+    # response_url, calls no API with a token, and nothing is recorded.
+    seen = len(slack.tokens_used("auth.test"))
+    body = slash_command(
+        acme.team_id, unique_user_id(), "124 After", response_url=slack.response_url
+    )
+    response = await post_signed(http, body)
+    assert response.status == 200
+    assert await response.text() == ""
+    [message] = slack.responses
+    assert "your installation with this app is no longer available" in message["text"]
+    assert slack.tokens_used("auth.test")[seen:] == []
+    assert [row["fathom_recording_id"] for row in await meetings(admin, acme_tenant)] == ["123"]
+
+    # Globex is untouched.
+    body = slash_command(
+        globex.team_id, unique_user_id(), "124 Globex later", response_url=slack.response_url
+    )
+    reply = await command_reply(http, body)
+    assert reply["text"] == "Recorded *Globex later*; its notes will follow shortly."
+    assert await recorded_title(db, globex_tenant, "124") == "Globex later"
+    assert await db.directory.resolve(globex.team_id) == globex_tenant
+    assert await stored_tokens(admin, globex.team_id) > 0
+    assert slack.is_valid(globex_token)
+
+
+@pytest.mark.parametrize("case", ["never-issued", "reused", "other-browser"])
+async def test_a_callback_with_a_bad_state_saves_nothing(
+    http: HTTP,
+    slack: FakeSlack,
+    db: Database,
+    admin: asyncpg.Connection,
+    case: str,
+) -> None:
+    store = InstallationStore(db, client_id=slack.client_id)
+    workspace = new_workspace("Initech")
+    state = cookie = await begin_install(http, slack)
+    if case == "never-issued":  # what the browser holds, but not issued by this app
+        state = cookie = secrets.token_urlsafe(32)
+    elif case == "reused":  # a state is good for one install
+        await install(http, slack, new_workspace("Hooli"), state=state)
+    else:  # a state issued here, but to another browser
+        cookie = await begin_install(http, slack)
+    exchanges = len(slack.calls_to("oauth.v2.access"))
+
+    response = await finish_install(
+        http, code=slack.authorize(workspace), state=state, cookie=cookie
+    )
+
+    page = await response.text()
+    if case == "other-browser":
+        assert response.status == 400
+        assert "invalid_browser" in page
+    else:
+        assert response.status == 401
+        assert "invalid_state" in page
+    assert len(slack.calls_to("oauth.v2.access")) == exchanges  # the code was never exchanged
+    assert slack.tokens_issued(workspace.team_id) == []
+    assert await db.directory.resolve(workspace.team_id) is None
+    assert (
+        await store.async_find_installation(enterprise_id=None, team_id=workspace.team_id) is None
+    )
+    assert await stored_tokens(admin, workspace.team_id) == 0
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM tenants WHERE slack_team_id = $1", workspace.team_id
+        )
+        == 0
+    )

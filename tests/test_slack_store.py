@@ -300,6 +300,7 @@ async def test_save_installs_the_tenant_and_audits_it(
     async with db.unit_of_work(tenant) as uow:
         workspace = await uow.tenants.get()
         events = await uow.audit.recent()
+    assert workspace is not None
     assert workspace.slack_team_name == "Acme"
     assert workspace.slack_enterprise_id == ids["E1"]
     assert [event.event_type for event in events] == ["slack.installed"]
@@ -380,6 +381,12 @@ async def test_a_ciphertext_moved_to_another_row_does_not_decrypt(
     with pytest.raises(TokenDecryptionError) as caught:
         await store.async_find_installation(enterprise_id=ids["E1"], team_id=ids["T1"])
     assert "xoxb" not in str(caught.value)
+    # The altered row goes, so that key rotation in later tests finds every row readable.
+    await admin.execute(
+        "DELETE FROM slack_installations "
+        "WHERE client_id = $1 AND installed_at = to_timestamp(1e9 + 1)",
+        store.client_id,
+    )
 
 
 async def test_bad_ids_are_refused_before_anything_is_written(

@@ -91,6 +91,9 @@ async def test_two_uncoordinated_refreshes_leave_one_caller_with_a_dead_token(
 async def second_process(settings: DatabaseSettings) -> AsyncIterator[Database]:
     """Another ``Database``: its own pool and connections, as another process would have."""
     other = Database(settings)
+    # Its first connection (SQLAlchemy's dialect set-up, outside any transaction) is made
+    # before the race, as a process's would be long before two requests refresh at once.
+    assert await other.check_connection()
     try:
         yield other
     finally:
@@ -123,12 +126,14 @@ async def test_concurrent_refreshes_call_slack_once_and_agree(
     assert len(tokens) == 1
     (token,) = tokens
     assert token != installation.bot_token
-    assert token is not None and slack.is_valid(token)
+    assert token is not None
+    assert slack.is_valid(token)
     assert not slack.is_valid(installation.bot_token or "")
     # What is stored is that token, with the new refresh token and a later expiry.
     again = await stores[1].async_find_installation(enterprise_id=None, team_id=team)
     bot = await stores[1].async_find_bot(enterprise_id=None, team_id=team)
-    assert again is not None and bot is not None
+    assert again is not None
+    assert bot is not None
     assert again.bot_token == bot.bot_token == token
     assert again.bot_refresh_token == bot.bot_refresh_token != installation.bot_refresh_token
     assert (again.bot_token_expires_at or 0) > time.time() + 3600
