@@ -141,13 +141,17 @@ def discard(
     pooled.invalidate(cause)
 
 
-def install_pool_guards(engine: AsyncEngine) -> None:
+def install_pool_guards(engine: AsyncEngine, *, pgbouncer: bool) -> None:
     """Keep broken and mid-transaction connections out of the pool.
 
     * On checkout, a connection whose socket is already closed (a killed
       backend, a restarted server) is replaced before anyone uses it; no I/O.
     * On return, a transaction left open (a cancelled or failed caller) is
       rolled back; if that fails the pool invalidates the connection.
+    * Behind PgBouncer in transaction mode, what SQLAlchemy and the driver send
+      when a connection opens (type codecs, the dialect's first checks: each a
+      prepare, then an execute) runs in one transaction, so both halves reach
+      the same server connection even while other clients are busy.
     """
 
     def _checkout(
@@ -172,3 +176,17 @@ def install_pool_guards(engine: AsyncEngine) -> None:
 
     event.listen(engine.sync_engine, "checkout", _checkout)
     event.listen(engine.sync_engine, "reset", _reset)
+    if pgbouncer:
+        event.listen(engine.sync_engine, "connect", _pin_setup, insert=True)  # before the rest
+        event.listen(engine.sync_engine, "connect", _unpin_setup)  # after the dialect's
+
+
+def _pin_setup(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    adapted: Any = dbapi_connection
+    adapted.run_async(lambda connection: connection.execute(BEGIN))
+
+
+def _unpin_setup(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    adapted: Any = dbapi_connection
+    if adapted.driver_connection.is_in_transaction():
+        adapted.run_async(lambda connection: connection.execute(COMMIT))

@@ -298,7 +298,7 @@ class Database:
             isolation_level="AUTOCOMMIT",
             connect_args=connect_args,
         )
-        install_pool_guards(engine)
+        install_pool_guards(engine, pgbouncer=settings.pgbouncer)
         tracing.observe_pool(
             f"{settings.roles.app.removesuffix('_app')}#{id(self):x}", self.pool_stats
         )

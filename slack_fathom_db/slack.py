@@ -58,7 +58,7 @@ from slack_fathom_db.tenancy import open_tenant, tenant_id_from_trusted
 from slack_fathom_db.tokens import TokenCipher
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     import asyncpg
     from slack_sdk.web.async_client import AsyncWebClient
@@ -252,7 +252,7 @@ class InstallationStore(AsyncInstallationStore):
             "installed_at": _iso(installed.installed_at),
         }
 
-    def _sealer(self, table: str, row_id: uuid.UUID) -> Any:
+    def _sealer(self, table: str, row_id: uuid.UUID) -> Callable[[str, str | None], str | None]:
         def seal(column: str, value: str | None) -> str | None:
             if value is None:
                 return None
@@ -369,17 +369,21 @@ class InstallationStore(AsyncInstallationStore):
         )
 
     def _bot(self, row: asyncpg.Record, *, prefix: str) -> Bot | None:
+        """The bot of a row (``None``: no row, or a bot without a token, which is none)."""
         row_id = row[f"{prefix}id"]
         if row_id is None:
             return None
         open_ = self._opener("slack_bots", row_id, row, prefix)
+        token = open_("bot_token")
+        if token is None:
+            return None
         return Bot(
             app_id=row[f"{prefix}app_id"],
             enterprise_id=row[f"{prefix}enterprise_id"],
             enterprise_name=row[f"{prefix}enterprise_name"],
             team_id=row[f"{prefix}team_id"],
             team_name=row[f"{prefix}team_name"],
-            bot_token=open_("bot_token"),
+            bot_token=token,
             bot_id=row[f"{prefix}bot_id"],
             bot_user_id=row[f"{prefix}bot_user_id"],
             bot_scopes=row[f"{prefix}bot_scopes"] or "",
@@ -389,7 +393,9 @@ class InstallationStore(AsyncInstallationStore):
             installed_at=row[f"{prefix}installed_at"].timestamp(),
         )
 
-    def _opener(self, table: str, row_id: uuid.UUID, row: asyncpg.Record, prefix: str) -> Any:
+    def _opener(
+        self, table: str, row_id: uuid.UUID, row: asyncpg.Record, prefix: str
+    ) -> Callable[[str], str | None]:
         def open_(column: str) -> str | None:
             blob = row[f"{prefix}{column}"]
             if blob is None:

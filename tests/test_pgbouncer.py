@@ -261,3 +261,30 @@ async def test_pgbouncer_keeps_answering_after_more_log_than_a_pipe_holds(
                 await asyncio.wait_for(conn.close(), timeout=30)
         logged = bouncer.log.stat().st_size
     assert logged > 2 * PIPE_CAPACITY, f"only {logged} bytes of log; the test proves nothing"
+
+
+async def test_fresh_clients_open_their_connections_while_others_are_busy(
+    bounced: Database,
+) -> None:
+    """A new connection's set-up (SQLAlchemy's first checks, the driver's type codecs) is
+    prepared and then executed: two exchanges, which PgBouncer in transaction mode may
+    send to two server connections when other clients are busy. The layer sends it in a
+    transaction of its own, so 16 fresh clients connect at once over 2 server connections,
+    3 times over, while 16 others keep them busy, without a missing prepared statement."""
+    team = unique_team_id()
+    tenant = await bounced.directory.install(slack_team_id=team, slack_team_name="Fresh")
+
+    async def busy() -> None:
+        for _ in range(20):
+            assert await bounced.directory.resolve(team) == tenant
+
+    for _ in range(3):
+        fresh = [Database(bounced.settings) for _ in range(CLIENTS)]
+        try:
+            found = await asyncio.gather(
+                *(db.directory.resolve(team) for db in fresh),
+                *(busy() for _ in range(CLIENTS)),
+            )
+        finally:
+            await asyncio.gather(*(db.dispose() for db in fresh))
+        assert found[:CLIENTS] == [tenant] * CLIENTS

@@ -207,20 +207,19 @@ def minimal_row(table: str, seed: Seeded) -> dict[str, object]:
             "window_start": datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0),
             "request_count": 1,
         },
-        # Tokens are ciphertexts the application makes; any bytes do for the schema.
+        # No token: tokens are ciphertexts only the application makes (and key rotation
+        # in other tests reads every row).
         "slack_installations": {
             "tenant_id": seed.tenant_id,
             "client_id": "1111.2222",
             "team_id": unique_team_id(),
             "user_id": unique_user_id(),
-            "bot_token": secrets.token_bytes(48),
             "installed_at": datetime.now(UTC),
         },
         "slack_bots": {
             "tenant_id": seed.tenant_id,
             "client_id": "1111.2222",
             "team_id": unique_team_id(),
-            "bot_token": secrets.token_bytes(48),
             "installed_at": datetime.now(UTC),
         },
     }
