@@ -71,6 +71,7 @@ async def count_round_trips(impl: Implementation, data: Dataset, tag: str) -> Co
         "for_user": lambda: impl.user_meetings(tenant, user_id),
         "rate_limit": lambda: impl.rate_limit(tenant, "bench_count"),
         "audit": lambda: impl.audit_event(tenant, user_id),
+        "find_installation": lambda: impl.find_installation(tenant),
     }
     ops: dict[str, Count] = {}
     trace: tuple[str, ...] = ()

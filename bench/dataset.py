@@ -4,11 +4,14 @@ Every tenant has the same shape in both sizes (users, a default CRM
 connection, account mappings, meetings spread over a year, audit events), so
 a read returns the same rows whatever the number of tenants: only the size
 of the table changes between the 10,000- and the 1,000,000-meeting
-databases.
+databases. Each tenant also has one Slack installation (a bot token),
+saved through the layer's ``InstallationStore`` so that its ciphertexts are
+the real thing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -18,10 +21,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
+from slack_sdk.oauth.installation_store.models.installation import Installation
 
-from bench.impls.base import APP_ROLE, BenchTenant
-from slack_fathom_db import schema
+from bench.impls.base import APP_ROLE, SLACK_CLIENT_ID, TOKEN_KEYS, BenchTenant
+from slack_fathom_db import Database, schema
 from slack_fathom_db.settings import DatabaseSettings
+from slack_fathom_db.slack import InstallationStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -63,6 +68,7 @@ AUDIT_COLUMNS: Final = (
     "created_at",
 )
 CHUNK_TENANTS: Final = 50
+INSTALL_CONCURRENCY: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +148,83 @@ async def prepare(
             await conn.execute(f"COMMENT ON DATABASE \"{spec.database}\" IS '{comment}'")
         finally:
             await conn.close()
+    # Outside the load, so that a database kept by an earlier version of the bench gets them too.
+    await install_slack(dsn, spec, log=log)
     return await _dataset(dsn, spec, started=started, reused=reused)
+
+
+async def install_slack(dsn: str, spec: DatasetSpec, *, log: Callable[[str], None]) -> None:
+    """Give every bench tenant that has none a Slack installation, through the layer's store.
+
+    ``InstallationStore.async_save`` encrypts the tokens with the run's key and
+    adds the installation (and its bot) to the tenant of the same team id; a
+    tenant that already has one is skipped, so a reused database is left as
+    it is. The new rows are analysed at once, so that no autovacuum of them
+    runs during the measurements.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        missing = await conn.fetch(
+            """
+            SELECT t.slack_team_id, t.slack_team_name, min(u.slack_user_id) AS installer
+            FROM tenants t JOIN users u ON u.tenant_id = t.id AND u.deleted_at IS NULL
+            WHERE t.deleted_at IS NULL AND t.slack_team_id LIKE 'TB%'
+              AND NOT EXISTS (
+                SELECT 1 FROM slack_installations i
+                WHERE i.tenant_id = t.id AND i.client_id = $1
+              )
+            GROUP BY t.slack_team_id, t.slack_team_name
+            ORDER BY t.slack_team_id
+            """,
+            SLACK_CLIENT_ID,
+        )
+        if not missing:
+            return
+        t0 = time.perf_counter()
+        settings = DatabaseSettings(
+            url=dsn,
+            app_role=APP_ROLE,
+            pool_size=INSTALL_CONCURRENCY,
+            max_overflow=0,
+            token_keys=TOKEN_KEYS,
+            _env_file=None,
+        )
+        db = Database(settings)
+        try:
+            store = InstallationStore(db, client_id=SLACK_CLIENT_ID)
+            pending = iter(missing)
+
+            async def worker() -> None:
+                # One shared iterator: each worker saves the next team until none is left.
+                for team in pending:
+                    await store.async_save(_installation(team))
+
+            await asyncio.gather(*(worker() for _ in range(INSTALL_CONCURRENCY)))
+        finally:
+            await db.dispose()
+        await conn.execute("VACUUM (ANALYZE) slack_installations, slack_bots")
+        log(
+            f"  {spec.database}: {len(missing):,} Slack installations saved through the store "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
+    finally:
+        await conn.close()
+
+
+def _installation(team: asyncpg.Record) -> Installation:
+    """A workspace install of the bench app: a bot token, no user token (made-up values)."""
+    team_id = team["slack_team_id"]
+    return Installation(
+        app_id="A0BENCH",
+        team_id=team_id,
+        team_name=team["slack_team_name"],
+        user_id=team["installer"],
+        bot_id=f"B{team_id[1:]}",
+        bot_user_id=f"U{team_id[1:]}BOT",
+        bot_token=f"xoxb-bench-{team_id}",
+        bot_scopes=["chat:write", "commands", "users:read"],
+        token_type="bot",  # noqa: S106 - the kind of token, not a secret
+    )
 
 
 async def create(server: URL, spec: DatasetSpec) -> str:

@@ -110,6 +110,11 @@ def _data_lines(run: Run) -> list[str]:
         "pending, 1% failed, 1% soft-deleted. Both sizes have the same tenants' shape, so a "
         "read returns the same rows on both: only the table grows."
     )
+    lines.append(
+        "- Every tenant has one Slack installation (a bot token) with its bot, saved through "
+        "the layer's `InstallationStore`, so the tokens are stored AES-GCM ciphertexts; every "
+        "implementation decrypts them with the same key."
+    )
     return lines
 
 
@@ -134,6 +139,11 @@ def _method_lines(run: Run) -> list[str]:
         "drawn at random among all tenants; every call creates a new meeting.",
         "- **read**: one transaction per read: a random tenant's meetings of the last 30 days "
         "(50 rows), or a random user's (same filter, `LIMIT 50`).",
+        "- **find_installation**: what Bolt runs to authorize every request, "
+        "`InstallationStore.async_find_installation(team_id=...)` for a random tenant: one "
+        "autocommitted `sfdb_find_slack_installation()`, the tokens decrypted and a slack_sdk "
+        "`Installation` built. The baselines send the same statement (the ORMs through "
+        "`session.execute(text(...))`) and do the same decryption.",
         f"- **rate_limit**: `db.rate_limit` alone. *One hot tenant*: every worker charges the "
         f"same tenant and resource. *{SPREAD_TENANTS} tenants*: worker w charges tenant w.",
         f"- **audit burst**: {fixed}, each in a unit of work of its own (what "

@@ -266,6 +266,16 @@ def targets(
                     factor=0.8,
                 )
             )
+    found.append(
+        _ratio_target(
+            results,
+            "find_installation c32 ≥ 0.8 x raw asyncpg",
+            key="find_installation",
+            impl="layer",
+            other="raw",
+            factor=0.8,
+        )
+    )
     by_impl = {c.impl: c for c in counts}
     if "layer" in by_impl and "raw" in by_impl:
         mine = by_impl["layer"].ops["handler"].round_trips

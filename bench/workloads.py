@@ -99,6 +99,16 @@ def _for_user(impl: Implementation, data: Dataset, _concurrency: int, _tag: str)
     return op
 
 
+def _find_installation(impl: Implementation, data: Dataset, _concurrency: int, _tag: str) -> Op:
+    rngs = _Rngs("find_installation")
+    tenants = data.tenants
+
+    def op(worker: int, _seq: int) -> Awaitable[object]:
+        return impl.find_installation(rngs(worker).choice(tenants))
+
+    return op
+
+
 def _hot(impl: Implementation, data: Dataset, _concurrency: int, _tag: str) -> Op:
     tenant = data.tenants[0]
 
@@ -136,6 +146,13 @@ WORKLOADS: Final = (
     Workload("recent_small", "read: tenant's recent meetings", "small", _recent, "recent"),
     Workload("for_user", "read: user's meetings", "large", _for_user, "for_user"),
     Workload("for_user_small", "read: user's meetings", "small", _for_user, "for_user"),
+    Workload(
+        "find_installation",
+        "read: Bolt's installation lookup",
+        "large",
+        _find_installation,
+        "find_installation",
+    ),
     Workload("hot", "rate_limit: one hot tenant", "large", _hot, "rate_limit"),
     Workload("spread", "rate_limit: 32 tenants", "large", _spread, "rate_limit"),
     Workload(

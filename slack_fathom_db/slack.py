@@ -289,9 +289,16 @@ class InstallationStore(AsyncInstallationStore):
         )
         if not rows:
             return None
-        found = self._found(rows[0])
-        if user is not None or found.installation.bot_token is None:
-            found = found.with_latest_bot()
+        row = rows[0]
+        found = _Found(
+            tenant_id_from_trusted(row["tenant_id"]),
+            row["id"],
+            self._installation(row),
+            newest_bot=user is not None,
+        )
+        if found.newest_bot or found.installation.bot_token is None:
+            # Decrypted only when it may be used.
+            found = found.with_bot(self._bot(row, prefix="latest_"))
         if self._due(found.installation):
             return await self._refresh(found)
         return found.installation
@@ -318,54 +325,40 @@ class InstallationStore(AsyncInstallationStore):
         bot = self._bot(row, prefix="")
         if bot is not None and self._due(bot):
             found = _Found(
-                tenant_id_from_trusted(row["tenant_id"]),
-                None,
-                row["id"],
-                _installation_of_bot(bot),
-                bot,
+                tenant_id_from_trusted(row["tenant_id"]), None, _installation_of_bot(bot)
             )
             refreshed = await self._refresh(found)
             return refreshed.to_bot()
         return bot
 
-    def _found(self, row: asyncpg.Record) -> _Found:
-        installation = self._installation(row)
-        return _Found(
-            tenant_id_from_trusted(row["tenant_id"]),
-            row["id"],
-            row["latest_id"],
-            installation,
-            self._bot(row, prefix="latest_"),
-        )
-
-    def _installation(self, row: asyncpg.Record, *, prefix: str = "") -> Installation:
-        row_id = row[f"{prefix}id"]
-        open_ = self._opener("slack_installations", row_id, row, prefix)
+    def _installation(self, row: asyncpg.Record) -> Installation:
+        row_id = row["id"]
+        open_ = self._opener("slack_installations", row_id, row, "")
         return Installation(
-            app_id=row[f"{prefix}app_id"],
-            enterprise_id=row[f"{prefix}enterprise_id"],
-            enterprise_name=row[f"{prefix}enterprise_name"],
-            enterprise_url=row[f"{prefix}enterprise_url"],
-            team_id=row[f"{prefix}team_id"],
-            team_name=row[f"{prefix}team_name"],
+            app_id=row["app_id"],
+            enterprise_id=row["enterprise_id"],
+            enterprise_name=row["enterprise_name"],
+            enterprise_url=row["enterprise_url"],
+            team_id=row["team_id"],
+            team_name=row["team_name"],
             bot_token=open_("bot_token"),
-            bot_id=row[f"{prefix}bot_id"],
-            bot_user_id=row[f"{prefix}bot_user_id"],
-            bot_scopes=row[f"{prefix}bot_scopes"] or "",
+            bot_id=row["bot_id"],
+            bot_user_id=row["bot_user_id"],
+            bot_scopes=row["bot_scopes"] or "",
             bot_refresh_token=open_("bot_refresh_token"),
-            bot_token_expires_at=row[f"{prefix}bot_token_expires_at"],
-            user_id=row[f"{prefix}user_id"],
+            bot_token_expires_at=row["bot_token_expires_at"],
+            user_id=row["user_id"],
             user_token=open_("user_token"),
-            user_scopes=row[f"{prefix}user_scopes"] or "",
+            user_scopes=row["user_scopes"] or "",
             user_refresh_token=open_("user_refresh_token"),
-            user_token_expires_at=row[f"{prefix}user_token_expires_at"],
+            user_token_expires_at=row["user_token_expires_at"],
             incoming_webhook_url=open_("incoming_webhook_url"),
-            incoming_webhook_channel=row[f"{prefix}incoming_webhook_channel"],
-            incoming_webhook_channel_id=row[f"{prefix}incoming_webhook_channel_id"],
-            incoming_webhook_configuration_url=row[f"{prefix}incoming_webhook_configuration_url"],
-            is_enterprise_install=row[f"{prefix}is_enterprise_install"],
-            token_type=row[f"{prefix}token_type"],
-            installed_at=row[f"{prefix}installed_at"].timestamp(),
+            incoming_webhook_channel=row["incoming_webhook_channel"],
+            incoming_webhook_channel_id=row["incoming_webhook_channel_id"],
+            incoming_webhook_configuration_url=row["incoming_webhook_configuration_url"],
+            is_enterprise_install=row["is_enterprise_install"],
+            token_type=row["token_type"],
+            installed_at=row["installed_at"].timestamp(),
         )
 
     def _bot(self, row: asyncpg.Record, *, prefix: str) -> Bot | None:
@@ -564,22 +557,19 @@ class InstallationStore(AsyncInstallationStore):
 
 @dataclass(frozen=True, slots=True)
 class _Found:
-    """A found installation: its tenant, the rows it came from, and the bot beside it."""
+    """A found installation: its tenant, the row it came from, and how its bot was chosen."""
 
     tenant_id: TenantId
     installation_id: uuid.UUID | None
-    bot_id: uuid.UUID | None
+    """``None``: a bot alone (``async_find_bot``), seen as an installation."""
     installation: Installation
-    bot: Bot | None
-    own_bot_token: str | None = None
+    newest_bot: bool = False
+    """The bot is the newest bot of the org/workspace, not the installation's own: a user
+    was named (slack_sdk's rule; without a bot token of its own, the same applies)."""
 
-    def __post_init__(self) -> None:
-        if self.own_bot_token is None and self.installation_id is not None:
-            object.__setattr__(self, "own_bot_token", self.installation.bot_token)
-
-    def with_latest_bot(self) -> _Found:
-        """The installation with the newest bot's token, if that differs (slack_sdk's rule)."""
-        bot, installation = self.bot, self.installation
+    def with_bot(self, bot: Bot | None) -> _Found:
+        """The installation with ``bot``'s token, if that differs from its own."""
+        installation = self.installation
         if bot is None or bot.bot_token == installation.bot_token:
             return self
         merged = Installation(**installation.to_dict_for_copying())
@@ -589,9 +579,7 @@ class _Found:
         merged.bot_scopes = bot.bot_scopes
         merged.bot_refresh_token = bot.bot_refresh_token
         merged.bot_token_expires_at = bot.bot_token_expires_at
-        return _Found(
-            self.tenant_id, self.installation_id, self.bot_id, merged, bot, installation.bot_token
-        )
+        return _Found(self.tenant_id, self.installation_id, merged, self.newest_bot)
 
     def reread(
         self,
@@ -602,17 +590,19 @@ class _Found:
         """The same, from its rows read again under their locks (``None`` if they are gone)."""
         bot_row = _newest(row for row in bots if row["bot_token"] is not None)
         bot = None if bot_row is None else store._bot(bot_row, prefix="")
-        bot_id = None if bot_row is None else bot_row["id"]
         if self.installation_id is None:
             if bot is None:
                 return None
-            return _Found(self.tenant_id, None, bot_id, _installation_of_bot(bot), bot)
+            return _Found(self.tenant_id, None, _installation_of_bot(bot))
         row = next((row for row in installations if row["id"] == self.installation_id), None)
         if row is None:
             return None
-        found = _Found(self.tenant_id, self.installation_id, bot_id, store._installation(row), bot)
-        merged = self.installation.bot_token != self.own_bot_token
-        return found.with_latest_bot() if merged else found
+        found = _Found(
+            self.tenant_id, self.installation_id, store._installation(row), self.newest_bot
+        )
+        if found.newest_bot or found.installation.bot_token is None:
+            return found.with_bot(bot)
+        return found
 
 
 def _newest(rows: Iterable[asyncpg.Record]) -> asyncpg.Record | None:

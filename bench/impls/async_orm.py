@@ -7,6 +7,8 @@ context as two more statements (``SET LOCAL ROLE`` and ``SELECT
 set_config('app.tenant_id', :tenant, true)``, because ``SET`` takes no bind
 parameters), and the same read-modify-write rate limit as the sync design.
 It does not call ``sfdb_require_tenant()``: the team was just resolved.
+Bolt's installation lookup is the layer store's statement through
+``session.execute(text(...))``, decrypted and built as the store does.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bench.impls import orm_common as q
-from bench.impls.base import APP_ROLE, HANDLER_RESOURCE, NEVER_DENY, Implementation
+from bench.impls.base import (
+    APP_ROLE,
+    HANDLER_RESOURCE,
+    NEVER_DENY,
+    Implementation,
+    installation_from_row,
+)
 from slack_fathom_db.models import ApiRateLimit
 
 if TYPE_CHECKING:
     import uuid
+
+    from slack_sdk.oauth.installation_store.models.installation import Installation
 
     from bench.impls.base import BenchTenant, HandlerEvent
 
@@ -73,6 +83,7 @@ class AsyncOrmImpl(Implementation):
     def __init__(self) -> None:
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._cipher = q.cipher()
 
     @property
     def sessions(self) -> async_sessionmaker[AsyncSession]:
@@ -139,3 +150,9 @@ class AsyncOrmImpl(Implementation):
             session.add(q.denied(tenant.id, user_id))
             await session.flush()
             await session.commit()
+
+    async def find_installation(self, tenant: BenchTenant) -> Installation | None:
+        async with self.sessions() as session:
+            statement, params = q.find_installation(tenant.slack_team_id)
+            row = (await session.execute(statement, params)).mappings().first()
+        return None if row is None else installation_from_row(row, self._cipher)

@@ -11,10 +11,18 @@ role for the comparison to be fair). How each one does that is stated in its
 from __future__ import annotations
 
 import abc
+import base64
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from slack_sdk.oauth.installation_store.models.bot import Bot
+from slack_sdk.oauth.installation_store.models.installation import Installation
+
+if TYPE_CHECKING:
+    from slack_fathom_db.tokens import TokenCipher
 
 APP_ROLE: Final = "sfdb_app"
 STATEMENT_TIMEOUT_MS: Final = 30_000
@@ -23,6 +31,19 @@ HANDLER_RESOURCE: Final = "meetings_processed"
 NEVER_DENY: Final = 2_000_000_000
 RECENT_DAYS: Final = 30
 RECENT_LIMIT: Final = 50
+SLACK_CLIENT_ID: Final = "1111111111.2222222222"
+TOKEN_KEYS: Final = (
+    "bench:" + base64.urlsafe_b64encode(hashlib.sha256(b"sfdb bench token key").digest()).decode()
+)
+"""The one key every implementation decrypts the bench installations with.
+
+Derived from a constant rather than made with ``generate_key()``: a dataset kept
+with ``--keep`` and reused by a later run must still decrypt, and the tokens it
+protects are made up.
+"""
+FIND_INSTALLATION: Final = "SELECT * FROM sfdb_find_slack_installation($1, $2, $3, $4, $5)"
+"""What ``InstallationStore.async_find_installation`` sends (client id, tenant key,
+enterprise, team, user): for a workspace install the key is the team id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +75,85 @@ def day_start(now: datetime | None = None) -> datetime:
 def since(days: int = RECENT_DAYS) -> datetime:
     """``now - days``, timezone-aware."""
     return datetime.now(UTC) - timedelta(days=days)
+
+
+class Row(Protocol):
+    """A result row by column name: an asyncpg ``Record`` or a SQLAlchemy ``RowMapping``."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def installation_from_row(row: Row, cipher: TokenCipher) -> Installation:
+    """What the layer's store makes of a ``sfdb_find_slack_installation`` row, by hand.
+
+    The same work as ``InstallationStore``: every non-null secret column of the
+    installation decrypted (bound to its table, column and row) and a slack_sdk
+    ``Installation`` built; when it has no bot token of its own (slack_sdk's rule),
+    the newest bot beside it decrypted too and its token put in.
+    """
+
+    def opened(table: str, prefix: str, column: str) -> str | None:
+        blob = row[prefix + column]
+        if blob is None:
+            return None
+        # bytes(): psycopg2 hands bytea over as a memoryview (asyncpg's bytes pass as they are).
+        return cipher.decrypt(bytes(blob), context=f"{table}.{column}:{row[prefix + 'id']}")
+
+    def own(column: str) -> str | None:
+        return opened("slack_installations", "", column)
+
+    installation = Installation(
+        app_id=row["app_id"],
+        enterprise_id=row["enterprise_id"],
+        enterprise_name=row["enterprise_name"],
+        enterprise_url=row["enterprise_url"],
+        team_id=row["team_id"],
+        team_name=row["team_name"],
+        bot_token=own("bot_token"),
+        bot_id=row["bot_id"],
+        bot_user_id=row["bot_user_id"],
+        bot_scopes=row["bot_scopes"] or "",
+        bot_refresh_token=own("bot_refresh_token"),
+        bot_token_expires_at=row["bot_token_expires_at"],
+        user_id=row["user_id"],
+        user_token=own("user_token"),
+        user_scopes=row["user_scopes"] or "",
+        user_refresh_token=own("user_refresh_token"),
+        user_token_expires_at=row["user_token_expires_at"],
+        incoming_webhook_url=own("incoming_webhook_url"),
+        incoming_webhook_channel=row["incoming_webhook_channel"],
+        incoming_webhook_channel_id=row["incoming_webhook_channel_id"],
+        incoming_webhook_configuration_url=row["incoming_webhook_configuration_url"],
+        is_enterprise_install=row["is_enterprise_install"],
+        token_type=row["token_type"],
+        installed_at=row["installed_at"].timestamp(),
+    )
+    if installation.bot_token is not None or row["latest_id"] is None:
+        return installation  # its own bot (no user was named), or no bot beside it
+    bot_token = opened("slack_bots", "latest_", "bot_token")
+    if bot_token is None:  # the function returns only bots with a token
+        return installation
+    bot = Bot(
+        app_id=row["latest_app_id"],
+        enterprise_id=row["latest_enterprise_id"],
+        enterprise_name=row["latest_enterprise_name"],
+        team_id=row["latest_team_id"],
+        team_name=row["latest_team_name"],
+        bot_token=bot_token,
+        bot_id=row["latest_bot_id"],
+        bot_user_id=row["latest_bot_user_id"],
+        bot_scopes=row["latest_bot_scopes"] or "",
+        bot_refresh_token=opened("slack_bots", "latest_", "bot_refresh_token"),
+        bot_token_expires_at=row["latest_bot_token_expires_at"],
+        is_enterprise_install=row["latest_is_enterprise_install"],
+        installed_at=row["latest_installed_at"].timestamp(),
+    )
+    merged = Installation(**installation.to_dict_for_copying())
+    merged.bot_id, merged.bot_user_id = bot.bot_id, bot.bot_user_id
+    merged.bot_token, merged.bot_scopes = bot.bot_token, bot.bot_scopes
+    merged.bot_refresh_token = bot.bot_refresh_token
+    merged.bot_token_expires_at = bot.bot_token_expires_at
+    return merged
 
 
 IDLE_TIMEOUT_MS: Final = 60_000
@@ -133,3 +233,7 @@ class Implementation(abc.ABC):
     @abc.abstractmethod
     async def audit_event(self, tenant: BenchTenant, user_id: uuid.UUID) -> None:
         """Write one audit event in a transaction of its own."""
+
+    @abc.abstractmethod
+    async def find_installation(self, tenant: BenchTenant) -> Installation | None:
+        """What Bolt does to authorize a request: the workspace's installation, decrypted."""

@@ -10,14 +10,19 @@ from bench.impls.base import (
     NEVER_DENY,
     RECENT_DAYS,
     RECENT_LIMIT,
+    SLACK_CLIENT_ID,
     STATEMENT_TIMEOUT_MS,
+    TOKEN_KEYS,
     Implementation,
 )
 from slack_fathom_db import Database, DatabaseSettings
+from slack_fathom_db.slack import InstallationStore
 from slack_fathom_db.tenancy import tenant_id_from_trusted
 
 if TYPE_CHECKING:
     import uuid
+
+    from slack_sdk.oauth.installation_store.models.installation import Installation
 
     from bench.impls.base import BenchTenant, HandlerEvent
 
@@ -33,11 +38,13 @@ class LayerImpl(Implementation):
         "statement_timeout, lock_timeout, idle_in_transaction_session_timeout; "
         "SELECT sfdb_require_tenant()` per unit of work; `db.rate_limit` is one autocommitted "
         "statement, `sfdb_consume_rate_limit()`, a function of the owner that sets the tenant "
-        "for itself"
+        "for itself; `InstallationStore.async_find_installation` is one autocommitted "
+        "`sfdb_find_slack_installation()`, the same kind of function"
     )
 
     def __init__(self) -> None:
         self._db: Database | None = None
+        self._store: InstallationStore | None = None
 
     @property
     def db(self) -> Database:
@@ -53,11 +60,14 @@ class LayerImpl(Implementation):
             max_overflow=0,
             app_role=APP_ROLE,
             statement_timeout_ms=STATEMENT_TIMEOUT_MS,
+            token_keys=TOKEN_KEYS,
             _env_file=None,
         )
         self._db = Database(settings)
+        self._store = InstallationStore(self._db, client_id=SLACK_CLIENT_ID)
 
     async def close(self) -> None:
+        self._store = None
         if self._db is not None:
             await self._db.dispose()
             self._db = None
@@ -118,3 +128,10 @@ class LayerImpl(Implementation):
                 resource_type="slack_event",
             )
             await uow.commit()
+
+    async def find_installation(self, tenant: BenchTenant) -> Installation | None:
+        if self._store is None:
+            raise RuntimeError("open() first")
+        return await self._store.async_find_installation(
+            enterprise_id=None, team_id=tenant.slack_team_id
+        )

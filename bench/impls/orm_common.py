@@ -5,15 +5,44 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, TextClause, select, text
 
-from bench.impls.base import RECENT_DAYS, RECENT_LIMIT, day_start, since
+from bench.impls.base import (
+    RECENT_DAYS,
+    RECENT_LIMIT,
+    SLACK_CLIENT_ID,
+    TOKEN_KEYS,
+    day_start,
+    since,
+)
 from slack_fathom_db.models import ApiRateLimit, AuditLog, MeetingSession, Tenant, User
+from slack_fathom_db.tokens import TokenCipher, parse_keys
 
 if TYPE_CHECKING:
     import uuid
 
 PERIOD: Final = "daily"
+FIND_INSTALLATION: Final = text(
+    "SELECT * FROM sfdb_find_slack_installation(:client_id, :key, :enterprise_id, :team_id, "
+    ":user_id)"
+)
+"""The layer store's statement: the installation is an owner's function, not a mapped query."""
+
+
+def cipher() -> TokenCipher:
+    """A cipher of the run's token key, as the layer's store builds from its settings."""
+    return TokenCipher(parse_keys(TOKEN_KEYS))
+
+
+def find_installation(slack_team_id: str) -> tuple[TextClause, dict[str, str | None]]:
+    """The lookup of a workspace install (the tenant key is the team id) and its parameters."""
+    return FIND_INSTALLATION, {
+        "client_id": SLACK_CLIENT_ID,
+        "key": slack_team_id,
+        "enterprise_id": None,
+        "team_id": slack_team_id,
+        "user_id": None,
+    }
 
 
 def resolve(slack_team_id: str) -> Select[Any]:

@@ -11,7 +11,10 @@ once per connection by asyncpg's statement cache, each one round trip), then
 ``jsonb`` is decoded to Python objects, as the layer does. The pool's
 per-release reset query (``RESET ALL`` …) is replaced by a
 rollback-if-needed check, because nothing here sets session state: a
-careful hand-written version would do the same.
+careful hand-written version would do the same. Bolt's installation lookup
+is the store's one autocommitted ``sfdb_find_slack_installation()``, its
+ciphertexts opened with a ``TokenCipher`` of the same key and the same
+``Installation`` built (:func:`bench.impls.base.installation_from_row`).
 """
 
 from __future__ import annotations
@@ -25,21 +28,28 @@ import asyncpg
 
 from bench.impls.base import (
     APP_ROLE,
+    FIND_INSTALLATION,
     HANDLER_RESOURCE,
     NEVER_DENY,
     RECENT_DAYS,
     RECENT_LIMIT,
+    SLACK_CLIENT_ID,
     STATEMENT_TIMEOUT_MS,
+    TOKEN_KEYS,
     Implementation,
     day_start,
+    installation_from_row,
     session_settings,
     since,
     tenant_preamble,
 )
 from slack_fathom_db.settings import DatabaseSettings
+from slack_fathom_db.tokens import TokenCipher, parse_keys
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from slack_sdk.oauth.installation_store.models.installation import Installation
 
     from bench.impls.base import BenchTenant, HandlerEvent
 
@@ -114,11 +124,13 @@ class RawAsyncpgImpl(Implementation):
         "`sfdb_resolve_tenant()` and `sfdb_consume_rate_limit()` autocommitted; one "
         "simple-protocol `conn.execute()` of the layer's preamble (`BEGIN; SET LOCAL ROLE "
         f"{APP_ROLE}; SET LOCAL search_path, app.tenant_id, row_security, timeouts; SELECT "
-        "sfdb_require_tenant()`), then the statements, then `COMMIT`"
+        "sfdb_require_tenant()`), then the statements, then `COMMIT`; "
+        "`sfdb_find_slack_installation()` autocommitted"
     )
 
     def __init__(self) -> None:
         self._pool: asyncpg.Pool | None = None
+        self._cipher = TokenCipher(parse_keys(TOKEN_KEYS))
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -242,3 +254,15 @@ class RawAsyncpgImpl(Implementation):
                 {},
             )
             await conn.execute("COMMIT")
+
+    async def find_installation(self, tenant: BenchTenant) -> Installation | None:
+        # A workspace install: the tenant's key is the team id, no enterprise, no user.
+        row = await self.pool.fetchrow(
+            FIND_INSTALLATION,
+            SLACK_CLIENT_ID,
+            tenant.slack_team_id,
+            None,
+            tenant.slack_team_id,
+            None,
+        )
+        return None if row is None else installation_from_row(row, self._cipher)

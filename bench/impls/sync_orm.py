@@ -7,6 +7,8 @@ Bolt app has to call synchronous code. psycopg2 opens every transaction
 with its own ``BEGIN`` round trip; the tenant context is then one
 ``session.execute(text(...))`` holding the ``SET LOCAL`` statements and
 ``SELECT sfdb_require_tenant()`` (psycopg2 sends it as one simple query).
+Bolt's installation lookup is the layer store's statement through
+``session.execute(text(...))``, decrypted and built as the store does.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bench.impls.base import (
     HANDLER_RESOURCE,
     NEVER_DENY,
     Implementation,
+    installation_from_row,
     tenant_preamble,
 )
 from slack_fathom_db.models import ApiRateLimit
@@ -33,6 +36,7 @@ from slack_fathom_db.models import ApiRateLimit
 if TYPE_CHECKING:
     import uuid
 
+    from slack_sdk.oauth.installation_store.models.installation import Installation
     from sqlalchemy.engine import Engine
 
     from bench.impls.base import BenchTenant, HandlerEvent
@@ -78,6 +82,7 @@ class SyncOrmImpl(Implementation):
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self._sessions: sessionmaker[Session] | None = None
+        self._cipher = q.cipher()
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -135,6 +140,12 @@ class SyncOrmImpl(Implementation):
             session.add(q.denied(tenant_id, user_id))
             session.commit()
 
+    def _find_installation(self, slack_team_id: str) -> Installation | None:
+        with self.sessions() as session:
+            statement, params = q.find_installation(slack_team_id)
+            row = session.execute(statement, params).mappings().first()
+        return None if row is None else installation_from_row(row, self._cipher)
+
     async def handler(self, event: HandlerEvent) -> None:
         await asyncio.to_thread(self._handler, event)
 
@@ -149,3 +160,6 @@ class SyncOrmImpl(Implementation):
 
     async def audit_event(self, tenant: BenchTenant, user_id: uuid.UUID) -> None:
         await asyncio.to_thread(self._audit_event, tenant.id, user_id)
+
+    async def find_installation(self, tenant: BenchTenant) -> Installation | None:
+        return await asyncio.to_thread(self._find_installation, tenant.slack_team_id)
