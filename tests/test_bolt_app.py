@@ -24,7 +24,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -102,6 +102,24 @@ def app_uninstalled(team_id: str) -> str:
             "event": {"type": "app_uninstalled", "event_ts": f"{time.time():.6f}"},
             "type": "event_callback",
             "event_id": "Ev0123456789",
+            "event_time": int(time.time()),
+        }
+    )
+
+
+def tokens_revoked(team_id: str, *, bots: Sequence[str] = (), users: Sequence[str] = ()) -> str:
+    return json.dumps(
+        {
+            "token": "deprecated-verification-token",
+            "team_id": team_id,
+            "api_app_id": "A0123456789",
+            "event": {
+                "type": "tokens_revoked",
+                "tokens": {"oauth": list(users), "bot": list(bots)},
+                "event_ts": f"{time.time():.6f}",
+            },
+            "type": "event_callback",
+            "event_id": "Ev0123456790",
             "event_time": int(time.time()),
         }
     )
@@ -530,9 +548,15 @@ async def finish_install(
 
 
 async def install(
-    http: HTTP, slack: FakeSlack, workspace: Workspace, *, state: str | None = None
+    http: HTTP,
+    slack: FakeSlack,
+    workspace: Workspace,
+    *,
+    state: str | None = None,
+    tokens_before: int = 0,
 ) -> str:
-    """A whole install of ``workspace``; returns the bot token Slack issued for it."""
+    """A whole install of ``workspace`` (installed ``tokens_before`` times before); returns
+    the bot token Slack issued for it now."""
     if state is None:
         state = await begin_install(http, slack)
     response = await finish_install(http, code=slack.authorize(workspace), state=state)
@@ -540,7 +564,8 @@ async def install(
     assert response.status == 200, page
     assert f"slack://app?team={workspace.team_id}&amp;id={workspace.app_id}" in page
     assert response.cookies[STATE_COOKIE].value == "deleted"
-    [token] = slack.tokens_issued(workspace.team_id)
+    *_, token = slack.tokens_issued(workspace.team_id)
+    assert len(slack.tokens_issued(workspace.team_id)) == tokens_before + 1
     return token
 
 
@@ -662,6 +687,54 @@ async def test_workspaces_install_use_and_uninstall_the_oauth_app(
     assert await db.directory.resolve(globex.team_id) == globex_tenant
     assert await stored_tokens(admin, globex.team_id) > 0
     assert slack.is_valid(globex_token)
+
+
+async def test_revoked_bot_tokens_are_deleted_and_the_workspace_stays(
+    http: HTTP,
+    slack: FakeSlack,
+    db: Database,
+    store: InstallationStore,
+    admin: asyncpg.Connection,
+) -> None:
+    """``tokens_revoked`` (bot) through Bolt's listener: the bot's token is deleted,
+    the copy kept with the installation too, so no request is authorized with it again;
+    the tenant and its data stay, and installing again brings the workspace back."""
+    acme = new_workspace("Acme")
+    await install(http, slack, acme)
+    tenant = await db.directory.resolve(acme.team_id)
+    assert tenant is not None
+    body = slash_command(
+        acme.team_id, unique_user_id(), "201 Before", response_url=slack.response_url
+    )
+    assert (await command_reply(http, body))["text"].startswith("Recorded")
+
+    response = await post_signed(http, tokens_revoked(acme.team_id, bots=[acme.bot_user_id]))
+    assert response.status == 200
+    assert await store.async_find_bot(enterprise_id=None, team_id=acme.team_id) is None
+    found = await store.async_find_installation(enterprise_id=None, team_id=acme.team_id)
+    assert found is not None
+    assert found.bot_token is None
+    assert await db.directory.resolve(acme.team_id) == tenant
+    [event] = await audit_rows(admin, tenant, "slack.tokens_deleted")
+    assert event["event_category"] == "security"
+
+    seen = len(slack.tokens_used("auth.test"))
+    body = slash_command(
+        acme.team_id, unique_user_id(), "202 After", response_url=slack.response_url
+    )
+    response = await post_signed(http, body)
+    assert response.status == 200
+    assert slack.tokens_used("auth.test")[seen:] == []
+    assert await recorded_title(db, tenant, "202") is None
+
+    token = await install(http, slack, acme, tokens_before=1)
+    body = slash_command(
+        acme.team_id, unique_user_id(), "203 Again", response_url=slack.response_url
+    )
+    assert (await command_reply(http, body))["text"].startswith("Recorded")
+    assert slack.tokens_used("auth.test")[-1] == token
+    assert await db.directory.resolve(acme.team_id) == tenant
+    assert await recorded_title(db, tenant, "201") == "Before"
 
 
 @pytest.mark.parametrize("case", ["never-issued", "reused", "other-browser"])

@@ -380,7 +380,8 @@ def _functions() -> dict[str, str]:
         END
         $$
         """,
-        # A new state, and up to 100 expired ones purged on the way.
+        # A new state (valid for a day at most, whatever the caller asks), and up to 100
+        # expired ones purged on the way.
         FUNCTIONS[4]: f"""
         CREATE FUNCTION sfdb_issue_slack_oauth_state(p_digest bytea, p_seconds integer)
         RETURNS void
@@ -390,7 +391,9 @@ def _functions() -> dict[str, str]:
                 ORDER BY expire_at LIMIT 100 FOR UPDATE SKIP LOCKED
             );
             INSERT INTO slack_oauth_states (state_digest, expire_at)
-            VALUES (p_digest, now() + make_interval(secs => p_seconds));
+            VALUES (
+                p_digest, now() + make_interval(secs => least(greatest(p_seconds, 1), 86400))
+            );
         $$
         """,
         # One DELETE: of concurrent callers with the same state, one gets the row and

@@ -90,7 +90,7 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
         return (
             self._select(SlackInstallation)
             .where(
-                SlackInstallation.client_id == bindparam("client_id", type_=Text()),
+                SlackInstallation.client_id == _text("client_id"),
                 SlackInstallation.enterprise_id.is_not_distinct_from(_text("enterprise_id")),
                 SlackInstallation.team_id.is_not_distinct_from(_text("team_id")),
             )
@@ -102,7 +102,7 @@ class InstallationRepo(TenantRepository[SlackInstallation]):
         return (
             self._select(SlackBot)
             .where(
-                SlackBot.client_id == bindparam("client_id", type_=Text()),
+                SlackBot.client_id == _text("client_id"),
                 SlackBot.enterprise_id.is_not_distinct_from(_text("enterprise_id")),
                 SlackBot.team_id.is_not_distinct_from(_text("team_id")),
             )
