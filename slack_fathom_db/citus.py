@@ -16,7 +16,8 @@ server). Besides the tables, Citus needs:
 
 Idempotent: what is already done is skipped. It runs on the owner's side
 (``DATABASE_MIGRATION_URL``) on the coordinator, after ``sfdb migrate``; later migrations run on
-the coordinator as usual, and Citus applies their DDL to every shard.
+the coordinator as usual, and Citus applies their DDL to every shard. A table that a later
+migration adds is distributed by running it again.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ async def _distribute(conn: asyncpg.Connection, *, roles: LayerRoles, database: 
     for table in DISTRIBUTED_TABLES:
         if placed.get(table) == "h":
             continue
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"public.{table}"):
+            continue  # a revision before the table: distributed once a later migration makes it
         colocate = "default" if table == DISTRIBUTED_TABLES[0] else DISTRIBUTED_TABLES[0]
         await conn.execute(
             "SELECT create_distributed_table($1, 'tenant_id', colocate_with => $2)", table, colocate
@@ -175,7 +178,11 @@ async def _copy_column_grants(conn: asyncpg.Connection) -> bool:
     Granting them again on the distributed table makes Citus send them to every
     shard; doing so when they are already there changes nothing.
     """
-    tables = [REFERENCE_TABLE, *DISTRIBUTED_TABLES]
+    tables = [
+        table
+        for table in (REFERENCE_TABLE, *DISTRIBUTED_TABLES)
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"public.{table}")
+    ]
     rows = await conn.fetch(
         "SELECT c.relname AS table_name, g.rolname AS grantee, x.privilege_type AS privilege, "
         "array_agg(quote_ident(a.attname::text) ORDER BY a.attnum) AS columns "

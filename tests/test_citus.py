@@ -14,11 +14,13 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from pydantic import SecretStr
+from slack_sdk.oauth.installation_store import Installation
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
 from slack_fathom_db.errors import ConfigurationError, Conflict, translate
 from slack_fathom_db.logins import create_login
 from slack_fathom_db.maintenance import purge_rate_limit_windows
+from slack_fathom_db.slack import InstallationStore
 from slack_fathom_db.testing import CitusCluster, citus_database
 from tests.conftest import superuser_dsn
 from tests.helpers import dsn, unique_team_id, unique_user_id
@@ -74,6 +76,10 @@ async def test_later_migrations_run_on_a_distributed_database(
         await admin.close()
     assert await schema.current(settings) == schema.head()
     assert lease == started + timedelta(seconds=settings.claim_lease_seconds)
+    # Tables the later revisions added are distributed by distributing again.
+    done = await citus.distribute(settings)
+    assert "slack_installations: distributed by tenant_id" in done
+    assert "slack_bots: distributed by tenant_id" in done
 
     # The new column, index and policies reached every shard on the worker.
     on_worker = sfdb_citus.worker.url.set(database=settings.sqlalchemy_url().database)
@@ -119,6 +125,20 @@ async def test_later_migrations_run_on_a_distributed_database(
             await uow.commit()
         assert (await db.rate_limit(tenant, "citus", limit=2)).current == 2
         assert not (await db.rate_limit(tenant, "citus", limit=2)).allowed
+        store = InstallationStore(db, client_id="1.2")
+        team = unique_team_id()
+        await store.async_save(
+            Installation(
+                team_id=team,
+                user_id=unique_user_id(),
+                bot_id="B1",
+                bot_user_id="U1",
+                bot_token="xoxb-citus",
+            )
+        )
+        found = await store.async_find_installation(enterprise_id=None, team_id=team)
+        assert found is not None
+        assert found.bot_token == "xoxb-citus"
     assert await purge_rate_limit_windows(settings.for_migrations(), older_than_days=0) >= 0
 
 

@@ -160,11 +160,13 @@ async def test_rotation_leaves_an_unreadable_row_and_names_it(
     team = unique_team_id()
     async with Database(settings) as db:
         await InstallationStore(db, client_id=client_id).async_save(_installation(team, "xoxb-u"))
+    # The bot's ciphertext, moved into the installation's user token: a valid ciphertext,
+    # of the right key, bound to another row.
+    moved = await admin.fetchval("SELECT bot_token FROM slack_bots WHERE client_id = $1", client_id)
     row_id = await admin.fetchval(
-        "UPDATE slack_installations SET user_token = "
-        "(SELECT bot_token FROM slack_bots WHERE client_id = $1) "
-        "WHERE client_id = $1 RETURNING id",
+        "UPDATE slack_installations SET user_token = $2 WHERE client_id = $1 RETURNING id",
         client_id,
+        moved,
     )
     assert settings.token_keys is not None
     suite_key, new_key = settings.token_keys.get_secret_value(), generate_key("k-new")

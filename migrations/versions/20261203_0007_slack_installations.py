@@ -449,12 +449,17 @@ $$
 
 def upgrade() -> None:
     roles = _roles()
-    _create_tables()
-    _protect(roles)
-    # Functions are made by the migrating login and handed to the owner, as revision 0006
-    # made the directory's: a Citus coordinator would otherwise create them on every worker
-    # as the owner, a role the workers may not know yet (sfdb distribute makes it there).
+    # Made by the migrating login and handed to the owner, as revision 0006 made its
+    # objects: on a Citus cluster distributed before then, the workers may not know the
+    # owner yet, and a coordinator creates what it propagates as the role in effect
+    # (a table with a key to the reference table tenants, a function). Handing an object
+    # to the owner brings the role to the workers first; sfdb distribute then
+    # distributes the new tables.
     op.execute("RESET ROLE")
+    _create_tables()
+    for table in (*TABLES, "slack_oauth_states"):
+        op.execute(f'ALTER TABLE {table} OWNER TO "{roles.owner}"')
+    _protect(roles)
     op.execute(_RECORD_EVENT)
     for signature, definition in (
         ("sfdb_record_slack_event(uuid, jsonb, timestamptz)", None),
