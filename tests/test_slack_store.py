@@ -21,7 +21,7 @@ from slack_sdk.oauth.installation_store import Installation
 from slack_sdk.oauth.installation_store.models.bot import Bot
 
 from slack_fathom_db import Database, DatabaseSettings
-from slack_fathom_db.errors import ConfigurationError, ValidationError
+from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
 from slack_fathom_db.slack import InstallationStore, OAuthStateStore
 from slack_fathom_db.tokens import TokenDecryptionError
 from tests.helpers import unique_team_id, unique_user_id
@@ -463,3 +463,32 @@ async def test_states_are_kept_as_digests(
     stored = await admin.fetch("SELECT state_digest FROM slack_oauth_states")
     assert all(state.encode() not in row["state_digest"] for row in stored)
     assert len(state) >= 43  # 32 random bytes
+
+
+async def test_a_save_that_fails_part_way_writes_nothing(
+    db: Database, store: InstallationStore, ids: dict[str, str], admin: asyncpg.Connection
+) -> None:
+    """The tenant, the installation, the bot and the audit event are one statement: a bot
+    the database refuses (a constraint added for this test) leaves no tenant, no
+    installation and no audit row behind."""
+    await admin.execute(
+        "ALTER TABLE slack_bots ADD CONSTRAINT ck_slack_bots_test_refuses CHECK (bot_id <> 'BFAIL')"
+    )
+    try:
+        with pytest.raises(SlackFathomDBError):
+            await store.async_save(bot_installation(ids, bot_id="BFAIL"))
+    finally:
+        await admin.execute("ALTER TABLE slack_bots DROP CONSTRAINT ck_slack_bots_test_refuses")
+    assert await db.directory.resolve(ids["T1"]) is None
+    assert (
+        await admin.fetchval("SELECT count(*) FROM tenants WHERE slack_team_id = $1", ids["T1"])
+        == 0
+    )
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM slack_installations WHERE client_id = $1", store.client_id
+        )
+        == 0
+    )
+    await store.async_save(bot_installation(ids))  # and the same install then succeeds
+    assert await store.async_find_installation(enterprise_id=ids["E1"], team_id=ids["T1"])
