@@ -230,9 +230,17 @@ def _embedded_token_keys(data_dir: Path) -> str:
     owner alone (a real deployment keeps DATABASE_TOKEN_KEYS in a secrets manager)."""
     path = data_dir.with_name(data_dir.name + ".token-keys")
     if not path.exists():
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            file.write(generate_key("embedded"))
+        # Written whole under a name of its own, then linked into place: a run that stops
+        # half-way leaves no empty key, and of two first runs the second keeps the first's.
+        draft = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(generate_key("embedded"))
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink()
     return path.read_text().strip()
 
 

@@ -20,7 +20,7 @@ from slack_fathom_db import validation
 from slack_fathom_db.connections import DRIVER_ERRORS, SEARCH_PATH
 from slack_fathom_db.errors import translate
 from slack_fathom_db.models.slack import SECRET_COLUMNS
-from slack_fathom_db.tokens import TokenCipher, TokenDecryptionError
+from slack_fathom_db.tokens import TokenCipher, TokenDecryptionError, token_context
 
 if TYPE_CHECKING:
     from slack_fathom_db.settings import DatabaseSettings
@@ -114,13 +114,15 @@ async def rotate_token_keys(settings: DatabaseSettings, *, batch_size: int = 500
     unreadable: list[str] = []
     try:
         for table, columns in SECRET_COLUMNS.items():
-            listed = ", ".join(columns)
+            listed = ", ".join(f"s.{column}" for column in columns)
             after: tuple[object, object] | None = None
             while True:
+                # The tenant's key is part of what each secret is bound to.
                 rows = await conn.fetch(
-                    f"SELECT tenant_id, id, {listed} FROM public.{table} "  # noqa: S608 - fixed names
-                    + ("" if after is None else "WHERE (tenant_id, id) > ($2, $3) ")
-                    + "ORDER BY tenant_id, id LIMIT $1",
+                    f"SELECT t.slack_team_id AS key, s.tenant_id, s.id, {listed} "  # noqa: S608
+                    f"FROM public.{table} s JOIN public.tenants t ON t.id = s.tenant_id "
+                    + ("" if after is None else "WHERE (s.tenant_id, s.id) > ($2, $3) ")
+                    + "ORDER BY s.tenant_id, s.id LIMIT $1",
                     batch,
                     *(() if after is None else after),
                 )
@@ -136,10 +138,8 @@ async def rotate_token_keys(settings: DatabaseSettings, *, batch_size: int = 500
                     try:
                         new = [
                             cipher.encrypt(
-                                cipher.decrypt(
-                                    row[column], context=f"{table}.{column}:{row['id']}"
-                                ),
-                                context=f"{table}.{column}:{row['id']}",
+                                cipher.decrypt(row[column], context=_context(table, column, row)),
+                                context=_context(table, column, row),
                             )
                             for column in stale
                         ]
@@ -171,6 +171,10 @@ async def rotate_token_keys(settings: DatabaseSettings, *, batch_size: int = 500
     finally:
         await conn.close(timeout=settings.connect_timeout)
     return KeyRotation(cipher.key_id, read, rewritten, sealed, tuple(unreadable))
+
+
+def _context(table: str, column: str, row: asyncpg.Record) -> str:
+    return token_context(table, column, row["key"], row["id"])
 
 
 async def _owner_connection(settings: DatabaseSettings, *, action: str) -> asyncpg.Connection:

@@ -17,13 +17,17 @@ install), and closes its gaps:
   deletes every token of the workspace and soft-deletes its tenant together;
   nothing of a soft-deleted tenant is found.
 * **Encrypted.** Tokens and the webhook URL are stored as AES-GCM ciphertexts
-  (:mod:`slack_fathom_db.tokens`); ``DATABASE_TOKEN_KEYS`` must be set, or the
-  store refuses to start.
+  (:mod:`slack_fathom_db.tokens`), each bound to its table, column, tenant key
+  and row: a ciphertext copied to another row or workspace does not decrypt.
+  ``DATABASE_TOKEN_KEYS`` must be set, or the store refuses to start.
 * **Single-flight refresh.** With ``client_secret``, a token that expires within
   ``token_rotation_expiration_minutes`` is refreshed by the store while it
-  holds the installation's row lock: a second process asking at the same
-  moment waits, then reads the token the first one stored. Bolt's own
-  rotation (same threshold by default) then finds nothing to do.
+  holds the row locks of the install: a second process asking at the same
+  moment waits, then reads the token the first one stored (in one process,
+  callers wait on a lock of their own, without a connection). The bot token
+  and the user token are refreshed and stored one after the other, so a
+  failure of the second never loses the first. Bolt's own rotation (same
+  threshold by default) then finds nothing to do.
 
 No in-process cache: a find is one indexed statement, and a cache would have
 to be invalidated by every other process.
@@ -35,11 +39,13 @@ succeeds once, whoever races for it; issuing a state purges expired ones.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import secrets
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -55,7 +61,7 @@ from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.models.slack import SECRET_COLUMNS, SlackBot, SlackInstallation
 from slack_fathom_db.repositories.installations import InstallationRepo
 from slack_fathom_db.tenancy import open_tenant, tenant_id_from_trusted
-from slack_fathom_db.tokens import TokenCipher
+from slack_fathom_db.tokens import TokenCipher, TokenDecryptionError, token_context
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -64,6 +70,7 @@ if TYPE_CHECKING:
     from slack_sdk.web.async_client import AsyncWebClient
 
     from slack_fathom_db.database import Database
+    from slack_fathom_db.runner import Runner
     from slack_fathom_db.tenancy import TenantId
 
 __all__ = ["InstallationStore", "OAuthStateStore"]
@@ -72,8 +79,8 @@ _log = logging.getLogger(__name__)
 
 _FIND_INSTALLATION: Final = "SELECT * FROM sfdb_find_slack_installation($1, $2, $3, $4, $5)"
 _FIND_BOT: Final = "SELECT * FROM sfdb_find_slack_bot($1, $2, $3, $4)"
-_SAVE: Final = "SELECT sfdb_save_slack_installation($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb)"
-_DELETE: Final = "SELECT sfdb_delete_slack_installations($1, $2, $3, $4, $5, $6, $7::jsonb)"
+_SAVE: Final = "SELECT sfdb_save_slack_installation($1, $2, $3, $4::jsonb, $5::jsonb)"
+_DELETE: Final = "SELECT sfdb_delete_slack_installations($1, $2, $3, $4, $5, $6)"
 _ISSUE_STATE: Final = "SELECT sfdb_issue_slack_oauth_state($1, $2)"
 _CONSUME_STATE: Final = "SELECT sfdb_consume_slack_oauth_state($1)"
 
@@ -123,7 +130,7 @@ class InstallationStore(AsyncInstallationStore):
             token_rotation_expiration_minutes,
             field="token_rotation_expiration_minutes",
             minimum=0,
-            maximum=7 * 24 * 60,
+            maximum=24 * 60,
         )
         self._rotator = (
             None
@@ -131,6 +138,11 @@ class InstallationStore(AsyncInstallationStore):
             else AsyncTokenRotator(client_id=client_id, client_secret=client_secret, client=client)
         )
         self._logger = logger or _log
+        # One refresh at a time per org/workspace in this process: the others wait here,
+        # holding no connection, then read what it stored.
+        self._refreshing: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"InstallationStore(client_id={self.client_id!r}, cipher={self._cipher!r})"
@@ -145,35 +157,20 @@ class InstallationStore(AsyncInstallationStore):
     async def async_save(self, installation: Installation) -> None:
         """Save an install: the tenant, the installation, its bot and an audit event, at once."""
         address = self._address_of(installation)
-        row_id = uuid.uuid4()
-        row = self._installation_row(installation, row_id)
-        bot = None if installation.bot_token is None else self._bot_row(installation.to_bot())
-        event = _event(
-            "slack.installed",
-            "Slack app installed" if bot is not None else "Slack user authorized the app",
-            resource_id=row_id,
-            metadata={
-                "slack_user_id": installation.user_id,
-                "is_enterprise_install": bool(installation.is_enterprise_install),
-                "bot_scopes": _scopes(installation.bot_scopes),
-                "user_scopes": _scopes(installation.user_scopes),
-            },
+        row = self._installation_row(installation, address.key)
+        bot = (
+            None
+            if installation.bot_token is None
+            else self._bot_row(installation.to_bot(), address.key)
         )
-        await self._save(
-            address, installation.team_name or installation.enterprise_name, row, bot, event
-        )
+        await self._save(address, installation.team_name or installation.enterprise_name, row, bot)
 
     async def async_save_bot(self, bot: Bot) -> None:
         """Save a bot (and its tenant, and an audit event) at once."""
         address = self._address_of(bot)
-        row = self._bot_row(bot)
-        event = _event(
-            "slack.bot_saved",
-            "Slack bot token saved",
-            resource_id=row["id"],
-            metadata={"is_enterprise_install": bool(bot.is_enterprise_install)},
+        await self._save(
+            address, bot.team_name or bot.enterprise_name, None, self._bot_row(bot, address.key)
         )
-        await self._save(address, bot.team_name or bot.enterprise_name, None, row, event)
 
     async def _save(
         self,
@@ -181,7 +178,6 @@ class InstallationStore(AsyncInstallationStore):
         name: str | None,
         installation: dict[str, Any] | None,
         bot: dict[str, Any] | None,
-        event: dict[str, Any],
     ) -> None:
         team_name = validation.text(name or address.key, field="team_name", max_length=255)
         await self._db._fetch_outside(
@@ -192,7 +188,6 @@ class InstallationStore(AsyncInstallationStore):
                 address.enterprise_id,
                 None if installation is None else json.dumps(installation),
                 None if bot is None else json.dumps(bot),
-                json.dumps(event),
             ),
             action="save Slack installation",
         )
@@ -207,9 +202,10 @@ class InstallationStore(AsyncInstallationStore):
             raise ValidationError("installation: a team_id, or an enterprise_id, is required")
         return address
 
-    def _installation_row(self, installation: Installation, row_id: uuid.UUID) -> dict[str, Any]:
-        row = self._shared_row("slack_installations", installation, row_id)
-        secret = self._sealer("slack_installations", row_id)
+    def _installation_row(self, installation: Installation, key: str) -> dict[str, Any]:
+        row_id = uuid.uuid4()
+        row = self._shared_row("slack_installations", installation, key, row_id)
+        secret = self._sealer("slack_installations", key, row_id)
         row.update(
             enterprise_url=installation.enterprise_url,
             user_id=validation.slack_user_id(installation.user_id),
@@ -225,13 +221,13 @@ class InstallationStore(AsyncInstallationStore):
         )
         return row
 
-    def _bot_row(self, bot: Bot) -> dict[str, Any]:
-        return self._shared_row("slack_bots", bot, uuid.uuid4())
+    def _bot_row(self, bot: Bot, key: str) -> dict[str, Any]:
+        return self._shared_row("slack_bots", bot, key, uuid.uuid4())
 
     def _shared_row(
-        self, table: str, installed: Installation | Bot, row_id: uuid.UUID
+        self, table: str, installed: Installation | Bot, key: str, row_id: uuid.UUID
     ) -> dict[str, Any]:
-        secret = self._sealer(table, row_id)
+        secret = self._sealer(table, key, row_id)
         return {
             "id": str(row_id),
             "client_id": self.client_id,
@@ -252,11 +248,13 @@ class InstallationStore(AsyncInstallationStore):
             "installed_at": _iso(installed.installed_at),
         }
 
-    def _sealer(self, table: str, row_id: uuid.UUID) -> Callable[[str, str | None], str | None]:
+    def _sealer(
+        self, table: str, key: str, row_id: uuid.UUID
+    ) -> Callable[[str, str | None], str | None]:
         def seal(column: str, value: str | None) -> str | None:
             if value is None:
                 return None
-            blob = self._cipher.encrypt(value, context=_context(table, column, row_id))
+            blob = self._cipher.encrypt(value, context=token_context(table, column, key, row_id))
             return "\\x" + blob.hex()  # bytea's input form, inside JSON
 
         return seal
@@ -292,13 +290,14 @@ class InstallationStore(AsyncInstallationStore):
         row = rows[0]
         found = _Found(
             tenant_id_from_trusted(row["tenant_id"]),
+            address.key,
             row["id"],
-            self._installation(row),
+            self._installation(row, address.key),
             newest_bot=user is not None,
         )
         if found.newest_bot or found.installation.bot_token is None:
             # Decrypted only when it may be used.
-            found = found.with_bot(self._bot(row, prefix="latest_"))
+            found = found.with_bot(self._bot(row, address.key, prefix="latest_"))
         if self._due(found.installation):
             return await self._refresh(found)
         return found.installation
@@ -322,18 +321,19 @@ class InstallationStore(AsyncInstallationStore):
         if not rows:
             return None
         row = rows[0]
-        bot = self._bot(row, prefix="")
+        bot = self._bot(row, address.key, prefix="")
         if bot is not None and self._due(bot):
             found = _Found(
-                tenant_id_from_trusted(row["tenant_id"]), None, _installation_of_bot(bot)
+                tenant_id_from_trusted(row["tenant_id"]),
+                address.key,
+                None,
+                _installation_of_bot(bot),
             )
-            refreshed = await self._refresh(found)
-            return refreshed.to_bot()
+            return (await self._refresh(found)).to_bot()
         return bot
 
-    def _installation(self, row: asyncpg.Record) -> Installation:
-        row_id = row["id"]
-        open_ = self._opener("slack_installations", row_id, row, "")
+    def _installation(self, row: asyncpg.Record, key: str) -> Installation:
+        open_ = self._opener("slack_installations", key, row, "")
         return Installation(
             app_id=row["app_id"],
             enterprise_id=row["enterprise_id"],
@@ -361,12 +361,11 @@ class InstallationStore(AsyncInstallationStore):
             installed_at=row["installed_at"].timestamp(),
         )
 
-    def _bot(self, row: asyncpg.Record, *, prefix: str) -> Bot | None:
+    def _bot(self, row: asyncpg.Record, key: str, *, prefix: str) -> Bot | None:
         """The bot of a row (``None``: no row, or a bot without a token, which is none)."""
-        row_id = row[f"{prefix}id"]
-        if row_id is None:
+        if row[f"{prefix}id"] is None:
             return None
-        open_ = self._opener("slack_bots", row_id, row, prefix)
+        open_ = self._opener("slack_bots", key, row, prefix)
         token = open_("bot_token")
         if token is None:
             return None
@@ -387,13 +386,15 @@ class InstallationStore(AsyncInstallationStore):
         )
 
     def _opener(
-        self, table: str, row_id: uuid.UUID, row: asyncpg.Record, prefix: str
+        self, table: str, key: str, row: asyncpg.Record, prefix: str
     ) -> Callable[[str], str | None]:
+        row_id = row[f"{prefix}id"]
+
         def open_(column: str) -> str | None:
             blob = row[f"{prefix}{column}"]
             if blob is None:
                 return None
-            return self._cipher.decrypt(blob, context=_context(table, column, row_id))
+            return self._cipher.decrypt(blob, context=token_context(table, column, key, row_id))
 
         return open_
 
@@ -403,100 +404,156 @@ class InstallationStore(AsyncInstallationStore):
         """Whether a refreshable token of ``installed`` expires within the threshold."""
         if self._rotator is None:
             return False
-        horizon = datetime.now(UTC).timestamp() + self._minutes * 60
-        bot_due = (
-            installed.bot_refresh_token is not None
-            and installed.bot_token_expires_at is not None
-            and installed.bot_token_expires_at <= horizon
+        return _bot_due(installed, self._minutes) or (
+            isinstance(installed, Installation) and _user_due(installed, self._minutes)
         )
-        user_due = (
-            isinstance(installed, Installation)
-            and installed.user_refresh_token is not None
-            and installed.user_token_expires_at is not None
-            and installed.user_token_expires_at <= horizon
-        )
-        return bot_due or user_due
 
     async def _refresh(self, found: _Found) -> Installation:
-        """Refresh ``found``'s tokens once across processes; return what is stored after.
-
-        In the tenant's transaction: lock every row of the install's org/workspace
-        (installations, then bots, each in id order, so two refreshers never wait
-        for each other crosswise), read them again (another process may have
-        refreshed while this one waited), and only if still due ask Slack, and
-        store the new tokens in every row that held the old ones before the
-        locks are released.
-        """
-        if self._rotator is None:  # pragma: no cover - _due() said so
-            return found.installation
-        db = self._db
-        runner, tenant = await open_tenant(
-            db._pool(), db.settings, tenant_id=found.tenant_id, slack_team_id=None
-        )
-        try:
-            repo = InstallationRepo(runner, tenant, db.settings)
-            place = found.installation
-            where = (self.client_id, place.enterprise_id, place.team_id)
-            installations = await repo.lock_installations(*where)
-            bots = await repo.lock_bots(*where)
-            current = found.reread(self, installations, bots)
-            if current is None or not self._due(current.installation):
-                await runner.commit()
-                return found.installation if current is None else current.installation
-            refreshed = await self._rotator.perform_token_rotation(
-                installation=current.installation, minutes_before_expiration=self._minutes
+        """Refresh ``found``'s tokens once across processes; return what is stored after."""
+        lock = self._refreshing.get(found.key)
+        if lock is None:
+            lock = self._refreshing[found.key] = asyncio.Lock()
+        async with lock:
+            db = self._db
+            runner, tenant = await open_tenant(
+                db._pool(), db.settings, tenant_id=found.tenant_id, slack_team_id=None
             )
-            if refreshed is None:
-                await runner.commit()
-                return current.installation
-            await self._store(repo, current.installation, refreshed, installations, bots)
-            await runner.commit()
-            _log.info("refreshed the Slack tokens of tenant %s", tenant)
-            return refreshed
-        finally:
-            await runner.close(quiet=True)
+            try:
+                return await self._refresh_locked(runner, tenant, found)
+            finally:
+                await runner.close(quiet=True)
 
-    async def _store(
+    async def _refresh_locked(
+        self, runner: Runner, tenant: TenantId, found: _Found
+    ) -> Installation:
+        """In the tenant's transaction: lock every row of the install (installations,
+        then bots, each in id order, as the delete function does, so two lockers never
+        wait for each other crosswise), read them again (another process may have
+        refreshed while this one waited), and only if still due ask Slack for the bot
+        token, then the user token, each stored in every row that held the old one; if
+        the second fails, the first is committed before the error is raised."""
+        rotator = self._rotator
+        if rotator is None:  # pragma: no cover - _due() said so
+            return found.installation
+        repo = InstallationRepo(runner, tenant, self._db.settings)
+        place = found.installation
+        where = (self.client_id, place.enterprise_id, place.team_id)
+        installations = self._readable(await repo.lock_installations(*where), found.key)
+        bots = self._readable_bots(await repo.lock_bots(*where), found.key)
+        current = found.reread(installations, bots)
+        if current is None or not self._due(current.installation):
+            await runner.commit()
+            return found.installation if current is None else current.installation
+        installation = current.installation
+        stored = False
+        if _bot_due(installation, self._minutes):
+            bot = await rotator.perform_bot_token_rotation(
+                bot=installation.to_bot(), minutes_before_expiration=self._minutes
+            )
+            if bot is not None:
+                await self._store_bot(
+                    repo, found.key, installation, bot, installations=installations, bots=bots
+                )
+                installation, stored = _with_bot_tokens(installation, bot), True
+        if _user_due(installation, self._minutes):
+            try:
+                user = await rotator.perform_user_token_rotation(
+                    installation=installation, minutes_before_expiration=self._minutes
+                )
+            except BaseException:
+                if stored:  # Slack replaced the bot token already: keep the new one
+                    await runner.commit()
+                raise
+            if user is not None:
+                await self._store_user(repo, found.key, installation, user, installations)
+                installation = user
+        await runner.commit()
+        _log.info("refreshed the Slack tokens of tenant %s", tenant)
+        return installation
+
+    def _readable(
+        self, rows: list[asyncpg.Record], key: str
+    ) -> list[tuple[asyncpg.Record, Installation]]:
+        """Locked installation rows with their secrets opened; a row no key opens is skipped
+        (it keeps what it has; ``sfdb rotate-token-keys`` names it)."""
+        readable = []
+        for row in rows:
+            try:
+                readable.append((row, self._installation(row, key)))
+            except TokenDecryptionError:
+                continue
+        return readable
+
+    def _readable_bots(
+        self, rows: list[asyncpg.Record], key: str
+    ) -> list[tuple[asyncpg.Record, Bot]]:
+        readable = []
+        for row in rows:
+            try:
+                bot = self._bot(row, key, prefix="")
+            except TokenDecryptionError:
+                continue
+            if bot is not None:
+                readable.append((row, bot))
+        return readable
+
+    async def _store_bot(
         self,
         repo: InstallationRepo,
+        key: str,
         old: Installation,
-        new: Installation,
-        installations: list[asyncpg.Record],
-        bots: list[asyncpg.Record],
+        new: Bot,
+        *,
+        installations: list[tuple[asyncpg.Record, Installation]],
+        bots: list[tuple[asyncpg.Record, Bot]],
     ) -> None:
-        """Put ``new``'s tokens in every locked row that holds ``old``'s."""
-        bot_values = {
+        """Put the new bot token in every locked row that holds the old one."""
+        values = {
             "bot_token": new.bot_token,
             "bot_refresh_token": new.bot_refresh_token,
             "bot_token_expires_at": _when(new.bot_token_expires_at),
         }
-        user_values = {
+        for row, held in installations:
+            if held.bot_token == old.bot_token:
+                await repo.store_tokens(
+                    SlackInstallation,
+                    row["id"],
+                    self._sealed("slack_installations", key, row["id"], values),
+                )
+        for row, held_bot in bots:
+            if held_bot.bot_token == old.bot_token:
+                await repo.store_tokens(
+                    SlackBot, row["id"], self._sealed("slack_bots", key, row["id"], values)
+                )
+
+    async def _store_user(
+        self,
+        repo: InstallationRepo,
+        key: str,
+        old: Installation,
+        new: Installation,
+        installations: list[tuple[asyncpg.Record, Installation]],
+    ) -> None:
+        """Put the new user token in every locked installation that holds the old one."""
+        values = {
             "user_token": new.user_token,
             "user_refresh_token": new.user_refresh_token,
             "user_token_expires_at": _when(new.user_token_expires_at),
         }
-        bot_changed = new.bot_token != old.bot_token and old.bot_token is not None
-        user_changed = new.user_token != old.user_token and old.user_token is not None
-        for row in installations:
-            held = self._installation(row)
-            values: dict[str, Any] = {}
-            if bot_changed and held.bot_token == old.bot_token:
-                values.update(bot_values)
-            if user_changed and held.user_token == old.user_token:
-                values.update(user_values)
-            if values:
-                sealed = self._sealed("slack_installations", row["id"], values)
-                await repo.store_tokens(SlackInstallation, row["id"], sealed)
-        for row in bots:
-            held_bot = self._bot(row, prefix="")
-            if bot_changed and held_bot is not None and held_bot.bot_token == old.bot_token:
-                sealed = self._sealed("slack_bots", row["id"], bot_values)
-                await repo.store_tokens(SlackBot, row["id"], sealed)
+        for row, held in installations:
+            if held.user_token == old.user_token:
+                await repo.store_tokens(
+                    SlackInstallation,
+                    row["id"],
+                    self._sealed("slack_installations", key, row["id"], values),
+                )
 
-    def _sealed(self, table: str, row_id: uuid.UUID, values: dict[str, Any]) -> dict[str, Any]:
+    def _sealed(
+        self, table: str, key: str, row_id: uuid.UUID, values: dict[str, Any]
+    ) -> dict[str, Any]:
         return {
             column: (
-                self._cipher.encrypt(value, context=_context(table, column, row_id))
+                self._cipher.encrypt(value, context=token_context(table, column, key, row_id))
                 if column in SECRET_COLUMNS[table] and value is not None
                 else value
             )
@@ -507,50 +564,30 @@ class InstallationStore(AsyncInstallationStore):
 
     async def async_delete_bot(self, *, enterprise_id: str | None, team_id: str | None) -> None:
         """Delete the bots of the org/workspace, and the bot token kept with its installations."""
-        await self._delete("bots", enterprise_id, team_id, None, "Slack bot tokens revoked")
+        await self._delete("bots", enterprise_id, team_id, None)
 
     async def async_delete_installation(
         self, *, enterprise_id: str | None, team_id: str | None, user_id: str | None = None
     ) -> None:
         """Delete the installations of the org/workspace (only ``user_id``'s, if given)."""
         user = None if user_id is None else validation.slack_user_id(user_id)
-        await self._delete("installations", enterprise_id, team_id, user, "Slack tokens revoked")
+        await self._delete("installations", enterprise_id, team_id, user)
 
     async def async_delete_all(self, *, enterprise_id: str | None, team_id: str | None) -> None:
-        """The app was uninstalled: every token of the org/workspace goes, and its tenant is
-        soft-deleted, together (Bolt calls this on ``app_uninstalled``)."""
-        await self._delete(
-            "uninstall", enterprise_id, team_id, None, "Slack app uninstalled; tokens deleted"
-        )
+        """The app was uninstalled: every token of the org/workspace goes and, once no app
+        has anything left there, its tenant is soft-deleted, together (Bolt calls this on
+        ``app_uninstalled``)."""
+        await self._delete("uninstall", enterprise_id, team_id, None)
 
     async def _delete(
-        self,
-        what: str,
-        enterprise_id: str | None,
-        team_id: str | None,
-        user_id: str | None,
-        description: str,
+        self, what: str, enterprise_id: str | None, team_id: str | None, user_id: str | None
     ) -> None:
         address = _address(enterprise_id, team_id, is_enterprise_install=False)
         if address is None:
             return
-        event = _event(
-            "slack.uninstalled" if what == "uninstall" else "slack.tokens_deleted",
-            description,
-            category="security",
-            metadata={} if user_id is None else {"slack_user_id": user_id},
-        )
         await self._db._fetch_outside(
             _DELETE,
-            (
-                self.client_id,
-                address.key,
-                address.enterprise_id,
-                address.team_id,
-                user_id,
-                what,
-                json.dumps(event),
-            ),
+            (self.client_id, address.key, address.enterprise_id, address.team_id, user_id, what),
             action="delete Slack installation",
         )
 
@@ -560,6 +597,8 @@ class _Found:
     """A found installation: its tenant, the row it came from, and how its bot was chosen."""
 
     tenant_id: TenantId
+    key: str
+    """The tenant's key (its ``slack_team_id``), which every ciphertext is bound to."""
     installation_id: uuid.UUID | None
     """``None``: a bot alone (``async_find_bot``), seen as an installation."""
     installation: Installation
@@ -569,44 +608,75 @@ class _Found:
 
     def with_bot(self, bot: Bot | None) -> _Found:
         """The installation with ``bot``'s token, if that differs from its own."""
-        installation = self.installation
-        if bot is None or bot.bot_token == installation.bot_token:
+        if bot is None or bot.bot_token == self.installation.bot_token:
             return self
-        merged = Installation(**installation.to_dict_for_copying())
+        merged = _with_bot_tokens(self.installation, bot)
         merged.bot_id = bot.bot_id
         merged.bot_user_id = bot.bot_user_id
-        merged.bot_token = bot.bot_token
         merged.bot_scopes = bot.bot_scopes
-        merged.bot_refresh_token = bot.bot_refresh_token
-        merged.bot_token_expires_at = bot.bot_token_expires_at
-        return _Found(self.tenant_id, self.installation_id, merged, self.newest_bot)
+        return _Found(self.tenant_id, self.key, self.installation_id, merged, self.newest_bot)
 
     def reread(
         self,
-        store: InstallationStore,
-        installations: list[asyncpg.Record],
-        bots: list[asyncpg.Record],
+        installations: list[tuple[asyncpg.Record, Installation]],
+        bots: list[tuple[asyncpg.Record, Bot]],
     ) -> _Found | None:
-        """The same, from its rows read again under their locks (``None`` if they are gone)."""
-        bot_row = _newest(row for row in bots if row["bot_token"] is not None)
-        bot = None if bot_row is None else store._bot(bot_row, prefix="")
+        """The same, from its rows read again under their locks (``None`` if they are gone).
+
+        A row saved again since (the same install moment) has a new id: it is found
+        by its install moment and user instead.
+        """
+        newest = max(bots, key=lambda pair: pair[0]["installed_at"], default=None)
+        bot = None if newest is None else newest[1]
         if self.installation_id is None:
             if bot is None:
                 return None
-            return _Found(self.tenant_id, None, _installation_of_bot(bot))
-        row = next((row for row in installations if row["id"] == self.installation_id), None)
-        if row is None:
+            return _Found(self.tenant_id, self.key, None, _installation_of_bot(bot))
+        same = _first(held for row, held in installations if row["id"] == self.installation_id)
+        if same is None:
+            same = _first(
+                held
+                for _, held in installations
+                if held.installed_at == self.installation.installed_at
+                and held.user_id == self.installation.user_id
+            )
+        if same is None:
             return None
-        found = _Found(
-            self.tenant_id, self.installation_id, store._installation(row), self.newest_bot
-        )
-        if found.newest_bot or found.installation.bot_token is None:
+        found = _Found(self.tenant_id, self.key, self.installation_id, same, self.newest_bot)
+        if found.newest_bot or same.bot_token is None:
             return found.with_bot(bot)
         return found
 
 
-def _newest(rows: Iterable[asyncpg.Record]) -> asyncpg.Record | None:
-    return max(rows, key=lambda row: row["installed_at"], default=None)
+def _first(items: Iterable[Installation]) -> Installation | None:
+    return next(iter(items), None)
+
+
+def _bot_due(installed: Installation | Bot, minutes: int) -> bool:
+    horizon = datetime.now(UTC).timestamp() + minutes * 60
+    return (
+        installed.bot_refresh_token is not None
+        and installed.bot_token_expires_at is not None
+        and installed.bot_token_expires_at <= horizon
+    )
+
+
+def _user_due(installation: Installation, minutes: int) -> bool:
+    horizon = datetime.now(UTC).timestamp() + minutes * 60
+    return (
+        installation.user_refresh_token is not None
+        and installation.user_token_expires_at is not None
+        and installation.user_token_expires_at <= horizon
+    )
+
+
+def _with_bot_tokens(installation: Installation, bot: Bot) -> Installation:
+    """A copy of ``installation`` with ``bot``'s token, refresh token and expiry."""
+    copy = Installation(**installation.to_dict_for_copying())
+    copy.bot_token = bot.bot_token
+    copy.bot_refresh_token = bot.bot_refresh_token
+    copy.bot_token_expires_at = bot.bot_token_expires_at
+    return copy
 
 
 def _installation_of_bot(bot: Bot) -> Installation:
@@ -666,29 +736,6 @@ class OAuthStateStore(AsyncOAuthStateStore):
 
 def _digest(state: str) -> bytes:
     return hashlib.sha256(state.encode()).digest()
-
-
-def _context(table: str, column: str, row_id: uuid.UUID | str) -> str:
-    """What a ciphertext is bound to: its table, column and row."""
-    return f"{table}.{column}:{row_id}"
-
-
-def _event(
-    event_type: str,
-    description: str,
-    *,
-    category: str = "admin",
-    resource_id: uuid.UUID | str | None = None,
-    metadata: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "event_type": event_type,
-        "event_category": category,
-        "action_description": description,
-        "resource_type": "slack_installation",
-        "resource_id": None if resource_id is None else str(resource_id),
-        "metadata": metadata,
-    }
 
 
 def _scopes(scopes: str | Sequence[str] | None) -> str:

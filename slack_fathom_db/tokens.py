@@ -6,8 +6,9 @@ listed decrypts, so a new key is rolled out by putting it first and keeping
 the old ones until ``sfdb rotate-token-keys`` has re-encrypted every row.
 
 A ciphertext is ``0x01 | len(key id) | key id | 12-byte nonce | ciphertext+tag``,
-authenticated together with its *context* (table, column and row id): a
-ciphertext copied to another row or column does not decrypt. Nothing here
+authenticated together with its *context* (:func:`token_context`: table,
+column, tenant key and row id): a ciphertext copied to another row, column or
+tenant does not decrypt. Nothing here
 ever puts a key or a plaintext in a message, a log or a repr.
 """
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from slack_fathom_db.settings import DatabaseSettings
 
-__all__ = ["TokenCipher", "TokenDecryptionError", "generate_key", "parse_keys"]
+__all__ = ["TokenCipher", "TokenDecryptionError", "generate_key", "parse_keys", "token_context"]
 
 _VERSION: Final = 1
 _NONCE_BYTES: Final = 12
@@ -40,6 +41,15 @@ _AAD_PREFIX: Final = b"slack_fathom_db token v1|"
 
 class TokenDecryptionError(SlackFathomDBError):
     """A stored token could not be decrypted: its key is not configured, or it was altered."""
+
+
+def token_context(table: str, column: str, key: str, row_id: object) -> str:
+    """What a stored Slack secret is bound to: its table, column, tenant key and row.
+
+    The tenant key is the tenant's ``slack_team_id``: the workspace's team id, or
+    the organisation's enterprise id for an org-wide install.
+    """
+    return f"{table}.{column}:{key}:{row_id}"
 
 
 def generate_key(key_id: str | None = None) -> str:
@@ -60,8 +70,9 @@ def parse_keys(value: str) -> list[tuple[str, bytes]]:
                 f"DATABASE_TOKEN_KEYS entry {position}: expected <key id>:<base64 key>, "
                 "the id of [A-Za-z0-9_.-]{1,32}"
             )
+        text = encoded.strip()
         try:
-            key = base64.urlsafe_b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4))
+            key = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
             key = b""
         if len(key) != _KEY_BYTES:

@@ -66,7 +66,7 @@ class FakeSlack:
     _issued: list[tuple[str, str]] = field(default_factory=list)
     _codes: dict[str, Workspace] = field(default_factory=dict)
     _tokens: dict[str, Workspace] = field(default_factory=dict)
-    _refresh: dict[str, tuple[Workspace, str]] = field(default_factory=dict)
+    _refresh: dict[str, tuple[Workspace, str, str]] = field(default_factory=dict)
     _serial: itertools.count[int] = field(default_factory=itertools.count)
 
     def authorize(self, workspace: Workspace) -> str:
@@ -91,17 +91,22 @@ class FakeSlack:
         """Every access token issued for ``team_id`` (installs and refreshes), in order."""
         return [token for team, token in self._issued if team == team_id]
 
-    def _issue(self, workspace: Workspace) -> dict[str, Any]:
+    def issue_user_token(self, workspace: Workspace) -> dict[str, Any]:
+        """A user token (rotating like the bot's), as a user-scope install would get it."""
+        return self._issue(workspace, kind="user")
+
+    def _issue(self, workspace: Workspace, *, kind: str = "bot") -> dict[str, Any]:
         serial = next(self._serial)
-        token = f"xoxb-{workspace.team_id}-{serial}-{secrets.token_hex(6)}"
+        token = f"xox{kind[0]}-{workspace.team_id}-{serial}-{secrets.token_hex(6)}"
         if self.rotate_tokens:
             token = f"xoxe.{token}"
         self._tokens[token] = workspace
-        self._issued.append((workspace.team_id, token))
+        if kind == "bot":
+            self._issued.append((workspace.team_id, token))
         issued: dict[str, Any] = {"access_token": token}
         if self.rotate_tokens:
             refresh = f"xoxe-1-{serial}-{secrets.token_hex(6)}"
-            self._refresh[refresh] = (workspace, token)
+            self._refresh[refresh] = (workspace, token, kind)
             issued.update(refresh_token=refresh, expires_in=self.expires_in)
         return issued
 
@@ -118,9 +123,9 @@ class FakeSlack:
             entry = self._refresh.pop(form.get("refresh_token", ""), None)
             if entry is None:
                 return {"ok": False, "error": "invalid_refresh_token"}
-            workspace, old = entry
+            workspace, old, kind = entry
             self._tokens.pop(old, None)  # the old access token stops working
-            return {"ok": True, "token_type": "bot", **self._issue(workspace)}
+            return {"ok": True, "token_type": kind, **self._issue(workspace, kind=kind)}
         workspace_or_none = self._codes.pop(form.get("code", ""), None)
         if workspace_or_none is None:
             return {"ok": False, "error": "invalid_code"}

@@ -10,6 +10,8 @@ single-use states.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,8 +23,14 @@ from slack_sdk.oauth.installation_store import Installation
 from slack_sdk.oauth.installation_store.models.bot import Bot
 
 from slack_fathom_db import Database, DatabaseSettings
-from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
+from slack_fathom_db.errors import (
+    ConfigurationError,
+    SlackFathomDBError,
+    ValidationError,
+    sqlstate_of,
+)
 from slack_fathom_db.slack import InstallationStore, OAuthStateStore
+from slack_fathom_db.testing import probe_outside
 from slack_fathom_db.tokens import TokenDecryptionError
 from tests.helpers import unique_team_id, unique_user_id
 
@@ -77,6 +85,7 @@ async def test_save_and_find(store: InstallationStore, ids: dict[str, str]) -> N
 
     await store.async_delete_bot(enterprise_id=e1, team_id=t2)
     assert await store.async_find_bot(enterprise_id=e1, team_id=t2) is None
+    assert await store.async_find_bot(enterprise_id=e1, team_id=t1) is not None  # untouched
 
     found = await store.async_find_installation(enterprise_id=e1, team_id=t1)
     assert found is not None
@@ -443,15 +452,18 @@ async def test_an_expired_state_is_refused_and_purged(
 ) -> None:
     short = OAuthStateStore(db, expiration_seconds=1)
     expired = await short.async_issue()
+    stale = [await short.async_issue() for _ in range(3)]
+    digests = [hashlib.sha256(state.encode()).digest() for state in (expired, *stale)]
     await admin.execute(
         "UPDATE slack_oauth_states SET expire_at = now() - interval '1 hour' "
-        "WHERE expire_at < now() + interval '2 seconds'"
+        "WHERE state_digest = ANY($1::bytea[])",
+        digests,
     )
-    assert await short.async_consume(expired) is False
-    stale = [await short.async_issue() for _ in range(3)]
-    await admin.execute("UPDATE slack_oauth_states SET expire_at = now() - interval '1 hour'")
-    await short.async_issue()  # purges what has expired
-    left = await admin.fetchval("SELECT count(*) FROM slack_oauth_states WHERE expire_at < now()")
+    assert await short.async_consume(expired) is False  # refused, and gone
+    await short.async_issue()  # purges (up to 100) expired states, the oldest first
+    left = await admin.fetchval(
+        "SELECT count(*) FROM slack_oauth_states WHERE state_digest = ANY($1::bytea[])", digests
+    )
     assert left == 0
     assert not any([await short.async_consume(state) for state in stale])
 
@@ -460,8 +472,20 @@ async def test_states_are_kept_as_digests(
     states: OAuthStateStore, admin: asyncpg.Connection
 ) -> None:
     state = await states.async_issue()
-    stored = await admin.fetch("SELECT state_digest FROM slack_oauth_states")
-    assert all(state.encode() not in row["state_digest"] for row in stored)
+    digest = hashlib.sha256(state.encode()).digest()
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM slack_oauth_states WHERE state_digest = $1", digest
+        )
+        == 1
+    )
+    assert (
+        await admin.fetchval(
+            "SELECT count(*) FROM slack_oauth_states WHERE position($1::bytea in state_digest) > 0",
+            state.encode(),
+        )
+        == 0
+    )
     assert len(state) >= 43  # 32 random bytes
 
 
@@ -492,3 +516,93 @@ async def test_a_save_that_fails_part_way_writes_nothing(
     )
     await store.async_save(bot_installation(ids))  # and the same install then succeeds
     assert await store.async_find_installation(enterprise_id=ids["E1"], team_id=ids["T1"])
+
+
+async def test_a_ciphertext_copied_into_another_workspace_does_not_decrypt(
+    db: Database, store: InstallationStore, ids: dict[str, str]
+) -> None:
+    """An attacker with the runtime login reads a victim's ciphertexts through the
+    directory's lookup and saves them, with the victim's row id, as an installation of
+    its own workspace: every ciphertext is bound to its tenant's key too, so the store
+    refuses to open them there, and never hands out the victim's token."""
+    victim, attacker = ids["T1"], ids["T2"]
+    await store.async_save(bot_installation(ids, enterprise_id=None, bot_token="xoxb-victim"))
+    found, _ = await probe_outside(
+        db,
+        f"SELECT id, bot_token FROM sfdb_find_slack_installation("
+        f"'{store.client_id}', '{victim}', NULL, '{victim}', NULL)",
+    )
+    row_id, ciphertext = found.id, found.bot_token
+    forged = {
+        "id": str(row_id),
+        "client_id": store.client_id,
+        "team_id": attacker,
+        "user_id": ids["U1"],
+        "bot_token": "\\x" + bytes(ciphertext).hex(),
+        "installed_at": "2099-01-01T00:00:00+00:00",
+        "is_enterprise_install": False,
+    }
+    await probe_outside(
+        db,
+        f"SELECT sfdb_save_slack_installation('{attacker}', 'Attacker', NULL, "
+        f"'{json.dumps(forged)}'::jsonb, NULL)",
+    )
+    with pytest.raises(TokenDecryptionError) as caught:
+        await store.async_find_installation(enterprise_id=None, team_id=attacker)
+    assert "xoxb-victim" not in str(caught.value)
+    victims = await store.async_find_installation(enterprise_id=None, team_id=victim)
+    assert victims is not None
+    assert victims.bot_token == "xoxb-victim"
+
+
+async def test_the_save_function_refuses_rows_of_another_workspace(
+    db: Database, store: InstallationStore, ids: dict[str, str]
+) -> None:
+    row = {
+        "id": str(uuid.uuid4()),
+        "client_id": "x",
+        "team_id": ids["T1"],
+        "user_id": "U1",
+        "installed_at": "2026-01-01T00:00:00+00:00",
+    }
+    with pytest.raises(SlackFathomDBError) as caught:
+        await probe_outside(
+            db,
+            f"SELECT sfdb_save_slack_installation('{ids['T2']}', 'Other', NULL, "
+            f"'{json.dumps(row)}'::jsonb, NULL)",
+        )
+    assert sqlstate_of(caught.value) == "22023"
+    assert await db.directory.resolve(ids["T2"]) is None
+
+
+async def test_one_apps_uninstall_leaves_another_apps_install_and_the_tenant(
+    db: Database, ids: dict[str, str]
+) -> None:
+    first = InstallationStore(db, client_id=f"first.{uuid.uuid4().hex[:6]}")
+    second = InstallationStore(db, client_id=f"second.{uuid.uuid4().hex[:6]}")
+    t1 = ids["T1"]
+    await first.async_save(bot_installation(ids, enterprise_id=None, bot_token="xoxb-first"))
+    await second.async_save(bot_installation(ids, enterprise_id=None, bot_token="xoxb-second"))
+    await first.async_delete_all(enterprise_id=None, team_id=t1)
+    assert await first.async_find_installation(enterprise_id=None, team_id=t1) is None
+    kept = await second.async_find_installation(enterprise_id=None, team_id=t1)
+    assert kept is not None
+    assert kept.bot_token == "xoxb-second"
+    assert await db.directory.resolve(t1) is not None
+    await second.async_delete_all(enterprise_id=None, team_id=t1)
+    assert await db.directory.resolve(t1) is None  # the last app gone: the tenant too
+
+
+async def test_revocations_after_the_tenant_was_removed_still_delete_the_tokens(
+    db: Database, store: InstallationStore, ids: dict[str, str], admin: asyncpg.Connection
+) -> None:
+    t1 = ids["T1"]
+    await store.async_save(bot_installation(ids, enterprise_id=None))
+    await db.directory.uninstall(t1)  # e.g. the app's own listener ran first
+    await store.async_delete_all(enterprise_id=None, team_id=t1)
+    left = await admin.fetchval(
+        "SELECT (SELECT count(*) FROM slack_installations WHERE client_id = $1) "
+        "+ (SELECT count(*) FROM slack_bots WHERE client_id = $1)",
+        store.client_id,
+    )
+    assert left == 0

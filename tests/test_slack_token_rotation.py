@@ -203,3 +203,80 @@ async def test_a_failed_refresh_stores_nothing_and_says_so(slack: FakeSlack, db:
     )
     assert found is not None
     assert found.bot_token == installation.bot_token
+
+
+async def test_a_failed_user_refresh_keeps_the_bot_token_slack_already_replaced(
+    slack: FakeSlack, db: Database
+) -> None:
+    """Both tokens due; Slack refreshes the bot token, then refuses the user's (its refresh
+    token was spent elsewhere). The new bot token is stored before the error is raised:
+    the old one no longer works, so losing the new one would lose the workspace."""
+    store = _store(db, slack)
+    team, installation = await _install_expiring(slack, store)
+    workspace = Workspace(team_id=team, team_name="Acme", installer_user_id=installation.user_id)
+    user = slack.issue_user_token(workspace)
+    installation.user_token = user["access_token"]
+    installation.user_refresh_token = "xoxe-1-spent-elsewhere"
+    installation.user_token_expires_at = int(time.time()) + 60
+    await store.async_save(installation)
+    with pytest.raises(SlackTokenRotationError):
+        await store.async_find_installation(enterprise_id=None, team_id=team)
+    assert not slack.is_valid(installation.bot_token or "")
+    kept = await InstallationStore(db, client_id=store.client_id).async_find_installation(
+        enterprise_id=None, team_id=team
+    )
+    assert kept is not None
+    assert kept.bot_token != installation.bot_token
+    assert slack.is_valid(kept.bot_token or "")
+    assert kept.user_token == installation.user_token  # left as it was
+
+
+async def test_both_tokens_refresh_together(slack: FakeSlack, db: Database) -> None:
+    store = _store(db, slack)
+    team, installation = await _install_expiring(slack, store)
+    workspace = Workspace(team_id=team, team_name="Acme", installer_user_id=installation.user_id)
+    user = slack.issue_user_token(workspace)
+    installation.user_token = user["access_token"]
+    installation.user_refresh_token = user["refresh_token"]
+    installation.user_token_expires_at = int(time.time()) + 60
+    await store.async_save(installation)
+    found = await store.async_find_installation(enterprise_id=None, team_id=team)
+    assert found is not None
+    assert found.bot_token != installation.bot_token
+    assert found.user_token != installation.user_token
+    assert slack.is_valid(found.bot_token or "")
+    assert slack.is_valid(found.user_token or "")
+    again = await InstallationStore(db, client_id=store.client_id).async_find_installation(
+        enterprise_id=None, team_id=team
+    )
+    assert again is not None
+    assert (again.bot_token, again.user_token) == (found.bot_token, found.user_token)
+
+
+async def test_waiters_in_one_process_hold_no_connection(slack: FakeSlack, db: Database) -> None:
+    """32 concurrent lookups of one due install in one process: while Slack answers the one
+    refresh (0.2 s), the other lookups wait without a connection of their own (a row lock
+    waited for in the database would hold one each)."""
+    store = _store(db, slack)
+    team, _ = await _install_expiring(slack, store)
+
+    def refreshes() -> int:
+        return sum(
+            c.get("grant_type") == "refresh_token" for c in slack.calls_to("oauth.v2.access")
+        )
+
+    async def while_slack_answers() -> int:
+        for _ in range(1000):  # bounded: 5 s
+            if refreshes():
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # the refresh is in flight; every lookup has run by now
+        return db.pool_stats().checked_out
+
+    lookups = asyncio.gather(
+        *(store.async_find_installation(enterprise_id=None, team_id=team) for _ in range(32))
+    )
+    held, found = await asyncio.gather(while_slack_answers(), lookups)
+    assert refreshes() == 1
+    assert len({item.bot_token for item in found if item is not None}) == 1
+    assert held == 1  # the refresh's own transaction

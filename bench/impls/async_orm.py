@@ -155,4 +155,6 @@ class AsyncOrmImpl(Implementation):
         async with self.sessions() as session:
             statement, params = q.find_installation(tenant.slack_team_id)
             row = (await session.execute(statement, params)).mappings().first()
-        return None if row is None else installation_from_row(row, self._cipher)
+        return (
+            None if row is None else installation_from_row(row, self._cipher, tenant.slack_team_id)
+        )

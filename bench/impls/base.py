@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from slack_sdk.oauth.installation_store.models.bot import Bot
 from slack_sdk.oauth.installation_store.models.installation import Installation
 
+from slack_fathom_db.tokens import token_context
+
 if TYPE_CHECKING:
     from slack_fathom_db.tokens import TokenCipher
 
@@ -83,13 +85,13 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
-def installation_from_row(row: Row, cipher: TokenCipher) -> Installation:
+def installation_from_row(row: Row, cipher: TokenCipher, key: str) -> Installation:
     """What the layer's store makes of a ``sfdb_find_slack_installation`` row, by hand.
 
     The same work as ``InstallationStore``: every non-null secret column of the
-    installation decrypted (bound to its table, column and row) and a slack_sdk
-    ``Installation`` built; when it has no bot token of its own (slack_sdk's rule),
-    the newest bot beside it decrypted too and its token put in.
+    installation decrypted (bound to its table, column, tenant ``key`` and row) and
+    a slack_sdk ``Installation`` built; when it has no bot token of its own
+    (slack_sdk's rule), the newest bot beside it decrypted too and its token put in.
     """
 
     def opened(table: str, prefix: str, column: str) -> str | None:
@@ -97,7 +99,8 @@ def installation_from_row(row: Row, cipher: TokenCipher) -> Installation:
         if blob is None:
             return None
         # bytes(): psycopg2 hands bytea over as a memoryview (asyncpg's bytes pass as they are).
-        return cipher.decrypt(bytes(blob), context=f"{table}.{column}:{row[prefix + 'id']}")
+        context = token_context(table, column, key, row[prefix + "id"])
+        return cipher.decrypt(bytes(blob), context=context)
 
     def own(column: str) -> str | None:
         return opened("slack_installations", "", column)

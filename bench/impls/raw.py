@@ -265,4 +265,6 @@ class RawAsyncpgImpl(Implementation):
             tenant.slack_team_id,
             None,
         )
-        return None if row is None else installation_from_row(row, self._cipher)
+        return (
+            None if row is None else installation_from_row(row, self._cipher, tenant.slack_team_id)
+        )

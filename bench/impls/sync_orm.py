@@ -144,7 +144,7 @@ class SyncOrmImpl(Implementation):
         with self.sessions() as session:
             statement, params = q.find_installation(slack_team_id)
             row = session.execute(statement, params).mappings().first()
-        return None if row is None else installation_from_row(row, self._cipher)
+        return None if row is None else installation_from_row(row, self._cipher, slack_team_id)
 
     async def handler(self, event: HandlerEvent) -> None:
         await asyncio.to_thread(self._handler, event)

@@ -82,11 +82,18 @@ TOKEN_UPDATES: Final = {
     "user_token, user_refresh_token, user_token_expires_at, updated_at",
     "slack_bots": "bot_token, bot_refresh_token, bot_token_expires_at, updated_at",
 }
+INSTALL_EXPRESSIONS: Final = (
+    sa.text("coalesce(enterprise_id, '')"),
+    sa.text("coalesce(team_id, '')"),
+)
+CONFLICT_TARGET: Final = (
+    "(tenant_id, client_id, coalesce(enterprise_id, ''), coalesce(team_id, ''), installed_at)"
+)
 FUNCTIONS: Final = (
     "sfdb_find_slack_installation(text, text, text, text, text)",
     "sfdb_find_slack_bot(text, text, text, text)",
-    "sfdb_save_slack_installation(text, text, text, jsonb, jsonb, jsonb)",
-    "sfdb_delete_slack_installations(text, text, text, text, text, text, jsonb)",
+    "sfdb_save_slack_installation(text, text, text, jsonb, jsonb)",
+    "sfdb_delete_slack_installations(text, text, text, text, text, text)",
     "sfdb_issue_slack_oauth_state(bytea, integer)",
     "sfdb_consume_slack_oauth_state(bytea)",
 )
@@ -159,12 +166,13 @@ def _create_tables() -> None:
     )
     op.create_table("slack_bots", *_identity_columns(), *_timestamps(), *_keys("slack_bots"))
     for table in TABLES:
+        # One row per install moment (saving it again, as a refresh does, replaces it), a
+        # missing org or workspace counted as ''; the same index finds the newest install.
         op.create_index(
             f"uq_{table}_install",
             table,
-            ["tenant_id", "client_id", "enterprise_id", "team_id", "installed_at"],
+            ["tenant_id", "client_id", *INSTALL_EXPRESSIONS, "installed_at"],
             unique=True,
-            postgresql_nulls_not_distinct=True,
         )
     op.create_index(
         "ix_slack_installations_tenant_id_user_id",
@@ -211,8 +219,8 @@ def _functions() -> dict[str, str]:
     # workspace exactly as named (a missing one is NULL), the newest first.
     same_install = (
         "tenant_id = v_tenant AND client_id = p_client_id "
-        "AND enterprise_id IS NOT DISTINCT FROM p_enterprise_id "
-        "AND team_id IS NOT DISTINCT FROM p_team_id"
+        "AND coalesce(enterprise_id, '') = coalesce(p_enterprise_id, '') "
+        "AND coalesce(team_id, '') = coalesce(p_team_id, '')"
     )
     tenant = (
         "SELECT id INTO v_tenant FROM tenants WHERE slack_team_id = p_key AND deleted_at IS NULL;\n"
@@ -280,11 +288,12 @@ def _functions() -> dict[str, str]:
         """,
         # Installs (or reactivates) the tenant and writes the installation, its bot and
         # an audit event: one statement, so all of it or nothing. A row of the same
-        # install moment (a token refresh saved again) is replaced.
+        # install moment (a token refresh saved again) is replaced. Rows must belong to
+        # the org/workspace named; the audit event is made here, from the rows.
         FUNCTIONS[2]: f"""
         CREATE FUNCTION sfdb_save_slack_installation(
             p_key text, p_team_name text, p_enterprise_id text,
-            p_installation jsonb, p_bot jsonb, p_event jsonb
+            p_installation jsonb, p_bot jsonb
         ) RETURNS uuid
         LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
         DECLARE
@@ -293,6 +302,19 @@ def _functions() -> dict[str, str]:
             i slack_installations;
             b slack_bots;
         BEGIN
+            IF p_installation IS NULL AND p_bot IS NULL THEN
+                RAISE EXCEPTION 'nothing to save' USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            i := jsonb_populate_record(NULL::slack_installations, p_installation);
+            b := jsonb_populate_record(NULL::slack_bots, p_bot);
+            IF (p_installation IS NOT NULL
+                AND coalesce(i.team_id, i.enterprise_id) IS DISTINCT FROM p_key)
+               OR (p_bot IS NOT NULL
+                AND coalesce(b.team_id, b.enterprise_id) IS DISTINCT FROM p_key)
+            THEN
+                RAISE EXCEPTION 'an installation is saved for its own org or workspace'
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
             INSERT INTO tenants AS t
                 (slack_team_id, slack_team_name, slack_enterprise_id, updated_at)
             VALUES (p_key, p_team_name, p_enterprise_id, v_now)
@@ -303,53 +325,85 @@ def _functions() -> dict[str, str]:
                     updated_at = EXCLUDED.updated_at
             RETURNING id INTO v_tenant;
             IF p_installation IS NOT NULL THEN
-                i := jsonb_populate_record(NULL::slack_installations, p_installation);
                 i.tenant_id := v_tenant;
                 i.created_at := v_now;
                 i.updated_at := v_now;
                 INSERT INTO slack_installations VALUES (i.*)
-                ON CONFLICT (tenant_id, client_id, enterprise_id, team_id, installed_at)
+                ON CONFLICT {CONFLICT_TARGET}
                 DO UPDATE SET {upsert["slack_installations"]};
             END IF;
             IF p_bot IS NOT NULL THEN
-                b := jsonb_populate_record(NULL::slack_bots, p_bot);
                 b.tenant_id := v_tenant;
                 b.created_at := v_now;
                 b.updated_at := v_now;
                 INSERT INTO slack_bots VALUES (b.*)
-                ON CONFLICT (tenant_id, client_id, enterprise_id, team_id, installed_at)
+                ON CONFLICT {CONFLICT_TARGET}
                 DO UPDATE SET {upsert["slack_bots"]};
             END IF;
-            PERFORM sfdb_record_slack_event(v_tenant, p_event, v_now);
+            IF p_installation IS NOT NULL THEN
+                PERFORM sfdb_record_slack_event(v_tenant, jsonb_build_object(
+                    'event_type', 'slack.installed',
+                    'event_category', 'admin',
+                    'action_description', CASE WHEN i.bot_token IS NULL
+                        THEN 'Slack user authorized the app' ELSE 'Slack app installed' END,
+                    'resource_type', 'slack_installation',
+                    'resource_id', i.id::text,
+                    'metadata', jsonb_build_object(
+                        'client_id', left(i.client_id, 255),
+                        'slack_user_id', i.user_id,
+                        'is_enterprise_install', i.is_enterprise_install,
+                        'bot_scopes', left(i.bot_scopes, 2000),
+                        'user_scopes', left(i.user_scopes, 2000))
+                ), v_now);
+            ELSE
+                PERFORM sfdb_record_slack_event(v_tenant, jsonb_build_object(
+                    'event_type', 'slack.bot_saved',
+                    'event_category', 'admin',
+                    'action_description', 'Slack bot token saved',
+                    'resource_type', 'slack_bot',
+                    'resource_id', b.id::text,
+                    'metadata', jsonb_build_object(
+                        'client_id', left(b.client_id, 255),
+                        'is_enterprise_install', b.is_enterprise_install)
+                ), v_now);
+            END IF;
             RETURN v_tenant;
         END
         $$
         """,
-        # Deletes the tokens of the org/workspace named: its bots, its installations
-        # (one user's, if named), or both; 'uninstall' also soft-deletes the tenant.
-        # An audit event records what went, when anything did.
+        # Deletes the tokens of the org/workspace named, soft-deleted or not: its bots
+        # (and the copy of their token on installations), its installations (one user's,
+        # if named), or, for 'uninstall', all of them, and then the tenant too once no
+        # app has anything left there. Locks in the order a save (the tenant first) and a
+        # refresh (installations, then bots, each in id order) take them. An audit event
+        # records what went.
         FUNCTIONS[3]: f"""
         CREATE FUNCTION sfdb_delete_slack_installations(
             p_client_id text, p_key text, p_enterprise_id text, p_team_id text,
-            p_user_id text, p_what text, p_event jsonb
+            p_user_id text, p_what text
         ) RETURNS integer
         LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
         DECLARE
             v_tenant uuid;
+            v_live boolean;
             v_bots integer := 0;
             v_installations integer := 0;
+            v_cleared integer := 0;
+            v_uninstalled boolean := false;
             v_now timestamptz := now();
         BEGIN
-            IF p_what NOT IN ('bots', 'installations', 'uninstall') THEN
+            IF p_what IS NULL OR p_what NOT IN ('bots', 'installations', 'uninstall') THEN
                 RAISE EXCEPTION 'unknown deletion: %', p_what
                     USING ERRCODE = 'invalid_parameter_value';
             END IF;
-            SELECT id INTO v_tenant FROM tenants WHERE slack_team_id = p_key AND deleted_at IS NULL;
+            SELECT id, deleted_at IS NULL INTO v_tenant, v_live
+            FROM tenants WHERE slack_team_id = p_key;
             IF v_tenant IS NULL THEN RETURN 0; END IF;
-            IF p_what <> 'installations' THEN
-                DELETE FROM slack_bots WHERE {same_install};
-                GET DIAGNOSTICS v_bots = ROW_COUNT;
+            IF p_what = 'uninstall' AND v_live THEN
+                UPDATE tenants SET updated_at = v_now WHERE id = v_tenant;
             END IF;
+            PERFORM 1 FROM slack_installations WHERE {same_install} ORDER BY id FOR UPDATE;
+            PERFORM 1 FROM slack_bots WHERE {same_install} ORDER BY id FOR UPDATE;
             IF p_what = 'bots' THEN
                 -- The installations keep a copy of their bot's token: it goes too, so a
                 -- revoked token is never handed out again.
@@ -357,26 +411,43 @@ def _functions() -> dict[str, str]:
                 SET bot_token = NULL, bot_refresh_token = NULL, bot_token_expires_at = NULL,
                     updated_at = v_now
                 WHERE {same_install} AND bot_token IS NOT NULL;
+                GET DIAGNOSTICS v_cleared = ROW_COUNT;
             END IF;
             IF p_what <> 'bots' THEN
                 DELETE FROM slack_installations
                 WHERE {same_install} AND (p_user_id IS NULL OR user_id = p_user_id);
                 GET DIAGNOSTICS v_installations = ROW_COUNT;
             END IF;
-            IF p_what = 'uninstall' THEN
+            IF p_what <> 'installations' THEN
+                DELETE FROM slack_bots WHERE {same_install};
+                GET DIAGNOSTICS v_bots = ROW_COUNT;
+            END IF;
+            IF p_what = 'uninstall' AND v_live
+               AND NOT EXISTS (SELECT FROM slack_installations WHERE tenant_id = v_tenant)
+               AND NOT EXISTS (SELECT FROM slack_bots WHERE tenant_id = v_tenant)
+            THEN
                 UPDATE tenants SET deleted_at = v_now, updated_at = v_now WHERE id = v_tenant;
+                v_uninstalled := true;
             END IF;
-            IF v_bots + v_installations > 0 OR p_what = 'uninstall' THEN
-                PERFORM sfdb_record_slack_event(
-                    v_tenant,
-                    p_event || jsonb_build_object(
-                        'metadata', coalesce(p_event -> 'metadata', '{{}}')
-                        || jsonb_build_object('bots', v_bots, 'installations', v_installations)
-                    ),
-                    v_now
-                );
+            IF v_bots + v_installations + v_cleared > 0 OR v_uninstalled THEN
+                PERFORM sfdb_record_slack_event(v_tenant, jsonb_build_object(
+                    'event_type', CASE WHEN p_what = 'uninstall'
+                        THEN 'slack.uninstalled' ELSE 'slack.tokens_deleted' END,
+                    'event_category', 'security',
+                    'action_description', CASE p_what
+                        WHEN 'uninstall' THEN 'Slack app uninstalled; tokens deleted'
+                        WHEN 'bots' THEN 'Slack bot tokens revoked'
+                        ELSE 'Slack tokens revoked' END,
+                    'resource_type', 'slack_installation',
+                    'metadata', jsonb_build_object(
+                        'client_id', left(p_client_id, 255),
+                        'slack_user_id', left(p_user_id, 32),
+                        'bots', v_bots,
+                        'installations', v_installations,
+                        'tenant_soft_deleted', v_uninstalled)
+                ), v_now);
             END IF;
-            RETURN v_bots + v_installations;
+            RETURN v_bots + v_installations + v_cleared;
         END
         $$
         """,

@@ -38,6 +38,9 @@ SECRET_COLUMNS: Final = {
 }
 """The encrypted columns of each table."""
 
+INSTALL_EXPRESSIONS: Final = (text("coalesce(enterprise_id, '')"), text("coalesce(team_id, '')"))
+"""An install's org and workspace in its keys: a missing one counts as ''."""
+
 
 class _SlackIdentity:
     """Columns both tables share: the app, the org and workspace, the bot."""
@@ -64,16 +67,15 @@ class SlackInstallation(_SlackIdentity, TenantOwned, Timestamps, Base):
     __tablename__ = "slack_installations"
     __table_args__ = (
         # One row per install moment: saving the same installation again (a token
-        # refresh) updates it. NULLS NOT DISTINCT: a missing enterprise or team is a value.
+        # refresh) replaces it. A missing org or workspace counts as ''; the lookups
+        # filter on the same expressions, so this index also finds the newest install.
         Index(
             "uq_slack_installations_install",
             "tenant_id",
             "client_id",
-            "enterprise_id",
-            "team_id",
+            *INSTALL_EXPRESSIONS,
             "installed_at",
             unique=True,
-            postgresql_nulls_not_distinct=True,
         ),
         Index(
             "ix_slack_installations_tenant_id_user_id",
@@ -109,11 +111,9 @@ class SlackBot(_SlackIdentity, TenantOwned, Timestamps, Base):
             "uq_slack_bots_install",
             "tenant_id",
             "client_id",
-            "enterprise_id",
-            "team_id",
+            *INSTALL_EXPRESSIONS,
             "installed_at",
             unique=True,
-            postgresql_nulls_not_distinct=True,
         ),
     )
 

@@ -148,8 +148,8 @@ DIRECTORY_FUNCTIONS: Final = (
     "sfdb_uninstall_tenant(text)",
     "sfdb_find_slack_installation(text, text, text, text, text)",
     "sfdb_find_slack_bot(text, text, text, text)",
-    "sfdb_save_slack_installation(text, text, text, jsonb, jsonb, jsonb)",
-    "sfdb_delete_slack_installations(text, text, text, text, text, text, jsonb)",
+    "sfdb_save_slack_installation(text, text, text, jsonb, jsonb)",
+    "sfdb_delete_slack_installations(text, text, text, text, text, text)",
     "sfdb_issue_slack_oauth_state(bytea, integer)",
     "sfdb_consume_slack_oauth_state(bytea)",
 )
