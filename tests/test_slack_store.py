@@ -606,3 +606,40 @@ async def test_revocations_after_the_tenant_was_removed_still_delete_the_tokens(
         store.client_id,
     )
     assert left == 0
+
+
+async def test_the_newest_install_is_read_from_the_index_in_order(
+    store: InstallationStore, ids: dict[str, str], admin: asyncpg.Connection
+) -> None:
+    """What Bolt's lookup runs, on a workspace with a long history (every user's own
+    authorization is a row): the unique install index gives the newest row first, with no
+    scan of the history and no sort."""
+    await store.async_save(bot_installation(ids, enterprise_id=None))
+    tenant = await admin.fetchval("SELECT id FROM tenants WHERE slack_team_id = $1", ids["T1"])
+    await admin.execute(
+        "INSERT INTO slack_installations (tenant_id, client_id, team_id, user_id, installed_at) "
+        "SELECT $1, $2, $3, 'U' || n, now() - n * interval '1 minute' "
+        "FROM generate_series(1, 2000) AS n",
+        tenant,
+        store.client_id,
+        ids["T1"],
+    )
+    await admin.execute("ANALYZE slack_installations")
+    plan = "\n".join(
+        row[0]
+        for row in await admin.fetch(
+            "EXPLAIN SELECT * FROM slack_installations WHERE tenant_id = $1 AND client_id = $2 "
+            "AND coalesce(enterprise_id, '') = coalesce($3::text, '') "
+            "AND coalesce(team_id, '') = coalesce($4::text, '') "
+            "ORDER BY installed_at DESC LIMIT 1",
+            tenant,
+            store.client_id,
+            None,
+            ids["T1"],
+        )
+    )
+    assert "uq_slack_installations_install" in plan, plan
+    assert "Sort" not in plan, plan
+    found = await store.async_find_installation(enterprise_id=None, team_id=ids["T1"])
+    assert found is not None
+    assert found.user_id == ids["U1"]  # the saved one is the newest
