@@ -253,10 +253,16 @@ async def test_both_tokens_refresh_together(slack: FakeSlack, db: Database) -> N
     assert (again.bot_token, again.user_token) == (found.bot_token, found.user_token)
 
 
-async def test_waiters_in_one_process_hold_no_connection(slack: FakeSlack, db: Database) -> None:
+async def test_waiters_in_one_process_hold_no_connection(db: Database) -> None:
     """32 concurrent lookups of one due install in one process: while Slack answers the one
-    refresh (0.2 s), the other lookups wait without a connection of their own (a row lock
-    waited for in the database would hold one each)."""
+    refresh (1.5 s here, time for every lookup's own statement to be done, on a cluster
+    too), the other lookups wait without a connection of their own (a row lock waited for
+    in the database would hold one each)."""
+    async with fake_slack(rotate_tokens=True, refresh_delay=1.5) as slow:
+        await _waiters_hold_no_connection(db, slow)
+
+
+async def _waiters_hold_no_connection(db: Database, slack: FakeSlack) -> None:
     store = _store(db, slack)
     team, _ = await _install_expiring(slack, store)
 
@@ -270,7 +276,7 @@ async def test_waiters_in_one_process_hold_no_connection(slack: FakeSlack, db: D
             if refreshes():
                 break
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.1)  # the refresh is in flight; every lookup has run by now
+        await asyncio.sleep(1.0)  # the refresh is in flight; every lookup has run by now
         return db.pool_stats().checked_out
 
     lookups = asyncio.gather(
