@@ -248,7 +248,7 @@ async def citus_layout(dsn: str) -> str:
     return (
         f"a coordinator and {workers} worker, two clusters on this machine, the coordinator "
         "reaching the worker over TCP loopback (the client connects to the coordinator only); "
-        f"the six tenant-owned tables distributed by `tenant_id` and colocated, {shards} shards "
+        f"the tenant-owned tables distributed by `tenant_id` and colocated, {shards} shards "
         f"each, all on the worker; `tenants` a reference table, {len(copies)} "
         f"cop{'y' if len(copies) == 1 else 'ies'}"
         + (" (one on the coordinator)" if on_coordinator else " (none on the coordinator)")

@@ -1,6 +1,6 @@
 """Distributing a migrated database with Citus: ``await distribute(settings)``, ``sfdb distribute``.
 
-``tenants`` becomes a reference table (a copy on every node); the six
+``tenants`` becomes a reference table (a copy on every node); the
 tenant-owned tables are distributed by ``tenant_id`` and colocated, so every
 statement of a unit of work is routed to the one node that holds the tenant.
 ``sfdb_consume_rate_limit()`` is distributed by its tenant argument, so

@@ -9,7 +9,8 @@ Invariants:
 * The directory reads and writes ``tenants`` only, one statement per call
   (autocommitted; behind PgBouncer in a transaction of its own), through
   three functions of the owner that the directory role may run (it holds no
-  table, so it cannot list workspaces).
+  table, so it cannot list workspaces; the Slack installation stores of
+  :mod:`slack_fathom_db.slack` run functions of the same kind).
 * :func:`transaction_preamble` renders the statements that open every tenant
   transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
   app.tenant_id = '<uuid>'``, row security on, the statement, lock and

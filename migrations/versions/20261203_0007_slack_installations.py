@@ -18,13 +18,15 @@ Create Date: 2026-12-03
   find the newest installation and bot (one statement), save an install
   (the tenant installed or reactivated, the installation, the bot and an
   audit event in one statement), delete tokens (for ``app_uninstalled`` also
-  soft-deleting the tenant), issue and consume a state (one ``DELETE``:
-  a state is consumed once, whoever races for it).
+  soft-deleting the tenant once no app has anything left there), issue and
+  consume a state (one ``DELETE``: a state is consumed once, whoever races
+  for it). The audit events they write are made from the rows, never taken
+  from the caller.
 * Those functions run as the owner, whom row-level security is forced on as
   on everybody: the ``owner_maintains`` policies let the owner read and write
   the two installation tables (and ``sfdb rotate-token-keys`` re-encrypt
-  them), and ``owner_records`` lets it add audit rows; the app role gains
-  nothing. Writing as one role keeps a Citus transaction on one set of
+  them), and ``owner_records`` lets it add audit rows; those policies name
+  the owner only. Writing as one role keeps a Citus transaction on one set of
   connections to the workers.
 
 ``downgrade()`` drops all of it.
