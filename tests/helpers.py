@@ -43,6 +43,11 @@ def unique_user_id() -> str:
     return "U" + secrets.token_hex(6).upper()
 
 
+def unique_enterprise_id() -> str:
+    """A Slack Enterprise Grid id no other test uses."""
+    return "E" + secrets.token_hex(6).upper()
+
+
 async def add_user(db: Database, tenant: TenantId, **fields: str) -> User:
     """A new, committed user of ``tenant`` (a fresh Slack id; ``fields`` as ``add_user`` takes)."""
     async with db.unit_of_work(tenant) as uow:

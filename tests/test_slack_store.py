@@ -32,11 +32,7 @@ from slack_fathom_db.errors import (
 from slack_fathom_db.slack import InstallationStore, OAuthStateStore
 from slack_fathom_db.testing import probe_outside
 from slack_fathom_db.tokens import TokenDecryptionError
-from tests.helpers import unique_team_id, unique_user_id
-
-
-def unique_enterprise_id() -> str:
-    return "E" + uuid.uuid4().hex[:10].upper()
+from tests.helpers import unique_enterprise_id, unique_team_id, unique_user_id
 
 
 @pytest.fixture
