@@ -12,7 +12,11 @@ server). Besides the tables, Citus needs:
   authenticate between nodes is the cluster's ``pg_hba.conf``, or
   ``pg_dist_authinfo``; none of them has a password);
 * ``citus.propagate_set_commands = 'local'`` for the database, so the tenant
-  and role set by ``SET LOCAL`` reach the workers (row-level security runs there).
+  claim and role set by ``SET LOCAL`` reach the workers (row-level security
+  runs there);
+* on every worker, the function that verifies tenant claims and a copy of the
+  tenant keys (a table of the node's own: the function cannot read a
+  distributed one).
 
 Idempotent: what is already done is skipped. It runs on the owner's side
 (``DATABASE_MIGRATION_URL``) on the coordinator, after ``sfdb migrate``; later migrations run on
@@ -28,6 +32,7 @@ import asyncpg
 
 from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import ConfigurationError, translate
+from slack_fathom_db.maintenance import sync_tenant_keys
 from slack_fathom_db.models import TENANT_OWNED_TABLES
 
 if TYPE_CHECKING:
@@ -41,6 +46,7 @@ DISTRIBUTED_TABLES: Final = TENANT_OWNED_TABLES  # a table after those it refere
 RATE_LIMIT_FUNCTION: Final = (
     "sfdb_consume_rate_limit(uuid, text, text, timestamptz, integer, integer, integer)"
 )
+CLAIM_FUNCTION: Final = "sfdb_claimed_tenant()"
 _ACTION: Final = "distribute"
 
 
@@ -147,6 +153,18 @@ async def _distribute(conn: asyncpg.Connection, *, roles: LayerRoles, database: 
             RATE_LIMIT_FUNCTION,
         )
         done.append("sfdb_consume_rate_limit: runs on the node of its tenant")
+    # Every worker checks tenant claims (its shards' policies call the function) with its
+    # own copy of the keys.
+    claims = await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", CLAIM_FUNCTION)
+    if claims and not await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_dist_object WHERE classid = 'pg_proc'::regclass "
+        "AND objid = $1::regprocedure)",
+        CLAIM_FUNCTION,
+    ):
+        await conn.execute("SELECT create_distributed_function($1)", CLAIM_FUNCTION)
+        done.append(f"{CLAIM_FUNCTION}: on every node")
+    if claims and await sync_tenant_keys(conn):
+        done.append("tenant keys copied to every worker")
     # The coordinator connects to the workers as the role in effect: the app role in a
     # unit of work, the directory role outside one, the owner during migrations.
     for role in (roles.app, roles.directory, roles.owner):

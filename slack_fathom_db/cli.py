@@ -34,11 +34,15 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import __version__, citus, demo, logins, schema
+from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError
 from slack_fathom_db.maintenance import (
     DEFAULT_PURGE_AFTER_DAYS,
+    finish_tenant_key_rotation,
+    install_tenant_key,
     purge_rate_limit_windows,
+    rotate_tenant_key,
     rotate_token_keys,
 )
 from slack_fathom_db.models import TENANT_OWNED_TABLES
@@ -46,7 +50,7 @@ from slack_fathom_db.settings import DatabaseSettings, normalize_url
 from slack_fathom_db.tokens import generate_key
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from sqlalchemy.engine import URL
 
@@ -57,6 +61,8 @@ __all__ = ["main"]
 EMBEDDED_DATABASE = "slack_fathom_db"
 EMBEDDED_MIGRATOR = "slack_fathom_db_migrator"
 EMBEDDED_RUNTIME = "slack_fathom_db_runtime"
+# The revision that made tenant keys (revision ids are zero-padded numbers).
+_FIRST_CLAIMS_REVISION = "0008"
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -146,6 +152,23 @@ def _parser() -> argparse.ArgumentParser:
         help="print a new key for DATABASE_TOKEN_KEYS (no database is used)",
     )
     key.add_argument("--id", dest="key_id", default=None, help="the key's id (default: random)")
+    tenant_key = commands.add_parser(
+        "generate-tenant-key",
+        help="print a new key for DATABASE_TENANT_KEY (no database is used)",
+    )
+    tenant_key.add_argument(
+        "--id", dest="key_id", default=None, help="the key's id (default: random)"
+    )
+    rotate = commands.add_parser(
+        "rotate-tenant-key",
+        help="add a new tenant key beside the current one and print it; with --finish, keep "
+        "only the key of DATABASE_TENANT_KEY (as the schema owner)",
+    )
+    rotate.add_argument(
+        "--finish",
+        action="store_true",
+        help="end the rotation: every application signs with DATABASE_TENANT_KEY now",
+    )
     return parser
 
 
@@ -219,6 +242,7 @@ def _settings() -> Iterator[DatabaseSettings]:
                 "url": SecretStr(runtime.render_as_string(False)),
                 "migration_url": SecretStr(migration.render_as_string(False)),
                 "token_keys": settings.token_keys or SecretStr(_embedded_token_keys(data_dir)),
+                "tenant_key": settings.tenant_key or SecretStr(_embedded_tenant_key(data_dir)),
             }
         )
     finally:
@@ -228,7 +252,15 @@ def _settings() -> Iterator[DatabaseSettings]:
 def _embedded_token_keys(data_dir: Path) -> str:
     """The embedded database's token key: made once, kept beside its data, readable by its
     owner alone (a real deployment keeps DATABASE_TOKEN_KEYS in a secrets manager)."""
-    path = data_dir.with_name(data_dir.name + ".token-keys")
+    return _embedded_key(data_dir.with_name(data_dir.name + ".token-keys"), generate_key)
+
+
+def _embedded_tenant_key(data_dir: Path) -> str:
+    """The embedded database's tenant key, kept as its token key is."""
+    return _embedded_key(data_dir.with_name(data_dir.name + ".tenant-key"), generate_tenant_key)
+
+
+def _embedded_key(path: Path, generate: Callable[[str], str]) -> str:
     if not path.exists():
         # Written whole under a name of its own, then linked into place: a run that stops
         # half-way leaves no empty key, and of two first runs the second keeps the first's.
@@ -236,7 +268,7 @@ def _embedded_token_keys(data_dir: Path) -> str:
         descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(descriptor, "w") as file:
-                file.write(generate_key("embedded"))
+                file.write(generate("embedded"))
             with contextlib.suppress(FileExistsError):
                 os.link(draft, path)
         finally:
@@ -293,6 +325,16 @@ async def _migrate(settings: DatabaseSettings, revision: str) -> None:
     current = await schema.current(settings)
     where = settings.for_migrations().masked_url
     out.print(f"{where} is at revision {current}")
+    if current is not None and current >= _FIRST_CLAIMS_REVISION:
+        if settings.tenant_key is None:
+            err.print(
+                "DATABASE_TENANT_KEY is not set: no tenant key was installed, and units of "
+                "work need one (sfdb generate-tenant-key makes one; run sfdb migrate again "
+                "with it set)",
+                markup=False,
+            )
+        elif await install_tenant_key(settings):
+            out.print(f"installed tenant key {TenantKey.from_settings(settings).key_id}")
     if _is_embedded(settings) and current == schema.head():
         # Local socket, trust: the password is never asked for; a fresh one each time.
         await logins.create_login(settings, EMBEDDED_RUNTIME, secrets.token_urlsafe(24))
@@ -516,6 +558,26 @@ async def _rotate_token_keys(settings: DatabaseSettings) -> None:
         )
 
 
+async def _rotate_tenant_key(settings: DatabaseSettings, *, finish: bool) -> None:
+    if finish:
+        removed = await finish_tenant_key_rotation(settings)
+        err.print(
+            f"tenant keys removed: {', '.join(removed) or 'none'}; the database accepts "
+            "claims signed with DATABASE_TENANT_KEY only",
+            markup=False,
+        )
+        return
+    new = await rotate_tenant_key(settings)
+    # The key goes to standard output alone, for a secrets manager; the rest to stderr.
+    out.print(new, markup=False, highlight=False, soft_wrap=True)
+    err.print(
+        "the database accepts claims signed with the new key and the current one: set "
+        "DATABASE_TENANT_KEY to the new key in every application, then run "
+        "sfdb rotate-tenant-key --finish",
+        markup=False,
+    )
+
+
 async def _tenant_of(db: Database, slack_team_id: str) -> TenantId:
     tenant_id = await db.directory.resolve(slack_team_id)
     if tenant_id is None:
@@ -635,9 +697,10 @@ def _progress(total: int) -> Iterator[Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "generate-token-key":
+    if args.command in ("generate-token-key", "generate-tenant-key"):
+        generate = generate_key if args.command == "generate-token-key" else generate_tenant_key
         try:
-            out.print(generate_key(args.key_id), markup=False, highlight=False, soft_wrap=True)
+            out.print(generate(args.key_id), markup=False, highlight=False, soft_wrap=True)
         except ConfigurationError as exc:
             raise UsageProblem(str(exc)) from None
         return 0
@@ -663,6 +726,8 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_purge_rate_limits(settings, args.older_than_days))
         elif args.command == "rotate-token-keys":
             asyncio.run(_rotate_token_keys(settings))
+        elif args.command == "rotate-tenant-key":
+            asyncio.run(_rotate_tenant_key(settings, finish=args.finish))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
         elif args.command == "audit":

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
 from slack_fathom_db import tracing, validation
+from slack_fathom_db.claims import TenantKey
 from slack_fathom_db.connections import install_pool_guards, waits
 from slack_fathom_db.errors import SlackFathomDBError
 from slack_fathom_db.models.base import utcnow
@@ -97,6 +98,8 @@ class Database:
 
     def __init__(self, settings: DatabaseSettings | None = None) -> None:
         self.settings = settings if settings is not None else DatabaseSettings()
+        # Signs every tenant transaction's claim: a start without it fails here, clearly.
+        self._tenant_key = TenantKey.from_settings(self.settings)
         self._engine: AsyncEngine | None = None
         self._directory: TenantDirectory | None = None
         # Every driver connection the pool opened, so dispose() can abort what will not close.
@@ -149,7 +152,11 @@ class Database:
     ) -> UnitOfWork:
         """One tenant, one transaction: ``async with db.unit_of_work(tenant_id) as uow:``."""
         return UnitOfWork(
-            self._pool(), self.settings, tenant_id=tenant_id, slack_team_id=slack_team_id
+            self._pool(),
+            self.settings,
+            key=self._tenant_key,
+            tenant_id=tenant_id,
+            slack_team_id=slack_team_id,
         )
 
     async def rate_limit(

@@ -26,6 +26,7 @@ __all__ = [
     "SerializationConflict",
     "SlackFathomDBError",
     "StatementTimeout",
+    "TenantClaimRefused",
     "TenantIsolationError",
     "TenantNotFound",
     "TransactionAborted",
@@ -83,6 +84,11 @@ class TransactionAborted(UsageError):
 class ConfigurationError(SlackFathomDBError):
     """The database or cluster is not set up as the layer needs (e.g. a Citus node
     refuses the app role's login); retrying does not help, changing the set-up does."""
+
+
+class TenantClaimRefused(ConfigurationError):
+    """The database did not accept the unit of work's signed tenant claim: no key of
+    ``DATABASE_TENANT_KEY`` is installed there, or the clocks disagree (the message says)."""
 
 
 class DatabaseUnavailable(SlackFathomDBError):
@@ -161,6 +167,21 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return None
 
 
+_CLAIM_REFUSED: Final = "SF001"
+
+
+def _server_message(exc: BaseException) -> str:
+    """The primary message of the server's error in the cause chain of ``exc``."""
+    current: BaseException | None = exc
+    for _ in range(4):
+        if current is None:
+            break
+        if isinstance(current, asyncpg.PostgresError):
+            return str(current.args[0] if current.args else current)
+        current = getattr(current, "orig", None) or current.__cause__
+    return "tenant claim refused"
+
+
 def _constraint(exc: BaseException) -> str | None:
     current: BaseException | None = exc
     for _ in range(4):
@@ -217,6 +238,9 @@ def translate(exc: BaseException, *, action: str) -> SlackFathomDBError:
     if "is not permitted to log in" in str(exc) and "remote node" in str(exc):
         return ConfigurationError(f"{action}: {_CITUS_LOGIN_REFUSED}")
     code = sqlstate_of(exc)
+    if code == _CLAIM_REFUSED:
+        # The layer's own function says why (migration 0008); it never quotes the claim.
+        return TenantClaimRefused(f"{action}: {_server_message(exc)}")
     if code is not None:
         entry = _BY_SQLSTATE.get(code) or _BY_SQLSTATE.get(code[:3]) or _BY_SQLSTATE.get(code[:2])
         if entry is not None:

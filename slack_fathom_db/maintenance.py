@@ -1,4 +1,14 @@
-"""Housekeeping on the owner's side: purging ended rate-limit windows, rotating token keys.
+"""Housekeeping on the owner's side: purging ended rate-limit windows, rotating keys.
+
+Tenant keys (:mod:`slack_fathom_db.claims`): the database keeps the HMAC pads
+of one key, or of two while a rotation is under way, in ``tenant_claim_keys``,
+which the owner alone reads. :func:`install_tenant_key` adds the key of
+``DATABASE_TENANT_KEY`` (``sfdb migrate`` calls it), :func:`rotate_tenant_key`
+adds a new one and returns it for the applications' settings, and
+:func:`finish_tenant_key_rotation` keeps only the key of
+``DATABASE_TENANT_KEY``. On a Citus cluster every worker checks claims too:
+each holds a copy of the table, rewritten from the coordinator's whenever it
+changes (and by ``sfdb distribute``).
 
 A fixed window's counter is never read once its window has ended. Such rows
 are deleted in batches, each its own short transaction, so a purge never
@@ -17,8 +27,9 @@ from typing import TYPE_CHECKING, Final
 import asyncpg
 
 from slack_fathom_db import validation
+from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.connections import DRIVER_ERRORS, SEARCH_PATH
-from slack_fathom_db.errors import translate
+from slack_fathom_db.errors import ConfigurationError, translate
 from slack_fathom_db.models.slack import SECRET_COLUMNS
 from slack_fathom_db.tokens import TokenCipher, TokenDecryptionError, token_context
 
@@ -28,8 +39,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PURGE_AFTER_DAYS",
     "KeyRotation",
+    "finish_tenant_key_rotation",
+    "install_tenant_key",
     "purge_rate_limit_windows",
+    "rotate_tenant_key",
     "rotate_token_keys",
+    "sync_tenant_keys",
 ]
 
 DEFAULT_PURGE_AFTER_DAYS: Final = 7
@@ -194,3 +209,179 @@ async def _owner_connection(settings: DatabaseSettings, *, action: str) -> async
         )
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=action) from exc
+
+
+# -- tenant keys ------------------------------------------------------------------------
+
+_MAX_TENANT_KEYS: Final = 2
+_KEY_IDS: Final = "SELECT key_id FROM public.tenant_claim_keys ORDER BY created_at, key_id"
+_ADD_KEY: Final = (
+    "INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad) VALUES ($1, $2, $3)"
+)
+# Every worker's copy of the table, made anew from the coordinator's rows in one command
+# per worker (built here, in SQL: the pads never pass through the client).
+_SYNC_WORKERS: Final = r"""
+SELECT nodename, nodeport, success, result FROM run_command_on_workers(format(
+    $command$
+    DO $do$ BEGIN
+        SET LOCAL search_path = pg_catalog, public, pg_temp;
+        CREATE TABLE IF NOT EXISTS public.tenant_claim_keys (
+            key_id text NOT NULL,
+            inner_pad bytea NOT NULL,
+            outer_pad bytea NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT pk_tenant_claim_keys PRIMARY KEY (key_id),
+            CONSTRAINT ck_tenant_claim_keys_key_id CHECK (key_id ~ '^[A-Za-z0-9_-]{1,32}$'),
+            CONSTRAINT ck_tenant_claim_keys_pads
+                CHECK (length(inner_pad) = 64 AND length(outer_pad) = 64)
+        );
+        ALTER TABLE public.tenant_claim_keys OWNER TO %I;
+        REVOKE ALL ON public.tenant_claim_keys FROM PUBLIC;
+        DELETE FROM public.tenant_claim_keys;
+        %s
+    END $do$
+    $command$,
+    (SELECT tableowner FROM pg_tables
+     WHERE schemaname = 'public' AND tablename = 'tenant_claim_keys'),
+    (SELECT coalesce(
+        'INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad, created_at) '
+        || 'VALUES ' || string_agg(
+            format('(%L, %L::bytea, %L::bytea, %L::timestamptz)',
+                   key_id, inner_pad, outer_pad, created_at), ', ')
+        || ';', '')
+     FROM public.tenant_claim_keys)
+))
+"""
+_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+
+
+async def install_tenant_key(settings: DatabaseSettings) -> bool:
+    """Make the database accept claims signed with ``DATABASE_TENANT_KEY``.
+
+    Returns ``True`` if the key was added, ``False`` if the database already
+    held it. Refuses (:class:`ConfigurationError`) a key id the database holds
+    with another key, and a third key while a rotation is under way.
+    """
+    key = TenantKey.from_settings(settings)
+    conn = await _owner_connection(settings, action="install tenant key")
+    try:
+        async with conn.transaction():
+            await _lock_keys(conn)
+            if await _holds(conn, key):
+                return False
+            held = [row["key_id"] for row in await conn.fetch(_KEY_IDS)]
+            if key.key_id in held:
+                raise ConfigurationError(
+                    f"install tenant key: the database holds another key with the id "
+                    f"{key.key_id}; DATABASE_TENANT_KEY must be the key installed there"
+                )
+            if len(held) >= _MAX_TENANT_KEYS:
+                raise ConfigurationError(
+                    "install tenant key: the database already holds two tenant keys (a "
+                    "rotation is under way); finish it first (sfdb rotate-tenant-key --finish)"
+                )
+            await conn.execute(_ADD_KEY, key.key_id, *key.pads())
+            await _sync_workers(conn)
+        return True
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action="install tenant key") from exc
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+
+
+async def rotate_tenant_key(settings: DatabaseSettings, *, key_id: str | None = None) -> str:
+    """Add a new tenant key beside the current one and return it (``DATABASE_TENANT_KEY`` form).
+
+    Both keys are accepted until :func:`finish_tenant_key_rotation`. Refuses
+    while two keys are held already.
+    """
+    new = generate_tenant_key(key_id)
+    key = TenantKey.parse(new)
+    conn = await _owner_connection(settings, action="rotate tenant key")
+    try:
+        async with conn.transaction():
+            await _lock_keys(conn)
+            held = [row["key_id"] for row in await conn.fetch(_KEY_IDS)]
+            if len(held) >= _MAX_TENANT_KEYS:
+                raise ConfigurationError(
+                    "rotate tenant key: a rotation is under way (the database holds "
+                    f"{', '.join(held)}); finish it first (sfdb rotate-tenant-key --finish)"
+                )
+            if key.key_id in held:
+                raise ConfigurationError(f"rotate tenant key: key id {key.key_id} is taken")
+            await conn.execute(_ADD_KEY, key.key_id, *key.pads())
+            await _sync_workers(conn)
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action="rotate tenant key") from exc
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+    return new
+
+
+async def finish_tenant_key_rotation(settings: DatabaseSettings) -> list[str]:
+    """Keep only the key of ``DATABASE_TENANT_KEY``; return the ids of the keys removed.
+
+    Refuses (and removes nothing) when the database does not hold that key:
+    claims signed with it would then be refused everywhere.
+    """
+    key = TenantKey.from_settings(settings)
+    conn = await _owner_connection(settings, action="finish tenant key rotation")
+    try:
+        async with conn.transaction():
+            await _lock_keys(conn)
+            if not await _holds(conn, key):
+                raise ConfigurationError(
+                    f"finish tenant key rotation: the database does not hold the key of "
+                    f"DATABASE_TENANT_KEY ({key.key_id}); nothing was removed"
+                )
+            removed = [
+                row["key_id"]
+                for row in await conn.fetch(
+                    "DELETE FROM public.tenant_claim_keys WHERE key_id <> $1 RETURNING key_id",
+                    key.key_id,
+                )
+            ]
+            await _sync_workers(conn)
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action="finish tenant key rotation") from exc
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+    return sorted(removed)
+
+
+async def sync_tenant_keys(conn: asyncpg.Connection) -> bool:
+    """Give every Citus worker the coordinator's tenant keys; ``False`` without workers."""
+    return await _sync_workers(conn)
+
+
+async def _lock_keys(conn: asyncpg.Connection) -> None:
+    # Two rotations at once would each see one key and add a second: one waits instead.
+    await conn.execute("LOCK TABLE public.tenant_claim_keys IN SHARE ROW EXCLUSIVE MODE")
+
+
+async def _holds(conn: asyncpg.Connection, key: TenantKey) -> bool:
+    inner, outer = key.pads()
+    held: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM public.tenant_claim_keys "
+        "WHERE key_id = $1 AND inner_pad = $2 AND outer_pad = $3)",
+        key.key_id,
+        inner,
+        outer,
+    )
+    return held
+
+
+async def _sync_workers(conn: asyncpg.Connection) -> bool:
+    if not await conn.fetchval(_HAS_CITUS):
+        return False
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_dist_node WHERE noderole = 'primary' AND groupid <> 0)"
+    ):
+        return False
+    for row in await conn.fetch(_SYNC_WORKERS):
+        if not row["success"]:
+            raise ConfigurationError(
+                f"tenant keys: worker {row['nodename']}:{row['nodeport']} refused its copy "
+                "of the keys (the owner must be able to log in there and create tables)"
+            )
+    return True

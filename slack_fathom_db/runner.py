@@ -88,7 +88,8 @@ TENANT_KEY: Final = "sfdb_tenant"
 
 _DIALECT: Final = asyncpg_dialect()  # type: ignore[no-untyped-call]
 _sql_log = logging.getLogger("slack_fathom_db.sql")
-_TENANT_LITERAL: Final = re.compile(r"'[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}'")
+# What the SQL log and the slow-statement warning mask: a tenant's literal, a claim.
+_TENANT_LITERAL: Final = re.compile(r"'(?:v1\.[^']*|[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,7 @@ class Runner:
         self._driver = driver
         self._begin_messages = begin
         self._autocommit = autocommit
+        self._refresh: Callable[[], str | None] | None = None
         self._in_transaction = False
         self._aborted_by: str | None = None
         self._task = current_task()
@@ -199,12 +201,23 @@ class Runner:
         """Whether a statement of the open transaction failed (nothing of it can commit)."""
         return self._aborted_by is not None
 
-    def rescope(self, *, begin: Callable[[], Sequence[str]] | None, autocommit: bool) -> None:
-        """Change how transactions open (e.g. from the directory's to a tenant's)."""
+    def rescope(
+        self,
+        *,
+        begin: Callable[[], Sequence[str]] | None,
+        autocommit: bool,
+        refresh: Callable[[], str | None] | None = None,
+    ) -> None:
+        """Change how transactions open (e.g. from the directory's to a tenant's).
+
+        ``refresh`` is asked before each statement inside a transaction; a
+        message it returns (a fresh tenant claim) is sent first.
+        """
         if self._in_transaction:
             raise UsageError("a runner changes scope only between transactions")
         self._begin_messages = begin
         self._autocommit = autocommit
+        self._refresh = refresh
 
     # -- statements ------------------------------------------------------------------
 
@@ -215,6 +228,10 @@ class Runner:
             await self._ensure_transaction(action)  # begins, or raises what is wrong
         elif self._closed:
             self.check_usable()
+        if self._refresh is not None and self._in_transaction:
+            renewal = self._refresh()
+            if renewal is not None:
+                await self._send(renewal, action=action)
         started = time.perf_counter()
         if self._echo:
             _sql_log.info("%s  -- %s", sql, action)

@@ -161,6 +161,11 @@ class DatabaseSettings(BaseSettings):
         description="Keys that encrypt Slack tokens at rest: <key id>:<base64 32 bytes>, "
         "comma-separated; the first encrypts, all decrypt (slack_fathom_db.tokens).",
     )
+    tenant_key: SecretStr | None = Field(
+        default=None,
+        description="The key that signs each transaction's tenant claim: <key id>:<base64 "
+        "32 bytes> (slack_fathom_db.claims); sfdb migrate installs it in the database.",
+    )
     migration_url: SecretStr | None = Field(
         default=None,
         description="postgresql:// URL with the credentials of a login that may become the "

@@ -416,7 +416,11 @@ class InstallationStore(AsyncInstallationStore):
         async with lock:
             db = self._db
             runner, tenant = await open_tenant(
-                db._pool(), db.settings, tenant_id=found.tenant_id, slack_team_id=None
+                db._pool(),
+                db.settings,
+                key=db._tenant_key,
+                tenant_id=found.tenant_id,
+                slack_team_id=None,
             )
             try:
                 return await self._refresh_locked(runner, tenant, found)

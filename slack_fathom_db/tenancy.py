@@ -13,12 +13,13 @@ Invariants:
   :mod:`slack_fathom_db.slack` run functions of the same kind).
 * :func:`transaction_preamble` renders the statements that open every tenant
   transaction: ``BEGIN``, ``SET LOCAL ROLE <app role>``, ``SET LOCAL
-  app.tenant_id = '<uuid>'``, row security on, the statement, lock and
-  idle-in-transaction timeouts, sent as one simple-protocol message (three
-  on Citus, see there). ``SET
-  LOCAL`` (rather than ``set_config()``) is what Citus propagates to its
-  workers; the literal comes from a validated :class:`uuid.UUID` and the role
-  name from a validated identifier, so no input reaches the text unchecked.
+  app.tenant_claim = '<signed claim>'`` (:mod:`slack_fathom_db.claims`: row-level
+  security admits the tenant's rows only to a claim the database verifies),
+  row security on, the statement, lock and idle-in-transaction timeouts, sent
+  as one simple-protocol message (three on Citus, see there). ``SET LOCAL``
+  (rather than ``set_config()``) is what Citus propagates to its workers; the
+  claim is made from a validated :class:`uuid.UUID` and the role name is a
+  validated identifier, so no input reaches the text unchecked.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import uuid
 from typing import TYPE_CHECKING, Final, NewType
 
 from slack_fathom_db import validation
+from slack_fathom_db.claims import ClaimIssuer
 from slack_fathom_db.connections import BEGIN, SEARCH_PATH
 from slack_fathom_db.errors import DatabaseUnavailable, TenantNotFound
 from slack_fathom_db.models.tenants import PLAN_TIERS
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     import asyncpg
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from slack_fathom_db.claims import TenantKey
     from slack_fathom_db.runner import Runner
     from slack_fathom_db.settings import DatabaseSettings
 
@@ -62,7 +65,7 @@ def tenant_id_from_trusted(value: uuid.UUID) -> TenantId:
 
 
 def transaction_preamble(
-    tenant_id: uuid.UUID,
+    claims: ClaimIssuer,
     *,
     settings: DatabaseSettings,
     check_tenant: bool,
@@ -73,17 +76,16 @@ def transaction_preamble(
     On a single server, one message. On Citus, whose coordinator replays the
     whole text of a message holding ``SET LOCAL`` at the start of every remote
     transaction, ``BEGIN`` and the tenant check go in messages of their own.
+    The check (``sfdb_require_claim()``) says why the database refused the
+    claim, or that the tenant is unknown or soft-deleted.
     """
-    if not isinstance(tenant_id, uuid.UUID):  # a str would be injected verbatim
-        raise TypeError("tenant_id must be a uuid.UUID")
-    tenant_id = validation.canonical_uuid(tenant_id)  # a subclass's __str__ is never used
     local = "; ".join(
         [
             f'SET LOCAL ROLE "{settings.roles.app}"',
             # Nothing a session left behind (a temp table, another schema) can shadow
             # the layer's tables or functions.
             f"SET LOCAL search_path = {SEARCH_PATH}",
-            f"SET LOCAL app.tenant_id = '{tenant_id}'",
+            claims.statement(),
             # What the login's own defaults (ALTER ROLE … SET) or a shared server session
             # may have changed: row security stays on, the layer's timeouts apply.
             "SET LOCAL row_security = on",
@@ -95,7 +97,7 @@ def transaction_preamble(
             f"{int(settings.idle_in_transaction_timeout_ms)}",
         ]
     )
-    check = ("SELECT sfdb_require_tenant()",) if check_tenant else ()
+    check = ("SELECT sfdb_require_claim()",) if check_tenant else ()
     if citus:
         return (BEGIN, local, *check)
     return ("; ".join([BEGIN, local, *check]),)
@@ -174,16 +176,19 @@ async def open_tenant(
     engine: AsyncEngine,
     settings: DatabaseSettings,
     *,
+    key: TenantKey,
     tenant_id: TenantId | None,
     slack_team_id: str | None,
 ) -> tuple[Runner, TenantId]:
     """A runner whose transactions are the tenant's, its first one open and checked.
 
     A team id is resolved first, on the same connection. Every transaction opens
-    with :func:`transaction_preamble`; the first also checks that the tenant is
-    live (:class:`TenantNotFound`). A pooled connection that died since its last
-    use fails before anything was done: one more attempt, on a fresh connection,
-    is safe (:func:`slack_fathom_db.runner.stale`).
+    with :func:`transaction_preamble` and a claim signed with ``key``; the first
+    also checks the claim and that the tenant is live
+    (:class:`TenantClaimRefused`, :class:`TenantNotFound`). A pooled connection
+    that died since its last use fails before anything was done: one more
+    attempt, on a fresh connection, is safe
+    (:func:`slack_fathom_db.runner.stale`).
     """
     opener = outside_opener(settings)
     for attempt in (1, 2):
@@ -200,8 +205,16 @@ async def open_tenant(
                 tenant = await resolve_on(runner, slack_team_id)
             if tenant is None:
                 raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
-            begin = _tenant_begin(tenant, settings, citus=await has_citus(runner))
-            runner.rescope(begin=begin, autocommit=False)
+            citus = await has_citus(runner)
+            # A claim names the server process it is for where one connection is one
+            # process: not behind PgBouncer, nor on Citus (whose workers check it too).
+            pid = 0 if settings.pgbouncer or citus else runner.driver.get_server_pid()
+            claims = ClaimIssuer(key, tenant, backend_pid=pid)
+            runner.rescope(
+                begin=_tenant_begin(claims, settings, citus=citus),
+                refresh=claims.refresh,
+                autocommit=False,
+            )
             await runner.begin("open unit of work")
         except DatabaseUnavailable as exc:
             retry = attempt == 1 and stale(exc, runner)
@@ -217,7 +230,7 @@ async def open_tenant(
 
 
 def _tenant_begin(
-    tenant: TenantId, settings: DatabaseSettings, *, citus: bool
+    claims: ClaimIssuer, settings: DatabaseSettings, *, citus: bool
 ) -> Callable[[], tuple[str, ...]]:
     """What opens each transaction of a tenant's runner; the first also checks the tenant."""
     first = True
@@ -225,7 +238,7 @@ def _tenant_begin(
     def begin() -> tuple[str, ...]:
         nonlocal first
         check, first = first, False
-        return transaction_preamble(tenant, settings=settings, check_tenant=check, citus=citus)
+        return transaction_preamble(claims, settings=settings, check_tenant=check, citus=citus)
 
     return begin
 

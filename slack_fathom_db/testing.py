@@ -57,9 +57,11 @@ from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import citus, schema
+from slack_fathom_db.claims import generate_tenant_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import UsageError
 from slack_fathom_db.logins import create_login
+from slack_fathom_db.maintenance import install_tenant_key
 from slack_fathom_db.runner import render
 from slack_fathom_db.settings import DatabaseSettings, normalize_url
 from slack_fathom_db.tokens import generate_key
@@ -553,6 +555,8 @@ class _Logins:
     runtime_password: str
     token_keys: str
     """The database's ``DATABASE_TOKEN_KEYS``: one key made for it."""
+    tenant_key: str
+    """The database's ``DATABASE_TENANT_KEY``: made for it, installed when it is migrated."""
 
     @classmethod
     def for_database(cls, name: str) -> _Logins:
@@ -563,6 +567,7 @@ class _Logins:
             runtime=f"{name}_runtime",
             runtime_password=secrets.token_urlsafe(24),
             token_keys=generate_key("test"),
+            tenant_key=generate_tenant_key("test"),
         )
 
     def migration_url(self, server: URL) -> URL:
@@ -582,6 +587,7 @@ def _database_settings(server: URL, logins: _Logins, *, runtime: bool) -> Databa
         url=url.render_as_string(hide_password=False),
         migration_url=migration.render_as_string(hide_password=False),
         token_keys=logins.token_keys,
+        tenant_key=logins.tenant_key,
         pool_size=10,
         max_overflow=20,
         _env_file=None,
@@ -639,6 +645,7 @@ async def throwaway_database(
     try:
         if migrate:
             await schema.upgrade(settings)
+            await install_tenant_key(settings)
             settings = await _open_to_runtime(settings, logins)
         yield settings
     finally:
@@ -684,6 +691,8 @@ async def citus_database(
                 node, f'ALTER DATABASE "{logins.name}" OWNER TO "{logins.migrator}"'
             )
         await schema.upgrade(settings, revision)
+        if revision == "head":
+            await install_tenant_key(settings)
         await citus.distribute(settings)
         if revision == "head":
             settings = await _open_to_runtime(settings, logins)

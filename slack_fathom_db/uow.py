@@ -5,10 +5,13 @@ Invariants:
 * Repositories exist only here, built from the unit of work's runner, tenant
   and settings; they run statements, they never commit.
 * Every transaction starts with the tenant preamble (``BEGIN; SET LOCAL ROLE
-  <app role>; SET LOCAL app.tenant_id = '<uuid>'; …``, one round trip; three
-  on Citus), so row-level security scopes every statement, and the settings
-  vanish at ``COMMIT`` or ``ROLLBACK``. The first transaction also checks
-  that the tenant is live (:class:`TenantNotFound` otherwise).
+  <app role>; SET LOCAL app.tenant_claim = '<signed claim>'; …``, one round
+  trip; three on Citus), so row-level security scopes every statement to the
+  tenant the database verified, and the settings vanish at ``COMMIT`` or
+  ``ROLLBACK``. A transaction older than the claim's refresh age sets a fresh
+  claim before its next statement. The first transaction also checks the
+  claim and that the tenant is live (:class:`TenantClaimRefused`,
+  :class:`TenantNotFound`).
 * Leaving the block without :meth:`UnitOfWork.commit` rolls back. After a
   commit, the next statement opens a new transaction, scoped again.
 * Before each commit, the rate-limit charges made inside are applied
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from slack_fathom_db.claims import TenantKey
     from slack_fathom_db.runner import Runner
     from slack_fathom_db.settings import DatabaseSettings
 
@@ -52,6 +56,7 @@ class UnitOfWork:
         engine: AsyncEngine,
         settings: DatabaseSettings,
         *,
+        key: TenantKey,
         tenant_id: TenantId | None = None,
         slack_team_id: str | None = None,
     ) -> None:
@@ -59,6 +64,7 @@ class UnitOfWork:
             raise UsageError("unit_of_work() takes exactly one of tenant_id and slack_team_id")
         self._engine = engine
         self._settings = settings
+        self._key = key
         self._tenant_id = (
             None
             if tenant_id is None
@@ -87,6 +93,7 @@ class UnitOfWork:
             runner, tenant = await open_tenant(
                 self._engine,
                 self._settings,
+                key=self._key,
                 tenant_id=self._tenant_id,
                 slack_team_id=self._slack_team_id,
             )

@@ -1,0 +1,213 @@
+"""Signed tenant claims: row-level security admits a tenant only through a claim it verifies.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-03
+
+* A tenant transaction no longer says which tenant it is with a plain setting
+  that any SQL of the runtime login could overwrite; it sets
+  ``app.tenant_claim`` to ``v1.<key id>.<tenant>.<issued, epoch ms>.<backend
+  pid or 0>.<HMAC-SHA256, hex>`` (:mod:`slack_fathom_db.claims`), signed by
+  the application with ``DATABASE_TENANT_KEY``.
+* ``tenant_claim_keys`` holds the database's side of that key (the HMAC's
+  inner and outer pads: one or two keys, two during a rotation). The owner
+  alone may read it; no role may change it but the owner's logins
+  (``sfdb migrate``, ``sfdb rotate-tenant-key``).
+* ``sfdb_claimed_tenant()`` (the owner's, SECURITY DEFINER, a pinned path)
+  returns the claim's tenant when the claim is well formed, made with a key
+  of that table, received by the database between 2 s before and 10 s after
+  it was issued (``statement_timestamp()``), and, when it names a backend,
+  received by that backend; otherwise ``NULL``, and the policies admit no
+  row. It never raises. ``COST`` is high so the planner evaluates it once, as
+  an index key, rather than once per row of a scan.
+* ``sfdb_require_claim()`` (the preamble's check of a unit of work's first
+  transaction) raises SQLSTATE ``SF001`` with the reason when the claim is
+  refused (no key, clock skew, a signature that does not verify), and
+  ``P0002`` when the tenant is unknown or soft-deleted.
+* The tenant policies (``tenant_isolation`` on every tenant-owned table,
+  ``tenant_self`` on ``tenants``) now name the app role and compare with
+  ``sfdb_claimed_tenant()``. The owner, whose ``sfdb_consume_rate_limit()``
+  sets ``app.tenant_id`` itself from its argument, keeps that setting through
+  ``owner_scoped`` on ``api_rate_limits``, the one table it writes so.
+
+``downgrade()`` puts the plain-setting policies back and drops the rest.
+"""
+
+from collections.abc import Sequence
+from typing import Final
+
+from alembic import context, op
+
+from slack_fathom_db.roles import LayerRoles, migration_roles
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
+TENANT_OWNED: Final = (
+    "users",
+    "crm_connections",
+    "account_mappings",
+    "meeting_sessions",
+    "audit_logs",
+    "api_rate_limits",
+    "slack_installations",
+    "slack_bots",
+)
+PLAIN_TENANT: Final = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
+CLAIMED_TENANT: Final = "sfdb_claimed_tenant()"
+
+# The claim's shape, checked before any part of it is cast (bad input yields NULL, not
+# an error); mirrored by slack_fathom_db.claims.
+CLAIM_PATTERN: Final = (
+    r"^v1\.[A-Za-z0-9_-]{1,32}\."
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\."
+    r"[0-9]{13}\.[0-9]{1,10}\.[0-9a-f]{64}$"
+)
+# How far the database's clock may be from the claim's issue time when a statement
+# arrives: a little before (the application's clock ahead), ten seconds after.
+EARLIEST: Final = "interval '2 seconds'"
+LATEST: Final = "interval '10 seconds'"
+
+_CLAIMED_TENANT: Final = f"""
+CREATE FUNCTION sfdb_claimed_tenant() RETURNS uuid
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER COST 10000
+SET search_path = {SEARCH_PATH} AS $$
+DECLARE
+    claim constant text := current_setting('app.tenant_claim', true);
+    part text[];
+    issued timestamptz;
+    pads record;
+BEGIN
+    IF claim IS NULL OR claim !~ '{CLAIM_PATTERN}' THEN
+        RETURN NULL;
+    END IF;
+    part := string_to_array(claim, '.');
+    issued := to_timestamp(part[4]::bigint / 1000.0);
+    IF statement_timestamp() < issued - {EARLIEST}
+       OR statement_timestamp() > issued + {LATEST}
+       OR (part[5] <> '0' AND part[5]::bigint <> pg_backend_pid()) THEN
+        RETURN NULL;
+    END IF;
+    SELECT inner_pad, outer_pad INTO pads FROM public.tenant_claim_keys WHERE key_id = part[2];
+    IF NOT FOUND OR sha256(pads.outer_pad || sha256(
+        pads.inner_pad || convert_to(left(claim, -65), 'UTF8')
+    )) <> decode(part[6], 'hex') THEN
+        RETURN NULL;
+    END IF;
+    RETURN part[3]::uuid;
+END
+$$
+"""
+
+# Why a claim was refused is said to the caller that asks (the layer, once per unit of
+# work): nothing in it is secret, and the verdict stays sfdb_claimed_tenant()'s.
+_REQUIRE_CLAIM: Final = f"""
+CREATE FUNCTION sfdb_require_claim() RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
+DECLARE
+    claim constant text := current_setting('app.tenant_claim', true);
+    tenant constant uuid := public.sfdb_claimed_tenant();
+    part text[];
+    lag numeric;
+    problem text;
+BEGIN
+    IF tenant IS NULL THEN
+        IF claim IS NULL OR claim !~ '{CLAIM_PATTERN}' THEN
+            problem := 'no well-formed claim is set (app.tenant_claim)';
+        ELSE
+            part := string_to_array(claim, '.');
+            lag := round(extract(epoch FROM statement_timestamp()) - part[4]::bigint / 1000.0, 1);
+            IF NOT EXISTS (SELECT FROM public.tenant_claim_keys WHERE key_id = part[2]) THEN
+                problem := format(
+                    'the database holds no tenant key %s (sfdb migrate installs the key of '
+                    'DATABASE_TENANT_KEY)', part[2]);
+            ELSIF statement_timestamp() < to_timestamp(part[4]::bigint / 1000.0) - {EARLIEST}
+               OR statement_timestamp() > to_timestamp(part[4]::bigint / 1000.0) + {LATEST} THEN
+                problem := format(
+                    'it reached the database %s s after it was issued (accepted: -2 to 10 s); '
+                    'do the clocks of this host and of the database agree?', lag);
+            ELSIF part[5] <> '0' AND part[5]::bigint <> pg_backend_pid() THEN
+                problem := 'it was made for another server connection';
+            ELSE
+                problem := format(
+                    'its signature does not verify with the database''s key %s (is '
+                    'DATABASE_TENANT_KEY the key installed in this database?)', part[2]);
+            END IF;
+        END IF;
+        RAISE EXCEPTION 'tenant claim refused: %', problem USING ERRCODE = 'SF001';
+    END IF;
+    IF NOT EXISTS (SELECT FROM public.tenants WHERE id = tenant AND deleted_at IS NULL) THEN
+        RAISE EXCEPTION 'the tenant of this transaction is unknown or soft-deleted'
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$
+"""
+
+
+def _roles() -> LayerRoles:
+    return migration_roles(context.config.attributes)
+
+
+def _policies(*, app: str, tenant: str) -> None:
+    """Point the tenant policies at ``tenant``, for the app role (``app``) or everyone."""
+    for table in TENANT_OWNED:
+        op.execute(
+            f"ALTER POLICY tenant_isolation ON {table} TO {app} "
+            f"USING (tenant_id = {tenant}) WITH CHECK (tenant_id = {tenant})"
+        )
+    op.execute(
+        f"ALTER POLICY tenant_self ON tenants TO {app} "
+        f"USING (id = {tenant}) WITH CHECK (id = {tenant})"
+    )
+
+
+def upgrade() -> None:
+    roles = _roles()
+    # Made by the migrating login and handed to the owner, as revision 0007 explains
+    # (the function reaches the workers of a Citus cluster; the key table stays on this
+    # node, and sfdb distribute gives each worker its own copy).
+    op.execute("RESET ROLE")
+    op.execute(
+        """
+        CREATE TABLE tenant_claim_keys (
+            key_id text NOT NULL,
+            inner_pad bytea NOT NULL,
+            outer_pad bytea NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT pk_tenant_claim_keys PRIMARY KEY (key_id),
+            CONSTRAINT ck_tenant_claim_keys_key_id CHECK (key_id ~ '^[A-Za-z0-9_-]{1,32}$'),
+            CONSTRAINT ck_tenant_claim_keys_pads
+                CHECK (length(inner_pad) = 64 AND length(outer_pad) = 64)
+        )
+        """
+    )
+    op.execute(f'ALTER TABLE tenant_claim_keys OWNER TO "{roles.owner}"')
+    op.execute(f'REVOKE ALL ON tenant_claim_keys FROM PUBLIC, "{roles.app}", "{roles.directory}"')
+    op.execute(_CLAIMED_TENANT)
+    op.execute(_REQUIRE_CLAIM)
+    for function in ("sfdb_claimed_tenant()", "sfdb_require_claim()"):
+        op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
+        op.execute(f'ALTER FUNCTION {function} OWNER TO "{roles.owner}"')
+        op.execute(f'GRANT EXECUTE ON FUNCTION {function} TO "{roles.app}"')
+    # Only the rate-limit function (the owner's) checks a tenant by the plain setting now.
+    op.execute(f'REVOKE EXECUTE ON FUNCTION sfdb_require_tenant() FROM "{roles.app}"')
+    _policies(app=f'"{roles.app}"', tenant=CLAIMED_TENANT)
+    op.execute(
+        f'CREATE POLICY owner_scoped ON api_rate_limits TO "{roles.owner}" '
+        f"USING (tenant_id = {PLAIN_TENANT}) WITH CHECK (tenant_id = {PLAIN_TENANT})"
+    )
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
+
+
+def downgrade() -> None:
+    roles = _roles()
+    op.execute("DROP POLICY owner_scoped ON api_rate_limits")
+    _policies(app="PUBLIC", tenant=PLAIN_TENANT)
+    op.execute(f'GRANT EXECUTE ON FUNCTION sfdb_require_tenant() TO "{roles.app}"')
+    op.execute("DROP FUNCTION sfdb_require_claim()")
+    op.execute("DROP FUNCTION sfdb_claimed_tenant()")
+    op.execute("DROP TABLE tenant_claim_keys")
