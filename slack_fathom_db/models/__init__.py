@@ -7,7 +7,13 @@ from slack_fathom_db.models.base import Base
 from slack_fathom_db.models.meetings import MeetingSession
 from slack_fathom_db.models.rate_limits import ApiRateLimit
 from slack_fathom_db.models.slack import SlackBot, SlackInstallation, SlackOAuthState
-from slack_fathom_db.models.tenants import AccountMapping, CrmConnection, Tenant, User
+from slack_fathom_db.models.tenants import (
+    AccountMapping,
+    CrmConnection,
+    Tenant,
+    TenantClaimKey,
+    User,
+)
 
 TENANT_OWNED_TABLES: Final = (
     "users",
@@ -33,5 +39,6 @@ __all__ = [
     "SlackInstallation",
     "SlackOAuthState",
     "Tenant",
+    "TenantClaimKey",
     "User",
 ]

@@ -16,8 +16,10 @@ from sqlalchemy import (
     CheckConstraint,
     ForeignKeyConstraint,
     Index,
+    LargeBinary,
     String,
     Text,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -145,3 +147,24 @@ class AccountMapping(TenantOwned, Timestamps, SoftDelete, Base):
 
     def __repr__(self) -> str:
         return f"AccountMapping(id={self.id}, email_domain={self.email_domain!r})"
+
+
+class TenantClaimKey(Base):
+    """The database's side of a tenant key: the HMAC's pads (``slack_fathom_db.claims``).
+
+    No role but the owner reads it; the function that verifies claims does, as the owner.
+    """
+
+    __tablename__ = "tenant_claim_keys"
+    __table_args__ = (
+        CheckConstraint("key_id ~ '^[A-Za-z0-9_-]{1,32}$'", name="key_id"),
+        CheckConstraint("length(inner_pad) = 64 AND length(outer_pad) = 64", name="pads"),
+    )
+
+    key_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    inner_pad: Mapped[bytes] = mapped_column(LargeBinary)
+    outer_pad: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"TenantClaimKey(key_id={self.key_id!r})"
