@@ -219,9 +219,11 @@ _ADD_KEY: Final = (
     "INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad) VALUES ($1, $2, $3)"
 )
 # Every worker's copy of the table, made anew from the coordinator's rows in one command
-# per worker (built here, in SQL: the pads never pass through the client).
+# per worker, built in SQL (the pads never pass through the client). It runs as the
+# login (a worker may not know the owner before sfdb distribute has brought it there);
+# the copy becomes the owner's where the owner exists.
 _SYNC_WORKERS: Final = r"""
-SELECT nodename, nodeport, success, result FROM run_command_on_workers(format(
+SELECT nodename, nodeport, success FROM run_command_on_workers(format(
     $command$
     DO $do$ BEGIN
         SET LOCAL search_path = pg_catalog, public, pg_temp;
@@ -235,23 +237,31 @@ SELECT nodename, nodeport, success, result FROM run_command_on_workers(format(
             CONSTRAINT ck_tenant_claim_keys_pads
                 CHECK (length(inner_pad) = 64 AND length(outer_pad) = 64)
         );
-        ALTER TABLE public.tenant_claim_keys OWNER TO %I;
         REVOKE ALL ON public.tenant_claim_keys FROM PUBLIC;
         DELETE FROM public.tenant_claim_keys;
         %s
+        IF EXISTS (SELECT FROM pg_roles WHERE rolname = %L) THEN
+            ALTER TABLE public.tenant_claim_keys OWNER TO %I;
+        END IF;
     END $do$
     $command$,
-    (SELECT tableowner FROM pg_tables
-     WHERE schemaname = 'public' AND tablename = 'tenant_claim_keys'),
     (SELECT coalesce(
         'INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad, created_at) '
         || 'VALUES ' || string_agg(
             format('(%L, %L::bytea, %L::bytea, %L::timestamptz)',
                    key_id, inner_pad, outer_pad, created_at), ', ')
         || ';', '')
-     FROM public.tenant_claim_keys)
+     FROM public.tenant_claim_keys),
+    $1::text, $1::text
 ))
 """
+# What a node holds of the keys, and who owns them, as one value to compare.
+_KEYS_DIGEST: Final = (
+    "SELECT md5(pg_get_userbyid(c.relowner) || '/' || coalesce(("
+    "SELECT string_agg(key_id || ':' || encode(inner_pad, 'hex') || ':' "
+    "|| encode(outer_pad, 'hex'), ',' ORDER BY key_id) FROM public.tenant_claim_keys), '')) "
+    "FROM pg_class c WHERE c.oid = 'public.tenant_claim_keys'::regclass"
+)
 _HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
@@ -350,7 +360,19 @@ async def finish_tenant_key_rotation(settings: DatabaseSettings) -> list[str]:
 
 
 async def sync_tenant_keys(conn: asyncpg.Connection) -> bool:
-    """Give every Citus worker the coordinator's tenant keys; ``False`` without workers."""
+    """Give every Citus worker the coordinator's tenant keys unless each has them already.
+
+    ``True`` if a worker's copy was made anew; ``False`` when all agree (or there
+    are no workers).
+    """
+    if not await conn.fetchval(_HAS_CITUS):
+        return False
+    held = await conn.fetchval(_KEYS_DIGEST)
+    copies = await conn.fetch(
+        "SELECT success, result FROM run_command_on_workers($1)", _KEYS_DIGEST
+    )
+    if all(row["success"] and row["result"] == held for row in copies):
+        return False
     return await _sync_workers(conn)
 
 
@@ -374,14 +396,16 @@ async def _holds(conn: asyncpg.Connection, key: TenantKey) -> bool:
 async def _sync_workers(conn: asyncpg.Connection) -> bool:
     if not await conn.fetchval(_HAS_CITUS):
         return False
-    if not await conn.fetchval(
-        "SELECT EXISTS (SELECT FROM pg_dist_node WHERE noderole = 'primary' AND groupid <> 0)"
-    ):
-        return False
-    for row in await conn.fetch(_SYNC_WORKERS):
+    owner = await conn.fetchval(
+        "SELECT pg_get_userbyid(relowner) FROM pg_class "
+        "WHERE oid = 'public.tenant_claim_keys'::regclass"
+    )
+    if conn.is_in_transaction():
+        await conn.execute("SET LOCAL ROLE NONE")  # the login, for the rest of it
+    for row in await conn.fetch(_SYNC_WORKERS, owner):
         if not row["success"]:
             raise ConfigurationError(
-                f"tenant keys: worker {row['nodename']}:{row['nodeport']} refused its copy "
-                "of the keys (the owner must be able to log in there and create tables)"
+                f"tenant keys: worker {row['nodename']}:{row['nodeport']} refused its copy of "
+                "the keys (the migrating login must be able to log in there and create tables)"
             )
     return True

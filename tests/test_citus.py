@@ -19,7 +19,7 @@ from slack_sdk.oauth.installation_store import Installation
 from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
 from slack_fathom_db.errors import ConfigurationError, Conflict, translate
 from slack_fathom_db.logins import create_login
-from slack_fathom_db.maintenance import purge_rate_limit_windows
+from slack_fathom_db.maintenance import install_tenant_key, purge_rate_limit_windows
 from slack_fathom_db.slack import InstallationStore
 from slack_fathom_db.testing import CitusCluster, citus_database
 from tests.conftest import superuser_dsn
@@ -68,6 +68,7 @@ async def test_later_migrations_run_on_a_distributed_database(
             user_id,
         )
         await schema.upgrade(settings)
+        await install_tenant_key(settings)  # as sfdb migrate does once the table exists
         lease = await admin.fetchval(
             "SELECT processing_lease_expires_at FROM meeting_sessions WHERE tenant_id = $1",
             tenant_id,
@@ -102,6 +103,13 @@ async def test_later_migrations_run_on_a_distributed_database(
             "WHERE c.relname LIKE 'api_rate_limits_%' AND p.polname = 'delete_ended_windows'"
         )
         assert purge_policies > 0
+        # The worker checks tenant claims with its own copy of the key (owner's, no grants).
+        keys = await worker.fetch(
+            "SELECT key_id, pg_get_userbyid(c.relowner) AS owner, NOT EXISTS ("
+            "SELECT FROM aclexplode(c.relacl) g WHERE g.grantee <> c.relowner) AS no_grants "
+            "FROM tenant_claim_keys, pg_class c WHERE c.oid = 'tenant_claim_keys'::regclass"
+        )
+        assert [tuple(key) for key in keys] == [("test", settings.roles.owner, True)]
     finally:
         await worker.close()
 
