@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -63,7 +64,7 @@ CLAIM_PATTERN: Final = re.compile(
     r"v1\.[A-Za-z0-9_-]{1,32}\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
     r"\.[0-9]{13}\.[0-9]{1,10}\.[0-9a-f]{64}"
 )
-"""What a claim looks like (the database checks the same shape)."""
+"""What a claim the layer makes looks like (the database checks each part it casts)."""
 
 _KEY_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _KEY_BYTES: Final = 32
@@ -158,7 +159,7 @@ class ClaimIssuer:
     def __init__(self, key: TenantKey, tenant_id: uuid.UUID, *, backend_pid: int) -> None:
         self._key = key
         self._tenant = validation.canonical_uuid(tenant_id)
-        self._backend_pid = backend_pid
+        self._backend_pid = int(backend_pid)
         self._issued_at = 0.0
 
     def statement(self) -> str:
@@ -172,3 +173,7 @@ class ClaimIssuer:
         if time.monotonic() - self._issued_at < REFRESH_AFTER:
             return None
         return self.statement()
+
+    def undone(self) -> None:
+        """A rollback to a savepoint may have undone the last claim set: set a fresh one next."""
+        self._issued_at = -math.inf

@@ -87,8 +87,10 @@ class ConfigurationError(SlackFathomDBError):
 
 
 class TenantClaimRefused(ConfigurationError):
-    """The database did not accept the unit of work's signed tenant claim: no key of
-    ``DATABASE_TENANT_KEY`` is installed there, or the clocks disagree (the message says)."""
+    """The database did not accept the unit of work's signed tenant claim; the message says
+    why: it holds no key of that id (``sfdb migrate`` installs ``DATABASE_TENANT_KEY``), the
+    signature does not verify with its key of that id, the clocks of the application and
+    the database disagree, or the claim was made for another server connection."""
 
 
 class DatabaseUnavailable(SlackFathomDBError):

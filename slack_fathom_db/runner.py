@@ -36,7 +36,7 @@ import time
 from asyncio import current_task
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast
 
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CompiledStatement",
+    "Renewal",
     "Runner",
     "compile_statement",
     "fetch_outside",
@@ -146,6 +147,16 @@ def render(statement: ClauseElement) -> tuple[str, list[Any]]:
     return state.statement, arguments
 
 
+class Renewal(Protocol):
+    """What a runner asks before each statement of a transaction (a tenant's claims)."""
+
+    def refresh(self) -> str | None:
+        """A message to send before the next statement, or ``None``."""
+
+    def undone(self) -> None:
+        """What was sent since the last savepoint was rolled back."""
+
+
 class Runner:
     """Statements on one pooled connection; see the module docstring.
 
@@ -169,7 +180,7 @@ class Runner:
         self._driver = driver
         self._begin_messages = begin
         self._autocommit = autocommit
-        self._refresh: Callable[[], str | None] | None = None
+        self._renewal: Renewal | None = None
         self._in_transaction = False
         self._aborted_by: str | None = None
         self._task = current_task()
@@ -206,18 +217,19 @@ class Runner:
         *,
         begin: Callable[[], Sequence[str]] | None,
         autocommit: bool,
-        refresh: Callable[[], str | None] | None = None,
+        renewal: Renewal | None = None,
     ) -> None:
         """Change how transactions open (e.g. from the directory's to a tenant's).
 
-        ``refresh`` is asked before each statement inside a transaction; a
-        message it returns (a fresh tenant claim) is sent first.
+        ``renewal`` is asked before each statement inside a transaction; a
+        message it returns (a fresh tenant claim) is sent first. A rollback to
+        a savepoint undoes what was sent after it: the renewal is told so.
         """
         if self._in_transaction:
             raise UsageError("a runner changes scope only between transactions")
         self._begin_messages = begin
         self._autocommit = autocommit
-        self._refresh = refresh
+        self._renewal = renewal
 
     # -- statements ------------------------------------------------------------------
 
@@ -228,10 +240,10 @@ class Runner:
             await self._ensure_transaction(action)  # begins, or raises what is wrong
         elif self._closed:
             self.check_usable()
-        if self._refresh is not None and self._in_transaction:
-            renewal = self._refresh()
-            if renewal is not None:
-                await self._send(renewal, action=action)
+        if self._renewal is not None and self._in_transaction:
+            renewed = self._renewal.refresh()
+            if renewed is not None:
+                await self._send(renewed, action=action)
         started = time.perf_counter()
         if self._echo:
             _sql_log.info("%s  -- %s", sql, action)
@@ -340,6 +352,8 @@ class Runner:
             except SerializationConflict:
                 await self._send("ROLLBACK TO SAVEPOINT sfdb_retry", action=action)
                 self._aborted_by = None
+                if self._renewal is not None:
+                    self._renewal.undone()  # a claim set since the savepoint is gone
                 raise
             await self._send("RELEASE SAVEPOINT sfdb_retry", action=action)
             return result

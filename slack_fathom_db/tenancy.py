@@ -47,9 +47,9 @@ if TYPE_CHECKING:
 __all__ = [
     "TenantDirectory",
     "TenantId",
-    "has_citus",
     "open_tenant",
     "outside_opener",
+    "server_facts",
     "session_settings",
     "tenant_id_from_trusted",
     "transaction_preamble",
@@ -154,22 +154,25 @@ def session_settings(settings: DatabaseSettings) -> dict[str, str]:
     }
 
 
-async def has_citus(runner: Runner) -> bool:
-    """Whether the database behind ``runner`` has the Citus extension.
+async def server_facts(runner: Runner) -> tuple[bool, int]:
+    """Whether the database behind ``runner`` has Citus, and the backend's process id.
 
-    The answer is kept in the pooled connection's ``info``, so a connection
-    answers it once in its life, not once per unit of work.
+    Asked once in a pooled connection's life (the answers are kept in its
+    ``info``), not once per unit of work. The process id is the server's own
+    answer, not the one the driver was told at connect time (a proxy's, behind
+    one); behind PgBouncer in transaction mode it names no particular backend.
     """
-    known = runner.info.get(_CITUS_KEY)
+    known = runner.info.get(_FACTS_KEY)
     if known is None:
-        (row,) = await runner.fetch(_HAS_CITUS, (), action="inspect the database")
-        known = runner.info[_CITUS_KEY] = bool(row[0])
-    return bool(known)
+        (row,) = await runner.fetch(_FACTS, (), action="inspect the database")
+        known = runner.info[_FACTS_KEY] = (bool(row[0]), int(row[1]))
+    citus, pid = known
+    return bool(citus), int(pid)
 
 
-_CITUS_KEY: Final = "sfdb_citus"
+_FACTS_KEY: Final = "sfdb_server_facts"
 
-_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+_FACTS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus'), pg_backend_pid()"
 
 
 async def open_tenant(
@@ -205,14 +208,14 @@ async def open_tenant(
                 tenant = await resolve_on(runner, slack_team_id)
             if tenant is None:
                 raise TenantNotFound("unit_of_work: no live tenant for that slack_team_id")
-            citus = await has_citus(runner)
+            citus, backend = await server_facts(runner)
             # A claim names the server process it is for where one connection is one
             # process: not behind PgBouncer, nor on Citus (whose workers check it too).
-            pid = 0 if settings.pgbouncer or citus else runner.driver.get_server_pid()
+            pid = 0 if settings.pgbouncer or citus else backend
             claims = ClaimIssuer(key, tenant, backend_pid=pid)
             runner.rescope(
                 begin=_tenant_begin(claims, settings, citus=citus),
-                refresh=claims.refresh,
+                renewal=claims,
                 autocommit=False,
             )
             await runner.begin("open unit of work")

@@ -182,7 +182,7 @@ def canonical_uuid(value: uuid.UUID) -> uuid.UUID:
     """A plain :class:`uuid.UUID` of the same 128 bits, whatever subclass ``value`` is."""
     try:
         return uuid.UUID(int=int(value.int))
-    except (TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError):  # not a UUID at all: a str, an int…
         raise _fail("uuid", "must be a UUID") from None
 
 

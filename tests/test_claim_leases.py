@@ -42,6 +42,7 @@ def _settings_with(settings: DatabaseSettings, **changes: Any) -> DatabaseSettin
     return DatabaseSettings(
         url=settings.sqlalchemy_url().render_as_string(False),
         app_role=settings.app_role,
+        tenant_key=settings.tenant_key,
         pgbouncer=settings.pgbouncer,
         _env_file=None,
         **changes,

@@ -56,6 +56,7 @@ async def bounced(
     )
     settings = DatabaseSettings(
         url=url.render_as_string(False),
+        tenant_key=sfdb_direct_settings.tenant_key,
         pgbouncer=True,
         pool_size=4,
         max_overflow=0,

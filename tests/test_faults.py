@@ -404,7 +404,10 @@ async def test_a_server_that_never_answers_times_out_with_database_unavailable(
     port = server.sockets[0].getsockname()[1]
     url = settings.sqlalchemy_url().set(host="127.0.0.1", port=port)
     black_hole = DatabaseSettings(
-        url=url.render_as_string(hide_password=False), connect_timeout=1.0, _env_file=None
+        url=url.render_as_string(hide_password=False),
+        tenant_key=settings.tenant_key,
+        connect_timeout=1.0,
+        _env_file=None,
     )
     db = Database(black_hole)
     try:

@@ -15,7 +15,7 @@ After every case (committed for real when the method writes) every row of
 tenant A in all seven tables is read back by a superuser connection, which
 bypasses row-level security, and compared byte for byte with the snapshot
 taken before. Beyond the repositories: raw SQL inside a unit of work (RLS
-alone hides and refuses A's rows), the role and tenant settings of every
+alone hides and refuses A's rows), the role and signed tenant claim of every
 transaction and their reset on a pooled connection, and many tenants'
 units of work interleaved on a two-connection pool.
 """
@@ -37,6 +37,7 @@ import pytest_asyncio
 from sqlalchemy import TextClause, event, text
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, TenantStats, UnitOfWork
+from slack_fathom_db.claims import CLAIM_PATTERN
 from slack_fathom_db.errors import NotFound, TenantIsolationError, TransactionAborted, sqlstate_of
 from slack_fathom_db.records import CrmConnection, MeetingSession, User
 from slack_fathom_db.repositories import AuditRepo, MeetingRepo, RateLimitRepo, TenantRepo
@@ -1044,20 +1045,39 @@ async def test_raw_move_of_own_row_into_a_is_refused(
 
 # -- the role and tenant of every transaction, and their reset ---------------------------------
 
-PROBE = text(
+_SESSION = (
     "SELECT current_user AS role, session_user AS login, "
-    "current_setting('app.tenant_id', true) AS tenant, "
+    "current_setting('app.tenant_claim', true) AS claim, "
+    "current_setting('app.tenant_id', true) AS plain, "
     "pg_backend_pid() AS pid, txid_current() AS txid"
 )
+PROBE = text(_SESSION)
+"""The role, the tenant claim, the plain tenant setting, the backend and the transaction."""
+PROBE_INSIDE = text(f"{_SESSION}, sfdb_claimed_tenant()::text AS tenant")
+"""The same, in a unit of work: with the tenant the database verifies from the claim, the
+one row-level security admits (the app role alone may ask)."""
+
+
+def claim_fields(claim: str | None) -> list[str]:
+    """A claim's fields: version, key id, tenant, issued (ms), backend (0: any), mac."""
+    assert claim is not None
+    assert CLAIM_PATTERN.fullmatch(claim), claim
+    return claim.split(".")
 
 
 async def test_every_transaction_is_scoped_and_the_connection_is_reset_after(
-    settings: DatabaseSettings, tenant_a: TenantId, tenant_b: TenantId
+    settings: DatabaseSettings, tenant_a: TenantId, tenant_b: TenantId, admin: asyncpg.Connection
 ) -> None:
+    """Every transaction of a unit of work runs as the app role under a claim of its tenant
+    that the database verifies (on a direct connection to a single server, a claim
+    for that server process alone), never with the plain ``app.tenant_id``; outside a
+    unit of work, and on the pooled connection after one, there is neither."""
     login = settings.sqlalchemy_url().username
     roles = settings.roles
     assert login not in (roles.app, roles.directory, roles.owner)
     direct = not settings.pgbouncer  # behind PgBouncer a backend is not a client's own
+    # Only there does a claim name its server process; behind PgBouncer or on Citus, 0.
+    bound_to_backend = direct and not await on_citus(admin)
     single = Database(settings.model_copy(update={"pool_size": 1, "max_overflow": 0}))
     try:
 
@@ -1068,10 +1088,15 @@ async def test_every_transaction_is_scoped_and_the_connection_is_reset_after(
 
         def assert_outside(row: Any) -> None:
             assert (row.role, row.login) == (roles.directory, login)
-            assert row.tenant in (None, "")
+            assert row.claim in (None, "")
+            assert row.plain in (None, "")
 
         def assert_inside(row: Any, tenant: TenantId, pid: int) -> None:
             assert (row.role, row.login, row.tenant) == (roles.app, login, str(tenant))
+            fields = claim_fields(row.claim)
+            assert fields[2] == str(tenant)
+            assert fields[4] == (str(row.pid) if bound_to_backend else "0")
+            assert row.plain in (None, "")
             if direct:
                 assert row.pid == pid  # the pooled connection serves the unit of work
 
@@ -1085,19 +1110,19 @@ async def test_every_transaction_is_scoped_and_the_connection_is_reset_after(
             txids = []
             async with single.unit_of_work(tenant) as uow:
                 # First transaction, before and after a repository call.
-                row = (await execute_in(uow, PROBE)).one()
+                row = (await execute_in(uow, PROBE_INSIDE)).one()
                 assert_inside(row, tenant, pid)
                 txids.append(row.txid)
                 await uow.tenants.add_user(slack_user_id=unique_user_id())
                 await uow.commit()
                 # Second transaction: opened by a repository call after the commit.
                 assert (await uow.tenants.get()) is not None
-                row = (await execute_in(uow, PROBE)).one()
+                row = (await execute_in(uow, PROBE_INSIDE)).one()
                 assert_inside(row, tenant, pid)
                 txids.append(row.txid)
                 await uow.rollback()
                 # Third transaction: opened by a raw statement after a rollback.
-                row = (await execute_in(uow, PROBE)).one()
+                row = (await execute_in(uow, PROBE_INSIDE)).one()
                 assert_inside(row, tenant, pid)
                 txids.append(row.txid)
                 await uow.commit()
@@ -1133,7 +1158,7 @@ async def test_every_transaction_is_scoped_and_the_connection_is_reset_after(
         # ... and, probed, it is dropped.
         with pytest.raises(RuntimeError, match="boom"):  # noqa: PT012
             async with single.unit_of_work(tenant_a) as uow:
-                row = (await execute_in(uow, PROBE)).one()
+                row = (await execute_in(uow, PROBE_INSIDE)).one()
                 assert_inside(row, tenant_a, pid)
                 raise RuntimeError("boom")
         after, driver = await outside()
@@ -1156,7 +1181,11 @@ class Seen:
     raw_recordings: set[str]
     raw_tenants: set[uuid.UUID]
     role: str
-    setting: str
+    claimed: str
+    """The tenant the transaction's claim names."""
+    verified: str | None
+    """The tenant the database verified from it."""
+    plain: str | None
 
 
 @dataclass(frozen=True)
@@ -1237,7 +1266,7 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
                 ).scalars()
             )
             raw_tenants = set((await execute_in(uow, "SELECT id FROM tenants")).scalars())
-            probe = (await execute_in(uow, PROBE)).one()
+            probe = (await execute_in(uow, PROBE_INSIDE)).one()
             await uow.commit()
         return Seen(
             tenant,
@@ -1248,7 +1277,9 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
             raw_recordings,
             raw_tenants,
             probe.role,
+            claim_fields(probe.claim)[2],
             probe.tenant,
+            probe.plain,
         )
 
     try:
@@ -1265,7 +1296,12 @@ async def test_interleaved_units_of_work_of_many_tenants_see_only_their_own(
             assert f"rec-{seen.slack_user_id}" in seen.raw_recordings
             assert seen.raw_recordings <= recordings[seen.tenant]
             assert seen.raw_tenants == {seen.tenant}
-            assert (seen.role, seen.setting) == (settings.roles.app, str(seen.tenant))
+            assert (seen.role, seen.claimed, seen.verified) == (
+                settings.roles.app,
+                str(seen.tenant),
+                str(seen.tenant),
+            )
+            assert seen.plain in (None, "")
         # Two pooled connections served the tenants' jobs: the same connection changed
         # tenants, and one that was probed was never handed out again (it was replaced).
         jobs_checkouts = [c for c in checkouts if c.task in tenant_of]

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db.claims import CLAIM_PATTERN
 from slack_fathom_db.testing import (
     execute_in,
     pgbouncer,
@@ -40,9 +41,21 @@ PIPE_CAPACITY = 64 * 1024  # Linux's default pipe buffer
 
 PROBE = text(
     "SELECT current_user AS usr, session_user AS login, "
-    "current_setting('app.tenant_id', true) AS tenant, "
+    "current_setting('app.tenant_claim', true) AS claim, "
+    "current_setting('app.tenant_id', true) AS plain, "
     "current_setting('statement_timeout') AS timeout, pg_backend_pid() AS pid"
 )
+"""What a statement outside any unit of work sees: its role, no tenant claim nor plain
+tenant setting, the layer's timeout, its server process."""
+PROBE_INSIDE = text(
+    "SELECT current_user AS usr, session_user AS login, "
+    "current_setting('app.tenant_claim', true) AS claim, "
+    "current_setting('app.tenant_id', true) AS plain, "
+    "sfdb_claimed_tenant()::text AS tenant, "
+    "current_setting('statement_timeout') AS timeout, pg_backend_pid() AS pid"
+)
+"""The same inside a unit of work, with the tenant the database verifies from its claim
+(as the app role, which alone may ask)."""
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +83,7 @@ async def bounced(
     )
     settings = DatabaseSettings(
         url=url.render_as_string(False),
+        tenant_key=sfdb_direct_settings.tenant_key,
         pgbouncer=True,
         pool_size=CLIENTS,
         max_overflow=0,
@@ -110,8 +124,10 @@ async def test_many_interleaved_tenants_over_two_server_connections(
     sfdb_direct_settings: DatabaseSettings,
     probed: bool,
 ) -> None:
-    """Probed, each unit of work also reads its role, tenant and server pid with raw SQL
-    (which makes it reset the session and drop its client connection when it ends);
+    """Probed, each unit of work also reads its role, its tenant claim, the tenant the
+    database verifies from it and its server pid with raw SQL (which makes it reset
+    the session and drop its client connection when it ends). A claim made behind
+    PgBouncer names no server process (0): any of the two may run the transaction;
     with repositories only, it takes the layer's ordinary path, checked by what it
     reads and by the rows and counters a superuser sees."""
     tenants = [
@@ -128,7 +144,7 @@ async def test_many_interleaved_tenants_over_two_server_connections(
 
         async def probe(uow: UnitOfWork) -> None:
             if probed:
-                probes.append((await execute_in(uow, PROBE)).one())
+                probes.append((await execute_in(uow, PROBE_INSIDE)).one())
 
         async with bounced.unit_of_work(tenant) as uow:
             await probe(uow)
@@ -173,13 +189,18 @@ async def test_many_interleaved_tenants_over_two_server_connections(
                 str(seen.tenant),
                 "7s",
             )
+            assert CLAIM_PATTERN.fullmatch(probe.claim), probe.claim
+            _, _, claimed, _, backend, _ = probe.claim.split(".")
+            assert (claimed, backend) == (str(seen.tenant), "0")
+            assert probe.plain in (None, "")
             pids.add(probe.pid)
             tenants_per_pid.setdefault(probe.pid, set()).add(seen.tenant)
         assert seen.users <= own
         assert seen.raw_users <= own
         assert seen.recordings <= {f"rec-{u}" for u in own}
         assert (seen.outside.usr, seen.outside.login) == (roles.directory, login)
-        assert seen.outside.tenant in (None, "")
+        assert seen.outside.claim in (None, "")
+        assert seen.outside.plain in (None, "")
         assert seen.outside.timeout == "7s"  # set by the opener, as everything else
     # Every transaction ran on one of two server connections, each serving many tenants.
     if probed:

@@ -21,7 +21,8 @@ from opentelemetry.trace import StatusCode
 from sqlalchemy import inspect
 
 import slack_fathom_db
-from slack_fathom_db import Database, records
+from slack_fathom_db import Database, claims, records
+from slack_fathom_db.claims import CLAIM_PATTERN
 from slack_fathom_db.errors import (
     ConfigurationError,
     Conflict,
@@ -30,6 +31,7 @@ from slack_fathom_db.errors import (
     SerializationConflict,
     SlackFathomDBError,
     StatementTimeout,
+    TenantClaimRefused,
     TenantIsolationError,
     TenantNotFound,
     ValidationError,
@@ -119,7 +121,7 @@ async def test_echo_logs_every_statement_of_a_handler_and_never_a_parameter(
     for expected in (
         "sfdb_resolve_tenant",
         "sfdb_consume_rate_limit",
-        "SET LOCAL app.tenant_id = '…'",
+        "SET LOCAL app.tenant_claim = '…'",
         "FROM users",
         "INSERT INTO meeting_sessions",
         "ORDER BY meeting_sessions.created_at DESC",
@@ -128,6 +130,46 @@ async def test_echo_logs_every_statement_of_a_handler_and_never_a_parameter(
         assert expected in text, expected
     for secret in (slack_user, recording, str(tenant_a), "echoed"):
         assert secret not in text, secret
+    assert "v1." not in text  # no tenant claim
+    assert "app.tenant_id" not in text  # units of work no longer set it
+
+
+async def test_echo_never_shows_a_claim_not_even_a_refreshed_one(
+    echo_db: Database,
+    tenant_a: TenantId,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every line logged while units of work open, refresh (the refresh age is 0.1 s
+    here), fail, roll back and commit, from every logger, shows each ``SET LOCAL`` of a
+    claim with the claim masked: none holds ``v1.`` (how every claim starts), while the
+    claims themselves were set (read back inside the transaction)."""
+    monkeypatch.setattr(claims, "REFRESH_AFTER", 0.1)
+    seen: list[str] = []
+    with caplog.at_level(logging.DEBUG):
+        async with echo_db.unit_of_work(tenant_a) as uow:
+            runner = runner_of(uow)
+            for _ in range(2):
+                await asyncio.sleep(0.15)
+                (row,) = await runner.fetch(
+                    "SELECT current_setting('app.tenant_claim') AS claim", (), action="probe"
+                )
+                seen.append(row["claim"])
+            with pytest.raises(NotFound):
+                await uow.meetings.create(
+                    user_id=uuid.uuid4(), fathom_recording_id="rec-echo", title="t"
+                )
+            await uow.rollback()
+            await uow.tenants.add_user(slack_user_id=unique_user_id())
+            await uow.commit()
+    assert len(set(seen)) == 2
+    assert all(CLAIM_PATTERN.fullmatch(claim) for claim in seen), seen
+    logged = [record.getMessage() for record in caplog.records]
+    masked = [line for line in logged if "SET LOCAL app.tenant_claim = '…'" in line]
+    assert len(masked) >= 4, logged  # the preamble, two refreshes, the preamble again
+    for line in logged:
+        assert "v1." not in line, line
+        assert CLAIM_PATTERN.search(line) is None, line
 
 
 async def test_a_slow_statement_is_logged_as_a_warning(
@@ -302,6 +344,7 @@ class _Raised(Exception):
         ("40001", SerializationConflict),
         ("40P01", SerializationConflict),
         ("P0002", TenantNotFound),
+        ("SF001", TenantClaimRefused),
         ("28P01", DatabaseUnavailable),
         ("53300", DatabaseUnavailable),
         ("55P03", StatementTimeout),

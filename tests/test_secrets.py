@@ -1,4 +1,5 @@
-"""The database password never shows: not in logs (echo on), reprs, info() or errors.
+"""The database password and the tenant key never show: not in logs (echo on), reprs,
+info() or errors; nor does a tenant claim signed with the key.
 
 A throwaway cluster of this module requires a real password (SCRAM) for one
 login role, so a right and a wrong password both reach the server; a closed
@@ -14,7 +15,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import pytest
@@ -23,6 +24,7 @@ from pydantic import ValidationError as SettingsError
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, schema
+from slack_fathom_db.claims import CLAIM_PATTERN, generate_tenant_key
 from slack_fathom_db.errors import DatabaseUnavailable, SlackFathomDBError
 from slack_fathom_db.testing import engine_of, local_cluster_control, throwaway_database
 from tests.helpers import dsn
@@ -32,8 +34,16 @@ WRONG = f"wrong-{secrets.token_hex(12)}"
 ROLE = "sfdb_pw_login"
 
 
+class PasswordDatabase(NamedTuple):
+    """A migrated database reached as a role that needs a password, and its tenant key."""
+
+    url: URL
+    tenant_key: str
+    """The ``DATABASE_TENANT_KEY`` installed in that database."""
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def password_url() -> AsyncIterator[URL]:
+async def password_db() -> AsyncIterator[PasswordDatabase]:
     """A migrated database on a cluster of this module, as a role that needs a password."""
     manager = local_cluster_control()
     cluster = await asyncio.to_thread(manager.__enter__)
@@ -51,7 +61,8 @@ async def password_url() -> AsyncIterator[URL]:
             # The server really checks it now: a wrong password is refused.
             with pytest.raises(asyncpg.InvalidPasswordError):
                 await asyncpg.connect(dsn(url.set(password=WRONG)))
-            yield url
+            assert settings.tenant_key is not None
+            yield PasswordDatabase(url, settings.tenant_key.get_secret_value())
     finally:
         await asyncio.to_thread(manager.__exit__, None, None, None)
 
@@ -90,9 +101,10 @@ def log_text(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(lines)
 
 
-def settings_for(url: URL, **extra: Any) -> DatabaseSettings:
+def settings_for(url: URL, tenant_key: str, **extra: Any) -> DatabaseSettings:
     return DatabaseSettings(
         url=url.render_as_string(hide_password=False),
+        tenant_key=tenant_key,
         echo=True,
         pool_size=2,
         max_overflow=0,
@@ -102,10 +114,13 @@ def settings_for(url: URL, **extra: Any) -> DatabaseSettings:
     )
 
 
-async def test_a_working_connection_never_shows_the_password(
-    password_url: URL, every_log_line: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+async def test_a_working_connection_never_shows_the_password_the_tenant_key_or_a_claim(
+    password_db: PasswordDatabase,
+    every_log_line: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    settings = settings_for(password_url)
+    settings = settings_for(*password_db)
+    key_bytes = password_db.tenant_key.partition(":")[2]
     assert settings.sqlalchemy_url().password == PASSWORD
     async with Database(settings) as db:
         assert await db.check_connection() is True
@@ -146,15 +161,21 @@ async def test_a_working_connection_never_shows_the_password(
         "database and engine": everything,
     }
     assert "SELECT" in texts["stdout/stderr (echo)"] + texts["log records"]  # echo was on
+    # The preamble of each unit of work's transaction was logged, its claim masked.
+    assert "SET LOCAL app.tenant_claim = '…'" in texts["log records"]
     for where, text in texts.items():
         assert PASSWORD not in text, where
+        assert key_bytes not in text, where
+        assert CLAIM_PATTERN.search(text) is None, where
     assert "***" in info.url
 
 
 async def test_a_wrong_password_fails_clearly_without_showing_either_password(
-    password_url: URL, every_log_line: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    password_db: PasswordDatabase,
+    every_log_line: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    settings = settings_for(password_url.set(password=WRONG))
+    settings = settings_for(password_db.url.set(password=WRONG), password_db.tenant_key)
     errors: list[BaseException] = []
     async with Database(settings) as db:
         assert await db.check_connection() is False
@@ -199,7 +220,7 @@ async def test_an_unreachable_server_error_does_not_show_the_password(
         port=port,
         database="nowhere",
     )
-    async with Database(settings_for(url)) as db:
+    async with Database(settings_for(url, generate_tenant_key("test"))) as db:
         with pytest.raises(DatabaseUnavailable) as caught:
             await asyncio.wait_for(db.info(), 60)
         assert await db.check_connection() is False

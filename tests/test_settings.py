@@ -8,21 +8,29 @@ leaks in.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import secrets
 import sys
+import traceback
 from pathlib import Path
 
 import asyncpg
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, __version__
+from slack_fathom_db.claims import generate_tenant_key
+from slack_fathom_db.errors import ConfigurationError
 from slack_fathom_db.roles import LayerRoles
 from slack_fathom_db.settings import normalize_url
 from slack_fathom_db.testing import local_cluster
 
 PASSWORD = "s3cr3t-pw"
+TENANT_KEY = generate_tenant_key("masked")
+TENANT_KEY_BYTES = TENANT_KEY.partition(":")[2]
+"""The secret part of ``TENANT_KEY``: what must never show."""
 
 
 @pytest.fixture
@@ -40,6 +48,7 @@ def _with_password(settings: DatabaseSettings) -> DatabaseSettings:
     url = settings.sqlalchemy_url().set(password=PASSWORD)
     return DatabaseSettings(
         url=url.render_as_string(hide_password=False),
+        tenant_key=settings.tenant_key,
         pool_size=2,
         max_overflow=0,
         _env_file=None,
@@ -63,6 +72,7 @@ def test_defaults(clean_env: Path) -> None:
     # The roles are named after the database unless DATABASE_ROLE_PREFIX or
     # DATABASE_APP_ROLE say otherwise.
     assert (settings.role_prefix, settings.app_role, settings.migration_url) == (None, None, None)
+    assert settings.tenant_key is None
     named = DatabaseSettings(url=f"postgresql://app:{PASSWORD}@db.internal/slack")
     assert named.roles == LayerRoles(
         owner="slack_owner", app="slack_app", directory="slack_directory"
@@ -84,6 +94,7 @@ def test_environment_overrides(clean_env: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("DATABASE_PGBOUNCER", "1")
     monkeypatch.setenv("DATABASE_STATEMENT_TIMEOUT_MS", "1500")
     monkeypatch.setenv("DATABASE_APP_ROLE", "tenant_app")
+    monkeypatch.setenv("DATABASE_TENANT_KEY", TENANT_KEY)
     settings = DatabaseSettings()
     url = settings.sqlalchemy_url()
     assert (url.drivername, url.username, url.password) == ("postgresql+asyncpg", "app", PASSWORD)
@@ -96,6 +107,8 @@ def test_environment_overrides(clean_env: Path, monkeypatch: pytest.MonkeyPatch)
     assert settings.pgbouncer is True
     assert settings.statement_timeout_ms == 1500
     assert settings.app_role == "tenant_app"
+    assert settings.tenant_key is not None
+    assert settings.tenant_key.get_secret_value() == TENANT_KEY
 
 
 def test_dotenv_file(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,9 +233,13 @@ def test_valid_app_roles_are_kept(clean_env: Path, role: str) -> None:
 # -- the password never shows ----------------------------------------------------------
 
 
-def test_the_password_is_masked_everywhere(clean_env: Path) -> None:
-    settings = DatabaseSettings(url=f"postgresql://app:{PASSWORD}@db.internal:5432/slack")
-    assert settings.sqlalchemy_url().password == PASSWORD  # it is there ...
+def test_the_password_and_the_tenant_key_are_masked_everywhere(clean_env: Path) -> None:
+    settings = DatabaseSettings(
+        url=f"postgresql://app:{PASSWORD}@db.internal:5432/slack", tenant_key=TENANT_KEY
+    )
+    assert settings.sqlalchemy_url().password == PASSWORD  # they are there ...
+    assert settings.tenant_key is not None
+    assert settings.tenant_key.get_secret_value() == TENANT_KEY
     shown = {
         "repr": repr(settings),
         "str": str(settings),
@@ -230,10 +247,12 @@ def test_the_password_is_masked_everywhere(clean_env: Path) -> None:
         "model_dump_json": settings.model_dump_json(),
         "model_dump": repr(settings.model_dump()),
         "url field": repr(settings.url),
+        "tenant key field": repr(settings.tenant_key) + str(settings.tenant_key),
         "Database repr": repr(Database(settings)),
     }
     for where, text in shown.items():  # ... and nowhere to be seen
         assert PASSWORD not in text, where
+        assert TENANT_KEY_BYTES not in text, where
     assert settings.masked_url == "postgresql+asyncpg://app:***@db.internal:5432/slack"
     assert "db.internal" in repr(settings)
     assert "db.internal" in repr(Database(settings))
@@ -259,9 +278,13 @@ async def test_sfdb_info_does_not_print_the_password(settings: DatabaseSettings)
     secret = _with_password(settings)
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DATABASE_")}
     env["DATABASE_URL"] = secret.sqlalchemy_url().render_as_string(hide_password=False)
+    assert settings.tenant_key is not None
+    tenant_key = settings.tenant_key.get_secret_value()
+    env["DATABASE_TENANT_KEY"] = tenant_key
     code, out, err = await _run_cli("info", env=env)
     assert code == 0, err
     assert PASSWORD not in out + err
+    assert tenant_key.partition(":")[2] not in out + err
     assert "***" in out
     assert str(settings.sqlalchemy_url().database) in out
 
@@ -274,6 +297,58 @@ async def test_sfdb_reports_a_bad_url_without_the_password(tmp_path: Path) -> No
     assert "configuration error" in err
     assert PASSWORD not in out + err
     assert "Traceback" not in err
+
+
+# -- the tenant key -------------------------------------------------------------------
+
+
+def _encoded(size: int) -> str:
+    """``size`` random bytes in url-safe base64, as a tenant key's secret part is written."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(size)).decode()
+
+
+SHORT_KEY = _encoded(16)
+LONG_KEY = _encoded(48)
+GARBLED_KEY = f"not*base64*{secrets.token_hex(16)}"
+
+
+def test_a_database_without_a_tenant_key_is_refused_naming_the_setting(clean_env: Path) -> None:
+    """Units of work cannot sign a claim without ``DATABASE_TENANT_KEY``: ``Database`` refuses
+    to start without it, saying which setting to set, before it connects anywhere."""
+    settings = DatabaseSettings(url=f"postgresql://app:{PASSWORD}@db.internal/slack")
+    assert settings.tenant_key is None
+    with pytest.raises(ConfigurationError, match="DATABASE_TENANT_KEY is not set"):
+        Database(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "hidden"),
+    [
+        pytest.param(f"{TENANT_KEY_BYTES}", TENANT_KEY_BYTES, id="no key id"),
+        pytest.param(f"bad id!:{TENANT_KEY_BYTES}", TENANT_KEY_BYTES, id="a bad key id"),
+        pytest.param(f"{'k' * 33}:{TENANT_KEY_BYTES}", TENANT_KEY_BYTES, id="a key id too long"),
+        pytest.param(f"test:{SHORT_KEY}", SHORT_KEY, id="16 bytes"),
+        pytest.param(f"test:{LONG_KEY}", LONG_KEY, id="48 bytes"),
+        pytest.param(f"test:{GARBLED_KEY}", GARBLED_KEY, id="not base64"),
+        pytest.param("test:", None, id="no key"),
+    ],
+)
+def test_a_malformed_tenant_key_is_refused_without_showing_it(
+    clean_env: Path, value: str, hidden: str | None
+) -> None:
+    """A ``DATABASE_TENANT_KEY`` that is not ``<key id>:<base64 of 32 bytes>`` is refused when
+    the ``Database`` is made, with an error that names the setting and shows nothing of
+    the key: not in its message, its repr, nor anywhere in its traceback."""
+    settings = DatabaseSettings(
+        url=f"postgresql://app:{PASSWORD}@db.internal/slack", tenant_key=SecretStr(value)
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        Database(settings)
+    assert "DATABASE_TENANT_KEY" in str(caught.value)
+    if hidden is not None:
+        printed = "".join(traceback.format_exception(caught.value))
+        for text in (str(caught.value), repr(caught.value), printed):
+            assert hidden not in text
 
 
 # -- the local cluster of the test plugin ----------------------------------------------
@@ -337,7 +412,11 @@ async def test_a_libpq_sslmode_is_understood(
 ) -> None:
     # libpq's ?sslmode= (as hosting providers write it) reaches the driver as its ssl mode.
     url = settings.sqlalchemy_url().set(query={"sslmode": mode})
-    given = DatabaseSettings(url=url.render_as_string(hide_password=False), _env_file=None)
+    given = DatabaseSettings(
+        url=url.render_as_string(hide_password=False),
+        tenant_key=settings.tenant_key,
+        _env_file=None,
+    )
     assert given.sqlalchemy_url().query == {"ssl": mode}
     offers_tls = await admin.fetchval("SHOW ssl") == "on"
     async with Database(given) as db:

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 from sqlalchemy import text
 
-from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork
-from slack_fathom_db.errors import NotFound, TenantNotFound, UsageError
-from slack_fathom_db.testing import engine_of, execute_in
+from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork, claims
+from slack_fathom_db.claims import CLAIM_PATTERN, TenantKey, generate_tenant_key
+from slack_fathom_db.errors import NotFound, TenantClaimRefused, TenantNotFound, UsageError
+from slack_fathom_db.testing import engine_of, execute_in, runner_of
 from tests.helpers import (
     checked_out,
     count_live_users,
     fetch_row,
+    on_citus,
     unique_team_id,
     unique_user_id,
 )
 
 CONTEXT = text(
-    "SELECT current_user AS usr, current_setting('app.tenant_id', true) AS tenant, "
+    "SELECT current_user AS usr, current_setting('app.tenant_claim', true) AS claim, "
+    "sfdb_claimed_tenant()::text AS tenant, current_setting('app.tenant_id', true) AS plain, "
     "pg_backend_pid() AS pid, txid_current_if_assigned() AS txid"
 )
 
@@ -57,17 +63,44 @@ async def enter(uow: UnitOfWork) -> None:
 
 
 class Context(NamedTuple):
-    """What ``CONTEXT`` reads: the role, the tenant setting, the backend and the transaction."""
+    """What ``CONTEXT`` reads: the role, the tenant claim, the backend and the transaction."""
 
     usr: str
+    claim: str | None
+    """``app.tenant_claim`` as the transaction set it."""
     tenant: str | None
+    """The tenant the database verified from the claim (``sfdb_claimed_tenant()``): the
+    one row-level security admits, ``None`` when it admits none."""
+    plain: str | None
+    """``app.tenant_id``, which a unit of work no longer sets (the policies ignore it)."""
     pid: int
     txid: int | None
+
+    @property
+    def fields(self) -> list[str]:
+        """The claim's dot-separated fields: version, key id, tenant, issued (ms), backend, mac."""
+        return self.claim.split(".") if self.claim else []
+
+    @property
+    def claimed(self) -> str | None:
+        """The tenant the claim names, whether or not the database accepts it."""
+        return self.fields[2] if len(self.fields) == 6 else None
 
 
 async def context(uow: UnitOfWork) -> Context:
     row = (await execute_in(uow, CONTEXT)).one()
-    return Context(row.usr, row.tenant, row.pid, row.txid)
+    return Context(row.usr, row.claim, row.tenant, row.plain, row.pid, row.txid)
+
+
+def assert_in_tenant(row: Context, settings: DatabaseSettings, tenant: uuid.UUID) -> None:
+    """``row`` was read in a transaction of ``tenant``: as the app role, under a well-formed
+    claim that names the tenant and that the database verifies, without the plain setting."""
+    assert row.usr == settings.roles.app
+    assert row.claim is not None
+    assert CLAIM_PATTERN.fullmatch(row.claim), row.claim
+    assert row.claimed == str(tenant)
+    assert row.tenant == str(tenant)
+    assert row.plain in (None, "")
 
 
 async def assert_clean_pooled_connection(
@@ -79,8 +112,10 @@ async def assert_clean_pooled_connection(
     directory role (the role it opened with); behind PgBouncer, where the role is
     set per transaction, as the runtime login itself, which holds nothing.
     ``expected``: the pooled connection must be that one (the same driver
-    connection, given back to the pool). Nothing of a unit of work runs on it
-    here, so it goes back to the pool as it was.
+    connection, given back to the pool). No tenant claim is left on it, and as
+    the app role (in a transaction that ends at once) the database finds no
+    tenant on it. Nothing of a unit of work runs on it here, so it goes back to
+    the pool as it was.
     """
     async with engine_of(db).connect() as conn:
         raw = await conn.get_raw_connection()
@@ -92,7 +127,8 @@ async def assert_clean_pooled_connection(
                 text(
                     "SELECT current_user AS usr, session_user AS login, "
                     "current_setting('role') AS role, "
-                    "current_setting('app.tenant_id', true) AS tenant, "
+                    "current_setting('app.tenant_claim', true) AS claim, "
+                    "current_setting('app.tenant_id', true) AS plain, "
                     "pg_backend_pid() AS pid, txid_current_if_assigned() AS txid, 1 AS one"
                 )
             )
@@ -102,9 +138,14 @@ async def assert_clean_pooled_connection(
             assert (row.usr, row.role) == (login_user(settings), "none")
         else:
             assert (row.usr, row.role) == (settings.roles.directory, settings.roles.directory)
-        assert row.tenant in (None, "")
+        assert row.claim in (None, "")
+        assert row.plain in (None, "")
         assert row.txid is None
         assert row.one == 1
+        # What row-level security would admit on this session: no tenant.
+        async with driver.transaction():
+            await driver.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+            assert await driver.fetchval("SELECT sfdb_claimed_tenant()") is None
         if expected is not None:
             assert driver is expected, "not the connection the pool held before"
         assert not driver.is_in_transaction()
@@ -340,8 +381,7 @@ async def test_tenant_id_of_slack_team_form_is_the_resolved_tenant(db: Database)
     async with uow:
         assert uow.tenant_id == tenant
         assert isinstance(uow.tenant_id, uuid.UUID)
-        row = await context(uow)
-        assert row.tenant == str(tenant)
+        assert_in_tenant(await context(uow), db.settings, tenant)
         current = await uow.tenants.get()
         assert current is not None
         assert current.id == tenant
@@ -428,30 +468,36 @@ async def test_resolve_returns_none_for_unknown_and_soft_deleted(db: Database) -
 
 
 async def test_tenant_context_is_set_in_every_transaction(
-    db: Database, tenant_a: TenantId, settings: DatabaseSettings
+    db: Database, tenant_a: TenantId, settings: DatabaseSettings, admin: asyncpg.Connection
 ) -> None:
+    """Every transaction of a unit of work, the first and those after a commit or a
+    rollback, runs as the app role under a claim of its tenant signed with the key of
+    ``DATABASE_TENANT_KEY``, which the database verifies; the plain ``app.tenant_id`` is
+    never set. On a direct connection to a single server the claim names the backend
+    it was made for; behind PgBouncer or on Citus, none (0)."""
+    key_id = TenantKey.from_settings(settings).key_id
+    bound_to_backend = not settings.pgbouncer and not await on_citus(admin)
     async with db.unit_of_work(tenant_a) as uow:
         before = await context(uow)
-        assert (before.usr, before.tenant) == (settings.roles.app, str(tenant_a))
+        assert_in_tenant(before, settings, tenant_a)
+        assert before.fields[1] == key_id
+        assert before.fields[4] == (str(before.pid) if bound_to_backend else "0")
         await uow.tenants.add_user(slack_user_id=unique_user_id())
         await uow.commit()
 
         after_commit = await context(uow)
-        assert (after_commit.usr, after_commit.tenant) == (settings.roles.app, str(tenant_a))
+        assert_in_tenant(after_commit, settings, tenant_a)
         assert after_commit.pid == before.pid  # same connection, a new transaction
         await uow.tenants.add_user(slack_user_id=unique_user_id())
         await uow.rollback()
 
         after_rollback = await context(uow)
-        assert (after_rollback.usr, after_rollback.tenant) == (settings.roles.app, str(tenant_a))
+        assert_in_tenant(after_rollback, settings, tenant_a)
         await uow.commit()
         await uow.commit()
 
         after_two_commits = await context(uow)
-        assert (after_two_commits.usr, after_two_commits.tenant) == (
-            settings.roles.app,
-            str(tenant_a),
-        )
+        assert_in_tenant(after_two_commits, settings, tenant_a)
         # statements really run inside a transaction (SET LOCAL would be void otherwise)
         txid = (await execute_in(uow, "SELECT txid_current()")).scalar_one()
         assert txid is not None
@@ -466,12 +512,12 @@ async def test_context_of_two_tenants_does_not_mix(
 ) -> None:
     async with db.unit_of_work(tenant_a) as uow_a, db.unit_of_work(tenant_b) as uow_b:
         row_a, row_b = await context(uow_a), await context(uow_b)
-        assert row_a.tenant == str(tenant_a)
-        assert row_b.tenant == str(tenant_b)
+        assert_in_tenant(row_a, settings, tenant_a)
+        assert_in_tenant(row_b, settings, tenant_b)
         assert row_a.pid != row_b.pid
         await uow_a.commit()
-        assert (await context(uow_b)).tenant == str(tenant_b)
-        assert (await context(uow_a)).tenant == str(tenant_a)
+        assert_in_tenant(await context(uow_b), settings, tenant_b)
+        assert_in_tenant(await context(uow_a), settings, tenant_a)
 
 
 # A unit of work that ran SQL through slack_fathom_db.testing (execute_in, driver_of) drops
@@ -514,7 +560,7 @@ async def test_a_connection_that_served_foreign_sql_is_never_pooled_again(
     pooled = await assert_clean_pooled_connection(small_db, settings)
     async with small_db.unit_of_work(tenant_a) as uow:
         inside = await context(uow)  # SQL the layer did not write, on its connection
-        assert (inside.usr, inside.tenant) == (settings.roles.app, str(tenant_a))
+        assert_in_tenant(inside, settings, tenant_a)
         if not settings.pgbouncer:
             assert inside.pid == pooled.pid  # the pooled connection served it
         await uow.tenants.add_user(slack_user_id=unique_user_id())
@@ -540,8 +586,7 @@ async def test_pooled_connection_is_reset_after_a_failed_statement(
     assert checked_out(small_db) == 0
     await assert_clean_pooled_connection(small_db, settings)
     async with small_db.unit_of_work(tenant_a) as uow:
-        row = await context(uow)
-        assert (row.usr, row.tenant) == (settings.roles.app, str(tenant_a))
+        assert_in_tenant(await context(uow), settings, tenant_a)
 
 
 async def test_rollback_after_a_failed_statement_lets_the_unit_of_work_continue(
@@ -683,14 +728,14 @@ async def test_timeout_during_a_statement_rolls_back_and_returns_its_connection(
     # The pool's only connection (or its replacement) is usable at once, not after the sleep.
     await asyncio.wait_for(assert_clean_pooled_connection(small_db, settings), timeout=20)
 
-    async def next_handler() -> str | None:
+    async def next_handler() -> Context:
         async with small_db.unit_of_work(tenant_a) as uow:
             row = await context(uow)
             await uow.tenants.add_user(slack_user_id=slack_user)
             await uow.commit()
-            return row.tenant
+            return row
 
-    assert await asyncio.wait_for(next_handler(), timeout=20) == str(tenant_a)
+    assert_in_tenant(await asyncio.wait_for(next_handler(), timeout=20), settings, tenant_a)
     assert await count_live_users(admin, tenant_a, slack_user) == 1
 
 
@@ -714,3 +759,164 @@ async def test_many_cancelled_units_of_work_do_not_leak_connections(
             await task
         assert checked_out(small_db) == 0
     await assert_clean_pooled_connection(small_db, settings)
+
+
+# -- signed tenant claims -----------------------------------------------------------------
+
+CLAIM_NOW = (
+    "SELECT current_setting('app.tenant_claim', true) AS claim, "
+    "sfdb_claimed_tenant()::text AS tenant, txid_current() AS txid"
+)
+
+
+class ClaimNow(NamedTuple):
+    """The claim in force, the tenant the database verifies from it, and the transaction."""
+
+    claim: str
+    tenant: str | None
+    txid: int
+
+    @property
+    def issued_ms(self) -> int:
+        """When the claim says it was issued (epoch milliseconds)."""
+        return int(self.claim.split(".")[3])
+
+
+async def claim_now(uow: UnitOfWork) -> ClaimNow:
+    """Read the claim with a statement the runner sends as it sends the repositories'
+    (a refresh that is due goes first); the connection stays poolable."""
+    (row,) = await runner_of(uow).fetch(CLAIM_NOW, (), action="probe")
+    return ClaimNow(row["claim"], row["tenant"], row["txid"])
+
+
+def shift_claim_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Claims are issued ``seconds`` later than now (earlier when negative), as by an
+    application whose clock is that far from the database's; the monotonic clock that
+    times refreshes is left as it is."""
+    shift = int(seconds * 1e9)
+    clock = SimpleNamespace(time_ns=lambda: time.time_ns() + shift, monotonic=time.monotonic)
+    monkeypatch.setattr(claims, "time", clock)
+
+
+async def test_a_transaction_older_than_the_refresh_age_sets_a_fresh_claim_and_keeps_its_rows(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a transaction's claim is ``REFRESH_AFTER`` old (0.5 s here), the next statement
+    is preceded by a fresh claim of the same tenant, issued later, in the same
+    transaction: the row it wrote before stays visible, and it commits. Before that
+    age, and right after a refresh, the claim in force is left as it is."""
+    monkeypatch.setattr(claims, "REFRESH_AFTER", 0.5)
+    slack_user = unique_user_id()
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=slack_user)  # not committed
+        first = await claim_now(uow)
+        assert first.tenant == str(tenant_a)
+        assert (await claim_now(uow)).claim == first.claim  # younger than the refresh age
+
+        await asyncio.sleep(0.6)
+        fresh = await claim_now(uow)
+        assert fresh.claim != first.claim
+        assert CLAIM_PATTERN.fullmatch(fresh.claim), fresh.claim
+        assert fresh.claim.split(".")[2] == str(tenant_a)
+        assert fresh.issued_ms - first.issued_ms >= 500
+        assert fresh.tenant == str(tenant_a)
+        assert fresh.txid == first.txid  # the same transaction
+        found = await uow.tenants.get_user(user.id)
+        assert found is not None
+        assert found.slack_user_id == slack_user
+        assert (await claim_now(uow)).claim == fresh.claim
+        await uow.commit()
+
+    assert await count_live_users(admin, tenant_a, slack_user) == 1
+
+
+@pytest.mark.parametrize("refreshed", [True, False], ids=["refreshed", "never refreshed"])
+async def test_only_a_refreshed_claim_keeps_a_long_transaction_in_its_tenant(
+    db: Database, tenant_a: TenantId, monkeypatch: pytest.MonkeyPatch, refreshed: bool
+) -> None:
+    """The database accepts a claim for 10 s after its issue. Claims are issued 9.3 s in
+    the past here, so the first passes the check on entry and, 0.9 s later, is past
+    its lifetime. Never refreshed, the same transaction then sees none of its rows (not
+    even the one it wrote) and the database verifies no tenant; refreshed (after 0.5 s
+    here), it keeps its tenant and its rows."""
+    shift_claim_clock(monkeypatch, -9.3)
+    monkeypatch.setattr(claims, "REFRESH_AFTER", 0.5 if refreshed else float("inf"))
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=unique_user_id())
+        before = await claim_now(uow)
+        assert before.tenant == str(tenant_a)
+
+        await asyncio.sleep(0.9)
+        after = await claim_now(uow)
+        assert after.txid == before.txid
+        found = await uow.tenants.get_user(user.id)
+        if refreshed:
+            assert after.claim != before.claim
+            assert after.tenant == str(tenant_a)
+            assert found is not None
+        else:
+            assert after.claim == before.claim
+            assert after.tenant is None
+            assert found is None
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0], ids=["application ahead", "application behind"])
+async def test_a_claim_from_a_clock_far_from_the_databases_is_refused_on_entry(
+    small_db: Database, tenant_a: TenantId, monkeypatch: pytest.MonkeyPatch, skew: float
+) -> None:
+    """A claim issued 30 s from the database's time, either way, is outside what it
+    accepts (2 s before to 10 s after): entering fails with ``TenantClaimRefused``,
+    which asks about the clocks, and the connection goes back to the pool."""
+    shift_claim_clock(monkeypatch, skew)
+    with pytest.raises(TenantClaimRefused) as refused:
+        await enter(small_db.unit_of_work(tenant_a))
+    message = str(refused.value)
+    assert "tenant claim refused" in message
+    assert "clocks" in message
+    assert "v1." not in message  # the claim itself is never quoted
+    assert checked_out(small_db) == 0
+
+
+def db_signing_with(settings: DatabaseSettings, tenant_key: str) -> Database:
+    """A one-connection ``Database`` on the test database that signs with ``tenant_key``."""
+    return Database(
+        settings.model_copy(
+            update={
+                "tenant_key": SecretStr(tenant_key),
+                "pool_size": 1,
+                "max_overflow": 0,
+                "pool_timeout": 5.0,
+            }
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("same_id", "reason"),
+    [
+        (False, "the database holds no tenant key"),
+        (True, "its signature does not verify with the database's key"),
+    ],
+    ids=["a key id the database does not hold", "the id of its key, other bytes"],
+)
+async def test_a_key_the_database_does_not_hold_is_refused_on_entry(
+    settings: DatabaseSettings, tenant_a: TenantId, same_id: bool, reason: str
+) -> None:
+    """A ``Database`` whose ``DATABASE_TENANT_KEY`` is not the key installed in the database
+    fails on entering a unit of work with ``TenantClaimRefused``, saying why: no key of
+    that id, or a signature that does not verify. Neither the claim nor the key shows
+    in the error, and the connection goes back to the pool."""
+    installed = TenantKey.from_settings(settings).key_id
+    key_id = installed if same_id else f"{installed}-absent"
+    wrong = generate_tenant_key(key_id)
+    database = db_signing_with(settings, wrong)
+    try:
+        with pytest.raises(TenantClaimRefused) as refused:
+            await enter(database.unit_of_work(tenant_a))
+        assert checked_out(database) == 0
+    finally:
+        await database.dispose()
+    message = str(refused.value)
+    assert f"{reason} {key_id}" in message, message
+    assert "v1." not in message
+    assert wrong.partition(":")[2] not in message
