@@ -17,7 +17,13 @@ from sqlalchemy import text
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, UnitOfWork, claims
 from slack_fathom_db.claims import CLAIM_PATTERN, TenantKey, generate_tenant_key
-from slack_fathom_db.errors import NotFound, TenantClaimRefused, TenantNotFound, UsageError
+from slack_fathom_db.errors import (
+    NotFound,
+    SerializationConflict,
+    TenantClaimRefused,
+    TenantNotFound,
+    UsageError,
+)
 from slack_fathom_db.testing import engine_of, execute_in, runner_of
 from tests.helpers import (
     checked_out,
@@ -828,6 +834,37 @@ async def test_a_transaction_older_than_the_refresh_age_sets_a_fresh_claim_and_k
         await uow.commit()
 
     assert await count_live_users(admin, tenant_a, slack_user) == 1
+
+
+async def test_a_claim_refreshed_inside_a_rolled_back_savepoint_is_set_again(
+    db: Database, tenant_a: TenantId, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried step runs in a savepoint; a claim refreshed inside it is undone by the
+    rollback to that savepoint. The next statement sets a fresh one: the transaction
+    keeps its tenant after the claim in force before the savepoint has expired (claims
+    issued 9.3 s in the past, refreshed after 0.5 s)."""
+    shift_claim_clock(monkeypatch, -9.3)
+    monkeypatch.setattr(claims, "REFRESH_AFTER", 0.5)
+    attempts = 0
+    async with db.unit_of_work(tenant_a) as uow:
+        user = await uow.tenants.add_user(slack_user_id=unique_user_id())
+        runner = runner_of(uow)
+        await asyncio.sleep(0.6)
+
+        async def step() -> str | None:
+            nonlocal attempts
+            attempts += 1
+            seen = await claim_now(uow)  # refreshes the claim, inside the savepoint
+            if attempts == 1:
+                raise SerializationConflict("a concurrent transaction won (simulated)")
+            return seen.tenant
+
+        assert await runner.retrying(step, action="retried step") == str(tenant_a)
+        await asyncio.sleep(0.4)  # the claim set before the savepoint is now 10.3 s old
+        after = await claim_now(uow)
+        assert after.tenant == str(tenant_a)
+        assert await uow.tenants.get_user(user.id) is not None
+    assert attempts == 2
 
 
 @pytest.mark.parametrize("refreshed", [True, False], ids=["refreshed", "never refreshed"])
