@@ -2,7 +2,7 @@
 
 Tenant keys (:mod:`slack_fathom_db.claims`): the database keeps the HMAC pads
 of one key, or of two while a rotation is under way, in ``tenant_claim_keys``,
-which the owner alone reads. :func:`install_tenant_key` adds the key of
+which the owner alone reads (the pads are as secret as the key). :func:`install_tenant_key` adds the key of
 ``DATABASE_TENANT_KEY`` (``sfdb migrate`` calls it), :func:`rotate_tenant_key`
 adds a new one and returns it for the applications' settings, and
 :func:`finish_tenant_key_rotation` keeps only the key of
@@ -219,7 +219,8 @@ _ADD_KEY: Final = (
     "INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad) VALUES ($1, $2, $3)"
 )
 # Every worker's copy of the table, made anew from the coordinator's rows in one command
-# per worker, built in SQL (the pads never pass through the client). It runs as the
+# per worker, built in SQL (the pads never pass through this client; the command's text
+# does reach each worker, where only the login that sent it and superusers see it). It runs as the
 # login (a worker may not know the owner before sfdb distribute has brought it there);
 # the copy becomes the owner's where the owner exists.
 _SYNC_WORKERS: Final = r"""
@@ -343,6 +344,13 @@ async def finish_tenant_key_rotation(settings: DatabaseSettings) -> list[str]:
                 raise ConfigurationError(
                     f"finish tenant key rotation: the database does not hold the key of "
                     f"DATABASE_TENANT_KEY ({key.key_id}); nothing was removed"
+                )
+            held = [row["key_id"] for row in await conn.fetch(_KEY_IDS)]  # oldest first
+            if len(held) > 1 and held[0] == key.key_id:
+                raise ConfigurationError(
+                    f"finish tenant key rotation: DATABASE_TENANT_KEY is {key.key_id}, the "
+                    f"older key, which the rotation retires; set it to the new key "
+                    f"({held[-1]}) where this runs; nothing was removed"
                 )
             removed = [
                 row["key_id"]

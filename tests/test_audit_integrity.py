@@ -4,7 +4,9 @@ Append-only is enforced by the database itself (grants for the app and
 directory roles, a trigger for everyone, the owner included), and an inserted
 row takes its id and creation time from the server; so each attempt here is
 raw SQL outside the layer, as the role it names (``SET ROLE`` from the suite's
-superuser): the layer has no update or delete to try.
+superuser, the tenant's rows shown to the app role by a claim signed with the
+test database's key, as a unit of work signs one): the layer has no update or
+delete to try.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db.claims import TenantKey
 from slack_fathom_db.errors import NotFound, ValidationError
 from tests.helpers import unique_user_id
 
@@ -61,24 +64,44 @@ async def logged(db: Database, tenant_a: TenantId, admin: asyncpg.Connection) ->
     return rows
 
 
+def _scope(settings: DatabaseSettings, tenant: TenantId) -> str:
+    """The ``SET LOCAL`` of a claim for ``tenant``, as a unit of work's transaction opens."""
+    claim = TenantKey.from_settings(settings).sign(uuid.UUID(str(tenant)))
+    return f"SET LOCAL app.tenant_claim = '{claim}'"
+
+
 async def _attempt_as_app_role(
     admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, sql: str
 ) -> asyncpg.PostgresError:
     """Run ``sql`` as the app role, scoped to ``tenant`` like a unit of work; its error."""
-    return await _attempt_as(admin, settings.roles.app, tenant, sql)
+    return await _attempt_as(admin, settings, settings.roles.app, tenant, sql)
 
 
 async def _attempt_as(
-    admin: asyncpg.Connection, role: str, tenant: TenantId, sql: str
+    admin: asyncpg.Connection,
+    settings: DatabaseSettings,
+    role: str,
+    tenant: TenantId,
+    sql: str,
+    *,
+    lift_row_security: bool = False,
 ) -> asyncpg.PostgresError:
-    """Run ``sql`` as ``role`` with ``tenant`` set (its rows visible), rolled back; its error."""
+    """Run ``sql`` as ``role`` with a claim for ``tenant`` (its rows visible to the app role),
+    rolled back; its error. ``lift_row_security``: the table's owner first stops forcing
+    row-level security on itself, which it may, and sees every row of the table."""
     args = [] if "$1" not in sql else [tenant]
     transaction = admin.transaction()
     await transaction.start()
     try:
         await admin.execute(f'SET LOCAL ROLE "{role}"')
-        await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant))}'")
+        await admin.execute(_scope(settings, tenant))
         assert await admin.fetchval("SELECT current_user") == role
+        if lift_row_security:
+            await admin.execute("ALTER TABLE audit_logs NO FORCE ROW LEVEL SECURITY")
+            visible = await admin.fetchval(
+                "SELECT count(*) FROM audit_logs WHERE tenant_id = $1", tenant
+            )
+            assert visible > 0, "no row to change is visible: the attempt would prove nothing"
         await admin.execute(sql, *args)
     except asyncpg.PostgresError as exc:
         return exc
@@ -90,14 +113,16 @@ async def _attempt_as(
 async def _attempt_as_owner(
     admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, sql: str
 ) -> asyncpg.PostgresError:
-    """Run ``sql`` as the table's owner, the tenant's rows visible to it; its error.
+    """Run ``sql`` as the table's owner, every row visible to it; its error.
 
-    The owner holds every privilege on the table and is subject to its forced row-level
-    security (hence the tenant): only the append-only trigger stands in its way.
+    The owner holds every privilege on the table. Forced row-level security shows it no
+    audit row (no policy of the table reads rows for it, see below), but it owns the
+    table and may stop forcing that on itself: so it does first, and only the
+    append-only trigger stands in its way.
     """
     owner = await admin.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'audit_logs'")
     assert owner == settings.roles.owner
-    return await _attempt_as(admin, owner, tenant, sql)
+    return await _attempt_as(admin, settings, owner, tenant, sql, lift_row_security=True)
 
 
 @pytest.mark.parametrize("attempt", list(ATTEMPTS))
@@ -134,7 +159,7 @@ async def test_an_audit_row_gets_its_id_and_time_from_the_server_whatever_the_ap
     await transaction.start()
     try:
         await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.app}"')
-        await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant_a))}'")
+        await admin.execute(_scope(sfdb_direct_settings, tenant_a))
         chosen = await admin.fetchval(f"SELECT {CHOSEN[column]}")
         began = await admin.fetchval("SELECT now()")
         row = await admin.fetchrow(
@@ -172,7 +197,9 @@ async def test_directory_role_cannot_touch_audit_rows(
     attempt: str,
 ) -> None:
     directory = sfdb_direct_settings.roles.directory
-    error = await _attempt_as(admin, directory, tenant_a, DIRECTORY_ATTEMPTS[attempt])
+    error = await _attempt_as(
+        admin, sfdb_direct_settings, directory, tenant_a, DIRECTORY_ATTEMPTS[attempt]
+    )
     assert error.sqlstate == "42501"
     assert "permission denied for table audit_logs" in str(error)
     assert await snapshot(admin, tenant_a) == logged
@@ -209,11 +236,40 @@ async def test_owner_update_of_a_single_row_by_id_is_refused(
     row_id = await admin.fetchval(
         "SELECT id FROM audit_logs WHERE tenant_id = $1 LIMIT 1", tenant_a
     )
-    async with admin.transaction():
+    transaction = admin.transaction()
+    await transaction.start()
+    try:
         await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.owner}"')
-        await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant_a))}'")
+        # As the table's owner may: every row visible to it, the trigger alone in its way.
+        await admin.execute("ALTER TABLE audit_logs NO FORCE ROW LEVEL SECURITY")
+        assert await admin.fetchval("SELECT count(*) FROM audit_logs WHERE id = $1", row_id) == 1
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
             await admin.execute(statement, row_id)
+    finally:
+        await transaction.rollback()  # the table's row-level security forced again
+    assert await snapshot(admin, tenant_a) == logged
+
+
+@pytest.mark.parametrize("scope", ["plain setting", "claim"])
+async def test_under_forced_row_level_security_the_owner_sees_and_changes_no_audit_row(
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    scope: str,
+) -> None:
+    """The tenant policies are the app role's alone: the owner, whatever tenant it sets,
+    reads no audit row and its update or delete reaches none (its only policy of the
+    table is for the inserts of its functions)."""
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.owner}"')
+        if scope == "claim":
+            await admin.execute(_scope(sfdb_direct_settings, tenant_a))
+        else:
+            await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant_a))}'")
+        assert await admin.fetchval("SELECT count(*) FROM audit_logs") == 0
+        assert await admin.execute(ATTEMPTS["update"], tenant_a) == "UPDATE 0"
+        assert await admin.execute(ATTEMPTS["delete"], tenant_a) == "DELETE 0"
     assert await snapshot(admin, tenant_a) == logged
 
 

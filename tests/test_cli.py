@@ -25,6 +25,7 @@ from rich.console import Console
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings, cli, schema
+from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.cli import main
 from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.logins import scram_verifier
@@ -159,11 +160,16 @@ class CliDatabase:
     name: str
     migration_url: URL
     runtime_url: URL
+    tenant_key: str
+    """``DATABASE_TENANT_KEY``: ``sfdb migrate`` installs it, units of work sign with it."""
 
     @property
     def env(self) -> dict[str, str]:
-        """``DATABASE_MIGRATION_URL``: the owner's side."""
-        return {"DATABASE_MIGRATION_URL": self.migration_url.render_as_string(False)}
+        """``DATABASE_MIGRATION_URL`` (the owner's side) and ``DATABASE_TENANT_KEY``."""
+        return {
+            "DATABASE_MIGRATION_URL": self.migration_url.render_as_string(False),
+            "DATABASE_TENANT_KEY": self.tenant_key,
+        }
 
     @property
     def url(self) -> str:
@@ -194,6 +200,7 @@ async def cli_db(sfdb_server: URL) -> AsyncIterator[CliDatabase]:
         name=name,
         migration_url=database.set(username=migrator, password=password),
         runtime_url=database.set(username=f"{name}_runtime", password=secrets.token_urlsafe(16)),
+        tenant_key=generate_tenant_key("cli"),
     )
     try:
         yield created
@@ -243,6 +250,8 @@ async def ready(cli_db: CliDatabase, sfdb_server: URL, cwd: Path) -> None:
         "create-login",
         "distribute",
         "purge-rate-limits",
+        "generate-tenant-key",
+        "rotate-tenant-key",
     ],
 )
 def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,13 +287,140 @@ def test_migrate_creates_and_upgrades_then_current(cli_db: CliDatabase, tmp_path
     assert first.returncode == 0, first.stderr
     assert "created database" in first.stdout
     assert f"is at revision {schema.head()}" in first.stdout
-    assert first.stderr == ""  # DATABASE_MIGRATION_URL is set: no word of falling back
+    assert "installed tenant key cli" in first.stdout.splitlines()
+    # DATABASE_MIGRATION_URL and DATABASE_TENANT_KEY are set: no word of falling back, nor
+    # of a missing key; and the key's secret is never shown.
+    assert first.stderr == ""
+    assert cli_db.tenant_key.split(":")[1] not in first.stdout
     again = sfdb("migrate", url=cli_db.url, cwd=tmp_path, extra_env=cli_db.env)
     assert again.returncode == 0, again.stderr
     assert "created database" not in again.stdout
+    assert "installed tenant key" not in again.stdout  # held already: nothing new
     current = sfdb("current", url=cli_db.url, cwd=tmp_path, extra_env=cli_db.env)
     assert current.returncode == 0, current.stderr
     assert current.stdout.strip() == schema.head()
+
+
+async def tenant_keys_held(sfdb_server: URL, settings: DatabaseSettings) -> list[str]:
+    """The ids of the tenant keys the database of ``settings`` holds, read as the superuser."""
+    conn = await asyncpg.connect(superuser_dsn(sfdb_server, settings))
+    try:
+        return [r["key_id"] for r in await conn.fetch("SELECT key_id FROM tenant_claim_keys")]
+    finally:
+        await conn.close()
+
+
+def tenant_key_env(settings: DatabaseSettings, key: str | None = None) -> dict[str, str]:
+    """``owner_env`` and ``DATABASE_TENANT_KEY``: ``key``, or the one of ``settings``."""
+    if key is None:
+        assert settings.tenant_key is not None
+        key = settings.tenant_key.get_secret_value()
+    return owner_env(settings) | {"DATABASE_TENANT_KEY": key}
+
+
+async def test_migrate_without_a_tenant_key_warns_and_installs_it_once_it_is_set(
+    sfdb_server: URL, tmp_path: Path
+) -> None:
+    """Without DATABASE_TENANT_KEY the schema is migrated all the same, stderr says units
+    of work need a key, and the database holds none; run again with the key set, it is
+    installed, and a third run installs nothing new."""
+    async with throwaway_database(sfdb_server, migrate=False) as settings:
+        url = url_of(settings)
+        bare = sfdb("migrate", url=url, cwd=tmp_path, extra_env=owner_env(settings))
+        assert bare.returncode == 0, bare.stderr
+        assert f"is at revision {schema.head()}" in bare.stdout
+        assert "installed tenant key" not in bare.stdout
+        assert bare.stderr.startswith("DATABASE_TENANT_KEY is not set: no tenant key was installed")
+        assert await tenant_keys_held(sfdb_server, settings) == []
+
+        keyed = sfdb("migrate", url=url, cwd=tmp_path, extra_env=tenant_key_env(settings))
+        assert keyed.returncode == 0, keyed.stderr
+        assert keyed.stderr == ""
+        assert "installed tenant key test" in keyed.stdout.splitlines()
+        assert await tenant_keys_held(sfdb_server, settings) == ["test"]
+
+        again = sfdb("migrate", url=url, cwd=tmp_path, extra_env=tenant_key_env(settings))
+        assert again.returncode == 0, again.stderr
+        assert "installed tenant key" not in again.stdout
+        assert await tenant_keys_held(sfdb_server, settings) == ["test"]
+
+
+def test_generate_tenant_key_prints_an_id_and_32_random_bytes(tmp_path: Path) -> None:
+    """One line, ``<id>:<base64 of 32 bytes>``, that DATABASE_TENANT_KEY takes; a new key each
+    time; a random id without ``--id``; an id of the wrong shape is a usage error."""
+    named = sfdb("generate-tenant-key", "--id", "prod-2026", url=None, cwd=tmp_path)
+    assert named.returncode == 0, named.stderr
+    (line,) = named.stdout.split()
+    key_id, encoded = line.split(":")
+    assert key_id == "prod-2026"
+    assert len(base64.urlsafe_b64decode(encoded)) == 32
+    assert TenantKey.parse(line).key_id == "prod-2026"
+    other = sfdb("generate-tenant-key", "--id", "prod-2026", url=None, cwd=tmp_path)
+    assert other.stdout.split() != [line]
+    unnamed = sfdb("generate-tenant-key", url=None, cwd=tmp_path)
+    assert unnamed.returncode == 0, unnamed.stderr
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,32}", TenantKey.parse(unnamed.stdout).key_id)
+    bad = sfdb("generate-tenant-key", "--id", "no spaces", url=None, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+
+
+async def test_rotate_tenant_key_prints_a_new_key_and_finish_keeps_only_the_configured_one(
+    sfdb_server: URL, tmp_path: Path
+) -> None:
+    """``sfdb rotate-tenant-key`` adds a key and prints it alone on stdout; a second rotation
+    is refused until the first is finished; ``--finish`` refuses (and removes nothing) when
+    DATABASE_TENANT_KEY is a key the database does not hold, and with the new key removes
+    the old one."""
+    async with throwaway_database(sfdb_server) as settings:
+        url = url_of(settings)
+        assert settings.tenant_key is not None
+        current = settings.tenant_key.get_secret_value()
+
+        rotated = sfdb(
+            "rotate-tenant-key", url=url, cwd=tmp_path, extra_env=tenant_key_env(settings)
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        (new,) = rotated.stdout.split()
+        new_id = TenantKey.parse(new).key_id
+        assert new_id != "test"
+        assert "sfdb rotate-tenant-key --finish" in rotated.stderr
+        assert current.split(":")[1] not in rotated.stdout + rotated.stderr
+        assert sorted(await tenant_keys_held(sfdb_server, settings)) == sorted(["test", new_id])
+
+        again = sfdb("rotate-tenant-key", url=url, cwd=tmp_path, extra_env=tenant_key_env(settings))
+        assert again.returncode == 1
+        assert again.stdout == ""
+        assert "finish it first (sfdb rotate-tenant-key --finish)" in again.stderr
+        assert "Traceback" not in again.stderr
+        assert sorted(await tenant_keys_held(sfdb_server, settings)) == sorted(["test", new_id])
+
+        stranger = generate_tenant_key("stranger")
+        refused = sfdb(
+            "rotate-tenant-key",
+            "--finish",
+            url=url,
+            cwd=tmp_path,
+            extra_env=tenant_key_env(settings, stranger),
+        )
+        assert refused.returncode == 1
+        assert "does not hold the key of DATABASE_TENANT_KEY (stranger); nothing was removed" in (
+            refused.stderr
+        )
+        assert stranger.split(":")[1] not in refused.stdout + refused.stderr
+        assert sorted(await tenant_keys_held(sfdb_server, settings)) == sorted(["test", new_id])
+
+        finished = sfdb(
+            "rotate-tenant-key",
+            "--finish",
+            url=url,
+            cwd=tmp_path,
+            extra_env=tenant_key_env(settings, new),
+        )
+        assert finished.returncode == 0, finished.stderr
+        assert finished.stdout == ""
+        assert "tenant keys removed: test;" in finished.stderr
+        assert await tenant_keys_held(sfdb_server, settings) == [new_id]
 
 
 CHECKS = 26
@@ -415,6 +551,8 @@ async def test_downgrade_to_base_and_back(
     assert current.stdout.startswith("base")
     up = sfdb("migrate", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert up.returncode == 0, up.stderr
+    # The tenant keys went with their table: the key is installed anew.
+    assert "installed tenant key cli" in up.stdout.splitlines()
     # The downgrade dropped the layer's roles, and with them the runtime login's
     # memberships: as README says, create-login again (it keeps the login, sets its
     # password and grants the new roles).

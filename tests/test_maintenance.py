@@ -1,13 +1,17 @@
-"""Purging rate-limit windows that ended long ago, as the owner, with row-level security on.
+"""The owner's housekeeping: purging rate-limit windows that ended long ago, with row-level
+security on, and the tenant keys (installing, rotating, finishing a rotation).
 
-The purge is the owner's work: it runs with the credentials of
+Both are the owner's work: they run with the credentials of
 ``DATABASE_MIGRATION_URL`` (README), here the test database's migrating login, a
 member of the owner role and no superuser; the layer runs as the runtime login.
+Key tests change the keys of a database of their own, never the suite's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,15 +19,22 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
+from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
-from slack_fathom_db.errors import ValidationError
-from slack_fathom_db.maintenance import purge_rate_limit_windows
+from slack_fathom_db.claims import TenantKey, generate_tenant_key
+from slack_fathom_db.errors import ConfigurationError, TenantClaimRefused, ValidationError
+from slack_fathom_db.maintenance import (
+    finish_tenant_key_rotation,
+    install_tenant_key,
+    purge_rate_limit_windows,
+    rotate_tenant_key,
+)
 from slack_fathom_db.repositories.rate_limits import window
 from slack_fathom_db.testing import throwaway_database
 from tests.conftest import superuser_dsn
-from tests.helpers import dsn, unique_team_id
+from tests.helpers import dsn, unique_team_id, unique_user_id
 from tests.test_cli import owner_env, sfdb, url_of
 
 NOW = datetime.now(UTC)
@@ -203,15 +214,44 @@ async def test_the_owner_purges_every_tenant_and_the_runtime_roles_see_nothing_o
         assert deleted == 2 * sum(old for _, _, old in WINDOWS)
         for tenant in tenants:
             assert await left(superuser, tenant, resource) == kept_after(7)
-        # The app role, with tenant A set, sees A's rows only: the owner's policies give
-        # it nothing of B's, not even B's ended windows; and it may delete nothing.
+        # The app role, with a claim for tenant A, sees A's rows only: the owner's policies
+        # give it nothing of B's, not even B's ended windows; and it may delete nothing.
+        claim = TenantKey.from_settings(settings).sign(tenants[0])
         async with superuser.transaction():
             await superuser.execute(f'SET LOCAL ROLE "{roles.app}"')
-            await superuser.execute(f"SET LOCAL app.tenant_id = '{tenants[0]}'")
+            await superuser.execute(f"SET LOCAL app.tenant_claim = '{claim}'")
             seen = await superuser.fetch("SELECT DISTINCT tenant_id FROM api_rate_limits")
             assert [row["tenant_id"] for row in seen] == [tenants[0]]
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await superuser.execute("DELETE FROM api_rate_limits")
+        # The plain setting, which the owner's rate-limit function sets, shows it nothing.
+        async with superuser.transaction():
+            await superuser.execute(f'SET LOCAL ROLE "{roles.app}"')
+            await superuser.execute(f"SET LOCAL app.tenant_id = '{tenants[0]}'")
+            assert await superuser.fetchval("SELECT count(*) FROM api_rate_limits") == 0
+        # The owner, with tenant A in the plain setting (as its rate-limit function sets
+        # it), reads and writes all of A's windows and still only the ended ones of B.
+        ended_of_b = len(kept_after(7) - kept_after(0))
+        transaction = superuser.transaction()
+        await transaction.start()
+        try:
+            await superuser.execute(f'SET LOCAL ROLE "{roles.owner}"')
+            await superuser.execute(f"SET LOCAL app.tenant_id = '{tenants[0]}'")
+            rows = await superuser.fetch(
+                "SELECT tenant_id, count(*) AS n FROM api_rate_limits GROUP BY tenant_id"
+            )
+            assert {row["tenant_id"]: row["n"] for row in rows} == {
+                tenants[0]: len(kept_after(7)),
+                tenants[1]: ended_of_b,
+            }
+            changed = await superuser.execute(
+                "UPDATE api_rate_limits SET request_count = request_count + 1 "
+                "WHERE resource_type = $1",
+                resource,
+            )
+            assert changed == f"UPDATE {len(kept_after(7))}"
+        finally:
+            await transaction.rollback()
         # The directory role charges rate limits through the owner's function only.
         for statement in ("SELECT count(*) FROM api_rate_limits", "DELETE FROM api_rate_limits"):
             async with superuser.transaction():
@@ -265,3 +305,170 @@ def test_sfdb_purge_rate_limits(settings: DatabaseSettings, tmp_path: Path) -> N
     )
     assert refused.returncode == 2
     assert "must be 0 or more" in refused.stderr
+
+
+# -- tenant keys -------------------------------------------------------------------------
+
+
+def with_tenant_key(settings: DatabaseSettings, key: str) -> DatabaseSettings:
+    """``settings`` with ``DATABASE_TENANT_KEY`` set to ``key``."""
+    return settings.model_copy(update={"tenant_key": SecretStr(key)})
+
+
+def tenant_key_of(settings: DatabaseSettings) -> str:
+    """``DATABASE_TENANT_KEY`` of ``settings``."""
+    assert settings.tenant_key is not None
+    return settings.tenant_key.get_secret_value()
+
+
+async def held_keys(settings: DatabaseSettings) -> dict[str, tuple[bytes, bytes]]:
+    """The tenant keys the database holds: id and pads, read on the owner's side."""
+    conn = await asyncpg.connect(dsn(settings.for_migrations().sqlalchemy_url()))
+    try:
+        rows = await conn.fetch("SELECT key_id, inner_pad, outer_pad FROM tenant_claim_keys")
+    finally:
+        await conn.close()
+    return {row["key_id"]: (row["inner_pad"], row["outer_pad"]) for row in rows}
+
+
+async def tenant_with_a_user(settings: DatabaseSettings) -> tuple[TenantId, str]:
+    """A new tenant of the database of ``settings`` and the Slack id of its one user."""
+    slack_user = unique_user_id()
+    async with Database(settings) as db:
+        tenant = await db.directory.install(slack_team_id=unique_team_id(), slack_team_name="K")
+        async with db.unit_of_work(tenant) as uow:
+            await uow.tenants.add_user(slack_user_id=slack_user)
+            await uow.commit()
+    return tenant, slack_user
+
+
+async def users_seen(settings: DatabaseSettings, key: str, tenant: TenantId) -> list[str]:
+    """The Slack ids of ``tenant``'s users, as a unit of work signing with ``key`` reads them."""
+    async with (
+        Database(with_tenant_key(settings, key)) as db,
+        db.unit_of_work(tenant) as uow,
+    ):
+        return [user.slack_user_id for user in await uow.tenants.list_users()]
+
+
+async def users_admitted(
+    sfdb_server: URL, settings: DatabaseSettings, key: str, tenant: TenantId
+) -> int:
+    """How many of ``tenant``'s users the app role sees with a claim signed with ``key``,
+    the layer's check left out (raw SQL as the app role, from the suite's superuser)."""
+    claim = TenantKey.parse(key).sign(uuid.UUID(str(tenant)))
+    conn = await asyncpg.connect(superuser_dsn(sfdb_server, settings))
+    try:
+        async with conn.transaction():
+            await conn.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+            await conn.execute(f"SET LOCAL app.tenant_claim = '{claim}'")
+            count: int = await conn.fetchval("SELECT count(*) FROM users")
+    finally:
+        await conn.close()
+    return count
+
+
+async def test_install_tenant_key_is_idempotent_and_refuses_another_key_under_a_held_id(
+    own_database: DatabaseSettings,
+) -> None:
+    """The harness installed the database's key as sfdb migrate does: installing it again
+    adds nothing. Another key with the same id is refused, its secret never repeated, and
+    the key held stays as it was (claims signed with it still verify)."""
+    settings = own_database
+    before = await held_keys(settings)
+    assert list(before) == [TenantKey.from_settings(settings).key_id]
+    assert await install_tenant_key(settings) is False
+    assert await held_keys(settings) == before
+
+    impostor = generate_tenant_key(TenantKey.from_settings(settings).key_id)
+    with pytest.raises(ConfigurationError, match="holds another key with the id") as refused:
+        await install_tenant_key(with_tenant_key(settings, impostor))
+    assert impostor.split(":")[1] not in str(refused.value)
+    assert await held_keys(settings) == before
+
+
+async def test_a_rotation_admits_claims_of_both_keys_until_it_is_finished(
+    own_database: DatabaseSettings, sfdb_server: URL
+) -> None:
+    """Rotate: the database holds the current key and a new one, and a claim signed with
+    either admits the tenant's rows; no third key may come meanwhile. Finish (with the new
+    key as DATABASE_TENANT_KEY): the old key is gone, and only the new key's claims admit
+    rows; a unit of work still signing with the old one is refused."""
+    settings = own_database
+    old = tenant_key_of(settings)
+    old_id = TenantKey.parse(old).key_id
+    tenant, slack_user = await tenant_with_a_user(settings)
+
+    new = await rotate_tenant_key(settings)
+    new_id = TenantKey.parse(new).key_id
+    assert new_id != old_id
+    assert sorted(await held_keys(settings)) == sorted([old_id, new_id])
+    for key in (old, new):
+        assert await users_seen(settings, key, tenant) == [slack_user]
+        assert await users_admitted(sfdb_server, settings, key, tenant) == 1
+
+    with pytest.raises(ConfigurationError, match="finish it first"):
+        await rotate_tenant_key(settings)
+    with pytest.raises(ConfigurationError, match="finish it first"):
+        await install_tenant_key(with_tenant_key(settings, generate_tenant_key("third")))
+    assert sorted(await held_keys(settings)) == sorted([old_id, new_id])
+
+    removed = await finish_tenant_key_rotation(with_tenant_key(settings, new))
+    assert removed == [old_id]
+    assert list(await held_keys(settings)) == [new_id]
+    assert await users_seen(settings, new, tenant) == [slack_user]
+    assert await users_admitted(sfdb_server, settings, new, tenant) == 1
+    assert await users_admitted(sfdb_server, settings, old, tenant) == 0
+    with pytest.raises(TenantClaimRefused, match=f"holds no tenant key {old_id}"):
+        await users_seen(settings, old, tenant)
+    # Finished: finishing again removes nothing more.
+    assert await finish_tenant_key_rotation(with_tenant_key(settings, new)) == []
+
+
+async def test_finishing_a_rotation_with_a_key_the_database_does_not_hold_removes_nothing(
+    own_database: DatabaseSettings,
+) -> None:
+    """Every claim would be refused if the database kept only a key no application holds."""
+    settings = own_database
+    await rotate_tenant_key(settings)
+    held = await held_keys(settings)
+    assert len(held) == 2
+    for stranger in (generate_tenant_key("stranger"), generate_tenant_key(next(iter(held)))):
+        with pytest.raises(ConfigurationError, match="does not hold the key"):
+            await finish_tenant_key_rotation(with_tenant_key(settings, stranger))
+        assert await held_keys(settings) == held
+
+
+async def test_two_rotations_at_once_leave_at_most_two_keys(
+    own_database: DatabaseSettings,
+) -> None:
+    """Both rotations are made to wait on the key table, then let go together: one adds
+    its key, the other finds the rotation under way and is refused; never three keys."""
+    settings = own_database
+    blocker = await asyncpg.connect(dsn(settings.for_migrations().sqlalchemy_url()))
+    rotations: list[asyncio.Future[str]] = []
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE tenant_claim_keys IN ACCESS EXCLUSIVE MODE")
+        rotations += [asyncio.ensure_future(rotate_tenant_key(settings)) for _ in range(2)]
+        for _ in range(200):
+            # The activity a transaction reads is the snapshot of its first read: a new one.
+            await blocker.execute("SELECT pg_stat_clear_snapshot()")
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            )
+            if waiting == 2 or any(r.done() for r in rotations):
+                break
+            await asyncio.sleep(0.05)
+        assert waiting == 2, "the rotations did not both wait on the key table"
+    finally:
+        await blocker.close()  # lets both go at once
+        results = await asyncio.gather(*rotations, return_exceptions=True)
+    added = [r for r in results if isinstance(r, str)]
+    refused = [r for r in results if isinstance(r, ConfigurationError)]
+    assert (len(added), len(refused)) == (1, 1), results
+    assert "finish it first" in str(refused[0])
+    current, new = TenantKey.from_settings(settings).key_id, TenantKey.parse(added[0]).key_id
+    assert sorted(await held_keys(settings)) == sorted([current, new])

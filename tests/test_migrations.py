@@ -10,6 +10,7 @@ harness drops them after the test even when the test fails half-way.
 from __future__ import annotations
 
 import io
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +27,8 @@ from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, schema
 from slack_fathom_db.logins import create_login
+from slack_fathom_db.maintenance import install_tenant_key
+from slack_fathom_db.models import TENANT_OWNED_TABLES
 from slack_fathom_db.testing import throwaway_database
 from tests.conftest import superuser_dsn
 from tests.helpers import dsn, unique_team_id, unique_user_id
@@ -39,7 +42,9 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0007"
+HEAD = "0008"
+PREVIOUS = "0007"
+"""The revision before head: the last whose policies trusted the plain ``app.tenant_id``."""
 
 
 async def _connect(settings: DatabaseSettings) -> asyncpg.Connection:
@@ -62,7 +67,7 @@ class Footprint:
     """What the migrations may leave in a database and the cluster, each part sorted."""
 
     relations: Rows  # (name, owner)
-    policies: Rows  # (table.policy, roles)
+    policies: Rows  # (table.policy, roles, USING, WITH CHECK)
     triggers: tuple[str, ...]
     functions: Rows  # (name, owner, ACL, settings)
     grants: Rows  # (table, grantee, privilege), the owner's own left out
@@ -98,7 +103,9 @@ async def _footprint(conn: asyncpg.Connection, settings: DatabaseSettings) -> Fo
             conn,
             "SELECT c.relname || '.' || p.polname, "
             "ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END "
-            "FROM unnest(p.polroles) AS r ORDER BY 1)::text "
+            "FROM unnest(p.polroles) AS r ORDER BY 1)::text, "
+            "coalesce(pg_get_expr(p.polqual, p.polrelid), ''), "
+            "coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '') "
             "FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid "
             "WHERE c.relnamespace = 'public'::regnamespace",
         ),
@@ -171,6 +178,10 @@ async def test_upgrade_downgrade_upgrade_round_trip(empty: DatabaseSettings) -> 
         assert migrated.triggers
         assert {t for t, _, _ in migrated.grants} >= OUR_TABLES
         assert migrated.roles == tuple(sorted([layer.owner, layer.app, layer.directory]))
+        # The tenant keys are the owner's alone: no grant to anyone, not a column of it.
+        assert ("tenant_claim_keys", layer.owner) in migrated.relations
+        assert [g for g in migrated.grants if g[0] == "tenant_claim_keys"] == []
+        assert [g for g in migrated.column_grants if g[0] == "tenant_claim_keys"] == []
         assert await schema.current(empty) == HEAD
 
         await schema.downgrade(empty, "base")
@@ -202,6 +213,100 @@ async def test_upgrade_downgrade_upgrade_round_trip(empty: DatabaseSettings) -> 
         assert (await _footprint(conn, empty)).roles == ()
     finally:
         await conn.close()
+
+
+PLAIN_TENANT = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
+CLAIMED_TENANT = "sfdb_claimed_tenant()"
+CLAIM_FUNCTIONS = {"sfdb_claimed_tenant", "sfdb_require_claim"}
+
+
+def _normalise(expression: str) -> str:
+    """An SQL expression without casts to text, parentheses and blanks, for comparison."""
+    return re.sub(r"[()\s]", "", expression.replace("::text", ""))
+
+
+def _policies(footprint: Footprint) -> dict[str, tuple[str, str, str]]:
+    """``table.policy``: its roles, USING and WITH CHECK (the expressions normalised)."""
+    return {
+        name: (roles, _normalise(using), _normalise(check))
+        for name, roles, using, check in footprint.policies
+    }
+
+
+def _tenant_policies(roles: str, tenant: str) -> dict[str, tuple[str, str, str]]:
+    """The tenant policies of every tenant-owned table and of tenants, for ``roles``."""
+    scoped = {
+        f"{table}.tenant_isolation": (
+            roles,
+            _normalise(f"tenant_id = {tenant}"),
+            _normalise(f"tenant_id = {tenant}"),
+        )
+        for table in TENANT_OWNED_TABLES
+    }
+    own = _normalise(f"id = {tenant}")
+    return scoped | {"tenants.tenant_self": (roles, own, own)}
+
+
+async def _app_may_execute(conn: asyncpg.Connection, settings: DatabaseSettings, fn: str) -> bool:
+    allowed: bool = await conn.fetchval(
+        "SELECT has_function_privilege($1, $2, 'EXECUTE')", settings.roles.app, fn
+    )
+    return allowed
+
+
+async def test_downgrade_from_signed_claims_puts_back_the_plain_setting_and_upgrades_again(
+    empty: DatabaseSettings,
+) -> None:
+    """Revision 0008 both ways, between 0007 and head.
+
+    Up: the tenant policies name the app role alone and compare with the verified
+    claim, the owner keeps the plain setting on api_rate_limits only (owner_scoped),
+    the key table and the two claim functions exist, and the app role may no longer
+    call sfdb_require_tenant(). Down: exactly the state 0007 made (policies TO PUBLIC
+    on the plain setting, no key table, no claim function), and up again the same
+    state as the first time; the keys went with their table, so the key is installed
+    anew.
+    """
+    layer = empty.roles
+    await schema.upgrade(empty, PREVIOUS)
+    conn = await _connect(empty)
+    try:
+        before = await _footprint(conn, empty)
+        assert _policies(before).items() >= _tenant_policies("{public}", PLAIN_TENANT).items()
+        assert "api_rate_limits.owner_scoped" not in _policies(before)
+        assert await _app_may_execute(conn, empty, "sfdb_require_tenant()")
+
+        await schema.upgrade(empty, HEAD)
+        migrated = await _footprint(conn, empty)
+        policies = _policies(migrated)
+        assert policies.items() >= _tenant_policies(f"{{{layer.app}}}", CLAIMED_TENANT).items()
+        scoped = _normalise(f"tenant_id = {PLAIN_TENANT}")
+        assert policies["api_rate_limits.owner_scoped"] == (f"{{{layer.owner}}}", scoped, scoped)
+        assert set(policies) == set(_policies(before)) | {"api_rate_limits.owner_scoped"}
+        assert ("tenant_claim_keys", layer.owner) in migrated.relations
+        functions = {name: acl for name, _, acl, _ in migrated.functions}
+        assert set(functions) >= CLAIM_FUNCTIONS
+        for name in CLAIM_FUNCTIONS:
+            assert await _app_may_execute(conn, empty, f"{name}()"), name
+            assert f"{layer.directory}=" not in functions[name], name
+        assert not await _app_may_execute(conn, empty, "sfdb_require_tenant()")
+        assert await install_tenant_key(empty)
+
+        await schema.downgrade(empty, PREVIOUS)
+        assert await schema.current(empty) == PREVIOUS
+        down = await _footprint(conn, empty)
+        assert down == before
+        assert "tenant_claim_keys" not in {name for name, _ in down.relations}
+        assert CLAIM_FUNCTIONS.isdisjoint(name for name, *_ in down.functions)
+
+        await schema.upgrade(empty, HEAD)
+        assert await _footprint(conn, empty) == migrated
+        assert await conn.fetchval("SELECT count(*) FROM tenant_claim_keys") == 0
+        assert await install_tenant_key(empty)
+    finally:
+        await conn.close()
+    await schema.check(empty)
+    await schema.downgrade(empty, "base")
 
 
 async def test_a_database_dropped_without_downgrade_migrates_again_under_its_name(
@@ -254,9 +359,9 @@ async def test_the_offline_scripts_do_what_the_online_migrations_do(
     downgrade = _offline_script(
         empty, lambda config: command.downgrade(config, f"{HEAD}:base", sql=True)
     )
-    assert f"Running upgrade 0006 -> {HEAD}" in upgrade
+    assert f"Running upgrade {PREVIOUS} -> {HEAD}" in upgrade
     assert f'GRANT "{empty.roles.owner}" TO CURRENT_USER' in upgrade
-    assert f"Running downgrade {HEAD} -> 0006" in downgrade
+    assert f"Running downgrade {HEAD} -> {PREVIOUS}" in downgrade
 
     # Run as the migrating login, as `psql -f` would: the same states as online, both ways.
     conn = await _connect(empty)
@@ -435,6 +540,7 @@ async def test_meetings_in_processing_before_leases_get_one_from_their_start(
     # The meeting stuck since before the upgrade is claimed again; the busy one is not.
     # The layer runs as a runtime login, as everywhere (dropped with the database's roles).
     await schema.upgrade(empty)
+    await install_tenant_key(empty)  # as sfdb migrate does: units of work sign with it
     runtime, password = f"{empty.sqlalchemy_url().database}_runtime", secrets.token_urlsafe(16)
     await create_login(empty, runtime, password)
     as_runtime = empty.model_copy(

@@ -7,7 +7,9 @@ actually built: tables, policies, and the least-privilege roles (owner, app,
 directory, the runtime login), their ownership and their grants, column by
 column, with nothing for PUBLIC. The second half writes real rows with raw SQL
 on a superuser connection and shows that the database itself refuses what the
-design forbids, and that row-level security scopes the app role to one tenant.
+design forbids, and that row-level security scopes the app role to the one
+tenant of a signed claim the database verifies (``app.tenant_claim``, made here
+with the test database's ``DATABASE_TENANT_KEY`` as a unit of work makes it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ import pytest_asyncio
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import DatabaseSettings
+from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 from tests.conftest import superuser_connection
 from tests.helpers import on_citus, reported_constraint, unique_team_id, unique_user_id
@@ -44,11 +48,16 @@ TABLES = frozenset(
     }
 )
 GLOBAL_TABLES = frozenset({"tenants", "slack_oauth_states"})
-ALL_TABLES = TABLES | GLOBAL_TABLES
+OWNER_TABLES = frozenset({"tenant_claim_keys"})
+"""The layer's tables no runtime role holds anything of: the owner's alone."""
+ALL_TABLES = TABLES | GLOBAL_TABLES | OWNER_TABLES
 TENANT_OWNED = sorted(TABLES - {"tenants"})
 SOFT_DELETED = ("tenants", "users", "crm_connections", "meeting_sessions", "account_mappings")
 
-CURRENT_TENANT = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
+CLAIMED_TENANT = "sfdb_claimed_tenant()"
+"""What the app role's tenant policies compare with: the tenant of a verified claim."""
+PLAIN_TENANT = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
+"""What the owner's own rate-limit policy compares with (its function sets it)."""
 
 # TRIGGER_TYPE_* bits of pg_trigger.tgtype (src/include/catalog/pg_trigger.h).
 TRIGGER_ROW, TRIGGER_BEFORE, TRIGGER_DELETE, TRIGGER_UPDATE, TRIGGER_TRUNCATE = 1, 2, 8, 16, 32
@@ -112,6 +121,9 @@ OWNER_MAINTENANCE = {
     ("audit_logs", "owner_records", b"a"): (None, "true"),
 }
 ENDED_WINDOWS = "period <> 'bucket' AND sfdb_window_end(period, window_start) <= now()"
+# The owner's policy of migration 0008 for sfdb_consume_rate_limit(), which sets the plain
+# setting itself from its argument: the one table the owner writes a tenant's rows of so.
+OWNER_SCOPED = {("api_rate_limits", "owner_scoped", b"*")}
 
 
 def _normalise(expression: str) -> str:
@@ -130,15 +142,41 @@ async def rolled_back(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connect
         await transaction.rollback()
 
 
+def claim_for(settings: DatabaseSettings, tenant: uuid.UUID, **how: int) -> str:
+    """A claim for ``tenant`` signed with the test database's key, as a unit of work signs
+    one (``how``: ``backend_pid``, ``issued_ms``; by default for any backend, issued now)."""
+    return TenantKey.from_settings(settings).sign(tenant, **how)
+
+
+def set_local(name: str, value: str) -> str:
+    """``SET LOCAL name = 'value'``: what Citus passes on to its workers (set_config() not)."""
+    quoted = value.replace("'", "''")
+    return f"SET LOCAL {name} = '{quoted}'"
+
+
 @contextlib.asynccontextmanager
 async def as_app_role(
-    conn: asyncpg.Connection, role: str, tenant: uuid.UUID | str | None
+    conn: asyncpg.Connection,
+    settings: DatabaseSettings,
+    tenant: uuid.UUID | None,
+    *,
+    claim: str | None = None,
+    plain: str | None = None,
 ) -> AsyncIterator[asyncpg.Connection]:
-    """``BEGIN; SET LOCAL ROLE <app role>; SET LOCAL app.tenant_id = ...``, rolled back after."""
+    """``BEGIN; SET LOCAL ROLE <app role>; SET LOCAL app.tenant_claim = ...``, rolled back after.
+
+    The claim is one for ``tenant`` signed with the test database's key, or ``claim``
+    as it is (none when both are ``None``); ``plain`` sets the plain ``app.tenant_id``
+    besides, which the app role's policies no longer read.
+    """
     async with rolled_back(conn):
-        await conn.execute(f'SET LOCAL ROLE "{role}"')
+        await conn.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
         if tenant is not None:
-            await conn.execute(f"SET LOCAL app.tenant_id = '{tenant}'")
+            claim = claim_for(settings, tenant)
+        if claim is not None:
+            await conn.execute(set_local("app.tenant_claim", claim))
+        if plain is not None:
+            await conn.execute(set_local("app.tenant_id", plain))
         yield conn
 
 
@@ -574,9 +612,13 @@ FROM pg_policy WHERE polrelid = $1::regclass
 
 
 @pytest.mark.parametrize("table", TENANT_OWNED)
-async def test_row_level_security_is_enabled_forced_and_nullif_safe(
+async def test_row_level_security_is_forced_and_scopes_the_app_role_by_the_verified_claim(
     admin: asyncpg.Connection, settings: DatabaseSettings, table: str
 ) -> None:
+    """Every policy of a tenant-owned table is one of the owner's maintenance policies or
+    the app role's ``tenant_isolation``, which compares ``tenant_id`` with the verified
+    claim (both USING and WITH CHECK). No policy is for PUBLIC or the directory role, and
+    none compares with the plain ``app.tenant_id`` but the owner's ``owner_scoped``."""
     flags = await admin.fetchrow(
         "SELECT relrowsecurity, relforcerowsecurity, pg_get_userbyid(relowner) AS owner "
         "FROM pg_class WHERE oid = $1::regclass",
@@ -588,15 +630,16 @@ async def test_row_level_security_is_enabled_forced_and_nullif_safe(
     assert flags["owner"] == settings.roles.owner
     policies = await admin.fetch(POLICIES_SQL, f"public.{table}")
     assert policies, f"{table} has no policy"
-    expected = _normalise(f"tenant_id = {CURRENT_TENANT}")
+    claimed = _normalise(f"tenant_id = {CLAIMED_TENANT}")
     for policy in policies:
-        maintenance = OWNER_MAINTENANCE.get((table, policy["polname"], policy["polcmd"]))
+        key = (table, policy["polname"], policy["polcmd"])
+        maintenance = OWNER_MAINTENANCE.get(key)
         if maintenance is not None:
             assert list(policy["roles"]) == [settings.roles.owner], policy["polname"]
             assert (policy["using_expr"], policy["check_expr"]) == maintenance
             continue
         assert policy["using_expr"] is not None, policy["polname"]
-        if (table, policy["polname"], policy["polcmd"]) in OWNER_POLICIES:
+        if key in OWNER_POLICIES:
             # The owner's purge of ended rate-limit windows (read and delete, no more). For
             # the owner role, which owns the table, not for whichever login ran migration
             # 0004: the purge must not depend on that login, nor keep it from being dropped.
@@ -604,23 +647,32 @@ async def test_row_level_security_is_enabled_forced_and_nullif_safe(
             assert _normalise(policy["using_expr"]) == _normalise(ENDED_WINDOWS)
             assert policy["check_expr"] is None
             continue
-        # Every other policy applies to every role, the app role included. Permissive
-        # policies are OR-ed: a single wider one would open the table.
-        assert list(policy["roles"]) == ["public"], policy["polname"]
-        assert _normalise(policy["using_expr"]) == expected, policy["using_expr"]
-        if policy["check_expr"] is not None:
-            assert _normalise(policy["check_expr"]) == expected, policy["check_expr"]
-    assert any(p["polcmd"] == b"*" and p["polpermissive"] for p in policies)
+        if key in OWNER_SCOPED:
+            plain = _normalise(f"tenant_id = {PLAIN_TENANT}")
+            assert list(policy["roles"]) == [settings.roles.owner], policy["polname"]
+            assert _normalise(policy["using_expr"]) == plain
+            assert _normalise(policy["check_expr"]) == plain
+            continue
+        # The app role's policy. Permissive policies are OR-ed: a single wider one, or one
+        # for PUBLIC on the plain setting, would open the table.
+        assert policy["polname"] == "tenant_isolation"
+        assert list(policy["roles"]) == [settings.roles.app], policy["polname"]
+        assert _normalise(policy["using_expr"]) == claimed, policy["using_expr"]
+        assert _normalise(policy["check_expr"]) == claimed, policy["check_expr"]
+    app = [p for p in policies if settings.roles.app in p["roles"]]
+    assert [(p["polname"], p["polcmd"], p["polpermissive"]) for p in app] == [
+        ("tenant_isolation", b"*", True)
+    ]
 
 
 async def test_tenants_show_the_app_role_its_own_row_and_nobody_every_row(
-    admin: asyncpg.Connection,
+    admin: asyncpg.Connection, settings: DatabaseSettings
 ) -> None:
     enabled = await admin.fetchval(
         "SELECT relrowsecurity FROM pg_class WHERE oid = 'public.tenants'::regclass"
     )
     assert enabled is True
-    own_row = _normalise(f"id = {CURRENT_TENANT}")
+    own_row = _normalise(f"id = {CLAIMED_TENANT}")
     policies = {
         p["polname"]: (
             list(p["roles"]),
@@ -632,8 +684,45 @@ async def test_tenants_show_the_app_role_its_own_row_and_nobody_every_row(
         for p in await admin.fetch(POLICIES_SQL, "public.tenants")
     }
     # The directory holds no table: it resolves and installs workspaces through the
-    # owner's functions, one workspace it names at a time, and can never list them.
-    assert policies == {"tenant_self": (["public"], b"*", True, own_row, own_row)}
+    # owner's functions, one workspace it names at a time, and can never list them. The
+    # app role sees the row of its verified claim's tenant only.
+    assert policies == {
+        "tenant_self": ([settings.roles.app], b"*", True, own_row, own_row),
+    }
+
+
+async def test_tenant_claim_keys_holds_the_pads_of_well_named_keys_and_no_policy_opens_it(
+    admin: asyncpg.Connection, settings: DatabaseSettings
+) -> None:
+    """The key table (migration 0008): the owner's, no row-level security (no runtime role
+    may read it at all, see the grants below), the key id's shape and the pads' length
+    checked by the database, and the suite's key installed as its pads, never the key."""
+    flags = await admin.fetchrow(
+        "SELECT relrowsecurity, pg_get_userbyid(relowner) AS owner FROM pg_class "
+        "WHERE oid = 'public.tenant_claim_keys'::regclass"
+    )
+    assert flags is not None
+    assert (flags["relrowsecurity"], flags["owner"]) == (False, settings.roles.owner)
+    assert await admin.fetch(POLICIES_SQL, "public.tenant_claim_keys") == []
+    key = TenantKey.from_settings(settings)
+    inner, outer = key.pads()
+    stored = await admin.fetch("SELECT key_id, inner_pad, outer_pad FROM tenant_claim_keys")
+    assert (key.key_id, inner, outer) in [
+        (r["key_id"], r["inner_pad"], r["outer_pad"]) for r in stored
+    ]
+    good: dict[str, object] = {"key_id": "schema-test", "inner_pad": inner, "outer_pad": outer}
+    async with rolled_back(admin):
+        await insert(admin, "tenant_claim_keys", good)
+    bad_rows: list[dict[str, object]] = [
+        {"key_id": "no spaces"},
+        {"key_id": "x" * 33},
+        {"inner_pad": inner[:32]},
+        {"outer_pad": outer + b"\0"},
+    ]
+    for bad in bad_rows:
+        async with rolled_back(admin):
+            with pytest.raises(asyncpg.CheckViolationError):
+                await insert(admin, "tenant_claim_keys", good | bad)
 
 
 # -- roles, ownership and grants (migration 0006) ---------------------------------------
@@ -744,6 +833,7 @@ async def test_every_table_and_function_is_the_owners(
 EVERY_COLUMN = frozenset({"*"})
 # What the app and directory roles may do, column by column ("*": the whole table). Written
 # out here rather than read from migration 0006, so that a grant too many there fails here.
+# Neither holds anything of tenant_claim_keys: the claim functions read it as the owner.
 # UPDATE is granted column by column: nobody at runtime updates an id, a tenant_id,
 # created_at or slack_team_id. INSERT is granted on whole tables (a Citus coordinator sends
 # every column of a new row to the shard); audit rows get their id and creation time from
@@ -949,7 +1039,9 @@ async def test_public_and_the_runtime_login_hold_nothing_on_any_table(
 SEARCH_PATH = "search_path=pg_catalog, public, pg_temp"
 # Who besides the owner may call each function of the layer.
 EXECUTE: dict[str, set[str]] = {
-    "sfdb_require_tenant": {"app"},
+    "sfdb_claimed_tenant": {"app"},  # its policies call it as the app role
+    "sfdb_require_claim": {"app"},  # the check of a unit of work's first transaction
+    "sfdb_require_tenant": set(),  # the owner's rate-limit function's check only
     "sfdb_consume_rate_limit": {"directory"},
     "sfdb_resolve_tenant": {"directory"},
     "sfdb_install_tenant": {"directory"},
@@ -965,8 +1057,12 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_audit_logs_append_only": set(),  # triggers: called by no one
     "sfdb_audit_logs_server_fields": set(),
 }
-# The functions that run as the owner (SECURITY DEFINER): exactly the directory's.
-DEFINERS = {name for name, callers in EXECUTE.items() if callers == {"directory"}}
+# The functions that run as the owner (SECURITY DEFINER): the directory's, and the two that
+# read the tenant keys for the app role.
+DEFINERS = {name for name, callers in EXECUTE.items() if callers == {"directory"}} | {
+    "sfdb_claimed_tenant",
+    "sfdb_require_claim",
+}
 
 
 async def test_every_function_pins_its_search_path_and_only_its_caller_may_execute_it(
@@ -1076,7 +1172,17 @@ async def test_the_runtime_login_on_its_own_can_only_become_the_app_and_director
             (roles.directory, "CREATE TABLE public.shadow (id uuid)"),
             (roles.directory, "SELECT sfdb_require_tenant()"),
             (roles.directory, "SELECT count(*) FROM public.tenants"),  # never lists them
+            (roles.directory, "SELECT sfdb_claimed_tenant()"),
+            (roles.directory, "SELECT key_id FROM public.tenant_claim_keys"),
             (roles.app, "CREATE TEMPORARY TABLE tenants (id uuid)"),
+            (roles.app, "SELECT sfdb_require_tenant()"),
+            (roles.app, "SELECT inner_pad FROM public.tenant_claim_keys"),
+            (roles.app, "DELETE FROM public.tenant_claim_keys"),
+            (
+                roles.app,
+                "INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad) "
+                "VALUES ('mine', decode(repeat('00', 64), 'hex'), decode(repeat('00', 64), 'hex'))",
+            ),
             (roles.app, "SELECT sfdb_install_tenant('TSHADOW', 'x', 'free', NULL)"),
             (roles.app, "DELETE FROM public.users"),
             (
@@ -1291,7 +1397,7 @@ async def test_audit_rows_cannot_be_changed_even_by_a_superuser(
 async def test_the_app_role_cannot_change_its_own_audit_rows(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, statement: str
 ) -> None:
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+    async with as_app_role(admin, settings, seed_a.tenant_id):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await admin.execute(statement, seed_a.tenant_id, seed_a.audit_id)
 
@@ -1311,7 +1417,7 @@ async def test_another_tenants_rows_are_invisible(
     own = await admin.fetchval(count_of, seed_a.tenant_id)
     assert own >= 1
     assert await admin.fetchval(count_of, seed_b.tenant_id) >= 1  # as superuser: visible
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+    async with as_app_role(admin, settings, seed_a.tenant_id):
         assert await admin.fetchval("SELECT current_user") == settings.roles.app
         assert await admin.fetchval(count_of, seed_b.tenant_id) == 0
         assert await admin.fetchval(f"SELECT count(*) FROM {table}") == own
@@ -1327,7 +1433,7 @@ APP_INSERTS = [table for table in TENANT_OWNED if not table.startswith("slack_")
 async def test_the_app_role_inserts_no_installation_even_its_own(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, table: str
 ) -> None:
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+    async with as_app_role(admin, settings, seed_a.tenant_id):
         with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
             await insert(admin, table, minimal_row(table, seed_a))
     assert f"permission denied for table {table}" in str(caught.value)
@@ -1341,7 +1447,7 @@ async def test_an_insert_for_another_tenant_is_refused(
     seed_b: Seeded,
     table: str,
 ) -> None:
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+    async with as_app_role(admin, settings, seed_a.tenant_id):
         await insert(admin, table, minimal_row(table, seed_a))  # its own tenant: allowed
         with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
             await insert(admin, table, minimal_row(table, seed_b))
@@ -1352,7 +1458,7 @@ async def test_an_insert_for_another_tenant_is_refused(
 async def test_a_row_cannot_be_moved_to_another_tenant(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded, seed_b: Seeded
 ) -> None:
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+    async with as_app_role(admin, settings, seed_a.tenant_id):
         # Another tenant's rows are not there to update.
         assert (
             await admin.execute(
@@ -1367,14 +1473,15 @@ async def test_a_row_cannot_be_moved_to_another_tenant(
     # changes at all, and the coordinator refuses it before it checks any privilege.
     citus = await on_citus(admin)
     refused = asyncpg.FeatureNotSupportedError if citus else asyncpg.InsufficientPrivilegeError
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
+    async with as_app_role(admin, settings, seed_a.tenant_id):
         with pytest.raises(refused) as granted:
             await admin.execute(move, seed_b.tenant_id, seed_a.tenant_id)
     if not citus:
         assert granted.value.sqlstate == "42501"
         assert "permission denied for table api_rate_limits" in str(granted.value)
     # The owner holds every column, and row-level security's WITH CHECK still refuses the
-    # move (on Citus, the coordinator again).
+    # move (on Citus, the coordinator again): its own policy of the table, owner_scoped,
+    # reads the plain setting its rate-limit function sets.
     async with rolled_back(admin):
         await admin.execute(f'SET LOCAL ROLE "{settings.roles.owner}"')
         await admin.execute(f"SET LOCAL app.tenant_id = '{seed_a.tenant_id}'")
@@ -1397,35 +1504,149 @@ async def test_a_row_cannot_be_moved_to_another_tenant(
     )
 
 
-@pytest.mark.parametrize("tenant_setting", [None, ""], ids=["unset", "empty"])
-async def test_without_a_tenant_no_rows_are_visible_and_nothing_fails(
+def now_ms() -> int:
+    """The time now in epoch milliseconds, as claims say when they were issued."""
+    return time.time_ns() // 1_000_000
+
+
+# What sfdb_require_claim() says of each claim the database refuses (a pattern).
+LATE = r" s after it was issued \(accepted: -2 to 10 s\)"
+REFUSED_CLAIMS = {
+    "unset": "no well-formed claim is set",
+    "empty": "no well-formed claim is set",
+    "plain setting only": "no well-formed claim is set",
+    "not a claim": "no well-formed claim is set",
+    "another version": "no well-formed claim is set",
+    "no signature": "no well-formed claim is set",
+    "truncated signature": "(no well-formed claim is set|its signature does not verify)",
+    "unknown key id": "the database holds no tenant key other ",
+    "another key of the same id": "its signature does not verify",
+    "another tenant under the signature": "its signature does not verify",
+    "expired": r"it reached the database 6[0-9]\.[0-9]" + LATE,
+    "from the future": r"it reached the database -(59|60)\.[0-9]" + LATE,
+    "another backend": "it was made for another server connection",
+}
+
+
+def refused_claim(
+    case: str, settings: DatabaseSettings, tenant: uuid.UUID, other: uuid.UUID, backend: int
+) -> tuple[str | None, str | None]:
+    """``app.tenant_claim`` and ``app.tenant_id`` of a case of :data:`REFUSED_CLAIMS`, each
+    meant to admit ``tenant`` (``other``: another tenant; ``backend``: this connection's)."""
+    key = TenantKey.from_settings(settings)
+    good = key.sign(tenant)
+    made: dict[str, tuple[str | None, str | None]] = {
+        "unset": (None, None),
+        "empty": ("", None),
+        "plain setting only": (None, str(tenant)),
+        "not a claim": ("v1.'; SELECT 1; --", None),
+        "another version": ("v2" + good.removeprefix("v1"), None),
+        "no signature": (good.rsplit(".", 1)[0], None),
+        "truncated signature": (good[:-1], None),
+        "unknown key id": (TenantKey.parse(generate_tenant_key("other")).sign(tenant), None),
+        "another key of the same id": (
+            TenantKey.parse(generate_tenant_key(key.key_id)).sign(tenant),
+            None,
+        ),
+        "another tenant under the signature": (good.replace(str(tenant), str(other)), None),
+        "expired": (key.sign(tenant, issued_ms=now_ms() - 60_000), None),
+        "from the future": (key.sign(tenant, issued_ms=now_ms() + 60_000), None),
+        "another backend": (key.sign(tenant, backend_pid=backend + 1), None),
+    }
+    return made[case]
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CLAIMS))
+async def test_without_a_verified_claim_no_rows_are_visible_and_nothing_fails(
     admin: asyncpg.Connection,
     settings: DatabaseSettings,
     seed_a: Seeded,
-    tenant_setting: str | None,
+    seed_b: Seeded,
+    case: str,
 ) -> None:
-    for table in TENANT_OWNED:
+    """A claim the database does not verify (or none, or only the plain ``app.tenant_id``
+    that scoped rows before migration 0008) shows the app role no row of any tenant and
+    lets it write none; reading does not fail, and the layer's check says why."""
+    for table in [*TENANT_OWNED, "tenants"]:
         assert await admin.fetchval(f"SELECT count(*) FROM {table}") >= 1, table
-    async with as_app_role(admin, settings.roles.app, tenant_setting):
+    backend = await admin.fetchval("SELECT pg_backend_pid()")
+    claim, plain = refused_claim(case, settings, seed_a.tenant_id, seed_b.tenant_id, backend)
+    async with as_app_role(admin, settings, None, claim=claim, plain=plain):
         assert await admin.fetchval("SELECT current_user") == settings.roles.app
-        for table in TENANT_OWNED:
+        assert await admin.fetchval("SELECT sfdb_claimed_tenant()") is None
+        for table in [*TENANT_OWNED, "tenants"]:
             assert await admin.fetch(f"SELECT * FROM {table}") == [], table
             assert await admin.fetchval(f"SELECT count(*) FROM {table}") == 0, table
-    async with as_app_role(admin, settings.roles.app, tenant_setting):
+    async with as_app_role(admin, settings, None, claim=claim, plain=plain):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await insert(admin, "users", minimal_row("users", seed_a))
+    async with as_app_role(admin, settings, None, claim=claim, plain=plain):
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await admin.execute("SELECT sfdb_require_claim()")
+    assert refused.value.sqlstate == "SF001"
+    assert re.match(f"tenant claim refused: {REFUSED_CLAIMS[case]}", str(refused.value))
+    assert str(seed_a.tenant_id) not in str(refused.value)  # it never quotes the claim
+
+
+async def test_a_verified_claim_names_its_tenant_for_any_backend_or_for_this_one(
+    admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded
+) -> None:
+    """A claim made for backend 0 holds on any connection (behind PgBouncer, on Citus);
+    one made for this connection's backend holds here, and only here."""
+    backend = await admin.fetchval("SELECT pg_backend_pid()")
+    for pid in (0, backend):
+        async with as_app_role(
+            admin, settings, None, claim=claim_for(settings, seed_a.tenant_id, backend_pid=pid)
+        ):
+            assert await admin.fetchval("SELECT sfdb_claimed_tenant()") == seed_a.tenant_id
+            await admin.execute("SELECT sfdb_require_claim()")
+            assert await admin.fetchval("SELECT id FROM tenants") == seed_a.tenant_id
+
+
+# Offsets of a claim's issue time from now (ms) and whether the database accepts it: from
+# 2 s before the issue (the application's clock ahead) to 10 s after, a second inside each.
+WINDOW = [(-9_000, True), (1_000, True), (-11_000, False), (3_000, False)]
+
+
+@pytest.mark.parametrize(("offset", "accepted"), WINDOW, ids=[str(o) for o, _ in WINDOW])
+async def test_a_claim_holds_from_two_seconds_before_to_ten_seconds_after_its_issue(
+    admin: asyncpg.Connection,
+    settings: DatabaseSettings,
+    seed_a: Seeded,
+    offset: int,
+    accepted: bool,
+) -> None:
+    claim = claim_for(settings, seed_a.tenant_id, issued_ms=now_ms() + offset)
+    async with as_app_role(admin, settings, None, claim=claim):
+        found = await admin.fetchval("SELECT sfdb_claimed_tenant()")
+        visible = await admin.fetchval("SELECT count(*) FROM users")
+    assert found == (seed_a.tenant_id if accepted else None)
+    assert (visible >= 1) is accepted
+
+
+async def test_the_check_refuses_a_verified_claim_of_an_unknown_or_soft_deleted_tenant(
+    admin: asyncpg.Connection, settings: DatabaseSettings, fresh: Seeded
+) -> None:
+    """The signature verifies, and the tenant is named; the first transaction's check says
+    it is unknown or soft-deleted (TenantNotFound in the layer)."""
+    await admin.execute("UPDATE tenants SET deleted_at = now() WHERE id = $1", fresh.tenant_id)
+    for tenant in (uuid.uuid4(), fresh.tenant_id):
+        async with as_app_role(admin, settings, tenant):
+            assert await admin.fetchval("SELECT sfdb_claimed_tenant()") == tenant
+            with pytest.raises(asyncpg.NoDataFoundError, match="unknown or soft-deleted"):
+                await admin.execute("SELECT sfdb_require_claim()")
 
 
 async def test_tenant_settings_do_not_outlive_the_transaction(
     admin: asyncpg.Connection, settings: DatabaseSettings, seed_a: Seeded
 ) -> None:
     superuser = await admin.fetchval("SELECT current_user")
-    async with as_app_role(admin, settings.roles.app, seed_a.tenant_id):
-        assert await admin.fetchval("SELECT current_setting('app.tenant_id')") == str(
-            seed_a.tenant_id
-        )
+    claim = claim_for(settings, seed_a.tenant_id)
+    async with as_app_role(admin, settings, None, claim=claim):
+        assert await admin.fetchval("SELECT current_setting('app.tenant_claim')") == claim
+        assert await admin.fetchval("SELECT sfdb_claimed_tenant()") == seed_a.tenant_id
     assert await admin.fetchval("SELECT current_user") == superuser
-    assert await admin.fetchval("SELECT current_setting('app.tenant_id', true)") in (None, "")
+    assert await admin.fetchval("SELECT current_setting('app.tenant_claim', true)") in (None, "")
 
 
 def test_the_tenant_owned_tables_are_named_once_in_foreign_key_order() -> None:

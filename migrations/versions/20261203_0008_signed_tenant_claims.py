@@ -9,16 +9,18 @@ Create Date: 2026-12-03
   ``app.tenant_claim`` to ``v1.<key id>.<tenant>.<issued, epoch ms>.<backend
   pid or 0>.<HMAC-SHA256, hex>`` (:mod:`slack_fathom_db.claims`), signed by
   the application with ``DATABASE_TENANT_KEY``.
-* ``tenant_claim_keys`` holds the database's side of that key (the HMAC's
-  inner and outer pads: one or two keys, two during a rotation). The owner
-  alone may read it; no role may change it but the owner's logins
-  (``sfdb migrate``, ``sfdb rotate-tenant-key``).
+* ``tenant_claim_keys`` holds the database's copy of that key, as the HMAC's
+  inner and outer pads (as secret as the key: either gives it back), one key
+  or two during a rotation. The owner alone may read it; no role may change
+  it but the owner's logins (``sfdb migrate``, ``sfdb rotate-tenant-key``).
 * ``sfdb_claimed_tenant()`` (the owner's, SECURITY DEFINER, a pinned path)
   returns the claim's tenant when the claim is well formed, made with a key
   of that table, received by the database between 2 s before and 10 s after
   it was issued (``statement_timestamp()``), and, when it names a backend,
   received by that backend; otherwise ``NULL``, and the policies admit no
-  row. It never raises: each part is checked before it is cast, with string
+  row. ``PARALLEL RESTRICTED``: a parallel worker is another process, whose
+  ``pg_backend_pid()`` a claim for the connection's backend does not name. It
+  never raises: each part is checked before it is cast, with string
   functions (a regular expression of the claim's shape cost twice the rest).
   ``COST`` is high so the planner evaluates it once per statement (a one-time
   filter against the statement's own ``tenant_id = …``, or an index key)
@@ -85,7 +87,7 @@ SIGNED: Final = """
 
 _CLAIMED_TENANT: Final = f"""
 CREATE FUNCTION sfdb_claimed_tenant() RETURNS uuid
-LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER COST 10000
+LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER COST 10000
 SET search_path = {SEARCH_PATH} AS $$
 DECLARE
     part constant text[] := string_to_array(current_setting('app.tenant_claim', true), '.');
@@ -207,6 +209,22 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     roles = _roles()
+    # The copies of the keys that sfdb distribute gave the workers of a Citus cluster go
+    # too, dropped as they were made (by the login that migrates).
+    op.execute("RESET ROLE")
+    op.execute(
+        """
+        DO $$
+        BEGIN
+            IF EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+                PERFORM run_command_on_workers(
+                    'DROP TABLE IF EXISTS public.tenant_claim_keys');
+            END IF;
+        END
+        $$
+        """
+    )
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
     op.execute("DROP POLICY owner_scoped ON api_rate_limits")
     _policies(app="PUBLIC", tenant=PLAIN_TENANT)
     op.execute(f'GRANT EXECUTE ON FUNCTION sfdb_require_tenant() TO "{roles.app}"')

@@ -150,10 +150,9 @@ class AccountMapping(TenantOwned, Timestamps, SoftDelete, Base):
 
 
 class TenantClaimKey(Base):
-    """The database's side of a tenant key: the HMAC's pads (``slack_fathom_db.claims``).
-
-    No role but the owner reads it; the function that verifies claims does, as the owner.
-    """
+    """The database's copy of a tenant key, as the HMAC's pads (``slack_fathom_db.claims``):
+    as secret as the key. No role but the owner reads it; the function that verifies
+    claims does, as the owner."""
 
     __tablename__ = "tenant_claim_keys"
     __table_args__ = (

@@ -39,16 +39,14 @@ logged in as the schema owner, and every attack below worked.
    for the migrating login, a superuser and a login that may create temp
    tables; passes for the runtime login.
 
-What does not hold (README, "Threat model"): such code can do what the layer
-itself does — ``SET LOCAL ROLE <app>; SET LOCAL app.tenant_id = '<another
-tenant>'`` — and then read and write that tenant's rows
-(:func:`test_still_open_code_that_sets_the_tenant_reads_that_tenants_rows`);
-it can run the rate-limit function as the directory role for any tenant,
-spending its quota, and the directory's functions for any workspace it
-names: resolve, install or uninstall it, delete its Slack tokens, and read
-them as ciphertexts, which it cannot decrypt without the application's key
+What does not hold (README, "Threat model"): such code can run the
+rate-limit function as the directory role for any tenant, spending its quota,
+and the directory's functions for any workspace it names: resolve, install or
+uninstall it, delete its Slack tokens, and read them as ciphertexts, which it
+cannot decrypt without the application's key
 (:func:`test_the_directory_role_reads_slack_tokens_only_as_ciphertexts`).
-Row-level security trusts the tenant setting until a signed claim binds it.
+Another tenant's rows it reaches only through a signed claim of that tenant
+that it reads within the claim's 10 s life (``test_claims.py``).
 Every role may change its own password; on PostgreSQL 15 a login with
 ``CREATEROLE`` may take over the layer's roles
 (``test_attacks_cluster.py``, a strict xfail there).
@@ -379,7 +377,8 @@ async def test_the_rate_limit_function_pins_its_search_path(
 
 
 CALLER: Final = text(
-    "SELECT current_user::text, current_setting('app.tenant_id', true), "
+    "SELECT current_user::text, current_setting('app.tenant_claim', true), "
+    "coalesce(current_setting('app.tenant_id', true), ''), "
     "current_setting('lock_timeout'), current_setting('search_path')"
 )
 CHARGE: Final = text(  # the layer's form (see CONSUME)
@@ -411,10 +410,10 @@ async def test_the_rate_limit_function_leaves_the_callers_role_and_tenant_alone(
 ) -> None:
     """Called inside a unit of work as the directory role, for its own tenant and another.
 
-    ``current_user``, ``app.tenant_id``, ``lock_timeout`` and ``search_path`` are
-    what they were before each call. What still does not hold (README): it charges
-    whichever tenant it is given — here tenant b's window, committed, as the
-    superuser sees. A signed claim will bind it to the transaction's tenant.
+    ``current_user``, the tenant claim, ``app.tenant_id`` (which the function sets
+    for itself), ``lock_timeout`` and ``search_path`` are what they were before each
+    call. What does not hold (README): it charges whichever tenant it is given —
+    here tenant b's window, committed, as the superuser sees.
     """
     roles = names(world.settings)
     resource = f"attack-{secrets.token_hex(4)}"
@@ -422,7 +421,8 @@ async def test_the_rate_limit_function_leaves_the_callers_role_and_tenant_alone(
         await execute_in(uow, "SET LOCAL lock_timeout = '4321ms'")
         await execute_in(uow, f'SET LOCAL ROLE "{roles["directory"]}"')
         before = (await execute_in(uow, CALLER)).one()
-        assert tuple(before)[:3] == (roles["directory"], str(world.a.tenant), "4321ms")
+        assert (before[0], before[2], before[3]) == (roles["directory"], "", "4321ms")
+        assert str(before[1]).split(".")[2] == str(world.a.tenant)  # a's claim
         for tenant in (world.a.tenant, world.b.tenant):
             granted = await execute_in(
                 uow, CHARGE.bindparams(tenant=tenant, resource=resource, start=_today())
@@ -454,7 +454,11 @@ async def test_the_rate_limit_function_leaves_a_raw_callers_role_and_tenant_alon
         )
         before = await conn.fetchrow(caller)
         assert before is not None
-        assert tuple(before)[:3] == (roles["directory"], str(world.a.tenant), "4321ms")
+        assert (before[0], before[2], before[3]) == (
+            roles["directory"],
+            str(world.a.tenant),
+            "4321ms",
+        )
         for tenant in (world.a.tenant, world.b.tenant):
             granted = await conn.fetchval(
                 "SELECT sfdb_consume_rate_limit($1, $2, 'daily', $3, 1, 1000, 1000)",
@@ -568,22 +572,7 @@ async def test_audit_status_is_limited_to_its_check_values(
     assert "status" in by_app[0].message
 
 
-# -- what does not hold yet ----------------------------------------------------------------
-
-
-async def test_still_open_code_that_sets_the_tenant_reads_that_tenants_rows(
-    db: Database, world: World
-) -> None:
-    """README, "Threat model": row-level security trusts ``app.tenant_id``.
-
-    Code inside tenant a's unit of work sets tenant b and reads b's users. This
-    test shows the gap as it stands; it fails (and must change) once a signed
-    claim binds the setting.
-    """
-    async with db.unit_of_work(world.a.tenant) as uow:
-        await execute_in(uow, f"SET LOCAL app.tenant_id = '{world.b.tenant}'")
-        seen = await execute_in(uow, "SELECT DISTINCT tenant_id FROM users")
-        assert set(seen.scalars()) == {world.b.tenant}
+# -- what does not hold ----------------------------------------------------------------------
 
 
 FIND_OTHERS_TOKENS: Final = (

@@ -18,6 +18,7 @@ from pydantic import ValidationError as SettingsError
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db.claims import ClaimIssuer, TenantKey
 from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.tenancy import transaction_preamble
 from slack_fathom_db.validation import secret_reference, uuid_value
@@ -71,7 +72,11 @@ async def test_a_password_in_the_query_string_is_masked_everywhere(
     # The suite's server trusts loopback logins: the password is carried, not checked. The
     # runtime login's own password leaves the URL, so this one is the only one given.
     url = settings.sqlalchemy_url()._replace(password=None).set(query={"password": PASSWORD})
-    given = DatabaseSettings(url=url.render_as_string(hide_password=False), _env_file=None)
+    given = DatabaseSettings(
+        url=url.render_as_string(hide_password=False),
+        tenant_key=settings.tenant_key,
+        _env_file=None,
+    )
     assert given.sqlalchemy_url().password == PASSWORD  # moved where it is masked
     async with Database(given) as db:
         assert await db.check_connection() is True
@@ -101,8 +106,9 @@ async def test_a_uuid_subclass_cannot_write_sql_into_the_transaction_opener(
     db: Database, tenant_a: TenantId
 ) -> None:
     shifty = Shifty(int=tenant_a.int)
-    (message,) = transaction_preamble(shifty, settings=db.settings, check_tenant=False)
-    assert f"app.tenant_id = '{uuid.UUID(int=tenant_a.int)}'" in message
+    claims = ClaimIssuer(TenantKey.from_settings(db.settings), shifty, backend_pid=0)
+    (message,) = transaction_preamble(claims, settings=db.settings, check_tenant=False)
+    assert f".{uuid.UUID(int=tenant_a.int)}." in message  # the claim names the tenant
     assert "postgres" not in message
     assert type(uuid_value(shifty, field="tenant_id")) is uuid.UUID
     async with db.unit_of_work(TenantId(shifty)) as uow:
