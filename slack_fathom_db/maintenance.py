@@ -2,21 +2,13 @@
 
 Tenant keys (:mod:`slack_fathom_db.claims`): the database keeps the HMAC pads
 of one key, or of two while a rotation is under way, in ``tenant_claim_keys``,
-which the owner alone reads (the pads are as secret as the key). :func:`install_tenant_key` adds the key of
-``DATABASE_TENANT_KEY`` (``sfdb migrate`` calls it), :func:`rotate_tenant_key`
-adds a new one and returns it for the applications' settings, and
-:func:`finish_tenant_key_rotation` keeps only the key of
-``DATABASE_TENANT_KEY``. On a Citus cluster every worker checks claims too:
-each holds a copy of the table, rewritten from the coordinator's whenever it
-changes (and by ``sfdb distribute``).
-
-A fixed window's counter is never read once its window has ended. Such rows
-are deleted in batches, each its own short transaction, so a purge never
-holds many locks for long and can be stopped and run again at any time.
-Row-level security stays on: two policies of migration 0004 let the owner
-(the role that ran the migrations, never the app role) read and delete ended
-windows of every tenant, and nothing else. Token buckets have no window and
-are kept.
+which the owner alone reads (the pads are as secret as the key).
+:func:`install_tenant_key` adds the key of ``DATABASE_TENANT_KEY`` (``sfdb
+migrate`` calls it), :func:`rotate_tenant_key` adds a new one and returns it
+for the applications' settings, and :func:`finish_tenant_key_rotation` keeps
+only the key of ``DATABASE_TENANT_KEY``, the newer of the two. On a Citus
+cluster every worker checks claims too: each holds a copy of the table, made
+anew from the coordinator's whenever it changes (and by ``sfdb distribute``).
 """
 
 from __future__ import annotations
