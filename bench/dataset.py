@@ -6,7 +6,9 @@ a read returns the same rows whatever the number of tenants: only the size
 of the table changes between the 10,000- and the 1,000,000-meeting
 databases. Each tenant also has one Slack installation (a bot token),
 saved through the layer's ``InstallationStore`` so that its ciphertexts are
-the real thing.
+the real thing. Every database holds the bench's tenant key
+(:data:`bench.impls.base.TENANT_KEY`), installed right after it is migrated,
+as ``sfdb migrate`` does.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncpg
 from slack_sdk.oauth.installation_store.models.installation import Installation
 
-from bench.impls.base import APP_ROLE, SLACK_CLIENT_ID, TOKEN_KEYS, BenchTenant
+from bench import claims
+from bench.impls.base import APP_ROLE, SLACK_CLIENT_ID, TENANT_KEY, TOKEN_KEYS, BenchTenant
 from slack_fathom_db import Database, schema
+from slack_fathom_db.maintenance import install_tenant_key
 from slack_fathom_db.settings import DatabaseSettings
 from slack_fathom_db.slack import InstallationStore
 
@@ -33,7 +37,9 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import URL
 
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
+"""2: the schema verifies signed tenant claims (migration 0008); a database kept by an
+earlier version is loaded anew."""
 SUMMARY_FILLER: Final = (
     "Discussed renewal terms, the integration timeline and next steps; the customer asked "
     "for a follow-up demo."
@@ -136,7 +142,9 @@ async def prepare(
     """Create, migrate and load ``spec`` (or reuse a matching earlier load)."""
     dsn = database_url(server, spec.database)
     started = time.perf_counter()
-    reused = reuse and await _matches(server, spec)
+    # A kept database whose tenant policies a stopped run left trusting the claim
+    # unverified (bench.claims) is loaded anew rather than measured so.
+    reused = reuse and await _matches(server, spec) and await claims.verifies(dsn)
     if reused:
         log(f"  {spec.database}: reusing the earlier load ({spec.signature})")
     else:
@@ -187,6 +195,7 @@ async def install_slack(dsn: str, spec: DatasetSpec, *, log: Callable[[str], Non
             pool_size=INSTALL_CONCURRENCY,
             max_overflow=0,
             token_keys=TOKEN_KEYS,
+            tenant_key=TENANT_KEY,
             _env_file=None,
         )
         db = Database(settings)
@@ -227,8 +236,14 @@ def _installation(team: asyncpg.Record) -> Installation:
     )
 
 
+def bench_settings(dsn: str) -> DatabaseSettings:
+    """The owner's side of a bench database at ``dsn`` (the bench's login, its tenant key)."""
+    return DatabaseSettings(url=dsn, app_role=APP_ROLE, tenant_key=TENANT_KEY, _env_file=None)
+
+
 async def create(server: URL, spec: DatasetSpec) -> str:
-    """Create ``spec.database`` on ``server`` (dropping any earlier one), migrate it; its URL."""
+    """Create ``spec.database`` on ``server`` (dropping any earlier one), migrate it, install
+    the bench's tenant key; its URL."""
     await drop(server, spec.database)
     conn = await _admin(server)
     try:
@@ -236,7 +251,8 @@ async def create(server: URL, spec: DatasetSpec) -> str:
     finally:
         await conn.close()
     dsn = database_url(server, spec.database)
-    await schema.upgrade(DatabaseSettings(url=dsn, app_role=APP_ROLE, _env_file=None))
+    await schema.upgrade(bench_settings(dsn))
+    await install_tenant_key(bench_settings(dsn))
     return dsn
 
 

@@ -4,9 +4,10 @@ What most teams write first from the SQLAlchemy asyncio documentation:
 ``async_sessionmaker(engine, expire_on_commit=False)``, the transaction begun
 by the first statement (the driver's own ``BEGIN`` round trip), the tenant
 context as two more statements (``SET LOCAL ROLE`` and ``SELECT
-set_config('app.tenant_id', :tenant, true)``, because ``SET`` takes no bind
-parameters), and the same read-modify-write rate limit as the sync design.
-It does not call ``sfdb_require_tenant()``: the team was just resolved.
+set_config('app.tenant_claim', :claim, true)``, the claim signed by hand with
+the bench's tenant key, because ``SET`` takes no bind parameters), and the same
+read-modify-write rate limit as the sync design. It does not call
+``sfdb_require_claim()``: the team was just resolved.
 Bolt's installation lookup is the layer store's statement through
 ``session.execute(text(...))``, decrypted and built as the store does.
 """
@@ -31,8 +32,10 @@ from bench.impls.base import (
     HANDLER_RESOURCE,
     NEVER_DENY,
     Implementation,
+    claim,
     installation_from_row,
 )
+from slack_fathom_db.claims import CLAIM_SETTING
 from slack_fathom_db.models import ApiRateLimit
 
 if TYPE_CHECKING:
@@ -47,7 +50,7 @@ SET_ROLE = text(f"SET LOCAL ROLE {APP_ROLE}")
 
 async def _tenant_context(session: AsyncSession, tenant_id: uuid.UUID) -> None:
     await session.execute(SET_ROLE)
-    await session.execute(select(func.set_config("app.tenant_id", str(tenant_id), True)))
+    await session.execute(select(func.set_config(CLAIM_SETTING, claim(tenant_id), True)))
 
 
 async def _charge(session: AsyncSession, tenant_id: uuid.UUID, resource: str) -> bool:
@@ -76,8 +79,8 @@ class AsyncOrmImpl(Implementation):
     title = "naive async ORM"
     isolation = (
         "the driver's `BEGIN` on first statement (a round trip), then `SET LOCAL ROLE "
-        f"{APP_ROLE}` and `SELECT set_config('app.tenant_id', $1, true)` as two statements; "
-        "no `sfdb_require_tenant()`"
+        f"{APP_ROLE}` and `SELECT set_config('app.tenant_claim', $1, true)` (a claim signed by "
+        "hand, pid 0) as two statements; no `sfdb_require_claim()`"
     )
 
     def __init__(self) -> None:

@@ -2,10 +2,12 @@
 
 Each implementation performs the same logical work per operation, with the
 same transaction shape: a tenant's statements run inside a transaction that
-first switches to the app role and sets ``app.tenant_id`` (row-level security
-is FORCEd on tenant-owned tables, so the superuser login must drop to the app
-role for the comparison to be fair). How each one does that is stated in its
-``isolation`` text, which the report prints.
+first switches to the app role and sets ``app.tenant_claim`` to a claim signed
+with :data:`TENANT_KEY` (row-level security is FORCEd on tenant-owned tables
+and admits a tenant's rows only to a claim the database verifies, so the
+superuser login must drop to the app role for the comparison to be fair). How
+each one does that is stated in its ``isolation`` text, which the report
+prints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from slack_sdk.oauth.installation_store.models.bot import Bot
 from slack_sdk.oauth.installation_store.models.installation import Installation
 
+from slack_fathom_db.claims import CLAIM_SETTING, TenantKey
 from slack_fathom_db.tokens import token_context
 
 if TYPE_CHECKING:
@@ -43,6 +46,15 @@ Derived from a constant rather than made with ``generate_key()``: a dataset kept
 with ``--keep`` and reused by a later run must still decrypt, and the tokens it
 protects are made up.
 """
+TENANT_KEY: Final = "bench:0aalsE86mKfLS0d4BBljdhJ_MFgcDLz47YSKbTFT-mk="
+"""The tenant key of every bench database (``DATABASE_TENANT_KEY`` form): the layer signs
+its claims with it, the baselines sign theirs with it by hand, and every bench database
+holds it (:func:`bench.dataset.create` installs it).
+
+Made once with ``generate_tenant_key("bench")`` and kept, so a dataset kept with
+``--keep`` still admits the claims of a later run; it protects made-up data only.
+"""
+SIGNER: Final = TenantKey.parse(TENANT_KEY)
 FIND_INSTALLATION: Final = "SELECT * FROM sfdb_find_slack_installation($1, $2, $3, $4, $5)"
 """What ``InstallationStore.async_find_installation`` sends (client id, tenant key,
 enterprise, team, user): for a workspace install the key is the team id."""
@@ -177,25 +189,30 @@ def session_settings(directory_role: str) -> dict[str, str]:
     }
 
 
-def tenant_preamble(tenant_id: uuid.UUID, *, begin: bool, check_tenant: bool = True) -> str:
-    """The statements that open a tenant transaction, the layer's own, for implementations
-    that send them by hand.
-
-    ``tenant_id`` must be a :class:`uuid.UUID` (read back from the database), so
-    the literal cannot carry anything else.
-    """
+def claim(tenant_id: uuid.UUID) -> str:
+    """A claim for ``tenant_id`` signed now with :data:`TENANT_KEY`, for any backend (pid 0)."""
     if not isinstance(tenant_id, uuid.UUID):
         raise TypeError("tenant_id must be a uuid.UUID")
+    return SIGNER.sign(tenant_id)
+
+
+def tenant_preamble(tenant_id: uuid.UUID, *, begin: bool, check_tenant: bool = True) -> str:
+    """The statements that open a tenant transaction, the layer's own, for implementations
+    that send them by hand: the claim is signed here, for any backend (pid 0).
+
+    ``tenant_id`` must be a :class:`uuid.UUID` (read back from the database), so
+    the claim cannot carry anything else.
+    """
     statements = [
         *(["BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE"] if begin else []),
         f'SET LOCAL ROLE "{APP_ROLE}"',
         f"SET LOCAL search_path = {SEARCH_PATH}",
-        f"SET LOCAL app.tenant_id = '{tenant_id}'",
+        f"SET LOCAL {CLAIM_SETTING} = '{claim(tenant_id)}'",
         "SET LOCAL row_security = on",
         f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}",
         "SET LOCAL lock_timeout = 0",
         f"SET LOCAL idle_in_transaction_session_timeout = {IDLE_TIMEOUT_MS}",
-        *(["SELECT sfdb_require_tenant()"] if check_tenant else []),
+        *(["SELECT sfdb_require_claim()"] if check_tenant else []),
     ]
     return "; ".join(statements)
 
@@ -208,6 +225,9 @@ class Implementation(abc.ABC):
     title: str
     isolation: str
     """How it sets the tenant context (printed in the report)."""
+    variant_of: str | None = None
+    """The key of the implementation this one is a variant of: measured beside it, on the
+    workloads that compare the two, and reported apart from the main tables."""
 
     @abc.abstractmethod
     async def open(self, dsn: str, *, pool_size: int) -> None:

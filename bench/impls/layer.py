@@ -12,6 +12,7 @@ from bench.impls.base import (
     RECENT_LIMIT,
     SLACK_CLIENT_ID,
     STATEMENT_TIMEOUT_MS,
+    TENANT_KEY,
     TOKEN_KEYS,
     Implementation,
 )
@@ -34,9 +35,9 @@ class LayerImpl(Implementation):
     title = "slack_fathom_db"
     isolation = (
         "the layer's own: one simple-protocol message `BEGIN; SET LOCAL ROLE; "
-        "SET LOCAL search_path; SET LOCAL app.tenant_id; SET LOCAL row_security, "
-        "statement_timeout, lock_timeout, idle_in_transaction_session_timeout; "
-        "SELECT sfdb_require_tenant()` per unit of work; `db.rate_limit` is one autocommitted "
+        "SET LOCAL search_path; SET LOCAL app.tenant_claim (signed for the backend); SET LOCAL "
+        "row_security, statement_timeout, lock_timeout, idle_in_transaction_session_timeout; "
+        "SELECT sfdb_require_claim()` per unit of work; `db.rate_limit` is one autocommitted "
         "statement, `sfdb_consume_rate_limit()`, a function of the owner that sets the tenant "
         "for itself; `InstallationStore.async_find_installation` is one autocommitted "
         "`sfdb_find_slack_installation()`, the same kind of function"
@@ -61,6 +62,7 @@ class LayerImpl(Implementation):
             app_role=APP_ROLE,
             statement_timeout_ms=STATEMENT_TIMEOUT_MS,
             token_keys=TOKEN_KEYS,
+            tenant_key=TENANT_KEY,
             _env_file=None,
         )
         self._db = Database(settings)

@@ -4,8 +4,9 @@ The same statements and round trips as the layer, on the same roles:
 connections open as the directory role with the layer's session settings;
 a team resolves with ``sfdb_resolve_tenant()`` and a rate limit is one
 autocommitted ``sfdb_consume_rate_limit()``; one simple-protocol message
-opens each tenant transaction (the layer's preamble, ``SET LOCAL`` s and
-``SELECT sfdb_require_tenant()`` included), then the statements (prepared
+opens each tenant transaction (the layer's preamble, ``SET LOCAL`` s, a claim
+signed by hand with the bench's tenant key, and ``SELECT sfdb_require_claim()``
+included), then the statements (prepared
 once per connection by asyncpg's statement cache, each one round trip), then
 ``COMMIT``. The INSERTs return the whole row, as the layer's do, and
 ``jsonb`` is decoded to Python objects, as the layer does. The pool's
@@ -123,8 +124,9 @@ class RawAsyncpgImpl(Implementation):
         "by hand, the layer's statements: connections open as the directory role; "
         "`sfdb_resolve_tenant()` and `sfdb_consume_rate_limit()` autocommitted; one "
         "simple-protocol `conn.execute()` of the layer's preamble (`BEGIN; SET LOCAL ROLE "
-        f"{APP_ROLE}; SET LOCAL search_path, app.tenant_id, row_security, timeouts; SELECT "
-        "sfdb_require_tenant()`), then the statements, then `COMMIT`; "
+        f"{APP_ROLE}; SET LOCAL search_path, app.tenant_claim (signed by hand, pid 0), "
+        "row_security, timeouts; SELECT sfdb_require_claim()`), then the statements, then "
+        "`COMMIT`; "
         "`sfdb_find_slack_installation()` autocommitted"
     )
 

@@ -5,8 +5,9 @@ as read-modify-write under ``SELECT … FOR UPDATE``. Each call runs in the
 event loop's default thread pool (``asyncio.to_thread``), the way an async
 Bolt app has to call synchronous code. psycopg2 opens every transaction
 with its own ``BEGIN`` round trip; the tenant context is then one
-``session.execute(text(...))`` holding the ``SET LOCAL`` statements and
-``SELECT sfdb_require_tenant()`` (psycopg2 sends it as one simple query).
+``session.execute(text(...))`` holding the layer's ``SET LOCAL`` statements
+(a claim signed by hand with the bench's tenant key among them) and ``SELECT
+sfdb_require_claim()`` (psycopg2 sends it as one simple query).
 Bolt's installation lookup is the layer store's statement through
 ``session.execute(text(...))``, decrypted and built as the store does.
 """
@@ -75,8 +76,9 @@ class SyncOrmImpl(Implementation):
     title = "sync ORM + psycopg2"
     isolation = (
         "psycopg2's implicit `BEGIN` (a round trip), then one `session.execute(text(...))` of "
-        f"`SET LOCAL ROLE {APP_ROLE}; SET LOCAL app.tenant_id = '<uuid>'; SET LOCAL "
-        "statement_timeout; SELECT sfdb_require_tenant()`"
+        f"`SET LOCAL ROLE {APP_ROLE}; SET LOCAL search_path; SET LOCAL app.tenant_claim = "
+        "'<claim signed by hand, pid 0>'; SET LOCAL row_security, timeouts; SELECT "
+        "sfdb_require_claim()`"
     )
 
     def __init__(self) -> None:
