@@ -21,6 +21,7 @@ import secrets
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,10 +393,35 @@ async def _check(settings: DatabaseSettings) -> bool:
         current = await _current_on(conn, settings)
         head = schema.head()
         results.append(("migrations at head", current == head, f"at {current}, head {head}"))
+        if current is not None and current >= _FIRST_CLAIMS_REVISION:
+            results.append(await _tenant_key_check(conn, settings))
     finally:
         await conn.close()
     _print_checks(results)
     return all(ok for _, ok, _ in results)
+
+
+async def _tenant_key_check(
+    conn: asyncpg.Connection, settings: DatabaseSettings
+) -> tuple[str, bool, str]:
+    """Whether the database verifies a claim signed with ``DATABASE_TENANT_KEY``: one made
+    for a tenant that does not exist passes the signature and fails only as unknown."""
+    name = "the database accepts DATABASE_TENANT_KEY"
+    try:
+        key = TenantKey.from_settings(settings)
+    except ConfigurationError as exc:
+        return name, False, str(exc).split(":", 1)[0]
+    claim = key.sign(uuid.uuid4())
+    try:
+        async with conn.transaction():
+            await conn.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+            await conn.execute("SELECT set_config('app.tenant_claim', $1, true)", claim)
+            await conn.execute("SELECT sfdb_require_claim()")
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == "P0002":  # verified; no such tenant, as expected
+            return name, True, f"key {key.key_id}"
+        return name, False, _first_line(exc)
+    return name, False, "a claim for a tenant that does not exist was accepted"
 
 
 _ROLES = """

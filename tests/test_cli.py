@@ -136,9 +136,13 @@ def url_of(settings: DatabaseSettings) -> str:
 
 
 def owner_env(settings: DatabaseSettings) -> dict[str, str]:
-    """``DATABASE_MIGRATION_URL`` of ``settings``: its migrating login's (the owner's side)."""
+    """``DATABASE_MIGRATION_URL`` of ``settings`` (its migrating login's: the owner's side),
+    and its ``DATABASE_TENANT_KEY`` when it has one, as a deployment sets both."""
     url = settings.for_migrations().sqlalchemy_url()
-    return {"DATABASE_MIGRATION_URL": url.render_as_string(hide_password=False)}
+    env = {"DATABASE_MIGRATION_URL": url.render_as_string(hide_password=False)}
+    if settings.tenant_key is not None:
+        env["DATABASE_TENANT_KEY"] = settings.tenant_key.get_secret_value()
+    return env
 
 
 async def admin_execute(server: URL, sql: str) -> None:
@@ -326,7 +330,8 @@ async def test_migrate_without_a_tenant_key_warns_and_installs_it_once_it_is_set
     installed, and a third run installs nothing new."""
     async with throwaway_database(sfdb_server, migrate=False) as settings:
         url = url_of(settings)
-        bare = sfdb("migrate", url=url, cwd=tmp_path, extra_env=owner_env(settings))
+        keyless = {"DATABASE_MIGRATION_URL": owner_env(settings)["DATABASE_MIGRATION_URL"]}
+        bare = sfdb("migrate", url=url, cwd=tmp_path, extra_env=keyless)
         assert bare.returncode == 0, bare.stderr
         assert f"is at revision {schema.head()}" in bare.stdout
         assert "installed tenant key" not in bare.stdout
@@ -423,9 +428,9 @@ async def test_rotate_tenant_key_prints_a_new_key_and_finish_keeps_only_the_conf
         assert await tenant_keys_held(sfdb_server, settings) == [new_id]
 
 
-CHECKS = 26
+CHECKS = 27
 """Lines of ``sfdb check``: connection, version, ten on the runtime login, six on each of the
-app and directory roles, row-level security, migrations."""
+app and directory roles, row-level security, migrations, the tenant key."""
 
 
 async def test_check_passes_on_a_migrated_database(
@@ -438,6 +443,29 @@ async def test_check_passes_on_a_migrated_database(
     assert len(lines) == CHECKS, result.stdout
     assert all(line.startswith("pass") for line in lines), result.stdout
     assert f"pass  runtime login owns nothing  {cli_db.runtime}" in lines
+    assert any(line.startswith("pass  the database accepts DATABASE_TENANT_KEY") for line in lines)
+
+
+@pytest.mark.parametrize("key", ["cli", "other"], ids=["same id, another key", "unknown id"])
+async def test_check_fails_when_the_database_does_not_accept_the_tenant_key(
+    cli_db: CliDatabase, sfdb_server: URL, tmp_path: Path, key: str
+) -> None:
+    """``sfdb check`` signs a claim with ``DATABASE_TENANT_KEY`` and asks the database: a key
+    it does not hold fails that line, with the database's reason and never the key."""
+    await ready(cli_db, sfdb_server, tmp_path)
+    wrong = generate_tenant_key(key)
+    result = sfdb(
+        "check",
+        url=cli_db.url,
+        cwd=tmp_path,
+        extra_env={**cli_db.env, "DATABASE_TENANT_KEY": wrong},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "DATABASE_TENANT_KEY" in line]
+    assert line.startswith("FAIL"), line
+    reason = "signature does not verify" if key == "cli" else "holds no tenant key other"
+    assert reason in line, line
+    assert wrong.split(":", 1)[1] not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("kind", ["app", "directory"])
