@@ -21,7 +21,8 @@ Create Date: 2026-12-03
   row. ``PARALLEL RESTRICTED``: a parallel worker is another process, whose
   ``pg_backend_pid()`` a claim for the connection's backend does not name. It
   never raises: each part is checked before it is cast, with string
-  functions (a regular expression of the claim's shape cost twice the rest).
+  functions (with a regular expression of the claim's shape the function took
+  44 µs a call, without it 11).
   ``COST`` is high so the planner evaluates it once per statement (a one-time
   filter against the statement's own ``tenant_id = …``, or an index key)
   rather than once per row of a scan.
@@ -65,7 +66,7 @@ PLAIN_TENANT: Final = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
 CLAIMED_TENANT: Final = "sfdb_claimed_tenant()"
 
 # A claim's parts are checked with plain string functions (a regular expression with
-# bounded repeats costs more than everything else together), only as far as the casts
+# bounded repeats cost three times everything else together), only as far as the casts
 # before the signature check need: the tenant is cast once the signature holds.
 WELL_FORMED: Final = """
     cardinality(part) IS NOT DISTINCT FROM 6 AND part[1] = 'v1'
