@@ -16,7 +16,9 @@ Create Date: 2026-12-03
 * ``sfdb_claimed_tenant()`` (the owner's, SECURITY DEFINER, a pinned path)
   returns the claim's tenant when the claim is well formed, made with a key
   of that table, received by the database between 2 s before and 10 s after
-  it was issued (``statement_timestamp()``), and, when it names a backend,
+  it was issued (``statement_timestamp()``) and used at most 60 s after it
+  (``clock_timestamp()``: the statements of a DO block share its statement
+  time), and, when it names a backend,
   received by that backend; otherwise ``NULL``, and the policies admit no
   row. ``PARALLEL RESTRICTED``: a parallel worker is another process, whose
   ``pg_backend_pid()`` a claim for the connection's backend does not name. It
@@ -74,10 +76,14 @@ WELL_FORMED: Final = """
     AND length(part[5]) BETWEEN 1 AND 10 AND translate(part[5], '0123456789', '') = ''
 """
 # How far the database's clock may be from the claim's issue time when a statement
-# arrives: a little before (the application's clock ahead), ten seconds after.
+# arrives: a little before (the application's clock ahead), ten seconds after. And
+# whenever the function runs (a statement inside a DO block shares the block's
+# statement_timestamp()), at most a minute after: a statement of the layer that arrived
+# in time keeps its claim through a row-lock wait and a re-check of its rows.
 IN_TIME: Final = """
     statement_timestamp() BETWEEN to_timestamp(part[4]::bigint / 1000.0) - interval '2 seconds'
                               AND to_timestamp(part[4]::bigint / 1000.0) + interval '10 seconds'
+    AND clock_timestamp() <= to_timestamp(part[4]::bigint / 1000.0) + interval '60 seconds'
 """
 FOR_THIS_BACKEND: Final = "(part[5] = '0' OR part[5]::bigint = pg_backend_pid())"
 SIGNED: Final = """

@@ -399,3 +399,25 @@ async def test_a_claim_for_this_connection_holds_in_a_parallel_query(
         assert await admin.fetchval(f"SELECT count(*) FROM users WHERE tenant_id = '{a}'") == (
             expected
         )
+
+
+@pytest.mark.not_on_citus(reason="about a minute of waiting; the function is the same there")
+@pytest.mark.not_through_pgbouncer(reason="about a minute of waiting; the same function")
+async def test_a_do_block_keeps_a_replayed_claim_at_most_a_minute(world: World) -> None:
+    """The statements of a DO block share the block's ``statement_timestamp()``: a claim of
+    b valid when the block began admits b's rows inside it (the control), and none
+    once the clock is past a minute after the claim's issue, however the block began."""
+    key = TenantKey.from_settings(world.settings)
+    claim = key.sign(world.b.tenant, issued_ms=now_ms() - 9_500)
+    block = (
+        "DO $$ BEGIN "
+        f"  IF ({world.sql(READ_B)}) = 0 THEN RAISE EXCEPTION 'control: nothing seen'; END IF; "
+        "  PERFORM pg_sleep(51); "
+        f"  IF ({world.sql(READ_B)}) > 0 THEN RAISE EXCEPTION 'seen after a minute'; END IF; "
+        "END $$"
+    )
+    async with attacker(world.settings.sqlalchemy_url()) as conn, conn.transaction():
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute(become("app", world.settings))
+        await conn.execute(claim_statement(claim))
+        await conn.execute(block, timeout=90)
