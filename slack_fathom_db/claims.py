@@ -12,8 +12,9 @@ reads (``sfdb migrate`` installs the application's key,
 
 What a claim binds: the tenant; the key; the time, as the database checks it
 for every statement (received between :data:`EARLIEST` before and
-:data:`LIFETIME` after it was issued); and on a direct connection to a single
-server, the server process it was made for. A unit of work makes a claim for
+:data:`LIFETIME` after it was issued, and used at most :data:`HELD_AT_MOST`
+after it); and on a direct connection to a single server, the server process
+it was made for. A unit of work makes a claim for
 each transaction and, in a transaction older than :data:`REFRESH_AFTER`, a
 fresh one before its next statement, so no transaction outlives its claim.
 Anyone who can send SQL as the runtime login and reads a claim within its
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLAIM_SETTING",
     "EARLIEST",
+    "HELD_AT_MOST",
     "LIFETIME",
     "REFRESH_AFTER",
     "ClaimIssuer",
@@ -57,6 +59,8 @@ LIFETIME: Final = 10.0
 """Seconds after its issue during which the database accepts a claim."""
 EARLIEST: Final = 2.0
 """Seconds before its issue from which the database accepts a claim (clock skew)."""
+HELD_AT_MOST: Final = 60.0
+"""Seconds after its issue past which no statement uses a claim, however it began."""
 REFRESH_AFTER: Final = 5.0
 """Age in seconds after which a transaction sets a fresh claim before its next statement."""
 
