@@ -262,12 +262,23 @@ async def test_another_databases_migrator_cannot_take_this_databases_roles(
 # -- 6. sfdb check -------------------------------------------------------------------------
 
 
+def key_env(settings: DatabaseSettings) -> dict[str, str]:
+    """``DATABASE_TENANT_KEY`` of ``settings``, as the application has it."""
+    assert settings.tenant_key is not None
+    return {"DATABASE_TENANT_KEY": settings.tenant_key.get_secret_value()}
+
+
 async def test_check_fails_for_the_migrating_login(
     sfdb_direct_settings: DatabaseSettings, tmp_path: Path
 ) -> None:
     """It owns the database and may create roles: the app must never log in as it."""
     url = sfdb_direct_settings.for_migrations().sqlalchemy_url()
-    done = sfdb("check", url=url.render_as_string(hide_password=False), cwd=tmp_path)
+    done = sfdb(
+        "check",
+        url=url.render_as_string(hide_password=False),
+        cwd=tmp_path,
+        extra_env=key_env(sfdb_direct_settings),
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     login = url.username
     roles = sfdb_direct_settings.roles
@@ -288,7 +299,7 @@ async def test_check_fails_for_a_superuser(
 ) -> None:
     """Before: nothing said so. Now: one line for each power it holds."""
     url = superuser_dsn(sfdb_server, sfdb_direct_settings)
-    done = sfdb("check", url=url, cwd=tmp_path)
+    done = sfdb("check", url=url, cwd=tmp_path, extra_env=key_env(sfdb_direct_settings))
     assert done.returncode == 1, done.stdout + done.stderr
     login = sfdb_server.username or "postgres"
     assert failed_lines(done.stdout) == [
@@ -319,7 +330,7 @@ async def test_check_fails_for_a_login_that_may_create_temp_tables(
         try:
             await superuser.execute(f'GRANT TEMPORARY ON DATABASE "{database}" TO {target}')
             url = settings.sqlalchemy_url().render_as_string(hide_password=False)
-            done = sfdb("check", url=url, cwd=tmp_path)
+            done = sfdb("check", url=url, cwd=tmp_path, extra_env=key_env(settings))
             await superuser.execute(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM {target}')
         finally:
             await superuser.close(timeout=CONNECT_TIMEOUT)
@@ -352,7 +363,7 @@ async def test_check_fails_for_a_login_that_inherits_or_is_a_member_of_other_rol
         await superuser.execute(f'GRANT {granted} TO "{login}"')
         await superuser.execute(f'ALTER ROLE "{login}" INHERIT')
         url = sfdb_direct_settings.sqlalchemy_url().render_as_string(hide_password=False)
-        done = sfdb("check", url=url, cwd=tmp_path)
+        done = sfdb("check", url=url, cwd=tmp_path, extra_env=key_env(sfdb_direct_settings))
     finally:
         await superuser.execute(f'ALTER ROLE "{login}" NOINHERIT')
         await superuser.execute(f'REVOKE {granted} FROM "{login}"')
@@ -369,7 +380,7 @@ def test_check_passes_for_the_runtime_login(
 ) -> None:
     """The login the layer runs as: every line passes."""
     url = sfdb_direct_settings.sqlalchemy_url().render_as_string(hide_password=False)
-    done = sfdb("check", url=url, cwd=tmp_path)
+    done = sfdb("check", url=url, cwd=tmp_path, extra_env=key_env(sfdb_direct_settings))
     assert done.returncode == 0, done.stdout + done.stderr
     assert failed_lines(done.stdout) == []
     assert "pass  runtime login owns nothing" in done.stdout
