@@ -2,10 +2,13 @@
 
 Steps: create and load the benchmark databases (COPY, then VACUUM ANALYZE);
 EXPLAIN the layer's named queries; count round trips per operation of every
-implementation through a wire-level proxy; then several rounds in which
-every workload runs for each implementation in turn (the order rotates from
-round to round), at concurrency 1 and 32; print the medians and the targets,
-write them to ``docs/benchmarks.md``, and drop the databases.
+implementation through a wire-level proxy; measure what one claim
+verification costs on the server; then several rounds in which every
+workload runs for each implementation in turn (the order rotates from round
+to round), at concurrency 1 and 32, the layer's turns on the handler and the
+reads twice in a row, with the claim verified and unverified
+(:mod:`bench.claims`); print the medians and the targets, write them to
+``docs/benchmarks.md``, and drop the databases.
 
 ``--quick`` is for development: 100,000 meetings, one short round, and no
 document unless ``--output`` is given.
@@ -26,10 +29,10 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.engine import URL, make_url
 
-from bench import dataset, document, report
-from bench.counting import count_round_trips
+from bench import claims, dataset, document, report
+from bench.counting import count_round_trips, disagreements
 from bench.explain import explain_layer_queries
-from bench.impls import ALL
+from bench.impls import ALL, LayerImpl, UnverifiedLayerImpl
 from bench.profiling import profile_handler
 from bench.runner import run_load
 from bench.workloads import WORKLOADS
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 
 POOL_SIZE: Final = max(report.CONCURRENCIES)
 DEFAULT_OUTPUT: Final = Path("docs/benchmarks.md")
+PROBES: Final = 3
+"""Reads run before each turn of a read workload: at least one must find something."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,7 @@ async def _main(args: argparse.Namespace) -> int:
     )
     server = server_url(args.server)
     impls: list[Implementation] = [cls() for cls in ALL if not args.impl or cls.key in args.impl]
+    own = [impl for impl in impls if impl.variant_of is None]
     workloads = [w for w in WORKLOADS if not args.workload or w.key in args.workload]
     host = await report.machine(dataset.database_url(server, "postgres"))
     log(f"sfdb benchmark, {profile.name} run, on {host['cpu']}")
@@ -171,16 +177,28 @@ async def _main(args: argparse.Namespace) -> int:
         if not args.skip_counts:
             log("counting round trips on the wire")
             tag = uuid.uuid4().hex[:8]
-            counts = [await count_round_trips(impl, datasets["large"], tag) for impl in impls]
+            counts = [await count_round_trips(impl, datasets["large"], tag) for impl in own]
+            problems = disagreements(counts)
+            if problems:
+                raise RuntimeError("the implementations do not agree: " + "; ".join(problems))
+        cost: claims.Cost | None = None
+        if any(isinstance(impl, UnverifiedLayerImpl) for impl in impls):
+            log("what a claim verification costs the server")
+            cost = await claims.verification_cost(
+                datasets["large"], LayerImpl(), UnverifiedLayerImpl()
+            )
         results = await measure(profile, impls, workloads, datasets)
         profiles: list[HandlerProfile] = []
         if not args.skip_profile and any(w.key == "handler" for w in workloads):
             log("profiling one handler call of each implementation")
             tag = uuid.uuid4().hex[:8]
             profiles = [
-                await profile_handler(impl, datasets["small"], f"{tag}{impl.key}") for impl in impls
+                await profile_handler(impl, datasets["small"], f"{tag}{impl.key}") for impl in own
             ]
     finally:
+        for impl in impls:
+            if isinstance(impl, UnverifiedLayerImpl):
+                await impl.restore()  # the verified policies, whatever happened
         if not args.keep:
             for data in datasets.values():
                 await dataset.drop(server, data.spec.database)
@@ -201,6 +219,7 @@ async def _main(args: argparse.Namespace) -> int:
         counts=counts,
         plans=plans,
         profiles=profiles,
+        cost=cost,
         targets=report.targets(results, counts, plans, datasets),
         elapsed=elapsed,
     )
@@ -220,23 +239,33 @@ async def measure(
     workloads: Sequence[Workload],
     datasets: dict[str, Dataset],
 ) -> Results:
-    """Every workload for each implementation in turn, for several rounds."""
+    """Every workload for each implementation in turn, for several rounds.
+
+    A variant (:attr:`Implementation.variant_of`) takes its turns right beside those
+    of the implementation it varies, on the workloads that compare them, the two
+    in alternating order.
+    """
     results: Results = defaultdict(list)
     groups: dict[str, list[Workload]] = {}
     for workload in workloads:
         groups.setdefault(workload.group, []).append(workload)
+    units = _units(impls)
     for round_index in range(profile.rounds):
         for position, (name, members) in enumerate(groups.items()):
             if all(w.fixed_ops for w in members) and round_index > 0:
                 continue
-            shift = (round_index + position) % len(impls)
-            order = [*impls[shift:], *impls[:shift]]
+            shift = (round_index + position) % len(units)
+            order = [*units[shift:], *units[:shift]]
             line = []
-            for impl in order:
-                for workload in members:
-                    await turn(profile, impl, workload, datasets[workload.dataset], results)
-                    top = results[(workload.key, POOL_SIZE, impl.key)][-1]
-                    line.append(f"{workload.key}/{impl.key} {top.throughput:,.0f}")
+            for unit in order:
+                for index, workload in enumerate(members):
+                    pair = [impl for impl in unit if _runs(impl, workload)]
+                    if (round_index + position + index) % 2:
+                        pair.reverse()
+                    for impl in pair:
+                        await turn(profile, impl, workload, datasets[workload.dataset], results)
+                        top = results[(workload.key, POOL_SIZE, impl.key)][-1]
+                        line.append(f"{workload.key}/{impl.key} {top.throughput:,.0f}")
             log(
                 f"  round {round_index + 1}/{profile.rounds} {name} (c{POOL_SIZE} ops/s): "
                 + ", ".join(line)
@@ -244,13 +273,40 @@ async def measure(
     return results
 
 
+def _units(impls: Sequence[Implementation]) -> list[list[Implementation]]:
+    """The implementations as they take turns: each variant beside the one it varies."""
+    units = [[impl] for impl in impls if impl.variant_of is None]
+    for impl in impls:
+        if impl.variant_of is None:
+            continue
+        base = next((unit for unit in units if unit[0].key == impl.variant_of), None)
+        if base is None:
+            units.append([impl])
+        else:
+            base.append(impl)
+    return units
+
+
+def _runs(impl: Implementation, workload: Workload) -> bool:
+    """A variant runs only the workloads that compare it with what it varies."""
+    return impl.variant_of is None or workload.verified_vs_plain
+
+
 async def turn(
     profile: Profile, impl: Implementation, workload: Workload, data: Dataset, results: Results
 ) -> None:
-    """Open a pool, warm up at concurrency 32, measure at 1 and 32, close."""
+    """Open a pool, check a read finds rows, warm up at concurrency 32, measure at 1 and 32,
+    close."""
     await impl.open(data.dsn, pool_size=POOL_SIZE)
     try:
         tag = f"{impl.key}{uuid.uuid4().hex[:8]}"
+        if workload.returns_rows:
+            probe = workload.build(impl, data, 1, tag + "p")
+            if not any([await probe(0, seq) for seq in range(PROBES)]):
+                raise RuntimeError(
+                    f"{impl.title}, {workload.key}: the first {PROBES} reads found nothing "
+                    "(does the database admit its tenant context?)"
+                )
         warm = workload.build(impl, data, POOL_SIZE, tag + "w")
         await run_load(warm, concurrency=POOL_SIZE, seconds=profile.warmup)
         for concurrency in report.CONCURRENCIES:

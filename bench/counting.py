@@ -18,7 +18,7 @@ from bench.impls.base import HandlerEvent
 from bench.wire import CountingProxy
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from bench.dataset import Dataset
     from bench.impls.base import Implementation
@@ -44,6 +44,30 @@ class Counts:
     impl: str
     ops: dict[str, Count]
     handler_trace: tuple[str, ...]
+
+
+READS: Final = ("recent", "for_user", "find_installation")
+
+
+def _found(result: object) -> object:
+    """What a read found, comparable between implementations: rows, or the bot token."""
+    return getattr(result, "bot_token", result)
+
+
+def disagreements(counts: Sequence[Counts]) -> list[str]:
+    """Reads of the counting pass that found nothing, or not the same in every implementation.
+
+    A tenant context the database does not admit reads no rows, without an error.
+    """
+    problems = []
+    for name in READS:
+        found = {c.impl: _found(c.ops[name].result) for c in counts if name in c.ops}
+        for impl, value in found.items():
+            if not value:
+                problems.append(f"{impl} {name} found nothing")
+        if len({repr(value) for value in found.values()}) > 1:
+            problems.append(f"{name}: " + ", ".join(f"{k} {v!r}" for k, v in found.items()))
+    return problems
 
 
 async def count_round_trips(impl: Implementation, data: Dataset, tag: str) -> Counts:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bench import report
-from bench.explain import SMALL_TABLE
+from bench.explain import SMALL_TABLE, claim_line
 from bench.impls.sync_orm import DEFAULT_EXECUTOR_THREADS
 from bench.profiling import COMPONENTS, OPS, OTHER
 from bench.workloads import SPREAD_TENANTS
@@ -14,6 +14,7 @@ from bench.workloads import SPREAD_TENANTS
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from bench.claims import Cost
     from bench.counting import Counts
     from bench.dataset import Dataset
     from bench.explain import Plan
@@ -43,6 +44,21 @@ class Run:
     profiles: Sequence[Profile]
     targets: Sequence[Target]
     elapsed: float
+    cost: Cost | None = None
+    """What one claim verification costs the server (``None``: not measured)."""
+
+    @property
+    def compared(self) -> list[Implementation]:
+        """The implementations of the main tables (variants are reported apart)."""
+        return [impl for impl in self.impls if impl.variant_of is None]
+
+    @property
+    def claims_measured(self) -> bool:
+        """Whether this run measured the layer with the claim verified and unverified."""
+        keys = {impl.key for impl in self.impls}
+        return {report.VERIFIED, report.PLAIN} <= keys and any(
+            w.verified_vs_plain for w in self.workloads
+        )
 
 
 def _profile_table(profiles: Sequence[Profile], *, markdown: bool) -> str:
@@ -79,6 +95,39 @@ def _profile_gap(profiles: Sequence[Profile]) -> str | None:
         f"throughput at concurrency 32. Where the layer spends more (shares of its extra "
         f"profiled CPU): {shares}."
     )
+
+
+def _cost_line(cost: Cost) -> str:
+    """What the verifications cost the server, per call and per operation."""
+    line = (
+        f"On the server, one verification (`sfdb_claimed_tenant()`, as the app role in a "
+        f"tenant transaction) costs {cost.loop_us:.1f} µs among {cost.loop_calls:,} calls "
+        f"of one statement (`EXPLAIN ANALYZE`); reading the claim's tenant unverified "
+        f"{cost.plain_loop_us:.2f} µs."
+    )
+    if cost.calls:
+        line += (
+            " Verifications per operation of the layer (counted with `track_functions`: "
+            "the unit of work's check, the policies of each statement and of each row "
+            "written): "
+            + ", ".join(f"{name} {calls:g}" for name, calls in cost.calls.items())
+            + "."
+        )
+    if cost.server_us:
+        parts = []
+        for name, (verified, plain) in cost.server_us.items():
+            calls = cost.calls.get(name)
+            each = f", {(verified - plain) / calls:.0f} µs a verification" if calls else ""
+            parts.append(
+                f"{name} {verified:.0f} vs {plain:.0f} µs (+{verified - plain:.0f} µs, "
+                f"{verified / plain - 1:+.0%}{each})"
+            )
+        line += (
+            f" The server's CPU per operation, verified vs plain (one connection, "
+            f"{cost.server_ops:,} operations of each kind twice in each variant, the "
+            "backend's CPU time): " + "; ".join(parts) + "."
+        )
+    return line
 
 
 def _heading(text: str, level: int, *, markdown: bool) -> str:
@@ -165,6 +214,13 @@ def _method_lines(run: Run) -> list[str]:
         "raw asyncpg: one `INSERT … ON CONFLICT DO UPDATE … WHERE` statement).",
         "- The client and PostgreSQL share the same cores: at concurrency 32 the Python "
         "client's CPU time per operation is most of what limits throughput.",
+        "- **verified vs unverified claim**: on the handler and the reads the layer takes "
+        "two turns in a row (which goes first alternates), on the same database: as "
+        "migrated, where every policy verifies the claim (`sfdb_claimed_tenant()`), and "
+        "trusting it unverified, the policies and the unit of work's check reading the "
+        "claim's tenant straight from its text (switched in place before the turn's pool "
+        "opens, so every statement is planned anew under the warm-up; switched back after "
+        "it closes). Same code, same messages, same data: only the verification differs.",
     ]
 
 
@@ -211,7 +267,7 @@ def render(run: Run, *, markdown: bool) -> str:
         parts.append("\n".join(_method_lines(run)))
     parts.append(_heading("Results", 2, markdown=md))
     parts.append(
-        report.results_table(run.results, run.workloads, run.impls, run.datasets, markdown=md)
+        report.results_table(run.results, run.workloads, run.compared, run.datasets, markdown=md)
     )
     parts.append("ops/s: operations per second; p50, p99: latency in ms; c: concurrency.")
     parts.append(_heading("Client CPU per operation", 2, markdown=md))
@@ -221,12 +277,15 @@ def render(run: Run, *, markdown: bool) -> str:
         "rounds. The server shares the machine's cores, so every client millisecond saved is "
         "throughput."
     )
-    parts.append(report.cpu_table(run.results, run.workloads, run.impls, run.datasets, markdown=md))
+    parts.append(
+        report.cpu_table(run.results, run.workloads, run.compared, run.datasets, markdown=md)
+    )
     parts.append(_heading("Targets", 2, markdown=md))
     parts.append(report.targets_table(run.targets, markdown=md))
     note = report.scale_note(run.results)
     if note:
         parts.append(note)
+    parts += _claims_part(run, markdown=md)
     if run.profiles:
         parts.append(_heading("Where the client's CPU goes (handler)", 2, markdown=md))
         parts.append(
@@ -256,15 +315,46 @@ def render(run: Run, *, markdown: bool) -> str:
             lines = [f"{i:>2}. {line}" for i, line in enumerate(counts.handler_trace, start=1)]
             parts.append(f"{'**' if md else ''}{title}{'**' if md else ''}")
             parts.append(_code("\n".join(lines), markdown=md))
-    if run.plans:
-        parts.append(_heading("EXPLAIN of the layer's queries", 2, markdown=md))
-        parts.append(
-            "On the large database, as the app role inside a tenant transaction (so row-level "
-            "security is in the plan), with the parameters the layer sent. A sequential scan of "
-            f"a table of fewer than {SMALL_TABLE:,} rows is accepted (and shown): there the "
-            "planner rightly prefers it. * = named in "
-            'DESIGN.md ("tenant + recency, tenant + user + recency, pending work, domain '
-            'lookup").'
-        )
-        parts.append(report.plans_table(run.plans, markdown=md))
+    parts += _plans_part(run, markdown=md)
     return "\n\n".join(parts) + "\n"
+
+
+def _claims_part(run: Run, *, markdown: bool) -> list[str]:
+    """The layer with the claim verified and unverified, and what a verification costs."""
+    if not run.claims_measured:
+        return []
+    parts = [
+        _heading("What verifying the claim costs", 2, markdown=markdown),
+        "The layer as it is (verified) and the same layer on the same database trusting "
+        "the claim unverified (plain: the policies compare with `NULLIF(split_part("
+        "current_setting('app.tenant_claim', true), '.', 3), '')::uuid`, as they once "
+        "compared with `app.tenant_id`, and `sfdb_require_claim()` only checks that this "
+        "tenant is live), in turns side by side; verified/plain is the share of its "
+        "throughput the verification leaves, the median over the rounds of the ratio of a "
+        f"round's two turns (target ≥ {report.CLAIM_FACTOR:g}).",
+        report.claims_table(run.results, run.workloads, run.datasets, markdown=markdown),
+    ]
+    if run.cost is not None:
+        parts.append(_cost_line(run.cost))
+    return parts
+
+
+def _plans_part(run: Run, *, markdown: bool) -> list[str]:
+    """The EXPLAIN section: each query's plan, and where the claim is verified."""
+    if not run.plans:
+        return []
+    parts = [
+        _heading("EXPLAIN of the layer's queries", 2, markdown=markdown),
+        "On the large database, as the app role inside a tenant transaction with a claim "
+        "signed with the bench's key (so row-level security is in the plan), with the "
+        "parameters the layer sent. A sequential scan of "
+        f"a table of fewer than {SMALL_TABLE:,} rows is accepted (and shown): there the "
+        "planner rightly prefers it. * = named in "
+        'DESIGN.md ("tenant + recency, tenant + user + recency, pending work, domain '
+        'lookup").',
+        report.plans_table(run.plans, markdown=markdown),
+    ]
+    line = claim_line(run.plans)
+    if line:
+        parts.append(line)
+    return parts

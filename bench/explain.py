@@ -3,15 +3,19 @@
 The statements are captured from the layer itself (a ``before_cursor_execute``
 listener on the ``Database``'s engine while its public methods run, writes rolled
 back), then planned with their real parameters inside a tenant transaction
-(``SET LOCAL ROLE`` + ``SET LOCAL app.tenant_id``), so row-level security
-is part of the plan, as it is at run time.
+(``SET LOCAL ROLE`` + ``SET LOCAL app.tenant_claim``, a claim signed with the
+bench's key), so row-level security is part of the plan, as it is at run
+time; the plan also shows where the policies verify the claim
+(``sfdb_claimed_tenant()``): once per statement, as a one-time filter, or
+per row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
@@ -23,7 +27,7 @@ from slack_fathom_db.tenancy import tenant_id_from_trusted
 from slack_fathom_db.testing import engine_of
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from bench.dataset import Dataset
     from slack_fathom_db import Database, UnitOfWork
@@ -34,6 +38,12 @@ SCANS: Final = {"Seq Scan", "Index Scan", "Index Only Scan", "Bitmap Heap Scan"}
 INDEXED: Final = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
 SMALL_TABLE: Final = 10_000
 """Rows under which a sequential scan is the planner's right choice, not a missing index."""
+CLAIM_CALL: Final = "sfdb_claimed_tenant()"
+"""What the tenant policies verify the claim with."""
+_UUID: Final = re.compile(r"'[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'")
+ELIDED: Final = "'…'"
+ONCE: Final = {"One-Time Filter": "once", "Index Cond": "once per scan"}
+"""Plan entries evaluated once per statement (per scan); any other is evaluated per row."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,28 @@ class Plan:
     uses_index: bool
     seq_scans: tuple[tuple[str, int], ...]
     """Relations read sequentially, with their row counts."""
+    claim_checks: tuple[tuple[str, str, str], ...] = ()
+    """Where the plan verifies the claim: (plan entry, node, expression)."""
+    in_tenant: bool = True
+    """Planned inside a tenant transaction (the directory's statement is not)."""
+
+    @property
+    def claim(self) -> str:
+        """How often the claim is verified, and where: ``once: One-Time Filter of Result``."""
+        if not self.claim_checks:
+            return "not in the plan" if self.in_tenant else "-"
+        places: dict[str, int] = {}
+        for entry, node, _ in self.claim_checks:
+            place = f"{ONCE.get(entry, 'per row')}: {entry} of {node}"
+            places[place] = places.get(place, 0) + 1
+        return "; ".join(
+            place + (f" (x{count})" if count > 1 else "") for place, count in places.items()
+        )
+
+    @property
+    def claim_once(self) -> bool:
+        """The claim is verified, and never per row."""
+        return bool(self.claim_checks) and all(e in ONCE for e, _, _ in self.claim_checks)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +108,38 @@ def _describe(node: dict[str, Any]) -> str:
     return text
 
 
+def claim_line(plans: Sequence[Plan]) -> str | None:
+    """Where the layer's queries verify the claim, in one sentence (``None``: nothing planned)."""
+    tenant = [p for p in plans if p.in_tenant]
+    if not tenant:
+        return None
+    once = [p for p in tenant if p.claim_once]
+    per_row = [p.name for p in tenant if any(e not in ONCE for e, _, _ in p.claim_checks)]
+    absent = [p.name for p in tenant if not p.claim_checks]
+    example = next(
+        (
+            f"`{_UUID.sub(ELIDED, text)}`"
+            for p in once
+            for entry, _, text in p.claim_checks
+            if entry == "One-Time Filter"
+        ),
+        None,
+    )
+    line = (
+        f"Where the claim is verified: in {len(once)} of the {len(tenant)} queries planned in "
+        "a tenant transaction the policies' `sfdb_claimed_tenant()` is a `One-Time Filter`"
+        + (f", {example}" if example else "")
+        + " (the policy's `tenant_id = sfdb_claimed_tenant()` meets the statement's own "
+        "tenant condition), evaluated once per statement (once per subplan where a "
+        "statement reads several tables: the counts above), not per row"
+    )
+    if per_row:
+        line += f"; per row in {', '.join(per_row)}"
+    if absent:
+        line += f"; not in the plan of {', '.join(absent)}"
+    return line + "."
+
+
 def _walk(node: dict[str, Any]) -> list[dict[str, Any]]:
     nodes = [node]
     for child in node.get("Plans", []):
@@ -90,6 +154,12 @@ def summarise(name: str, method: str, *, named: bool, plan_json: Any, rows: dict
     nodes = _walk(root)
     scans = tuple(_describe(n) for n in nodes if n["Node Type"] in SCANS | INDEXED)
     seq = [n["Relation Name"] for n in nodes if n["Node Type"] == "Seq Scan"]
+    checks = tuple(
+        (entry, _describe(n), value)
+        for n in nodes
+        for entry, value in n.items()
+        if isinstance(value, str) and CLAIM_CALL in value
+    )
     return Plan(
         name=name,
         method=method,
@@ -98,6 +168,7 @@ def summarise(name: str, method: str, *, named: bool, plan_json: Any, rows: dict
         scans=scans,
         uses_index=any(n["Node Type"] in INDEXED for n in nodes),
         seq_scans=tuple((relation, rows.get(relation, 0)) for relation in seq),
+        claim_checks=checks,
     )
 
 
@@ -190,11 +261,10 @@ async def explain_layer_queries(data: Dataset) -> list[Plan]:
                 plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {statement}", *params)
             plans.append(summarise(name, method, named=named, plan_json=plan, rows=rows))
         plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {resolve_sql}", *resolve_params)
-        plans.append(
-            summarise(
-                "team → tenant", "db.directory.resolve()", named=False, plan_json=plan, rows=rows
-            )
+        resolved = summarise(
+            "team → tenant", "db.directory.resolve()", named=False, plan_json=plan, rows=rows
         )
+        plans.append(replace(resolved, in_tenant=False))
     finally:
         await conn.close()
     return plans

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 CONCURRENCIES: Final = (1, 32)
 HIGH: Final = 32
+VERIFIED: Final = "layer"
+PLAIN: Final = "unverified"
+"""The layer with the claim verified, and the same layer on the database trusting it."""
+CLAIM_FACTOR: Final = 0.95
+"""Verified over plain throughput: verifying claims loses at most 5%."""
 
 
 # -- formatting -------------------------------------------------------------------------
@@ -155,6 +160,63 @@ def cpu_table(
     return table(headers, rows, markdown=markdown)
 
 
+def claim_ratio(results: Results, key: str, concurrency: int) -> float | None:
+    """Verified over plain throughput: the median over the rounds of each round's ratio.
+
+    The two turns of a round run back to back, so each round's ratio compares
+    them under the same conditions; a run that does not pair them (a filtered one)
+    falls back to the ratio of the medians.
+    """
+    mine = results.get((key, concurrency, VERIFIED))
+    theirs = results.get((key, concurrency, PLAIN))
+    if not mine or not theirs:
+        return None
+    if len(mine) != len(theirs):
+        plain = cell(theirs).throughput
+        return cell(mine).throughput / plain if plain else None
+    pairs = zip(mine, theirs, strict=True)
+    ratios = [a.throughput / b.throughput for a, b in pairs if b.throughput]
+    return statistics.median(ratios) if ratios else None
+
+
+def claims_table(
+    results: Results,
+    workloads: Sequence[Workload],
+    datasets: dict[str, Dataset],
+    *,
+    markdown: bool,
+) -> str:
+    """The layer with the claim verified and unverified, side by side, and their ratio."""
+    headers = [
+        "workload",
+        "c",
+        "verified ops/s",
+        "p50",
+        "p99",
+        "plain ops/s",
+        "p50",
+        "p99",
+        "verified/plain",
+    ]
+    rows = []
+    for workload in workloads:
+        if not workload.verified_vs_plain:
+            continue
+        for concurrency in CONCURRENCIES:
+            row = [workload_label(workload, datasets), str(concurrency)]
+            for impl in (VERIFIED, PLAIN):
+                samples = results.get((workload.key, concurrency, impl))
+                if not samples:
+                    row += ["-", "-", "-"]
+                    continue
+                found = cell(samples)
+                row += [f"{found.throughput:,.0f}", ms(found.p50), ms(found.p99)]
+            ratio = claim_ratio(results, workload.key, concurrency)
+            row.append("-" if ratio is None else f"{ratio:.3f}x")
+            rows.append(row)
+    return table(headers, rows, markdown=markdown)
+
+
 def counts_table(counts: Sequence[Counts], *, markdown: bool) -> str:
     """Round trips per operation (prepares after warm-up in parentheses when any)."""
     names = list(counts[0].ops) if counts else []
@@ -185,12 +247,13 @@ def plans_table(plans: Sequence[Plan], *, markdown: bool) -> str:
             f"`{p.method}`" if markdown else p.method,
             p.top,
             "; ".join(p.scans),
+            p.claim,
             p.verdict,
         ]
         for p in plans
     ]
     return table(
-        ["query", "layer call", "top node", "scans", "verdict"],
+        ["query", "layer call", "top node", "scans", "claim verified", "verdict"],
         rows,
         markdown=markdown,
         numeric=False,
@@ -326,7 +389,34 @@ def targets(
         )
     )
     found.append(_p99_target(results))
+    found.extend(_claim_target(results, key, datasets) for key in CLAIM_WORKLOADS)
     return found
+
+
+CLAIM_WORKLOADS: Final = ("handler", "recent", "recent_small", "for_user", "for_user_small")
+"""The workloads whose verified/plain ratio is a target (:mod:`bench.claims`)."""
+
+
+def _claim_target(results: Results, key: str, datasets: dict[str, Dataset]) -> Target:
+    """The verified claim loses at most 5% against the plain one, at concurrency 1 and 32."""
+    what = {
+        "handler": "handler",
+        "recent": f"read, recent meetings, {_size(datasets['large'].spec.meetings)}",
+        "recent_small": f"read, recent meetings, {_size(datasets['small'].spec.meetings)}",
+        "for_user": f"read, user's meetings, {_size(datasets['large'].spec.meetings)}",
+        "for_user_small": f"read, user's meetings, {_size(datasets['small'].spec.meetings)}",
+    }[key]
+    name = f"{what}: verified claim c1 and c32 ≥ {CLAIM_FACTOR:g} x unverified"
+    parts, ok = [], True
+    for concurrency in CONCURRENCIES:
+        mine = _tp(results, key, concurrency, VERIFIED)
+        theirs = _tp(results, key, concurrency, PLAIN)
+        ratio = claim_ratio(results, key, concurrency)
+        if mine is None or theirs is None or ratio is None:
+            return Target(name, "not measured", None)
+        ok = ok and ratio >= CLAIM_FACTOR - 1e-9
+        parts.append(f"c{concurrency} {ratio:.3f}x ({mine:,.0f} vs {theirs:,.0f} ops/s)")
+    return Target(name, "; ".join(parts), ok)
 
 
 def _p99_target(results: Results) -> Target:

@@ -5,7 +5,8 @@ this machine: a plain server, and a Citus coordinator with one worker that it
 reaches over TCP loopback. They share every server setting except those only
 Citus needs. The benchmark database is made on each (plain: created and
 migrated; Citus: :func:`~slack_fathom_db.testing.citus_database`, i.e. the
-extension on both nodes, the nodes registered, migrated and distributed), the
+extension on both nodes, the nodes registered, migrated and distributed; then
+the bench's tenant key installed, which copies it to the worker too), the
 same dataset is loaded into both with COPY as the superuser (on Citus through
 the coordinator), and every node gets ``VACUUM (ANALYZE)`` and ``CHECKPOINT``.
 
@@ -34,10 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import asyncpg
+from pydantic import SecretStr
 
 from bench import cli, dataset, report
+from bench.impls.base import TENANT_KEY
 from bench.impls.layer import LayerImpl
 from bench.workloads import SPREAD_TENANTS, WORKLOADS
+from slack_fathom_db.maintenance import install_tenant_key
 from slack_fathom_db.testing import (
     CITUS_SETTINGS,
     citus_cluster,
@@ -163,10 +167,16 @@ async def _load_plain(plain: LocalCluster) -> Dataset:
 
 async def _load_citus(citus: CitusCluster, settings: DatabaseSettings) -> Dataset:
     started = time.perf_counter()
-    url = settings.sqlalchemy_url()
-    name = url.database or ""
+    # The layer signs with the bench's key: the database accepts it beside its own, on the
+    # coordinator and, through the copy install_tenant_key makes, on the worker.
+    await install_tenant_key(settings.model_copy(update={"tenant_key": SecretStr(TENANT_KEY)}))
+    name = settings.sqlalchemy_url().database or ""
+    # Loaded, and measured, as the superuser, as on the plain server: the layer's roles
+    # are the database's own there (<database>_app), not the bench's sfdb_app.
     data = await dataset.load(
-        dataset.database_url(url, name), replace(SPEC, database=name), log=cli.log
+        dataset.database_url(citus.coordinator.url, name),
+        replace(SPEC, database=name),
+        log=cli.log,
     )
     # The coordinator passes VACUUM on to the shards, but its CHECKPOINT is its own.
     await dataset.settle(dataset.database_url(citus.worker.url, name))
@@ -178,13 +188,15 @@ async def measure(
     profile: cli.Profile, workloads: Sequence[Workload], datasets: dict[str, Dataset]
 ) -> dict[str, Results]:
     """Every workload on each topology in turn, for several rounds; the samples by topology."""
-    impl = LayerImpl()
+    # The plain database was migrated with the bench's app role; the Citus one with its own.
+    impls = {"plain": LayerImpl(), "citus": LayerImpl(app_role=None)}
     results: dict[str, Results] = {name: defaultdict(list) for name in TOPOLOGIES}
     for round_index in range(profile.rounds):
         line = []
         for position, workload in enumerate(workloads):
             shift = (round_index + position) % len(TOPOLOGIES)
             for name in (*TOPOLOGIES[shift:], *TOPOLOGIES[:shift]):
+                impl = impls[name]
                 await cli.turn(profile, impl, workload, datasets[name], results[name])
                 top = results[name][(workload.key, cli.POOL_SIZE, impl.key)][-1]
                 line.append(f"{workload.key}/{name} {top.throughput:,.0f}")
@@ -338,8 +350,10 @@ def _differences() -> list[str]:
         "What the layer does differently on Citus (it checks for the extension once per "
         "connection):",
         "- A unit of work opens with three messages instead of one: `BEGIN`, then the `SET "
-        "LOCAL`s (role, tenant, statement and idle-in-transaction timeouts), then `SELECT "
-        "sfdb_require_tenant()`. The coordinator replays the whole text of a message that "
+        "LOCAL`s (role, the tenant claim, statement and idle-in-transaction timeouts), then "
+        "`SELECT sfdb_require_claim()`. The claim names no backend (pid 0): the worker "
+        "verifies it too, with its copy of the tenant keys. The coordinator replays the "
+        "whole text of a message that "
         "holds a `SET LOCAL` at the start of each transaction it opens on a worker, so "
         "`BEGIN` and the tenant check cannot share it: two more client-coordinator round "
         "trips per unit of work.",

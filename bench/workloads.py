@@ -41,6 +41,12 @@ class Workload:
     A burst is not repeated every round: at concurrency 1 it is the longest run of all, and
     10,000 operations are plenty for stable medians.
     """
+    verified_vs_plain: bool = False
+    """The layer runs it a second time, right before or after, on the database trusting the
+    claim unverified (:mod:`bench.claims`): what verifying claims costs."""
+    returns_rows: bool = False
+    """A read: before each turn, the first operations must find something (a tenant context
+    the database does not admit reads nothing, silently)."""
 
 
 class _Rngs:
@@ -141,17 +147,31 @@ def _audit(impl: Implementation, data: Dataset, concurrency: int, _tag: str) -> 
 
 
 WORKLOADS: Final = (
-    Workload("handler", "handler", "large", _handler, "handler"),
-    Workload("recent", "read: tenant's recent meetings", "large", _recent, "recent"),
-    Workload("recent_small", "read: tenant's recent meetings", "small", _recent, "recent"),
-    Workload("for_user", "read: user's meetings", "large", _for_user, "for_user"),
-    Workload("for_user_small", "read: user's meetings", "small", _for_user, "for_user"),
+    Workload("handler", "handler", "large", _handler, "handler", verified_vs_plain=True),
+    *(
+        Workload(
+            key,
+            title,
+            dataset,
+            build,
+            group,
+            verified_vs_plain=True,
+            returns_rows=True,
+        )
+        for key, title, dataset, build, group in (
+            ("recent", "read: tenant's recent meetings", "large", _recent, "recent"),
+            ("recent_small", "read: tenant's recent meetings", "small", _recent, "recent"),
+            ("for_user", "read: user's meetings", "large", _for_user, "for_user"),
+            ("for_user_small", "read: user's meetings", "small", _for_user, "for_user"),
+        )
+    ),
     Workload(
         "find_installation",
         "read: Bolt's installation lookup",
         "large",
         _find_installation,
         "find_installation",
+        returns_rows=True,
     ),
     Workload("hot", "rate_limit: one hot tenant", "large", _hot, "rate_limit"),
     Workload("spread", "rate_limit: 32 tenants", "large", _spread, "rate_limit"),

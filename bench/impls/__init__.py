@@ -1,10 +1,11 @@
-"""The four implementations the benchmark compares, in report order."""
+"""The four implementations the benchmark compares, in report order, and the layer's variant
+that measures what verifying claims costs."""
 
 from __future__ import annotations
 
 from bench.impls.async_orm import AsyncOrmImpl
 from bench.impls.base import BenchTenant, HandlerEvent, Implementation
-from bench.impls.layer import LayerImpl
+from bench.impls.layer import LayerImpl, UnverifiedLayerImpl
 from bench.impls.raw import RawAsyncpgImpl
 from bench.impls.sync_orm import SyncOrmImpl
 
@@ -17,6 +18,13 @@ __all__ = [
     "LayerImpl",
     "RawAsyncpgImpl",
     "SyncOrmImpl",
+    "UnverifiedLayerImpl",
 ]
 
-ALL: tuple[type[Implementation], ...] = (LayerImpl, RawAsyncpgImpl, SyncOrmImpl, AsyncOrmImpl)
+ALL: tuple[type[Implementation], ...] = (
+    LayerImpl,
+    RawAsyncpgImpl,
+    SyncOrmImpl,
+    AsyncOrmImpl,
+    UnverifiedLayerImpl,
+)

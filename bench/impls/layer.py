@@ -1,9 +1,11 @@
-"""slack_fathom_db through its public API only."""
+"""slack_fathom_db through its public API only; and the same on a database that trusts the
+claim's tenant unverified (what verifying claims costs)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bench import claims
 from bench.impls.base import (
     APP_ROLE,
     HANDLER_RESOURCE,
@@ -43,7 +45,10 @@ class LayerImpl(Implementation):
         "`sfdb_find_slack_installation()`, the same kind of function"
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, app_role: str | None = APP_ROLE) -> None:
+        """``app_role``: the role units of work run as (``None``: the database's own,
+        ``<database>_app``; the bench's databases are migrated with :data:`APP_ROLE`)."""
+        self._app_role = app_role
         self._db: Database | None = None
         self._store: InstallationStore | None = None
 
@@ -59,7 +64,7 @@ class LayerImpl(Implementation):
             url=dsn,
             pool_size=pool_size,
             max_overflow=0,
-            app_role=APP_ROLE,
+            app_role=self._app_role,
             statement_timeout_ms=STATEMENT_TIMEOUT_MS,
             token_keys=TOKEN_KEYS,
             tenant_key=TENANT_KEY,
@@ -137,3 +142,52 @@ class LayerImpl(Implementation):
         return await self._store.async_find_installation(
             enterprise_id=None, team_id=tenant.slack_team_id
         )
+
+
+class UnverifiedLayerImpl(LayerImpl):
+    """The same layer, on a database that trusts the claim's tenant without verifying it.
+
+    Its turns measure what verifying claims costs (:mod:`bench.claims`): ``open``
+    switches the database's tenant policies and ``sfdb_require_claim()`` to read
+    the claim's tenant unverified before the pool opens, ``close`` puts the
+    verified definitions back once it is closed, whatever happened.
+    """
+
+    key = "unverified"
+    title = "slack_fathom_db, claim unverified"
+    variant_of = "layer"
+    isolation = (
+        "the layer, unchanged (the same code, the same messages, the claim signed and set); "
+        "for its turns the database trusts the claim without verifying it: every policy "
+        "calling `sfdb_claimed_tenant()` (`tenant_isolation` on each tenant-owned table, "
+        "`tenant_self` on `tenants`) compares with `NULLIF(split_part(current_setting("
+        "'app.tenant_claim', true), '.', 3), '')::uuid` instead, and `sfdb_require_claim()` "
+        "only checks that this tenant is live; the verified definitions are put back after "
+        "each turn"
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._switched: dict[str, claims.Verified] = {}
+
+    async def open(self, dsn: str, *, pool_size: int) -> None:
+        if dsn in self._switched:
+            await self.restore()
+        self._switched[dsn] = await claims.trust(dsn)
+        try:
+            await super().open(dsn, pool_size=pool_size)
+        except BaseException:
+            await self.restore()
+            raise
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            await self.restore()
+
+    async def restore(self) -> None:
+        """Put back the verified definitions of every database this switched (idempotent)."""
+        for dsn, verified in list(self._switched.items()):
+            await claims.restore(dsn, verified)
+            del self._switched[dsn]
