@@ -211,10 +211,10 @@ _ADD_KEY: Final = (
     "INSERT INTO public.tenant_claim_keys (key_id, inner_pad, outer_pad) VALUES ($1, $2, $3)"
 )
 # Every worker's copy of the table, made anew from the coordinator's rows in one command
-# per worker, built in SQL (the pads never pass through this client; the command's text
-# does reach each worker, where only the login that sent it and superusers see it). It runs as the
-# login (a worker may not know the owner before sfdb distribute has brought it there);
-# the copy becomes the owner's where the owner exists.
+# per worker, built in SQL: the pads never pass through this client, but the command's
+# text reaches each worker (where only the login that sent it and superusers see it). It
+# runs as the login (a worker may not know the owner before sfdb distribute has brought
+# it there); the copy becomes the owner's where the owner exists.
 _SYNC_WORKERS: Final = r"""
 SELECT nodename, nodeport, success FROM run_command_on_workers(format(
     $command$
