@@ -25,7 +25,6 @@ use it until it expires; the README's threat model says so.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import math
@@ -106,11 +105,7 @@ class TenantKey:
             raise ConfigurationError(
                 f"{_SETTING_NAME}: expected <key id>:<base64 key>, the id of [A-Za-z0-9_-]{{1,32}}"
             )
-        text = encoded.strip()
-        try:
-            secret = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
-            secret = b""
+        secret = validation.url_safe_base64(encoded)
         if len(secret) != _KEY_BYTES:
             raise ConfigurationError(
                 f"{_SETTING_NAME} ({kid}): the key must be 32 bytes in url-safe base64 "

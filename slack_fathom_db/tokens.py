@@ -15,12 +15,12 @@ ever puts a key or a plaintext in a message, a log or a repr.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import re
 import secrets
 from typing import TYPE_CHECKING, Final
 
+from slack_fathom_db import validation
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError
 
 if TYPE_CHECKING:
@@ -70,11 +70,7 @@ def parse_keys(value: str) -> list[tuple[str, bytes]]:
                 f"DATABASE_TOKEN_KEYS entry {position}: expected <key id>:<base64 key>, "
                 "the id of [A-Za-z0-9_.-]{1,32}"
             )
-        text = encoded.strip()
-        try:
-            key = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
-        except (binascii.Error, ValueError):
-            key = b""
+        key = validation.url_safe_base64(encoded)
         if len(key) != _KEY_BYTES:
             raise ConfigurationError(
                 f"DATABASE_TOKEN_KEYS entry {position} ({kid}): the key must be 32 bytes in "

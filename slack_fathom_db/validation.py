@@ -7,6 +7,8 @@ rule. Messages never repeat the offending value: it may be a secret.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import math
@@ -361,3 +363,13 @@ def json_items(value: object, *, field: str, max_bytes: int = DEFAULT_MAX_JSON_B
         _json_array(value, field, _Budget(field, max_bytes), 0), field, max_bytes
     )
     return items
+
+
+def url_safe_base64(text: str) -> bytes:
+    """The bytes of url-safe base64 ``text`` (padding optional); ``b""`` when it is not
+    base64, so the caller's own error (which never quotes a key) is the one raised."""
+    text = text.strip()
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        return b""
