@@ -35,6 +35,7 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import __version__, citus, demo, logins, schema
+from slack_fathom_db.audit_chain import verify_audit_chains
 from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError
@@ -112,8 +113,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats = commands.add_parser("stats", help="statistics of one workspace")
     stats.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
-    audit = commands.add_parser("audit", help="recent audit events of one workspace")
-    audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    audit = commands.add_parser(
+        "audit",
+        help="recent audit events of one workspace; 'audit verify [SLACK_TEAM_ID]' checks "
+        "the audit chains (as the schema owner)",
+        usage="sfdb audit [-h] [--failures] [--days N] [--limit N] SLACK_TEAM_ID\n"
+        "       sfdb audit verify [SLACK_TEAM_ID]",
+    )
+    audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID", help="or: verify")
+    audit.add_argument(
+        "verified_team_id",
+        metavar="VERIFY_TEAM_ID",
+        nargs="?",
+        default=None,
+        help="after verify: only this workspace's chain",
+    )
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
     audit.add_argument("--days", type=_positive, default=7, help="look back N days (default 7)")
     audit.add_argument("--limit", type=_positive, default=50, help="at most N events (default 50)")
@@ -638,6 +652,36 @@ async def _audit(
     out.print(_audit_table(events, title=f"audit events of {slack_team_id}, last {days} days"))
 
 
+async def _verify_audit(settings: DatabaseSettings, slack_team_id: str | None) -> bool:
+    found = await verify_audit_chains(settings, slack_team_id=slack_team_id)
+    for chain in found.chains:
+        if (broken := chain.broken) is None:
+            continue
+        where = "an event" if broken.chain_seq is None else f"place {broken.chain_seq}"
+        event = "" if broken.event_id is None else f" (event {broken.event_id})"
+        out.print(
+            f"BROKEN {chain.slack_team_id or chain.tenant_id}: {where}{event}: {broken.problem}",
+            markup=False,
+            highlight=False,
+        )
+    verdict = "verify" if found.ok else "verify, the others do not" if found.chains else ""
+    out.print(
+        f"{len(found.chains) - len(found.broken)} of {len(found.chains)} audit chains "
+        f"({found.events} events) {verdict}".rstrip(),
+        markup=False,
+        highlight=False,
+    )
+    for chain in found.chains:
+        if chain.head is not None and chain.broken is None:
+            seq, digest = chain.head
+            out.print(
+                f"head {chain.slack_team_id or chain.tenant_id} {seq} {digest.hex()}",
+                markup=False,
+                highlight=False,
+            )
+    return found.ok
+
+
 def _audit_table(events: Sequence[Any], *, title: str) -> Table:
     table = Table(title=title)
     for column in ("when (UTC)", "event", "category", "status", "description"):
@@ -756,7 +800,11 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_rotate_tenant_key(settings, finish=args.finish))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
+        elif args.command == "audit" and args.slack_team_id == "verify":
+            return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id)) else 1
         elif args.command == "audit":
+            if args.verified_team_id is not None:
+                raise UsageProblem("audit: one workspace, or verify [SLACK_TEAM_ID]")
             asyncio.run(
                 _audit(
                     settings,

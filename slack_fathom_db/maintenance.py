@@ -73,7 +73,7 @@ async def purge_rate_limit_windows(
     """
     days = validation.integer(older_than_days, field="older_than_days", maximum=_MAX_DAYS)
     batch = validation.integer(batch_size, field="batch_size", minimum=1, maximum=_MAX_BATCH)
-    conn = await _owner_connection(settings, action="purge rate-limit windows")
+    conn = await owner_connection(settings, action="purge rate-limit windows")
     deleted = 0
     try:
         while True:
@@ -116,7 +116,7 @@ async def rotate_token_keys(settings: DatabaseSettings, *, batch_size: int = 500
     """
     cipher = TokenCipher.from_settings(settings)
     batch = validation.integer(batch_size, field="batch_size", minimum=1, maximum=_MAX_BATCH)
-    conn = await _owner_connection(settings, action="rotate token keys")
+    conn = await owner_connection(settings, action="rotate token keys")
     read = rewritten = sealed = 0
     unreadable: list[str] = []
     try:
@@ -184,7 +184,7 @@ def _context(table: str, column: str, row: asyncpg.Record) -> str:
     return token_context(table, column, row["key"], row["id"])
 
 
-async def _owner_connection(settings: DatabaseSettings, *, action: str) -> asyncpg.Connection:
+async def owner_connection(settings: DatabaseSettings, *, action: str) -> asyncpg.Connection:
     """A connection on the owner's side (``DATABASE_MIGRATION_URL``), acting as the owner."""
     url = settings.for_migrations().sqlalchemy_url().set(drivername="postgresql")
     try:
@@ -266,7 +266,7 @@ async def install_tenant_key(settings: DatabaseSettings) -> bool:
     with another key, and a third key while a rotation is under way.
     """
     key = TenantKey.from_settings(settings)
-    conn = await _owner_connection(settings, action="install tenant key")
+    conn = await owner_connection(settings, action="install tenant key")
     try:
         async with conn.transaction():
             await _lock_keys(conn)
@@ -300,7 +300,7 @@ async def rotate_tenant_key(settings: DatabaseSettings, *, key_id: str | None = 
     """
     new = generate_tenant_key(key_id)
     key = TenantKey.parse(new)
-    conn = await _owner_connection(settings, action="rotate tenant key")
+    conn = await owner_connection(settings, action="rotate tenant key")
     try:
         async with conn.transaction():
             await _lock_keys(conn)
@@ -328,7 +328,7 @@ async def finish_tenant_key_rotation(settings: DatabaseSettings) -> list[str]:
     claims signed with it would then be refused everywhere.
     """
     key = TenantKey.from_settings(settings)
-    conn = await _owner_connection(settings, action="finish tenant key rotation")
+    conn = await owner_connection(settings, action="finish tenant key rotation")
     try:
         async with conn.transaction():
             await _lock_keys(conn)

@@ -42,8 +42,10 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0008"
-PREVIOUS = "0007"
+HEAD = "0009"
+PREVIOUS = "0008"
+CLAIMS = "0008"
+BEFORE_CLAIMS = "0007"
 """The revision before head: the last whose policies trusted the plain ``app.tenant_id``."""
 
 
@@ -257,7 +259,7 @@ async def _app_may_execute(conn: asyncpg.Connection, settings: DatabaseSettings,
 async def test_downgrade_from_signed_claims_puts_back_the_plain_setting_and_upgrades_again(
     empty: DatabaseSettings,
 ) -> None:
-    """Revision 0008 both ways, between 0007 and head.
+    """Revision 0008 both ways, between 0007 and 0008.
 
     Up: the tenant policies name the app role alone and compare with the verified
     claim, the owner keeps the plain setting on api_rate_limits only (owner_scoped),
@@ -268,7 +270,7 @@ async def test_downgrade_from_signed_claims_puts_back_the_plain_setting_and_upgr
     anew.
     """
     layer = empty.roles
-    await schema.upgrade(empty, PREVIOUS)
+    await schema.upgrade(empty, BEFORE_CLAIMS)
     conn = await _connect(empty)
     try:
         before = await _footprint(conn, empty)
@@ -276,7 +278,7 @@ async def test_downgrade_from_signed_claims_puts_back_the_plain_setting_and_upgr
         assert "api_rate_limits.owner_scoped" not in _policies(before)
         assert await _app_may_execute(conn, empty, "sfdb_require_tenant()")
 
-        await schema.upgrade(empty, HEAD)
+        await schema.upgrade(empty, CLAIMS)
         migrated = await _footprint(conn, empty)
         policies = _policies(migrated)
         assert policies.items() >= _tenant_policies(f"{{{layer.app}}}", CLAIMED_TENANT).items()
@@ -292,19 +294,20 @@ async def test_downgrade_from_signed_claims_puts_back_the_plain_setting_and_upgr
         assert not await _app_may_execute(conn, empty, "sfdb_require_tenant()")
         assert await install_tenant_key(empty)
 
-        await schema.downgrade(empty, PREVIOUS)
-        assert await schema.current(empty) == PREVIOUS
+        await schema.downgrade(empty, BEFORE_CLAIMS)
+        assert await schema.current(empty) == BEFORE_CLAIMS
         down = await _footprint(conn, empty)
         assert down == before
         assert "tenant_claim_keys" not in {name for name, _ in down.relations}
         assert CLAIM_FUNCTIONS.isdisjoint(name for name, *_ in down.functions)
 
-        await schema.upgrade(empty, HEAD)
+        await schema.upgrade(empty, CLAIMS)
         assert await _footprint(conn, empty) == migrated
         assert await conn.fetchval("SELECT count(*) FROM tenant_claim_keys") == 0
         assert await install_tenant_key(empty)
     finally:
         await conn.close()
+    await schema.upgrade(empty, HEAD)
     await schema.check(empty)
     await schema.downgrade(empty, "base")
 

@@ -48,7 +48,7 @@ TABLES = frozenset(
     }
 )
 GLOBAL_TABLES = frozenset({"tenants", "slack_oauth_states"})
-OWNER_TABLES = frozenset({"tenant_claim_keys"})
+OWNER_TABLES = frozenset({"tenant_claim_keys", "audit_chain", "audit_chain_heads"})
 """The layer's tables no runtime role holds anything of: the owner's alone."""
 ALL_TABLES = TABLES | GLOBAL_TABLES | OWNER_TABLES
 TENANT_OWNED = sorted(TABLES - {"tenants"})
@@ -60,7 +60,14 @@ PLAIN_TENANT = "NULLIF(current_setting('app.tenant_id', true), '')::uuid"
 """What the owner's own rate-limit policy compares with (its function sets it)."""
 
 # TRIGGER_TYPE_* bits of pg_trigger.tgtype (src/include/catalog/pg_trigger.h).
-TRIGGER_ROW, TRIGGER_BEFORE, TRIGGER_DELETE, TRIGGER_UPDATE, TRIGGER_TRUNCATE = 1, 2, 8, 16, 32
+TRIGGER_ROW, TRIGGER_BEFORE, TRIGGER_INSERT, TRIGGER_DELETE, TRIGGER_UPDATE, TRIGGER_TRUNCATE = (
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+)
 
 INDEXES_SQL = """
 SELECT c.relname AS table_name,
@@ -119,6 +126,8 @@ OWNER_MAINTENANCE = {
     ("slack_installations", "owner_maintains", b"*"): ("true", "true"),
     ("slack_bots", "owner_maintains", b"*"): ("true", "true"),
     ("audit_logs", "owner_records", b"a"): (None, "true"),
+    # sfdb audit verify (migration 0009) reads every chain as the owner.
+    ("audit_logs", "audit_verifier", b"r"): ("true", None),
 }
 ENDED_WINDOWS = "period <> 'bucket' AND sfdb_window_end(period, window_start) <= now()"
 # The owner's policy of migration 0008 for sfdb_consume_rate_limit(), which sets the plain
@@ -1021,7 +1030,8 @@ async def test_nobody_at_runtime_may_change_ids_tenants_creation_times_or_team_i
     columns = await columns_of_tables(admin)
     frozen = {(t, c) for t, names in columns.items() for c in names if c in FROZEN_COLUMNS}
     assert ("tenants", "slack_team_id") in frozen
-    assert {t for t, c in frozen if c == "tenant_id"} == set(TENANT_OWNED)
+    chain = {t for t in OWNER_TABLES if "tenant_id" in columns.get(t, ())}
+    assert {t for t, c in frozen if c == "tenant_id"} == set(TENANT_OWNED) | chain
     for role in (roles.app, roles.directory, runtime_login(sfdb_direct_settings), "public"):
         updatable = {(t, c) for t, c, p in await column_privileges(admin, role) if p == "UPDATE"}
         assert updatable & frozen == set(), role
@@ -1056,12 +1066,18 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_window_end": set(),
     "sfdb_audit_logs_append_only": set(),  # triggers: called by no one
     "sfdb_audit_logs_server_fields": set(),
+    "sfdb_audit_logs_commitment": set(),
+    "sfdb_audit_logs_chain": set(),
+    "sfdb_audit_personal": set(),  # the chain's canonical forms, for its trigger and
+    "sfdb_audit_content": set(),  # sfdb audit verify, both as the owner
 }
 # The functions that run as the owner (SECURITY DEFINER): the directory's, and the two that
 # read the tenant keys for the app role.
 DEFINERS = {name for name, callers in EXECUTE.items() if callers == {"directory"}} | {
     "sfdb_claimed_tenant",
     "sfdb_require_claim",
+    "sfdb_audit_logs_commitment",  # the audit chain's triggers, which write its tables
+    "sfdb_audit_logs_chain",
 }
 
 
@@ -1209,6 +1225,9 @@ async def test_audit_logs_has_append_only_triggers(admin: asyncpg.Connection) ->
     covered = 0
     for row in rows:
         assert row["tgenabled"] in (b"O", b"A"), row["tgname"]  # enabled (origin or always)
+        if row["tgname"] == "audit_logs_chain":  # the chain's, as a transaction commits
+            assert row["tgtype"] == TRIGGER_ROW | TRIGGER_INSERT, row["tgtype"]
+            continue
         assert row["tgtype"] & TRIGGER_BEFORE, row["tgname"]
         covered |= row["tgtype"]
     assert covered & TRIGGER_UPDATE
@@ -1650,7 +1669,11 @@ async def test_tenant_settings_do_not_outlive_the_transaction(
 
 
 def test_the_tenant_owned_tables_are_named_once_in_foreign_key_order() -> None:
-    keyed = {table.name for table in Base.metadata.tables.values() if "tenant_id" in table.c}
+    keyed = {
+        table.name
+        for table in Base.metadata.tables.values()
+        if "tenant_id" in table.c and table.name not in OWNER_TABLES
+    }
     assert set(TENANT_OWNED_TABLES) == keyed
     assert len(TENANT_OWNED_TABLES) == len(keyed)
     seen = {"tenants"}

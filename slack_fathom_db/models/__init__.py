@@ -2,7 +2,7 @@
 
 from typing import Final
 
-from slack_fathom_db.models.audit import AuditLog
+from slack_fathom_db.models.audit import AuditChainHead, AuditChainLink, AuditLog
 from slack_fathom_db.models.base import Base
 from slack_fathom_db.models.meetings import MeetingSession
 from slack_fathom_db.models.rate_limits import ApiRateLimit
@@ -31,6 +31,8 @@ __all__ = [
     "TENANT_OWNED_TABLES",
     "AccountMapping",
     "ApiRateLimit",
+    "AuditChainHead",
+    "AuditChainLink",
     "AuditLog",
     "Base",
     "CrmConnection",

@@ -1,7 +1,19 @@
-"""The audit aggregate: an append-only log of what happened in a workspace.
+"""The audit aggregate: an append-only, tamper-evident log of what happened in a workspace.
 
 The database keeps it append-only by itself: the app role may only INSERT and
 SELECT, and a trigger rejects UPDATE, DELETE and TRUNCATE for everybody.
+
+Each workspace's events form a hash chain that the database computes as the
+transaction writing them commits, whatever the inserts said: ``audit_chain``
+gives each event its place (``chain_seq``, from 1) and ``row_hash``, SHA-256
+over the previous place's hash and the event's canonical content. The personal
+fields (actor, address, user agent, free text) enter that content only
+through ``personal_digest``, SHA-256 over a random ``personal_salt`` and the
+fields: once the fields and the salt are erased the digest still closes the
+chain and reveals nothing. ``audit_chain_heads`` keeps each chain's newest
+place; committing writers of one workspace take their turn on its row.
+``sfdb audit verify`` walks the chains
+(:func:`slack_fathom_db.audit_chain.verify_audit_chains`).
 """
 
 from __future__ import annotations
@@ -11,14 +23,24 @@ from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
-from sqlalchemy import CheckConstraint, ForeignKeyConstraint, Index, Text, func, text
-from sqlalchemy.dialects.postgresql import INET, JSONB
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKeyConstraint,
+    Index,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import BYTEA, INET, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from slack_fathom_db.models.base import Base, TenantOwned, one_of
+from slack_fathom_db.models.base import INTERNAL, Base, TenantOwned, one_of
 
 EVENT_CATEGORIES: Final = ("auth", "data", "integration", "admin", "security", "billing", "system")
 EVENT_STATUSES: Final = ("success", "failure", "denied")
+HASH_BYTES: Final = 32
 
 
 class AuditLog(TenantOwned, Base):
@@ -54,6 +76,40 @@ class AuditLog(TenantOwned, Base):
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), sort_order=90)
+    # Set by the database's trigger on every insert (NOT NULL is checked after it runs): the
+    # commitment to the personal fields, the chain's business rather than a reader's.
+    personal_digest: Mapped[bytes] = mapped_column(BYTEA, sort_order=95, info=INTERNAL)
+    personal_salt: Mapped[bytes | None] = mapped_column(BYTEA, sort_order=96, info=INTERNAL)
 
     def __repr__(self) -> str:
         return f"AuditLog(id={self.id}, event_type={self.event_type!r})"
+
+
+class AuditChainLink(Base):
+    """One event's place in its workspace's audit chain, written as the event's transaction
+    commits; the owner's alone (the chain's trigger writes it, as the owner)."""
+
+    __tablename__ = "audit_chain"
+    __table_args__ = (UniqueConstraint("tenant_id", "event_id"),)
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    event_id: Mapped[uuid.UUID]
+    row_hash: Mapped[bytes] = mapped_column(BYTEA)
+
+    def __repr__(self) -> str:
+        return f"AuditChainLink(chain_seq={self.chain_seq}, event_id={self.event_id})"
+
+
+class AuditChainHead(Base):
+    """The newest position of one workspace's audit chain; the owner's alone (the chain's
+    trigger moves it, as the owner)."""
+
+    __tablename__ = "audit_chain_heads"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger)
+    row_hash: Mapped[bytes] = mapped_column(BYTEA)
+
+    def __repr__(self) -> str:
+        return f"AuditChainHead(tenant_id={self.tenant_id}, chain_seq={self.chain_seq})"

@@ -26,6 +26,10 @@ NAMING_CONVENTION: Final = {
 }
 
 
+INTERNAL: Final = {"internal": True}
+"""``info`` of a column that no repository reads or returns (:func:`row_columns` skips it)."""
+
+
 def utcnow() -> datetime:
     """The current time, timezone-aware, in UTC."""
     return datetime.now(UTC)

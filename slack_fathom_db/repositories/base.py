@@ -64,8 +64,10 @@ RECORDS: Final[dict[type[Base], type[Any]]] = {
 
 
 def row_columns(model: type[Base]) -> list[ColumnElement[Any]]:
-    """Every column of ``model``, in the order of its attributes (and of its record)."""
-    return [prop.columns[0] for prop in inspect(model).column_attrs]
+    """Every column of ``model`` but the internal ones, in the order of its attributes (and of
+    its record)."""
+    columns = (prop.columns[0] for prop in inspect(model).column_attrs)
+    return [column for column in columns if not column.info.get("internal")]
 
 
 class TenantRepository(Generic[ModelT]):

@@ -1,0 +1,243 @@
+"""Checking the audit log's hash chains (``sfdb audit verify``).
+
+The database chains each workspace's audit events as their transactions
+commit (:mod:`slack_fathom_db.models.audit`, migration 0009).
+:func:`verify_audit_chains` walks every chain, or one workspace's, on the
+owner's side, and reports for each the first place that breaks it:
+
+* a place missing (taken out of the chain), or an event missing at its place
+  (deleted);
+* a place whose hash is not SHA-256 over its predecessor's hash and its
+  event's content (the event edited, or the chain rewritten there);
+* personal fields that no longer match their digest (edited; fields erased
+  together with their salt are not checked, their digest still is);
+* an event that has no place (written around the chain's trigger);
+* a chain that does not end where its head says (the newest places removed),
+  or places without a head.
+
+A chain proves what it proves to someone who cannot rewrite all of it: a
+superuser who recomputes every hash after an edit leaves a valid chain. Keep
+the heads it reports (:attr:`ChainState.head`) where the database's
+superusers cannot write, and compare: a chain rewritten below a kept head no
+longer ends in it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from slack_fathom_db import validation
+from slack_fathom_db.connections import DRIVER_ERRORS
+from slack_fathom_db.errors import TenantNotFound, translate
+from slack_fathom_db.maintenance import owner_connection
+
+if TYPE_CHECKING:
+    import uuid
+    from collections.abc import Iterable, Mapping
+
+    import asyncpg
+
+    from slack_fathom_db.settings import DatabaseSettings
+
+__all__ = ["AuditVerification", "ChainBreak", "ChainState", "verify_audit_chains"]
+
+_ACTION: Final = "verify the audit chains"
+GENESIS: Final = bytes(32)
+"""The hash before a chain's first event."""
+
+# One pass over the events in chain order: each row's verdict against its predecessor,
+# and the newest row of each chain (with the chain's length) to compare with its head.
+_WALK: Final = """
+SELECT * FROM (
+    SELECT tenant_id, chain_seq, event_id, prev_seq, places, newest, row_hash, found,
+           row_hash = sha256(coalesce(prev_hash, $2::bytea) || public.sfdb_audit_content(
+               event_id, tenant_id, chain_seq, event_type, event_category, status,
+               resource_type, resource_id, created_at, personal_digest)) AS hash_holds,
+           personal_salt IS NULL OR personal_digest = public.sfdb_audit_personal(
+               personal_salt, user_id, ip_address, user_agent, action_description, metadata)
+               AS personal_holds
+    FROM (
+        SELECT c.tenant_id, c.chain_seq, c.event_id, c.row_hash, a.id IS NOT NULL AS found,
+               a.event_type, a.event_category, a.status, a.resource_type, a.resource_id,
+               a.created_at, a.personal_digest, a.personal_salt, a.user_id, a.ip_address,
+               a.user_agent, a.action_description, a.metadata,
+               lag(c.chain_seq) OVER chain AS prev_seq,
+               lag(c.row_hash) OVER chain AS prev_hash,
+               count(*) OVER (PARTITION BY c.tenant_id) AS places,
+               lead(c.chain_seq) OVER chain IS NULL AS newest
+        FROM public.audit_chain AS c
+        LEFT JOIN public.audit_logs AS a ON a.tenant_id = c.tenant_id AND a.id = c.event_id
+        WHERE $1::uuid IS NULL OR c.tenant_id = $1::uuid
+        WINDOW chain AS (PARTITION BY c.tenant_id ORDER BY c.chain_seq)
+    ) AS walked
+) AS judged
+WHERE newest OR chain_seq <> coalesce(prev_seq, 0) + 1 OR NOT found
+   OR hash_holds IS NOT TRUE OR personal_holds IS NOT TRUE
+ORDER BY tenant_id, chain_seq
+"""
+# Events without a place, the oldest of each workspace first.
+_UNCHAINED: Final = """
+SELECT a.tenant_id, a.id FROM public.audit_logs AS a
+WHERE ($1::uuid IS NULL OR a.tenant_id = $1::uuid)
+  AND NOT EXISTS (
+      SELECT FROM public.audit_chain AS c WHERE c.tenant_id = a.tenant_id AND c.event_id = a.id)
+ORDER BY a.tenant_id, a.created_at, a.id
+"""
+_HEADS: Final = """
+SELECT h.tenant_id, h.chain_seq, h.row_hash
+FROM public.audit_chain_heads AS h
+WHERE $1::uuid IS NULL OR h.tenant_id = $1::uuid
+"""
+_TEAMS: Final = "SELECT id, slack_team_id FROM public.tenants WHERE id = ANY($1::uuid[])"
+_TEAM: Final = "SELECT id FROM public.tenants WHERE slack_team_id = $1"
+
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    """The first place at which one workspace's chain does not hold."""
+
+    chain_seq: int | None
+    """The place in the chain (``None``: an event that has none)."""
+    event_id: uuid.UUID | None
+    """The event concerned, if there is one."""
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainState:
+    """One workspace's audit chain, as checked."""
+
+    tenant_id: uuid.UUID
+    slack_team_id: str | None
+    events: int
+    """Places in the chain."""
+    head: tuple[int, bytes] | None
+    """``(chain_seq, row_hash)`` of the chain's head, as the database keeps it."""
+    broken: ChainBreak | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditVerification:
+    """What :func:`verify_audit_chains` found: every chain, in workspace order."""
+
+    chains: list[ChainState] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(chain.events for chain in self.chains)
+
+    @property
+    def broken(self) -> list[ChainState]:
+        return [chain for chain in self.chains if chain.broken is not None]
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken
+
+
+async def verify_audit_chains(
+    settings: DatabaseSettings, *, slack_team_id: str | None = None
+) -> AuditVerification:
+    """Check every workspace's audit chain, or only ``slack_team_id``'s, as the owner.
+
+    Reads in one snapshot; events of transactions still open are not seen (their
+    places are taken as they commit). Raises
+    :class:`~slack_fathom_db.errors.TenantNotFound` for a workspace the database
+    does not know.
+    """
+    team = None if slack_team_id is None else validation.slack_team_id(slack_team_id)
+    conn = await owner_connection(settings, action=_ACTION)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            tenant: uuid.UUID | None = None
+            if team is not None:
+                tenant = await conn.fetchval(_TEAM, team)
+                if tenant is None:
+                    raise TenantNotFound(f"no workspace {team} in this database")
+            heads = {row["tenant_id"]: row for row in await conn.fetch(_HEADS, tenant)}
+            walked = await conn.fetch(_WALK, tenant, GENESIS)
+            unchained = await conn.fetch(_UNCHAINED, tenant)
+            tenants = {row["tenant_id"] for row in [*walked, *unchained]} | set(heads)
+            teams = {
+                row["id"]: row["slack_team_id"] for row in await conn.fetch(_TEAMS, list(tenants))
+            }
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action=_ACTION) from exc
+    finally:
+        await conn.close()
+    return AuditVerification(_judge(heads, walked, unchained, teams))
+
+
+def _judge(
+    heads: Mapping[uuid.UUID, asyncpg.Record],
+    walked: Iterable[asyncpg.Record],
+    unchained: Iterable[asyncpg.Record],
+    teams: Mapping[uuid.UUID, str],
+) -> list[ChainState]:
+    """Each chain's state from its head and what :data:`_WALK` and :data:`_UNCHAINED`
+    returned for it."""
+    places: defaultdict[uuid.UUID, list[asyncpg.Record]] = defaultdict(list)
+    for row in walked:
+        places[row["tenant_id"]].append(row)
+    outside: dict[uuid.UUID, uuid.UUID] = {}
+    for row in unchained:
+        outside.setdefault(row["tenant_id"], row["id"])
+    chains = []
+    for tenant in sorted(set(heads) | set(places) | set(outside)):
+        head = heads.get(tenant)
+        found = places.get(tenant, [])
+        newest = next((row for row in found if row["newest"]), None)
+        broken = (
+            next(filter(None, map(_place_break, found)), None)
+            or _end_break(head, newest)
+            or (
+                ChainBreak(None, outside[tenant], "an event without a place in the chain")
+                if tenant in outside
+                else None
+            )
+        )
+        chains.append(
+            ChainState(
+                tenant_id=tenant,
+                slack_team_id=teams.get(tenant),
+                events=0 if newest is None else int(newest["places"]),
+                head=None if head is None else (int(head["chain_seq"]), bytes(head["row_hash"])),
+                broken=broken,
+            )
+        )
+    return chains
+
+
+def _place_break(row: asyncpg.Record) -> ChainBreak | None:
+    seq, expected = int(row["chain_seq"]), int(row["prev_seq"] or 0) + 1
+    if seq > expected:
+        problem = f"{_places(expected, seq - 1)} missing before it"
+    elif not row["found"]:
+        problem = "its event is missing: deleted"
+    elif not row["hash_holds"]:
+        problem = "its event is not the one chained there: edited, or the chain rewritten"
+    elif not row["personal_holds"]:
+        problem = "its event's personal fields were changed after it was written"
+    else:
+        return None
+    return ChainBreak(seq, row["event_id"], problem)
+
+
+def _end_break(head: asyncpg.Record | None, newest: asyncpg.Record | None) -> ChainBreak | None:
+    if head is None:
+        if newest is None:
+            return None
+        return ChainBreak(int(newest["chain_seq"]), newest["event_id"], "the chain has no head")
+    end = 0 if newest is None else int(newest["chain_seq"])
+    kept = int(head["chain_seq"])
+    if end < kept:
+        return ChainBreak(end + 1, None, f"{_places(end + 1, kept)} missing at the end")
+    if newest is not None and (end > kept or bytes(newest["row_hash"]) != bytes(head["row_hash"])):
+        return ChainBreak(end, newest["event_id"], "the chain does not end where its head says")
+    return None
+
+
+def _places(first: int, last: int) -> str:
+    return f"place {first} is" if first == last else f"places {first} to {last} are"
