@@ -1,0 +1,345 @@
+"""The audit log's hash chains: computed by the database as events commit, checked by verify.
+
+Every test here writes events of workspaces of its own and verifies those
+workspaces only: the database is shared with the rest of the suite, and the
+tampering tests leave broken chains behind on purpose. Tampering is what a
+superuser can do (``session_replication_role = replica`` silences every
+trigger, the append-only one included); the runtime roles cannot even read the
+chain's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import asyncpg
+import pytest
+
+from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db.audit_chain import ChainState, verify_audit_chains
+from slack_fathom_db.errors import TenantNotFound
+from tests.test_audit_integrity import _scope as claim_of
+from tests.test_schema import runtime_login
+
+if TYPE_CHECKING:
+    from tests.conftest import TenantFactory
+
+GENESIS = bytes(32)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def log(db: Database, tenant: TenantId, *descriptions: str) -> list[uuid.UUID]:
+    """Log one event per description in one committed unit of work; their ids."""
+    async with db.unit_of_work(tenant) as uow:
+        ids = [
+            (
+                await uow.audit.log_event(
+                    event_type="meeting.created",
+                    event_category="data",
+                    action_description=text,
+                    ip_address="10.1.2.3",
+                    user_agent="Slackbot 1.0",
+                    metadata={"n": index},
+                )
+            ).id
+            for index, text in enumerate(descriptions)
+        ]
+        await uow.commit()
+    return ids
+
+
+async def team_of(admin: asyncpg.Connection, tenant: TenantId) -> str:
+    team = await admin.fetchval("SELECT slack_team_id FROM tenants WHERE id = $1", tenant)
+    assert isinstance(team, str)
+    return team
+
+
+async def chain_of(
+    settings: DatabaseSettings, admin: asyncpg.Connection, tenant: TenantId
+) -> ChainState:
+    found = await verify_audit_chains(settings, slack_team_id=await team_of(admin, tenant))
+    assert [chain.tenant_id for chain in found.chains] == [tenant]
+    return found.chains[0]
+
+
+async def places(admin: asyncpg.Connection, tenant: TenantId) -> list[tuple[int, uuid.UUID]]:
+    rows = await admin.fetch(
+        "SELECT chain_seq, event_id FROM audit_chain WHERE tenant_id = $1 ORDER BY chain_seq",
+        tenant,
+    )
+    return [(row["chain_seq"], row["event_id"]) for row in rows]
+
+
+def _jsonb(values: list[object]) -> bytes:
+    """A JSON array as jsonb prints it (ASCII strings, one-key objects)."""
+    return json.dumps(values, separators=(", ", ": ")).encode()
+
+
+async def test_the_chain_is_sha256_over_the_previous_hash_and_the_documented_content(
+    db: Database,
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    """Recomputed here from the stored row, as the migration documents it: the database
+    computes exactly that, place after place from 32 zero bytes."""
+    ids = await log(db, tenant_a, "first", "second")
+    rows = await admin.fetch(
+        "SELECT a.*, c.chain_seq, c.row_hash FROM audit_chain c JOIN audit_logs a "
+        "ON a.tenant_id = c.tenant_id AND a.id = c.event_id WHERE c.tenant_id = $1 "
+        "ORDER BY c.chain_seq",
+        tenant_a,
+    )
+    assert [(row["chain_seq"], row["id"]) for row in rows] == [(1, ids[0]), (2, ids[1])]
+    previous = GENESIS
+    for row in rows:
+        personal = _jsonb(
+            [
+                None,
+                "10.1.2.3",
+                32,
+                "Slackbot 1.0",
+                row["action_description"],
+                json.loads(row["metadata"]),
+            ]
+        )
+        digest = hashlib.sha256(row["personal_salt"] + personal).digest()
+        assert row["personal_digest"] == digest
+        micros = (row["created_at"] - EPOCH) // timedelta(microseconds=1)
+        content = _jsonb(
+            [
+                "audit/v1",
+                str(row["id"]),
+                str(tenant_a),
+                row["chain_seq"],
+                "meeting.created",
+                "data",
+                "success",
+                None,
+                None,
+                micros,
+                digest.hex(),
+            ]
+        )
+        assert row["row_hash"] == hashlib.sha256(previous + content).digest()
+        previous = row["row_hash"]
+    head = await admin.fetchrow("SELECT * FROM audit_chain_heads WHERE tenant_id = $1", tenant_a)
+    assert head is not None
+    assert (head["chain_seq"], head["row_hash"]) == (2, previous)
+    chain = await chain_of(sfdb_direct_settings, admin, tenant_a)
+    assert (chain.events, chain.head, chain.broken) == (2, (2, previous), None)
+
+
+async def test_each_workspace_has_its_own_chain_and_a_rolled_back_event_takes_no_place(
+    db: Database,
+    tenant_a: TenantId,
+    tenant_b: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    first = await log(db, tenant_a, "a1")
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.audit.log_event(
+            event_type="meeting.created", event_category="data", action_description="gone"
+        )
+        await uow.rollback()
+    b_ids = await log(db, tenant_b, "b1", "b2")
+    second = await log(db, tenant_a, "a2")
+    assert await places(admin, tenant_a) == [(1, first[0]), (2, second[0])]
+    assert await places(admin, tenant_b) == [(1, b_ids[0]), (2, b_ids[1])]
+    for tenant in (tenant_a, tenant_b):
+        chain = await chain_of(sfdb_direct_settings, admin, tenant)
+        assert (chain.events, chain.broken) == (2, None)
+
+
+async def test_what_an_insert_says_of_the_commitment_is_replaced(
+    tenant_a: TenantId, admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    """The app role may insert every column (Citus needs it): the trigger sets the salt and
+    the digest anyway, and the chain takes the event as the database saw it."""
+    settings = sfdb_direct_settings
+    event = uuid.uuid4()
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+        await admin.execute(claim_of(settings, tenant_a))
+        await admin.execute(
+            "INSERT INTO audit_logs (tenant_id, id, event_type, event_category, "
+            "action_description, personal_digest, personal_salt) "
+            "VALUES ($1, $2, 'auth.login', 'auth', 'chosen', $3, $4)",
+            tenant_a,
+            event,
+            GENESIS,
+            GENESIS,
+        )
+    row = await admin.fetchrow(
+        "SELECT id, personal_digest, personal_salt FROM audit_logs WHERE tenant_id = $1",
+        tenant_a,
+    )
+    assert row is not None
+    assert row["id"] != event  # the server's id (migration 0006)
+    assert GENESIS not in (row["personal_digest"], row["personal_salt"])
+    assert len(row["personal_salt"]) == 32
+    chain = await chain_of(settings, admin, tenant_a)
+    assert (chain.events, chain.broken) == (1, None)
+
+
+@pytest.mark.parametrize("table", ["audit_chain", "audit_chain_heads"])
+async def test_no_runtime_role_may_read_or_write_the_chain(
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    table: str,
+) -> None:
+    settings = sfdb_direct_settings
+    attempts = [
+        f"SELECT count(*) FROM public.{table}",
+        f"DELETE FROM public.{table}",
+        f"UPDATE public.{table} SET chain_seq = chain_seq + 1",
+        f"INSERT INTO public.{table} (tenant_id, chain_seq, row_hash) VALUES ('{tenant_a}', 1, '')",
+        f"TRUNCATE public.{table}",
+    ]
+    roles = (settings.roles.app, settings.roles.directory, runtime_login(settings))
+    for role in roles:
+        for sql in attempts:
+            async with admin.transaction():
+                await admin.execute(f'SET LOCAL ROLE "{role}"')
+                await admin.execute(claim_of(settings, tenant_a))
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await admin.execute(sql)
+
+
+async def test_32_concurrent_writers_of_one_workspace_leave_one_valid_chain(
+    db: Database,
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    written = await asyncio.gather(*(log(db, tenant_a, f"w{n}-1", f"w{n}-2") for n in range(32)))
+    chained = await places(admin, tenant_a)
+    assert [seq for seq, _ in chained] == list(range(1, 65))
+    assert {event for _, event in chained} == {event for ids in written for event in ids}
+    chain = await chain_of(sfdb_direct_settings, admin, tenant_a)
+    assert (chain.events, chain.broken) == (64, None)
+
+
+async def test_a_security_event_logged_inside_a_unit_of_work_that_logged_does_not_wait(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    """Places are taken as transactions commit, so an open unit of work that logged holds no
+    lock its own security event (a transaction of its own) would wait for."""
+    async with db.unit_of_work(tenant_a) as uow:
+        await uow.audit.log_event(
+            event_type="meeting.created", event_category="data", action_description="open"
+        )
+        await asyncio.wait_for(
+            db.log_security_event(
+                tenant_a,
+                event_type="security.denied",
+                event_category="security",
+                action_description="denied while the other is open",
+            ),
+            timeout=10,
+        )
+        await uow.commit()
+    kinds = await admin.fetch(
+        "SELECT c.chain_seq, a.event_type FROM audit_chain c JOIN audit_logs a "
+        "ON a.tenant_id = c.tenant_id AND a.id = c.event_id WHERE c.tenant_id = $1 "
+        "ORDER BY c.chain_seq",
+        tenant_a,
+    )
+    assert [(r["chain_seq"], r["event_type"]) for r in kinds] == [
+        (1, "security.denied"),
+        (2, "meeting.created"),
+    ]
+
+
+# -- tampering, as a superuser ---------------------------------------------------------
+
+TAMPERING = {
+    "edit an event": (
+        "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
+        2,
+        "its event is not the one chained there: edited, or the chain rewritten",
+    ),
+    "edit a personal field": (
+        "UPDATE audit_logs SET ip_address = '192.0.2.1' WHERE tenant_id = $1 AND id = $2",
+        2,
+        "its event's personal fields were changed after it was written",
+    ),
+    "delete an event": (
+        "DELETE FROM audit_logs WHERE tenant_id = $1 AND id = $2",
+        2,
+        "its event is missing: deleted",
+    ),
+    "delete an event and its place": (
+        "WITH gone AS (DELETE FROM audit_logs WHERE tenant_id = $1 AND id = $2 RETURNING id) "
+        "DELETE FROM audit_chain WHERE tenant_id = $1 AND event_id IN (SELECT id FROM gone)",
+        3,
+        "place 2 is missing before it",
+    ),
+    "rewrite a place's hash": (
+        "UPDATE audit_chain SET row_hash = sha256(row_hash) WHERE tenant_id = $1 AND event_id = $2",
+        2,
+        "its event is not the one chained there: edited, or the chain rewritten",
+    ),
+    "insert an event around the chain": (
+        "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description, "
+        "personal_digest) SELECT $1, 'auth.login', 'auth', 'forged', personal_digest "
+        "FROM audit_logs WHERE tenant_id = $1 AND id = $2",
+        None,
+        "an event without a place in the chain",
+    ),
+    "delete the newest event and its place": (
+        "WITH newest AS (SELECT max(chain_seq) AS seq FROM audit_chain WHERE tenant_id = $1), "
+        "gone AS (DELETE FROM audit_chain WHERE tenant_id = $1 AND chain_seq = "
+        "(SELECT seq FROM newest) RETURNING event_id) "
+        "DELETE FROM audit_logs WHERE tenant_id = $1 AND id IN (SELECT event_id FROM gone) "
+        "AND $2::uuid IS NOT NULL",
+        3,
+        "place 3 is missing at the end",
+    ),
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERING))
+async def test_verify_names_the_first_place_a_superuser_tampered_with(
+    db: Database,
+    make_tenant: TenantFactory,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    tampering: str,
+) -> None:
+    sql, place, problem = TAMPERING[tampering]
+    tampered, untouched = await make_tenant("Tampered"), await make_tenant("Untouched")
+    ids = await log(db, tampered, "one", "two", "three")
+    await log(db, untouched, "one", "two", "three")
+    assert (await chain_of(sfdb_direct_settings, admin, tampered)).broken is None
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")  # no trigger fires
+        await admin.execute(sql, tampered, ids[1])
+
+    broken = (await chain_of(sfdb_direct_settings, admin, tampered)).broken
+    assert broken is not None
+    assert (broken.chain_seq, broken.problem) == (place, problem)
+    if (
+        place is not None
+        and tampering != "delete an event and its place"
+        and "newest" not in tampering
+    ):
+        assert broken.event_id == ids[1]
+    assert (await chain_of(sfdb_direct_settings, admin, untouched)).broken is None
+    everything = await verify_audit_chains(sfdb_direct_settings)
+    assert tampered in {chain.tenant_id for chain in everything.broken}
+    assert untouched not in {chain.tenant_id for chain in everything.broken}
+
+
+async def test_verify_refuses_a_workspace_it_does_not_know(
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    with pytest.raises(TenantNotFound, match="TNOSUCHTEAM"):
+        await verify_audit_chains(sfdb_direct_settings, slack_team_id="TNOSUCHTEAM")
