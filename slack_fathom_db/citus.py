@@ -33,7 +33,7 @@ import asyncpg
 from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import ConfigurationError, translate
 from slack_fathom_db.maintenance import sync_tenant_keys
-from slack_fathom_db.models import TENANT_OWNED_TABLES
+from slack_fathom_db.models import AUDIT_CHAIN_TABLES, TENANT_OWNED_TABLES
 
 if TYPE_CHECKING:
     from slack_fathom_db.roles import LayerRoles
@@ -42,11 +42,18 @@ if TYPE_CHECKING:
 __all__ = ["DISTRIBUTED_TABLES", "distribute", "is_distributed"]
 
 REFERENCE_TABLE: Final = "tenants"
-DISTRIBUTED_TABLES: Final = TENANT_OWNED_TABLES  # a table after those it references
+DISTRIBUTED_TABLES: Final = (*TENANT_OWNED_TABLES, *AUDIT_CHAIN_TABLES)
+"""Distributed by ``tenant_id``, colocated: a table after those it references."""
 RATE_LIMIT_FUNCTION: Final = (
     "sfdb_consume_rate_limit(uuid, text, text, timestamptz, integer, integer, integer)"
 )
 CLAIM_FUNCTION: Final = "sfdb_claimed_tenant()"
+# What the audit chain's triggers call on the shards, beside the triggers' own functions
+# (which Citus brings to the workers with the triggers).
+CHAIN_FUNCTIONS: Final = (
+    "sfdb_audit_personal(bytea, uuid, inet, text, text, jsonb)",
+    "sfdb_audit_content(uuid, uuid, bigint, text, text, text, text, text, timestamptz, bytea)",
+)
 _ACTION: Final = "distribute"
 
 
@@ -154,15 +161,16 @@ async def _distribute(conn: asyncpg.Connection, *, roles: LayerRoles, database: 
         )
         done.append("sfdb_consume_rate_limit: runs on the node of its tenant")
     # Every worker checks tenant claims (its shards' policies call the function) with its
-    # own copy of the keys.
+    # own copy of the keys, and chains the audit events of its shards.
+    for function in (CLAIM_FUNCTION, *CHAIN_FUNCTIONS):
+        if await conn.fetchval(
+            "SELECT to_regprocedure($1) IS NOT NULL AND NOT EXISTS (SELECT FROM pg_dist_object "
+            "WHERE classid = 'pg_proc'::regclass AND objid = to_regprocedure($1))",
+            function,
+        ):
+            await conn.execute("SELECT create_distributed_function($1)", function)
+            done.append(f"{function.partition('(')[0]}(): on every node")
     claims = await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", CLAIM_FUNCTION)
-    if claims and not await conn.fetchval(
-        "SELECT EXISTS (SELECT FROM pg_dist_object WHERE classid = 'pg_proc'::regclass "
-        "AND objid = $1::regprocedure)",
-        CLAIM_FUNCTION,
-    ):
-        await conn.execute("SELECT create_distributed_function($1)", CLAIM_FUNCTION)
-        done.append(f"{CLAIM_FUNCTION}: on every node")
     if claims and await sync_tenant_keys(conn):
         done.append("tenant keys copied to every worker")
     # The coordinator connects to the workers as the role in effect: the app role in a

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, schema
+from slack_fathom_db.audit_chain import verify_audit_chains
 from slack_fathom_db.logins import create_login
 from slack_fathom_db.maintenance import install_tenant_key
 from slack_fathom_db.models import TENANT_OWNED_TABLES
@@ -565,3 +566,62 @@ async def test_meetings_in_processing_before_leases_get_one_from_their_start(
         (ids["stuck"], 2),
         (ids["waiting"], 1),
     ]
+
+
+async def test_the_audit_chain_revision_chains_the_events_already_written(
+    empty: DatabaseSettings, sfdb_server: URL
+) -> None:
+    """Events of two workspaces written before revision 0009 get places in (created_at, id)
+    order, each workspace its own chain from 1, and verify; the next event continues the
+    chain; down and up again chains them anew."""
+    await schema.upgrade(empty, CLAIMS)
+    superuser = await asyncpg.connect(superuser_dsn(sfdb_server, empty))
+    try:
+        tenants = [
+            await superuser.fetchval(
+                "INSERT INTO tenants (slack_team_id, slack_team_name) VALUES ($1, 'Old') "
+                "RETURNING id",
+                unique_team_id(),
+            )
+            for _ in range(2)
+        ]
+        written: dict[uuid.UUID, list[uuid.UUID]] = {tenant: [] for tenant in tenants}
+        for minutes in (30, 10, 20):  # not in time order
+            for tenant in tenants:
+                written[tenant].append(
+                    await superuser.fetchval(
+                        "INSERT INTO audit_logs (tenant_id, event_type, event_category, "
+                        "action_description, ip_address, created_at) VALUES ($1, 'auth.login', "
+                        "'auth', 'old', '10.0.0.1', now() - make_interval(mins => $2)) "
+                        "RETURNING id",
+                        tenant,
+                        minutes,
+                    )
+                )
+        for attempt in ("first", "again"):
+            await schema.upgrade(empty, HEAD)
+            found = await verify_audit_chains(empty)
+            assert found.ok, attempt
+            assert {chain.tenant_id: chain.events for chain in found.chains} == {
+                tenant: 3 for tenant in tenants
+            }
+            for tenant in tenants:
+                chained = await superuser.fetch(
+                    "SELECT event_id FROM audit_chain WHERE tenant_id = $1 ORDER BY chain_seq",
+                    tenant,
+                )
+                oldest_first = [written[tenant][i] for i in (0, 2, 1)]
+                assert [row["event_id"] for row in chained] == oldest_first, attempt
+            if attempt == "first":
+                await schema.downgrade(empty, CLAIMS)
+        await superuser.execute(
+            "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description) "
+            "VALUES ($1, 'auth.login', 'auth', 'new')",
+            tenants[0],
+        )
+        found = await verify_audit_chains(empty)
+        assert found.ok
+        assert [chain.events for chain in found.chains if chain.tenant_id == tenants[0]] == [4]
+    finally:
+        await superuser.close()
+    await schema.downgrade(empty, "base")

@@ -52,13 +52,15 @@ FUNCTIONS: Final = (
     "sfdb_audit_logs_chain()",
 )
 
-# The canonical forms are JSON arrays of the values, as jsonb prints them (one spelling
-# for each value whatever the session's settings); times in microseconds since 1970.
+# The canonical forms are JSON arrays of the values, as jsonb prints them: one spelling for
+# each value whatever the session's settings (uuids, integers, text, hex, an address as
+# host and mask length, a time as microseconds since 1970), hence IMMUTABLE; Citus also
+# refuses a STABLE function over columns in the chain's UPDATE on a worker.
 _PERSONAL: Final = f"""
 CREATE FUNCTION sfdb_audit_personal(
     salt bytea, user_id uuid, ip_address inet, user_agent text, action_description text,
     metadata jsonb
-) RETURNS bytea LANGUAGE sql STABLE PARALLEL SAFE SET search_path = {SEARCH_PATH} AS $$
+) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = {SEARCH_PATH} AS $$
     SELECT sha256(salt || convert_to(jsonb_build_array(
         user_id, host(ip_address), masklen(ip_address), user_agent, action_description, metadata
     )::text, 'UTF8'))
@@ -69,7 +71,7 @@ CREATE FUNCTION sfdb_audit_content(
     id uuid, tenant_id uuid, chain_seq bigint, event_type text, event_category text,
     status text, resource_type text, resource_id text, created_at timestamptz,
     personal_digest bytea
-) RETURNS bytea LANGUAGE sql STABLE PARALLEL SAFE SET search_path = {SEARCH_PATH} AS $$
+) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = {SEARCH_PATH} AS $$
     SELECT convert_to(jsonb_build_array(
         'audit/v1', id, tenant_id, chain_seq, event_type, event_category, status,
         resource_type, resource_id, (extract(epoch FROM created_at) * 1000000)::bigint,
@@ -163,6 +165,10 @@ def _roles() -> LayerRoles:
 
 def upgrade() -> None:
     roles = _roles()
+    # Made by the migrating login and handed to the owner, as revisions 0006 to 0008 made
+    # theirs (a Citus coordinator creates a function on the workers as the role in effect,
+    # which they may not know yet; handing it to the owner brings the role there first).
+    op.execute("RESET ROLE")
     op.execute(
         """
         CREATE TABLE audit_chain_heads (
@@ -186,13 +192,16 @@ def upgrade() -> None:
         """
     )
     for table in ("audit_chain_heads", "audit_chain"):
+        op.execute(f'ALTER TABLE {table} OWNER TO "{roles.owner}"')
         op.execute(f'REVOKE ALL ON {table} FROM PUBLIC, "{roles.app}", "{roles.directory}"')
+    definitions = (_PERSONAL, _CONTENT, _COMMITMENT, _CHAIN)
+    for function, definition in zip(FUNCTIONS, definitions, strict=True):
+        op.execute(definition)
+        op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
+        op.execute(f'ALTER FUNCTION {function} OWNER TO "{roles.owner}"')
+    # The owner's table, changed by its member (on Citus, every shard, as the login).
     op.execute("ALTER TABLE audit_logs ADD COLUMN personal_digest bytea")
     op.execute("ALTER TABLE audit_logs ADD COLUMN personal_salt bytea")
-    for function in (_PERSONAL, _CONTENT, _COMMITMENT, _CHAIN):
-        op.execute(function)
-    for function in FUNCTIONS:
-        op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
     op.execute(
         f'CREATE POLICY audit_verifier ON audit_logs FOR SELECT TO "{roles.owner}" USING (true)'
     )
@@ -213,6 +222,7 @@ def upgrade() -> None:
         "CREATE CONSTRAINT TRIGGER audit_logs_chain AFTER INSERT ON audit_logs "
         "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sfdb_audit_logs_chain()"
     )
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
 
 
 def downgrade() -> None:

@@ -26,8 +26,11 @@ TENANT_OWNED_TABLES: Final = (
     "slack_bots",
 )
 """The tables keyed by tenant (all but ``tenants``), a table after those it references."""
+AUDIT_CHAIN_TABLES: Final = ("audit_chain_heads", "audit_chain")
+"""The audit chain's tables: keyed by tenant too, but the owner's alone (no row security)."""
 
 __all__ = [
+    "AUDIT_CHAIN_TABLES",
     "TENANT_OWNED_TABLES",
     "AccountMapping",
     "ApiRateLimit",
