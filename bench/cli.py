@@ -32,7 +32,8 @@ from sqlalchemy.engine import URL, make_url
 from bench import claims, dataset, document, report
 from bench.counting import count_round_trips, disagreements
 from bench.explain import explain_layer_queries
-from bench.impls import ALL, LayerImpl, UnverifiedLayerImpl
+from bench.impls import ALL, LayerImpl, UnchainedLayerImpl, UnverifiedLayerImpl
+from bench.impls.layer import UNCHAINED
 from bench.profiling import profile_handler
 from bench.runner import run_load
 from bench.workloads import WORKLOADS
@@ -197,8 +198,8 @@ async def _main(args: argparse.Namespace) -> int:
             ]
     finally:
         for impl in impls:
-            if isinstance(impl, UnverifiedLayerImpl):
-                await impl.restore()  # the verified policies, whatever happened
+            if isinstance(impl, UnverifiedLayerImpl | UnchainedLayerImpl):
+                await impl.restore()  # verified policies, chained events, whatever happened
         if not args.keep:
             for data in datasets.values():
                 await dataset.drop(server, data.spec.database)
@@ -289,7 +290,9 @@ def _units(impls: Sequence[Implementation]) -> list[list[Implementation]]:
 
 def _runs(impl: Implementation, workload: Workload) -> bool:
     """A variant runs only the workloads that compare it with what it varies."""
-    return impl.variant_of is None or workload.verified_vs_plain
+    if impl.variant_of is None:
+        return True
+    return workload.chained_vs_unchained if impl.key == UNCHAINED else workload.verified_vs_plain
 
 
 async def turn(

@@ -98,7 +98,7 @@ class DatasetSpec:
     def signature(self) -> str:
         """Stored as the database comment, so ``--reuse`` can tell a matching load."""
         return (
-            f"sfdb-bench v{LAYOUT_VERSION} tenants={self.tenants} "
+            f"sfdb-bench v{LAYOUT_VERSION} schema={schema.head()} tenants={self.tenants} "
             f"users={self.users_per_tenant} meetings={self.meetings_per_tenant} "
             f"audit={self.audit_per_tenant} mappings={self.mappings_per_tenant} seed={self.seed}"
         )
@@ -369,6 +369,9 @@ async def _load(dsn: str, spec: DatasetSpec, log: Callable[[str], None]) -> None
                 ),
                 columns=list(MEETING_COLUMNS),
             )
+            # Audit events with their triggers, which commit them to their chains.
+            replica = await conn.fetchval("SHOW session_replication_role")
+            await conn.execute("SET session_replication_role = origin")
             await conn.copy_records_to_table(
                 "audit_logs",
                 records=list(
@@ -376,6 +379,7 @@ async def _load(dsn: str, spec: DatasetSpec, log: Callable[[str], None]) -> None
                 ),
                 columns=list(AUDIT_COLUMNS),
             )
+            await conn.execute(f"SET session_replication_role = {replica}")
         log(
             f"  {spec.database}: {spec.tenants:,} tenants, {spec.meetings:,} meetings "
             f"copied in {time.perf_counter() - t0:.1f}s"

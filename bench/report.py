@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Final
 
 import asyncpg
 
+from bench.impls.layer import UNCHAINED
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -33,6 +35,8 @@ PLAIN: Final = "unverified"
 """The layer with the claim verified, and the same layer on the database trusting it."""
 CLAIM_FACTOR: Final = 0.95
 """Verified over plain throughput: verifying claims loses at most 5%."""
+CHAIN_FACTOR: Final = 1 / 1.2
+"""Chained over unchained audit throughput: ``log_event`` costs at most 1.2x with the chain."""
 
 
 # -- formatting -------------------------------------------------------------------------
@@ -388,6 +392,7 @@ def targets(
             factor=1.0,
         )
     )
+    found.append(_chain_target(results))
     found.append(_p99_target(results))
     found.extend(_claim_target(results, key, datasets) for key in CLAIM_WORKLOADS)
     return found
@@ -416,6 +421,21 @@ def _claim_target(results: Results, key: str, datasets: dict[str, Dataset]) -> T
             return Target(name, "not measured", None)
         ok = ok and ratio >= CLAIM_FACTOR - 1e-9
         parts.append(f"c{concurrency} {ratio:.3f}x ({mine:,.0f} vs {theirs:,.0f} ops/s)")
+    return Target(name, "; ".join(parts), ok)
+
+
+def _chain_target(results: Results) -> Target:
+    """``log_event`` with the audit chain costs at most 1.2x without it, at concurrency 1
+    and 32 (the audit burst runs once: the ratio of the two bursts)."""
+    name = "audit burst: log_event with the chain ≤ 1.2 x without it, c1 and c32"
+    parts, ok = [], True
+    for concurrency in CONCURRENCIES:
+        mine = _tp(results, "audit", concurrency, VERIFIED)
+        theirs = _tp(results, "audit", concurrency, UNCHAINED)
+        if mine is None or theirs is None or not mine:
+            return Target(name, "not measured", None)
+        ok = ok and mine >= CHAIN_FACTOR * theirs - 1e-9
+        parts.append(f"c{concurrency} {theirs / mine:.2f}x ({mine:,.0f} vs {theirs:,.0f} ops/s)")
     return Target(name, "; ".join(parts), ok)
 
 

@@ -44,6 +44,9 @@ class Workload:
     verified_vs_plain: bool = False
     """The layer runs it a second time, right before or after, on the database trusting the
     claim unverified (:mod:`bench.claims`): what verifying claims costs."""
+    chained_vs_unchained: bool = False
+    """The layer runs it a second time, right before or after, on the database with the
+    audit chain's triggers off: what chaining audit events costs."""
     returns_rows: bool = False
     """A read: before each turn, the first operations must find something (a tenant context
     the database does not admit reads nothing, silently)."""
@@ -182,5 +185,6 @@ WORKLOADS: Final = (
         _audit,
         "audit",
         fixed_ops=True,
+        chained_vs_unchained=True,
     ),
 )

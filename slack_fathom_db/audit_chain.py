@@ -12,8 +12,8 @@ owner's side, and reports for each the first place that breaks it:
 * personal fields that no longer match their digest (edited; fields erased
   together with their salt are not checked, their digest still is);
 * an event that has no place (written around the chain's trigger);
-* a chain that does not end where its head says (the newest places removed),
-  or places without a head.
+* a chain that does not end where its head (``audit_chain_heads``) says: the
+  newest places removed, or places added past it; or places without a head.
 
 A chain proves what it proves to someone who cannot rewrite all of it: a
 superuser who recomputes every hash after an edit leaves a valid chain. Keep
@@ -86,7 +86,7 @@ WHERE ($1::uuid IS NULL OR a.tenant_id = $1::uuid)
 ORDER BY a.tenant_id, a.created_at, a.id
 """
 _HEADS: Final = """
-SELECT h.tenant_id, h.chain_seq, h.row_hash
+SELECT h.tenant_id, h.chain_seq
 FROM public.audit_chain_heads AS h
 WHERE $1::uuid IS NULL OR h.tenant_id = $1::uuid
 """
@@ -114,7 +114,7 @@ class ChainState:
     events: int
     """Places in the chain."""
     head: tuple[int, bytes] | None
-    """``(chain_seq, row_hash)`` of the chain's head, as the database keeps it."""
+    """``(chain_seq, row_hash)`` of the chain's newest place (``None``: no place)."""
     broken: ChainBreak | None = None
 
 
@@ -203,7 +203,9 @@ def _judge(
                 tenant_id=tenant,
                 slack_team_id=teams.get(tenant),
                 events=0 if newest is None else int(newest["places"]),
-                head=None if head is None else (int(head["chain_seq"]), bytes(head["row_hash"])),
+                head=None
+                if newest is None
+                else (int(newest["chain_seq"]), bytes(newest["row_hash"])),
                 broken=broken,
             )
         )
@@ -234,7 +236,7 @@ def _end_break(head: asyncpg.Record | None, newest: asyncpg.Record | None) -> Ch
     kept = int(head["chain_seq"])
     if end < kept:
         return ChainBreak(end + 1, None, f"{_places(end + 1, kept)} missing at the end")
-    if newest is not None and (end > kept or bytes(newest["row_hash"]) != bytes(head["row_hash"])):
+    if newest is not None and end > kept:
         return ChainBreak(end, newest["event_id"], "the chain does not end where its head says")
     return None
 

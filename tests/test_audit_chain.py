@@ -128,9 +128,10 @@ async def test_the_chain_is_sha256_over_the_previous_hash_and_the_documented_con
         )
         assert row["row_hash"] == hashlib.sha256(previous + content).digest()
         previous = row["row_hash"]
-    head = await admin.fetchrow("SELECT * FROM audit_chain_heads WHERE tenant_id = $1", tenant_a)
-    assert head is not None
-    assert (head["chain_seq"], head["row_hash"]) == (2, previous)
+    head = await admin.fetchval(
+        "SELECT chain_seq FROM audit_chain_heads WHERE tenant_id = $1", tenant_a
+    )
+    assert head == 2
     chain = await chain_of(sfdb_direct_settings, admin, tenant_a)
     assert (chain.events, chain.head, chain.broken) == (2, (2, previous), None)
 
@@ -200,7 +201,7 @@ async def test_no_runtime_role_may_read_or_write_the_chain(
         f"SELECT count(*) FROM public.{table}",
         f"DELETE FROM public.{table}",
         f"UPDATE public.{table} SET chain_seq = chain_seq + 1",
-        f"INSERT INTO public.{table} (tenant_id, chain_seq, row_hash) VALUES ('{tenant_a}', 1, '')",
+        f"INSERT INTO public.{table} (tenant_id, chain_seq) VALUES ('{tenant_a}', 1)",
         f"TRUNCATE public.{table}",
     ]
     roles = (settings.roles.app, settings.roles.directory, runtime_login(settings))

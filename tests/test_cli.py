@@ -561,6 +561,39 @@ async def test_demo_then_stats_and_audit(
     assert "rate_limit.denied" in audit.stdout
     assert "note sent to the CRM" not in audit.stdout  # successes are not failures
 
+    # The demo's audit chain verifies, alone and among all (as the owner).
+    verified = sfdb("audit", "verify", DEMO_TEAM, url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert verified.returncode == 0, verified.stderr
+    assert "1 of 1 audit chains" in verified.stdout
+    assert f"head {DEMO_TEAM} " in verified.stdout
+    every = sfdb("audit", "verify", url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert every.returncode == 0, every.stderr
+    assert "BROKEN" not in every.stdout
+    missing = sfdb("audit", "verify", "TNOSUCHTEAM", url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1,
+        "sfdb audit: no workspace TNOSUCHTEAM in this database",
+    )
+    both = sfdb("audit", DEMO_TEAM, DEMO_TEAM, url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert both.returncode == 2
+    # A superuser edits an event past the triggers: verify names it and exits 1.
+    database = sfdb_server.set(drivername="postgresql", database=cli_db.name)
+    superuser = await asyncpg.connect(database.render_as_string(False))
+    try:
+        async with superuser.transaction():
+            await superuser.execute("SET LOCAL session_replication_role = replica")
+            edited = await superuser.fetchval(
+                "UPDATE audit_logs SET event_type = 'tampered' WHERE id = (SELECT c.event_id "
+                "FROM audit_chain c JOIN tenants t ON t.id = c.tenant_id "
+                "WHERE t.slack_team_id = $1 ORDER BY c.chain_seq LIMIT 1) RETURNING id",
+                DEMO_TEAM,
+            )
+    finally:
+        await superuser.close()
+    tampered = sfdb("audit", "verify", url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert tampered.returncode == 1
+    assert f"BROKEN {DEMO_TEAM}: place 1 (event {edited}): its event is not" in tampered.stdout
+
     unknown = sfdb("stats", "TNOSUCHTEAM", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == "sfdb stats: no live workspace with slack_team_id TNOSUCHTEAM"

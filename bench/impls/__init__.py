@@ -1,11 +1,11 @@
-"""The four implementations the benchmark compares, in report order, and the layer's variant
-that measures what verifying claims costs."""
+"""The four implementations the benchmark compares, in report order, and the layer's variants
+that measure what verifying claims and chaining audit events cost."""
 
 from __future__ import annotations
 
 from bench.impls.async_orm import AsyncOrmImpl
 from bench.impls.base import BenchTenant, HandlerEvent, Implementation
-from bench.impls.layer import LayerImpl, UnverifiedLayerImpl
+from bench.impls.layer import LayerImpl, UnchainedLayerImpl, UnverifiedLayerImpl
 from bench.impls.raw import RawAsyncpgImpl
 from bench.impls.sync_orm import SyncOrmImpl
 
@@ -18,6 +18,7 @@ __all__ = [
     "LayerImpl",
     "RawAsyncpgImpl",
     "SyncOrmImpl",
+    "UnchainedLayerImpl",
     "UnverifiedLayerImpl",
 ]
 
@@ -27,4 +28,5 @@ ALL: tuple[type[Implementation], ...] = (
     SyncOrmImpl,
     AsyncOrmImpl,
     UnverifiedLayerImpl,
+    UnchainedLayerImpl,
 )

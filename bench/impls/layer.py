@@ -3,7 +3,9 @@ claim's tenant unverified (what verifying claims costs)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+
+import asyncpg
 
 from bench import claims
 from bench.impls.base import (
@@ -191,3 +193,73 @@ class UnverifiedLayerImpl(LayerImpl):
         for dsn, verified in list(self._switched.items()):
             await claims.restore(dsn, verified)
             del self._switched[dsn]
+
+
+UNCHAINED: Final = "unchained"
+"""The key of the layer's variant without the audit chain."""
+
+# The chain's two triggers (migration 0009), and what an event's digest is without them.
+_CHAIN_TRIGGERS: Final = ("audit_logs_tamper_evidence", "audit_logs_chain")
+_UNCHAIN: Final = (
+    "ALTER TABLE public.audit_logs "
+    + ", ".join(f"DISABLE TRIGGER {name}" for name in _CHAIN_TRIGGERS)
+    + ", ALTER COLUMN personal_digest SET DEFAULT ''::bytea"
+)
+_CHAIN: Final = (
+    "ALTER TABLE public.audit_logs "
+    + ", ".join(f"ENABLE TRIGGER {name}" for name in _CHAIN_TRIGGERS)
+    + ", ALTER COLUMN personal_digest DROP DEFAULT"
+)
+
+
+class UnchainedLayerImpl(LayerImpl):
+    """The same layer, on a database whose audit events are not chained.
+
+    Its turns measure what the audit chain costs: ``open`` turns the chain's two
+    triggers off (no salt, digest or place; an event's digest is empty) before the
+    pool opens, ``close`` turns them on again once it is closed, whatever
+    happened. The events of its turns stay outside their chains: ``sfdb audit
+    verify`` reports them on a benchmark database.
+    """
+
+    key = UNCHAINED
+    title = "slack_fathom_db, audit unchained"
+    variant_of = "layer"
+    isolation = (
+        "the layer, unchanged; for its turns the audit log's chain triggers "
+        "(`audit_logs_tamper_evidence`, `audit_logs_chain`) are disabled"
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._switched: set[str] = set()
+
+    async def open(self, dsn: str, *, pool_size: int) -> None:
+        await _alter(dsn, _UNCHAIN)
+        self._switched.add(dsn)
+        try:
+            await super().open(dsn, pool_size=pool_size)
+        except BaseException:
+            await self.restore()
+            raise
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            await self.restore()
+
+    async def restore(self) -> None:
+        """Turn the chain on again on every database this turned it off on (idempotent)."""
+        for dsn in list(self._switched):
+            await _alter(dsn, _CHAIN)
+            self._switched.discard(dsn)
+
+
+async def _alter(dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"SET lock_timeout = '{claims.LOCK_TIMEOUT}'")
+        await conn.execute(statement)
+    finally:
+        await conn.close()

@@ -18,7 +18,7 @@ Create Date: 2026-12-03
   ``audit_logs_chain`` writes it as the inserting transaction commits
   (``DEFERRABLE INITIALLY DEFERRED``): the event rows stay as inserted, and the
   writers of one workspace take turns only while they commit, on its row of
-  ``audit_chain_heads`` (the owner's alone: each chain's newest place and hash).
+  ``audit_chain_heads`` (the owner's alone: each chain's newest place).
   A transaction that rolls back leaves no place taken; under READ COMMITTED a
   writer waits and continues from the newest place, under REPEATABLE READ or
   SERIALIZABLE it fails to commit (SQLSTATE 40001) rather than fork the chain.
@@ -54,30 +54,30 @@ FUNCTIONS: Final = (
 
 # The canonical forms are JSON arrays of the values, as jsonb prints them: one spelling for
 # each value whatever the session's settings (uuids, integers, text, hex, an address as
-# host and mask length, a time as microseconds since 1970), hence IMMUTABLE; Citus also
-# refuses a STABLE function over columns in the chain's UPDATE on a worker.
-_PERSONAL: Final = f"""
+# host and mask length, a time as microseconds since 1970). Their bodies are bound as they
+# are made (SQL-standard RETURN), so no search path can change what they call, and none is
+# set: the planner inlines them where they are used (a function it calls instead costs a
+# parse of its body per call).
+_PERSONAL: Final = """
 CREATE FUNCTION sfdb_audit_personal(
     salt bytea, user_id uuid, ip_address inet, user_agent text, action_description text,
     metadata jsonb
-) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = {SEARCH_PATH} AS $$
-    SELECT sha256(salt || convert_to(jsonb_build_array(
-        user_id, host(ip_address), masklen(ip_address), user_agent, action_description, metadata
-    )::text, 'UTF8'))
-$$
+) RETURNS bytea LANGUAGE sql STABLE PARALLEL SAFE
+RETURN sha256(salt || convert_to(jsonb_build_array(
+    user_id, host(ip_address), masklen(ip_address), user_agent, action_description, metadata
+)::text, 'UTF8'))
 """
-_CONTENT: Final = f"""
+_CONTENT: Final = """
 CREATE FUNCTION sfdb_audit_content(
     id uuid, tenant_id uuid, chain_seq bigint, event_type text, event_category text,
     status text, resource_type text, resource_id text, created_at timestamptz,
     personal_digest bytea
-) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = {SEARCH_PATH} AS $$
-    SELECT convert_to(jsonb_build_array(
-        'audit/v1', id, tenant_id, chain_seq, event_type, event_category, status,
-        resource_type, resource_id, (extract(epoch FROM created_at) * 1000000)::bigint,
-        encode(personal_digest, 'hex')
-    )::text, 'UTF8')
-$$
+) RETURNS bytea LANGUAGE sql STABLE PARALLEL SAFE
+RETURN convert_to(jsonb_build_array(
+    'audit/v1', id, tenant_id, chain_seq, event_type, event_category, status,
+    resource_type, resource_id, (extract(epoch FROM created_at) * 1000000)::bigint,
+    encode(personal_digest, 'hex')
+)::text, 'UTF8')
 """
 _COMMITMENT: Final = f"""
 CREATE FUNCTION sfdb_audit_logs_commitment() RETURNS trigger
@@ -96,24 +96,25 @@ CREATE FUNCTION sfdb_audit_logs_chain() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
 DECLARE
     place bigint;
-    hash bytea;
+    previous bytea;
 BEGIN
+    -- The head's row lock is the workspace's turn, until this transaction ends; the place
+    -- before the new one is then committed (or this transaction fails to serialize).
     LOOP
-        UPDATE public.audit_chain_heads AS h
-        SET chain_seq = h.chain_seq + 1,
-            row_hash = sha256(h.row_hash || public.sfdb_audit_content(
-                NEW.id, NEW.tenant_id, h.chain_seq + 1, NEW.event_type, NEW.event_category,
-                NEW.status, NEW.resource_type, NEW.resource_id, NEW.created_at,
-                NEW.personal_digest))
-        WHERE h.tenant_id = NEW.tenant_id
-        RETURNING h.chain_seq, h.row_hash INTO place, hash;
+        UPDATE public.audit_chain_heads SET chain_seq = chain_seq + 1
+        WHERE tenant_id = NEW.tenant_id
+        RETURNING chain_seq INTO place;
         EXIT WHEN FOUND;
-        INSERT INTO public.audit_chain_heads (tenant_id, chain_seq, row_hash)
-        VALUES (NEW.tenant_id, 0, {GENESIS})
+        INSERT INTO public.audit_chain_heads (tenant_id, chain_seq) VALUES (NEW.tenant_id, 0)
         ON CONFLICT (tenant_id) DO NOTHING;
     END LOOP;
+    SELECT row_hash INTO previous FROM public.audit_chain
+    WHERE tenant_id = NEW.tenant_id AND chain_seq = place - 1;
     INSERT INTO public.audit_chain (tenant_id, chain_seq, event_id, row_hash)
-    VALUES (NEW.tenant_id, place, NEW.id, hash);
+    VALUES (NEW.tenant_id, place, NEW.id, sha256(coalesce(previous, {GENESIS})
+        || public.sfdb_audit_content(
+            NEW.id, NEW.tenant_id, place, NEW.event_type, NEW.event_category, NEW.status,
+            NEW.resource_type, NEW.resource_id, NEW.created_at, NEW.personal_digest)));
     RETURN NULL;
 END
 $$
@@ -133,7 +134,7 @@ BEGIN
     FOR event IN SELECT * FROM public.audit_logs ORDER BY tenant_id, created_at, id LOOP
         IF tenant IS DISTINCT FROM event.tenant_id THEN
             IF tenant IS NOT NULL THEN
-                INSERT INTO public.audit_chain_heads VALUES (tenant, place, hash);
+                INSERT INTO public.audit_chain_heads VALUES (tenant, place);
             END IF;
             tenant := event.tenant_id;
             place := 0;
@@ -152,7 +153,7 @@ BEGIN
         INSERT INTO public.audit_chain VALUES (event.tenant_id, place, event.id, hash);
     END LOOP;
     IF tenant IS NOT NULL THEN
-        INSERT INTO public.audit_chain_heads VALUES (tenant, place, hash);
+        INSERT INTO public.audit_chain_heads VALUES (tenant, place);
     END IF;
 END
 $$
@@ -174,7 +175,6 @@ def upgrade() -> None:
         CREATE TABLE audit_chain_heads (
             tenant_id uuid NOT NULL,
             chain_seq bigint NOT NULL,
-            row_hash bytea NOT NULL,
             CONSTRAINT pk_audit_chain_heads PRIMARY KEY (tenant_id)
         )
         """

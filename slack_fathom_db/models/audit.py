@@ -109,7 +109,6 @@ class AuditChainHead(Base):
 
     tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     chain_seq: Mapped[int] = mapped_column(BigInteger)
-    row_hash: Mapped[bytes] = mapped_column(BYTEA)
 
     def __repr__(self) -> str:
         return f"AuditChainHead(tenant_id={self.tenant_id}, chain_seq={self.chain_seq})"
