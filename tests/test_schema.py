@@ -1066,10 +1066,9 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_window_end": set(),
     "sfdb_audit_logs_append_only": set(),  # triggers: called by no one
     "sfdb_audit_logs_server_fields": set(),
-    "sfdb_audit_logs_commitment": set(),
     "sfdb_audit_logs_chain": set(),
-    "sfdb_audit_personal": set(),  # the chain's canonical forms, for its trigger and
-    "sfdb_audit_content": set(),  # sfdb audit verify, both as the owner
+    "sfdb_audit_personal": {"app"},  # the insert trigger's commitment, as the inserting role
+    "sfdb_audit_content": set(),  # the chain's trigger and sfdb audit verify, as the owner
 }
 # The functions that run as the owner (SECURITY DEFINER): the directory's, and the two that
 # read the tenant keys for the app role.
@@ -1077,8 +1076,7 @@ BOUND = {"sfdb_audit_personal", "sfdb_audit_content"}
 DEFINERS = {name for name, callers in EXECUTE.items() if callers == {"directory"}} | {
     "sfdb_claimed_tenant",
     "sfdb_require_claim",
-    "sfdb_audit_logs_commitment",  # the audit chain's triggers, which write its tables
-    "sfdb_audit_logs_chain",
+    "sfdb_audit_logs_chain",  # the audit chain's trigger, which writes its tables
 }
 
 

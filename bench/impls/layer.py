@@ -1,8 +1,10 @@
 """slack_fathom_db through its public API only; and the same on a database that trusts the
-claim's tenant unverified (what verifying claims costs)."""
+claim's tenant unverified (what verifying claims costs), or that does not chain audit events
+(what the chain costs)."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Final
 
 import asyncpg
@@ -198,45 +200,42 @@ class UnverifiedLayerImpl(LayerImpl):
 UNCHAINED: Final = "unchained"
 """The key of the layer's variant without the audit chain."""
 
-# The chain's two triggers (migration 0009), and what an event's digest is without them.
-_CHAIN_TRIGGERS: Final = ("audit_logs_tamper_evidence", "audit_logs_chain")
-_UNCHAIN: Final = (
-    "ALTER TABLE public.audit_logs "
-    + ", ".join(f"DISABLE TRIGGER {name}" for name in _CHAIN_TRIGGERS)
-    + ", ALTER COLUMN personal_digest SET DEFAULT ''::bytea"
-)
-_CHAIN: Final = (
-    "ALTER TABLE public.audit_logs "
-    + ", ".join(f"ENABLE TRIGGER {name}" for name in _CHAIN_TRIGGERS)
-    + ", ALTER COLUMN personal_digest DROP DEFAULT"
+# Without the chain (migration 0009): its trigger off, and the inserting role's trigger
+# without the lines that commit to the personal fields (an event's digest is then empty).
+_CHAIN_TRIGGER: Final = "audit_logs_chain"
+_SERVER_FIELDS: Final = "public.sfdb_audit_logs_server_fields()"
+_COMMITMENT: Final = re.compile(
+    r"\n\s*NEW\.personal_salt := .*?;\n\s*NEW\.personal_digest := .*?\);", re.DOTALL
 )
 
 
 class UnchainedLayerImpl(LayerImpl):
     """The same layer, on a database whose audit events are not chained.
 
-    Its turns measure what the audit chain costs: ``open`` turns the chain's two
-    triggers off (no salt, digest or place; an event's digest is empty) before the
-    pool opens, ``close`` turns them on again once it is closed, whatever
-    happened. The events of its turns stay outside their chains: ``sfdb audit
-    verify`` reports them on a benchmark database.
+    Its turns measure what the audit chain costs: ``open`` turns the chain's
+    trigger off and takes the commitment out of ``sfdb_audit_logs_server_fields()``
+    (no salt, digest or place; an event's digest is empty) before the pool opens,
+    ``close`` puts both back once it is closed, whatever happened. The events of
+    its turns stay outside their chains: ``sfdb audit verify`` reports them on a
+    benchmark database.
     """
 
     key = UNCHAINED
     title = "slack_fathom_db, audit unchained"
     variant_of = "layer"
     isolation = (
-        "the layer, unchanged; for its turns the audit log's chain triggers "
-        "(`audit_logs_tamper_evidence`, `audit_logs_chain`) are disabled"
+        "the layer, unchanged; for its turns the audit chain's trigger (`audit_logs_chain`) "
+        "is disabled and the insert trigger computes no commitment"
     )
 
     def __init__(self) -> None:
         super().__init__()
-        self._switched: set[str] = set()
+        self._switched: dict[str, str] = {}
 
     async def open(self, dsn: str, *, pool_size: int) -> None:
-        await _alter(dsn, _UNCHAIN)
-        self._switched.add(dsn)
+        if dsn in self._switched:
+            await self.restore()
+        self._switched[dsn] = await _unchain(dsn)
         try:
             await super().open(dsn, pool_size=pool_size)
         except BaseException:
@@ -250,16 +249,44 @@ class UnchainedLayerImpl(LayerImpl):
             await self.restore()
 
     async def restore(self) -> None:
-        """Turn the chain on again on every database this turned it off on (idempotent)."""
-        for dsn in list(self._switched):
-            await _alter(dsn, _CHAIN)
-            self._switched.discard(dsn)
+        """Put the chain back on every database this took it off (idempotent)."""
+        for dsn, definition in list(self._switched.items()):
+            await _switch(
+                dsn,
+                definition,
+                f"ALTER TABLE public.audit_logs ENABLE TRIGGER {_CHAIN_TRIGGER}, "
+                "ALTER COLUMN personal_digest DROP DEFAULT",
+            )
+            del self._switched[dsn]
 
 
-async def _alter(dsn: str, statement: str) -> None:
+async def _unchain(dsn: str) -> str:
+    """Take the chain off the database at ``dsn``; the insert trigger's definition as it was."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f"SET lock_timeout = '{claims.LOCK_TIMEOUT}'")
-        await conn.execute(statement)
+        definition = str(
+            await conn.fetchval(f"SELECT pg_get_functiondef('{_SERVER_FIELDS}'::regprocedure)")
+        )
+    finally:
+        await conn.close()
+    without, found = _COMMITMENT.subn("", definition)
+    if found != 1:
+        raise RuntimeError(f"{_SERVER_FIELDS} does not commit to the personal fields as expected")
+    await _switch(
+        dsn,
+        without,
+        f"ALTER TABLE public.audit_logs DISABLE TRIGGER {_CHAIN_TRIGGER}, "
+        "ALTER COLUMN personal_digest SET DEFAULT ''::bytea",
+    )
+    return definition
+
+
+async def _switch(dsn: str, definition: str, alter: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{claims.LOCK_TIMEOUT}'")
+            await conn.execute(definition)
+            await conn.execute(alter)
     finally:
         await conn.close()

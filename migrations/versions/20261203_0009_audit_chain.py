@@ -5,9 +5,8 @@ Revises: 0008
 Create Date: 2026-12-03
 
 * ``audit_logs`` gains ``personal_digest`` and ``personal_salt``, set by the
-  BEFORE INSERT trigger ``audit_logs_tamper_evidence`` (it fires after
-  ``audit_logs_server_fields``: triggers fire in name order), whatever the
-  insert says: the personal fields (actor, address, user agent, description,
+  BEFORE INSERT trigger of revision 0006 (``sfdb_audit_logs_server_fields()``,
+  the inserting role's), whatever the insert says: the personal fields (actor, address, user agent, description,
   metadata) enter the chain only through ``sfdb_audit_personal()``, SHA-256
   over 32 random bytes and the fields, so erasing the fields and the salt
   later leaves a digest that still closes the chain and reveals nothing.
@@ -48,7 +47,6 @@ GENESIS: Final = "'\\x0000000000000000000000000000000000000000000000000000000000
 FUNCTIONS: Final = (
     "sfdb_audit_personal(bytea, uuid, inet, text, text, jsonb)",
     "sfdb_audit_content(uuid, uuid, bigint, text, text, text, text, text, timestamptz, bytea)",
-    "sfdb_audit_logs_commitment()",
     "sfdb_audit_logs_chain()",
 )
 
@@ -79,18 +77,26 @@ RETURN convert_to(jsonb_build_array(
     encode(personal_digest, 'hex')
 )::text, 'UTF8')
 """
-_COMMITMENT: Final = f"""
-CREATE FUNCTION sfdb_audit_logs_commitment() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
-BEGIN
-    NEW.personal_salt := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
-    NEW.personal_digest := public.sfdb_audit_personal(
-        NEW.personal_salt, NEW.user_id, NEW.ip_address, NEW.user_agent,
-        NEW.action_description, NEW.metadata);
-    RETURN NEW;
-END
-$$
-"""
+# Audit rows take their id and creation time from the server unless the owner writes them
+# (revision 0006), and now their commitment from the server whoever writes them: one
+# trigger of the inserting role (the commitment is a hash anyone may compute).
+_SERVER_FIELDS: Final = """
+        CREATE OR REPLACE FUNCTION sfdb_audit_logs_server_fields() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = {path} AS $$
+        BEGIN
+            IF NOT pg_has_role(current_user, '{owner}', 'MEMBER') THEN
+                NEW.id := gen_random_uuid();
+                NEW.created_at := now();
+            END IF;{commitment}
+            RETURN NEW;
+        END
+        $$
+        """
+_COMMITMENT: Final = """
+            NEW.personal_salt := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
+            NEW.personal_digest := public.sfdb_audit_personal(
+                NEW.personal_salt, NEW.user_id, NEW.ip_address, NEW.user_agent,
+                NEW.action_description, NEW.metadata);"""
 _CHAIN: Final = f"""
 CREATE FUNCTION sfdb_audit_logs_chain() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
@@ -194,11 +200,12 @@ def upgrade() -> None:
     for table in ("audit_chain_heads", "audit_chain"):
         op.execute(f'ALTER TABLE {table} OWNER TO "{roles.owner}"')
         op.execute(f'REVOKE ALL ON {table} FROM PUBLIC, "{roles.app}", "{roles.directory}"')
-    definitions = (_PERSONAL, _CONTENT, _COMMITMENT, _CHAIN)
+    definitions = (_PERSONAL, _CONTENT, _CHAIN)
     for function, definition in zip(FUNCTIONS, definitions, strict=True):
         op.execute(definition)
         op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
         op.execute(f'ALTER FUNCTION {function} OWNER TO "{roles.owner}"')
+    op.execute(f'GRANT EXECUTE ON FUNCTION {FUNCTIONS[0]} TO "{roles.app}"')
     # The owner's table, changed by its member (on Citus, every shard, as the login).
     op.execute("ALTER TABLE audit_logs ADD COLUMN personal_digest bytea")
     op.execute("ALTER TABLE audit_logs ADD COLUMN personal_salt bytea")
@@ -215,8 +222,7 @@ def upgrade() -> None:
     op.execute("DROP POLICY audit_backfill ON audit_logs")
     op.execute("ALTER TABLE audit_logs ALTER COLUMN personal_digest SET NOT NULL")
     op.execute(
-        "CREATE TRIGGER audit_logs_tamper_evidence BEFORE INSERT ON audit_logs "
-        "FOR EACH ROW EXECUTE FUNCTION sfdb_audit_logs_commitment()"
+        _SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, commitment=_COMMITMENT)
     )
     op.execute(
         "CREATE CONSTRAINT TRIGGER audit_logs_chain AFTER INSERT ON audit_logs "
@@ -226,8 +232,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    roles = _roles()
     op.execute("DROP TRIGGER audit_logs_chain ON audit_logs")
-    op.execute("DROP TRIGGER audit_logs_tamper_evidence ON audit_logs")
+    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, commitment=""))
     op.execute("DROP POLICY audit_verifier ON audit_logs")
     for function in reversed(FUNCTIONS):
         op.execute(f"DROP FUNCTION {function}")
