@@ -47,39 +47,51 @@ _ACTION: Final = "verify the audit chains"
 GENESIS: Final = bytes(32)
 """The hash before a chain's first event."""
 
-# One pass over the events in chain order: each row's verdict against its predecessor,
-# and the newest row of each chain (with the chain's length) to compare with its head.
+# One pass over the places in chain order, each judged against its predecessor, its event
+# and its head; per workspace, the first broken place and the newest intact one (at most
+# two rows a workspace, however many are broken). A place's personal fields count as
+# erased when its salt is: then nothing of them may be left.
 _WALK: Final = """
-SELECT * FROM (
-    SELECT tenant_id, chain_seq, event_id, prev_seq, places, newest, row_hash, found,
-           row_hash = sha256(coalesce(prev_hash, $2::bytea) || public.sfdb_audit_content(
-               event_id, tenant_id, chain_seq, event_type, event_category, status,
-               resource_type, resource_id, created_at, personal_digest)) AS hash_holds,
-           personal_salt IS NULL OR personal_digest = public.sfdb_audit_personal(
-               personal_salt, user_id, ip_address, user_agent, action_description, metadata)
-               AS personal_holds
+SELECT DISTINCT ON (tenant_id, broken) * FROM (
+    SELECT *, chain_seq <> coalesce(prev_seq, 0) + 1 OR NOT found OR past_head
+              OR hash_holds IS NOT TRUE OR personal_holds IS NOT TRUE AS broken
     FROM (
-        SELECT c.tenant_id, c.chain_seq, c.event_id, c.row_hash, a.id IS NOT NULL AS found,
-               a.event_type, a.event_category, a.status, a.resource_type, a.resource_id,
-               a.created_at, a.personal_digest, a.personal_salt, a.user_id, a.ip_address,
-               a.user_agent, a.action_description, a.metadata,
-               lag(c.chain_seq) OVER chain AS prev_seq,
-               lag(c.row_hash) OVER chain AS prev_hash,
-               count(*) OVER (PARTITION BY c.tenant_id) AS places,
-               lead(c.chain_seq) OVER chain IS NULL AS newest
-        FROM public.audit_chain AS c
-        LEFT JOIN public.audit_logs AS a ON a.tenant_id = c.tenant_id AND a.id = c.event_id
-        WHERE $1::uuid IS NULL OR c.tenant_id = $1::uuid
-        WINDOW chain AS (PARTITION BY c.tenant_id ORDER BY c.chain_seq)
-    ) AS walked
-) AS judged
-WHERE newest OR chain_seq <> coalesce(prev_seq, 0) + 1 OR NOT found
-   OR hash_holds IS NOT TRUE OR personal_holds IS NOT TRUE
-ORDER BY tenant_id, chain_seq
+        SELECT tenant_id, chain_seq, event_id, prev_seq, places, newest, row_hash, found,
+               past_head,
+               row_hash = sha256(coalesce(prev_hash, $2::bytea) || public.sfdb_audit_content(
+                   event_id, tenant_id, chain_seq, event_type, event_category, status,
+                   resource_type, resource_id, created_at, personal_digest)) AS hash_holds,
+               CASE WHEN personal_salt IS NOT NULL
+                   THEN personal_digest = public.sfdb_audit_personal(
+                       personal_salt, user_id, ip_address, user_agent, action_description,
+                       metadata)
+                   ELSE user_id IS NULL AND ip_address IS NULL AND user_agent IS NULL
+                       AND action_description = '' AND metadata = '{}'::jsonb
+               END AS personal_holds
+        FROM (
+            SELECT c.tenant_id, c.chain_seq, c.event_id, c.row_hash, a.id IS NOT NULL AS found,
+                   c.chain_seq > h.chain_seq IS TRUE AS past_head,
+                   a.event_type, a.event_category, a.status, a.resource_type, a.resource_id,
+                   a.created_at, a.personal_digest, a.personal_salt, a.user_id, a.ip_address,
+                   a.user_agent, a.action_description, a.metadata,
+                   lag(c.chain_seq) OVER chain AS prev_seq,
+                   lag(c.row_hash) OVER chain AS prev_hash,
+                   count(*) OVER (PARTITION BY c.tenant_id) AS places,
+                   lead(c.chain_seq) OVER chain IS NULL AS newest
+            FROM public.audit_chain AS c
+            LEFT JOIN public.audit_logs AS a ON a.tenant_id = c.tenant_id AND a.id = c.event_id
+            LEFT JOIN public.audit_chain_heads AS h ON h.tenant_id = c.tenant_id
+            WHERE $1::uuid IS NULL OR c.tenant_id = $1::uuid
+            WINDOW chain AS (PARTITION BY c.tenant_id ORDER BY c.chain_seq)
+        ) AS walked
+    ) AS judged
+) AS verdicts
+WHERE newest OR broken
+ORDER BY tenant_id, broken, chain_seq
 """
-# Events without a place, the oldest of each workspace first.
+# The oldest event without a place, of each workspace that has one.
 _UNCHAINED: Final = """
-SELECT a.tenant_id, a.id FROM public.audit_logs AS a
+SELECT DISTINCT ON (a.tenant_id) a.tenant_id, a.id FROM public.audit_logs AS a
 WHERE ($1::uuid IS NULL OR a.tenant_id = $1::uuid)
   AND NOT EXISTS (
       SELECT FROM public.audit_chain AS c WHERE c.tenant_id = a.tenant_id AND c.event_id = a.id)
@@ -148,7 +160,7 @@ async def verify_audit_chains(
     does not know.
     """
     team = None if slack_team_id is None else validation.slack_team_id(slack_team_id)
-    conn = await owner_connection(settings, action=_ACTION)
+    conn = await owner_connection(settings, action=_ACTION, long_reads=True)
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             tenant: uuid.UUID | None = None
@@ -188,7 +200,7 @@ def _judge(
     for tenant in sorted(set(heads) | set(places) | set(outside)):
         head = heads.get(tenant)
         found = places.get(tenant, [])
-        newest = next((row for row in found if row["newest"]), None)
+        newest = next((row for row in found if row["newest"] and not row["broken"]), None)
         broken = (
             next(filter(None, map(_place_break, found)), None)
             or _end_break(head, newest)
@@ -202,7 +214,7 @@ def _judge(
             ChainState(
                 tenant_id=tenant,
                 slack_team_id=teams.get(tenant),
-                events=0 if newest is None else int(newest["places"]),
+                events=int(found[0]["places"]) if found else 0,
                 head=None
                 if newest is None
                 else (int(newest["chain_seq"]), bytes(newest["row_hash"])),
@@ -213,9 +225,13 @@ def _judge(
 
 
 def _place_break(row: asyncpg.Record) -> ChainBreak | None:
+    if not row["broken"]:
+        return None
     seq, expected = int(row["chain_seq"]), int(row["prev_seq"] or 0) + 1
     if seq > expected:
         problem = f"{_places(expected, seq - 1)} missing before it"
+    elif seq < expected:
+        problem = f"a place out of order (expected place {expected})"
     elif not row["found"]:
         problem = "its event is missing: deleted"
     elif not row["hash_holds"]:
@@ -223,7 +239,7 @@ def _place_break(row: asyncpg.Record) -> ChainBreak | None:
     elif not row["personal_holds"]:
         problem = "its event's personal fields were changed after it was written"
     else:
-        return None
+        problem = "a place past the chain's head: added after it"
     return ChainBreak(seq, row["event_id"], problem)
 
 
@@ -233,11 +249,9 @@ def _end_break(head: asyncpg.Record | None, newest: asyncpg.Record | None) -> Ch
             return None
         return ChainBreak(int(newest["chain_seq"]), newest["event_id"], "the chain has no head")
     end = 0 if newest is None else int(newest["chain_seq"])
-    kept = int(head["chain_seq"])
+    kept = int(head["chain_seq"])  # places past it are broken places
     if end < kept:
         return ChainBreak(end + 1, None, f"{_places(end + 1, kept)} missing at the end")
-    if newest is not None and end > kept:
-        return ChainBreak(end, newest["event_id"], "the chain does not end where its head says")
     return None
 
 

@@ -65,6 +65,8 @@ EMBEDDED_MIGRATOR = "slack_fathom_db_migrator"
 EMBEDDED_RUNTIME = "slack_fathom_db_runtime"
 # The revision that made tenant keys (revision ids are zero-padded numbers).
 _FIRST_CLAIMS_REVISION = "0008"
+DEFAULT_AUDIT_DAYS = 7
+DEFAULT_AUDIT_LIMIT = 50
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -129,8 +131,18 @@ def _parser() -> argparse.ArgumentParser:
         help="after verify: only this workspace's chain",
     )
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
-    audit.add_argument("--days", type=_positive, default=7, help="look back N days (default 7)")
-    audit.add_argument("--limit", type=_positive, default=50, help="at most N events (default 50)")
+    audit.add_argument(
+        "--days",
+        type=_positive,
+        default=DEFAULT_AUDIT_DAYS,
+        help=f"look back N days (default {DEFAULT_AUDIT_DAYS})",
+    )
+    audit.add_argument(
+        "--limit",
+        type=_positive,
+        default=DEFAULT_AUDIT_LIMIT,
+        help=f"at most N events (default {DEFAULT_AUDIT_LIMIT})",
+    )
     login = commands.add_parser(
         "create-login",
         help="create the runtime login (or set its password again), as the schema owner",
@@ -801,6 +813,12 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
         elif args.command == "audit" and args.slack_team_id == "verify":
+            if (
+                args.failures
+                or args.days != DEFAULT_AUDIT_DAYS
+                or args.limit != DEFAULT_AUDIT_LIMIT
+            ):
+                raise UsageProblem("audit verify: --failures, --days and --limit list events")
             return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id)) else 1
         elif args.command == "audit":
             if args.verified_team_id is not None:

@@ -184,14 +184,17 @@ def _context(table: str, column: str, row: asyncpg.Record) -> str:
     return token_context(table, column, row["key"], row["id"])
 
 
-async def owner_connection(settings: DatabaseSettings, *, action: str) -> asyncpg.Connection:
-    """A connection on the owner's side (``DATABASE_MIGRATION_URL``), acting as the owner."""
+async def owner_connection(
+    settings: DatabaseSettings, *, action: str, long_reads: bool = False
+) -> asyncpg.Connection:
+    """A connection on the owner's side (``DATABASE_MIGRATION_URL``), acting as the owner;
+    ``long_reads``: no client-side limit on a statement (a walk over a whole table)."""
     url = settings.for_migrations().sqlalchemy_url().set(drivername="postgresql")
     try:
         return await asyncpg.connect(
             url.render_as_string(hide_password=False),
             timeout=settings.connect_timeout,
-            command_timeout=settings.client_timeout,
+            command_timeout=None if long_reads else settings.client_timeout,
             statement_cache_size=0,  # also right through PgBouncer in transaction mode
             server_settings={
                 "application_name": "slack_fathom_db maintenance",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -24,6 +25,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import QueuePool
 
 from slack_fathom_db import Database
+from slack_fathom_db.claims import TenantKey
 
 if TYPE_CHECKING:
     from slack_fathom_db.records import User
@@ -31,6 +33,13 @@ if TYPE_CHECKING:
     from slack_fathom_db.tenancy import TenantId
 
 T = TypeVar("T")
+
+
+def claim_statement(settings: DatabaseSettings, tenant: TenantId) -> str:
+    """The ``SET LOCAL`` of a claim for ``tenant`` signed now with the database's key, as a
+    unit of work's transaction opens (its rows visible to the app role)."""
+    claim = TenantKey.from_settings(settings).sign(uuid.UUID(str(tenant)))
+    return f"SET LOCAL app.tenant_claim = '{claim}'"
 
 
 def unique_team_id() -> str:

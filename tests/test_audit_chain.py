@@ -23,10 +23,13 @@ import pytest
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.audit_chain import ChainState, verify_audit_chains
 from slack_fathom_db.errors import TenantNotFound
-from tests.test_audit_integrity import _scope as claim_of
+from tests.conftest import superuser_connection
+from tests.helpers import claim_statement
 from tests.test_schema import runtime_login
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
     from tests.conftest import TenantFactory
 
 GENESIS = bytes(32)
@@ -167,7 +170,7 @@ async def test_what_an_insert_says_of_the_commitment_is_replaced(
     event = uuid.uuid4()
     async with admin.transaction():
         await admin.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
-        await admin.execute(claim_of(settings, tenant_a))
+        await admin.execute(claim_statement(settings, tenant_a))
         await admin.execute(
             "INSERT INTO audit_logs (tenant_id, id, event_type, event_category, "
             "action_description, personal_digest, personal_salt) "
@@ -209,7 +212,7 @@ async def test_no_runtime_role_may_read_or_write_the_chain(
         for sql in attempts:
             async with admin.transaction():
                 await admin.execute(f'SET LOCAL ROLE "{role}"')
-                await admin.execute(claim_of(settings, tenant_a))
+                await admin.execute(claim_statement(settings, tenant_a))
                 with pytest.raises(asyncpg.InsufficientPrivilegeError):
                     await admin.execute(sql)
 
@@ -261,32 +264,65 @@ async def test_a_security_event_logged_inside_a_unit_of_work_that_logged_does_no
 
 # -- tampering, as a superuser ---------------------------------------------------------
 
-TAMPERING = {
+TAMPERING: dict[str, tuple[str, int | None, str, int | None]] = {
+    # what a superuser does: (SQL on the tampered tenant and its second event, the place
+    # verify names, its problem, which of the three events it names)
     "edit an event": (
         "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
         2,
         "its event is not the one chained there: edited, or the chain rewritten",
+        1,
     ),
     "edit a personal field": (
         "UPDATE audit_logs SET ip_address = '192.0.2.1' WHERE tenant_id = $1 AND id = $2",
         2,
         "its event's personal fields were changed after it was written",
+        1,
     ),
     "delete an event": (
         "DELETE FROM audit_logs WHERE tenant_id = $1 AND id = $2",
         2,
         "its event is missing: deleted",
+        1,
     ),
     "delete an event and its place": (
         "WITH gone AS (DELETE FROM audit_logs WHERE tenant_id = $1 AND id = $2 RETURNING id) "
         "DELETE FROM audit_chain WHERE tenant_id = $1 AND event_id IN (SELECT id FROM gone)",
         3,
         "place 2 is missing before it",
+        2,
     ),
     "rewrite a place's hash": (
         "UPDATE audit_chain SET row_hash = sha256(row_hash) WHERE tenant_id = $1 AND event_id = $2",
         2,
         "its event is not the one chained there: edited, or the chain rewritten",
+        1,
+    ),
+    "erase the salt and edit a personal field": (
+        "UPDATE audit_logs SET personal_salt = NULL, ip_address = '192.0.2.1' "
+        "WHERE tenant_id = $1 AND id = $2",
+        2,
+        "its event's personal fields were changed after it was written",
+        1,
+    ),
+    "move the first place to 0": (
+        "UPDATE audit_chain SET chain_seq = 0 WHERE tenant_id = $1 AND chain_seq = 1 "
+        "AND $2::uuid IS NOT NULL",
+        0,
+        "a place out of order (expected place 1)",
+        0,
+    ),
+    "move the head back": (
+        "UPDATE audit_chain_heads SET chain_seq = 1 WHERE tenant_id = $1 AND $2::uuid IS NOT NULL",
+        2,
+        "a place past the chain's head: added after it",
+        1,
+    ),
+    "delete the head": (
+        "DELETE FROM audit_chain_heads WHERE tenant_id = $1 AND $2::uuid IS NOT NULL",
+        3,
+        "the chain has no head",
+        2,
     ),
     "insert an event around the chain": (
         "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description, "
@@ -294,6 +330,7 @@ TAMPERING = {
         "FROM audit_logs WHERE tenant_id = $1 AND id = $2",
         None,
         "an event without a place in the chain",
+        None,
     ),
     "delete the newest event and its place": (
         "WITH newest AS (SELECT max(chain_seq) AS seq FROM audit_chain WHERE tenant_id = $1), "
@@ -303,6 +340,7 @@ TAMPERING = {
         "AND $2::uuid IS NOT NULL",
         3,
         "place 3 is missing at the end",
+        None,
     ),
 }
 
@@ -315,7 +353,7 @@ async def test_verify_names_the_first_place_a_superuser_tampered_with(
     sfdb_direct_settings: DatabaseSettings,
     tampering: str,
 ) -> None:
-    sql, place, problem = TAMPERING[tampering]
+    sql, place, problem, event = TAMPERING[tampering]
     tampered, untouched = await make_tenant("Tampered"), await make_tenant("Untouched")
     ids = await log(db, tampered, "one", "two", "three")
     await log(db, untouched, "one", "two", "three")
@@ -327,12 +365,8 @@ async def test_verify_names_the_first_place_a_superuser_tampered_with(
     broken = (await chain_of(sfdb_direct_settings, admin, tampered)).broken
     assert broken is not None
     assert (broken.chain_seq, broken.problem) == (place, problem)
-    if (
-        place is not None
-        and tampering != "delete an event and its place"
-        and "newest" not in tampering
-    ):
-        assert broken.event_id == ids[1]
+    if tampering != "insert an event around the chain":  # that one names the forged event
+        assert broken.event_id == (None if event is None else ids[event])
     assert (await chain_of(sfdb_direct_settings, admin, untouched)).broken is None
     everything = await verify_audit_chains(sfdb_direct_settings)
     assert tampered in {chain.tenant_id for chain in everything.broken}
@@ -344,3 +378,111 @@ async def test_verify_refuses_a_workspace_it_does_not_know(
 ) -> None:
     with pytest.raises(TenantNotFound, match="TNOSUCHTEAM"):
         await verify_audit_chains(sfdb_direct_settings, slack_team_id="TNOSUCHTEAM")
+
+
+async def test_an_event_of_a_rolled_back_savepoint_takes_no_place(
+    db: Database, tenant_a: TenantId, admin: asyncpg.Connection
+) -> None:
+    kept = await log(db, tenant_a, "before")
+    async with admin.transaction():
+        await admin.execute(
+            "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description) "
+            "VALUES ($1, 'auth.login', 'auth', 'kept')",
+            tenant_a,
+        )
+        savepoint = admin.transaction()
+        await savepoint.start()
+        await admin.execute(
+            "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description) "
+            "VALUES ($1, 'auth.login', 'auth', 'undone')",
+            tenant_a,
+        )
+        await savepoint.rollback()
+    chained = await admin.fetch(
+        "SELECT c.chain_seq, a.action_description FROM audit_chain c JOIN audit_logs a "
+        "ON a.tenant_id = c.tenant_id AND a.id = c.event_id WHERE c.tenant_id = $1 "
+        "ORDER BY c.chain_seq",
+        tenant_a,
+    )
+    assert [(r["chain_seq"], r["action_description"]) for r in chained] == [
+        (1, "before"),
+        (2, "kept"),
+    ]
+    assert kept
+
+
+async def test_under_repeatable_read_the_writer_that_lost_the_race_fails_to_commit(
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+    sfdb_server: URL,
+) -> None:
+    """Two REPEATABLE READ transactions of one workspace, both begun before either commits:
+    the second to commit cannot take the place after the first's (it does not see it) and
+    fails with a serialization failure instead of forking the chain."""
+    settings = sfdb_direct_settings
+    insert = (
+        "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description) "
+        "VALUES ($1, 'auth.login', 'auth', $2)"
+    )
+    await log_as_app(admin, settings, tenant_a, "first place")  # the head exists
+    async with superuser_connection(sfdb_server, settings) as other:
+        one, two = (
+            admin.transaction(isolation="repeatable_read"),
+            other.transaction(isolation="repeatable_read"),
+        )
+        await one.start()
+        await two.start()
+        for conn, text in ((admin, "one"), (other, "two")):
+            await conn.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+            await conn.execute(claim_statement(settings, tenant_a))
+            await conn.execute(insert, tenant_a, text)
+        await one.commit()
+        with pytest.raises(asyncpg.SerializationError):
+            await two.commit()
+    assert [seq for seq, _ in await places(admin, tenant_a)] == [1, 2]
+    chain = await chain_of(settings, admin, tenant_a)
+    assert (chain.events, chain.broken) == (2, None)
+
+
+async def log_as_app(
+    admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, text: str
+) -> None:
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+        await admin.execute(claim_statement(settings, tenant))
+        await admin.execute(
+            "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description) "
+            "VALUES ($1, 'auth.login', 'auth', $2)",
+            tenant,
+            text,
+        )
+
+
+async def test_the_owner_restores_an_event_with_its_commitment(
+    tenant_a: TenantId, admin: asyncpg.Connection, sfdb_direct_settings: DatabaseSettings
+) -> None:
+    """As revision 0006 keeps the owner's id and creation time, the owner's digest and salt
+    are kept (a restore keeps the evidence); other roles' are replaced."""
+    settings = sfdb_direct_settings
+    salt = bytes(range(32))
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{settings.roles.owner}"')
+        digest = await admin.fetchval(
+            "SELECT sfdb_audit_personal($1, NULL, '10.0.0.1', NULL, 'restored', '{}')", salt
+        )
+        await admin.execute(
+            "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description, "
+            "ip_address, personal_salt, personal_digest) "
+            "VALUES ($1, 'auth.login', 'auth', 'restored', '10.0.0.1', $2, $3)",
+            tenant_a,
+            salt,
+            digest,
+        )
+    stored = await admin.fetchrow(
+        "SELECT personal_salt, personal_digest FROM audit_logs WHERE tenant_id = $1", tenant_a
+    )
+    assert stored is not None
+    assert (stored["personal_salt"], stored["personal_digest"]) == (salt, digest)
+    chain = await chain_of(settings, admin, tenant_a)
+    assert (chain.events, chain.broken) == (1, None)

@@ -20,9 +20,8 @@ import pytest
 import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
-from slack_fathom_db.claims import TenantKey
 from slack_fathom_db.errors import NotFound, ValidationError
-from tests.helpers import unique_user_id
+from tests.helpers import claim_statement, unique_user_id
 
 ATTEMPTS = {
     "update": "UPDATE audit_logs SET action_description = 'rewritten' WHERE tenant_id = $1",
@@ -64,12 +63,6 @@ async def logged(db: Database, tenant_a: TenantId, admin: asyncpg.Connection) ->
     return rows
 
 
-def _scope(settings: DatabaseSettings, tenant: TenantId) -> str:
-    """The ``SET LOCAL`` of a claim for ``tenant``, as a unit of work's transaction opens."""
-    claim = TenantKey.from_settings(settings).sign(uuid.UUID(str(tenant)))
-    return f"SET LOCAL app.tenant_claim = '{claim}'"
-
-
 async def _attempt_as_app_role(
     admin: asyncpg.Connection, settings: DatabaseSettings, tenant: TenantId, sql: str
 ) -> asyncpg.PostgresError:
@@ -94,7 +87,7 @@ async def _attempt_as(
     await transaction.start()
     try:
         await admin.execute(f'SET LOCAL ROLE "{role}"')
-        await admin.execute(_scope(settings, tenant))
+        await admin.execute(claim_statement(settings, tenant))
         assert await admin.fetchval("SELECT current_user") == role
         if lift_row_security:
             await admin.execute("ALTER TABLE audit_logs NO FORCE ROW LEVEL SECURITY")
@@ -159,7 +152,7 @@ async def test_an_audit_row_gets_its_id_and_time_from_the_server_whatever_the_ap
     await transaction.start()
     try:
         await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.app}"')
-        await admin.execute(_scope(sfdb_direct_settings, tenant_a))
+        await admin.execute(claim_statement(sfdb_direct_settings, tenant_a))
         chosen = await admin.fetchval(f"SELECT {CHOSEN[column]}")
         began = await admin.fetchval("SELECT now()")
         row = await admin.fetchrow(
@@ -265,7 +258,7 @@ async def test_under_forced_row_level_security_the_owner_reads_but_changes_no_au
     async with admin.transaction():
         await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.owner}"')
         if scope == "claim":
-            await admin.execute(_scope(sfdb_direct_settings, tenant_a))
+            await admin.execute(claim_statement(sfdb_direct_settings, tenant_a))
         else:
             await admin.execute(f"SET LOCAL app.tenant_id = '{uuid.UUID(str(tenant_a))}'")
         seen = await admin.fetchval(

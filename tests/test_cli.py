@@ -576,6 +576,8 @@ async def test_demo_then_stats_and_audit(
     )
     both = sfdb("audit", DEMO_TEAM, DEMO_TEAM, url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert both.returncode == 2
+    listing = sfdb("audit", "verify", "--days", "3", url=cli_db.url, cwd=tmp_path, extra_env=env)
+    assert listing.returncode == 2
     # A superuser edits an event past the triggers: verify names it and exits 1.
     database = sfdb_server.set(drivername="postgresql", database=cli_db.name)
     superuser = await asyncpg.connect(database.render_as_string(False))

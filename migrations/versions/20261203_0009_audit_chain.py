@@ -6,10 +6,12 @@ Create Date: 2026-12-03
 
 * ``audit_logs`` gains ``personal_digest`` and ``personal_salt``, set by the
   BEFORE INSERT trigger of revision 0006 (``sfdb_audit_logs_server_fields()``,
-  the inserting role's), whatever the insert says: the personal fields (actor, address, user agent, description,
-  metadata) enter the chain only through ``sfdb_audit_personal()``, SHA-256
-  over 32 random bytes and the fields, so erasing the fields and the salt
-  later leaves a digest that still closes the chain and reveals nothing.
+  the inserting role's) whatever the insert says, unless the owner gives a
+  digest (a restore): the personal fields (actor, address, user agent,
+  description, metadata) enter the chain only through
+  ``sfdb_audit_personal()``, SHA-256 over 32 random bytes (two random UUIDs)
+  and the fields, so erasing the fields and the salt later leaves a digest
+  that still closes the chain and reveals nothing.
 * ``audit_chain`` (the owner's alone) gives each event its place in its
   workspace's chain (``chain_seq``, from 1) and ``row_hash``: SHA-256 over the
   previous place's hash (32 zero bytes before the first) and the event's
@@ -22,7 +24,8 @@ Create Date: 2026-12-03
   writer waits and continues from the newest place, under REPEATABLE READ or
   SERIALIZABLE it fails to commit (SQLSTATE 40001) rather than fork the chain.
 * ``audit_verifier`` lets the owner read every audit row (``sfdb audit
-  verify`` runs as the owner); no other role gains anything.
+  verify`` runs as the owner, which could stop forcing row-level security on
+  its own table anyway); no other role gains anything.
 * Existing events are chained in ``(created_at, id)`` order, each workspace
   on its own, with the append-only trigger set aside and an owner's update
   policy in place for the length of this transaction.
@@ -78,25 +81,42 @@ RETURN convert_to(jsonb_build_array(
 )::text, 'UTF8')
 """
 # Audit rows take their id and creation time from the server unless the owner writes them
-# (revision 0006), and now their commitment from the server whoever writes them: one
-# trigger of the inserting role (the commitment is a hash anyone may compute).
+# (revision 0006: a restore keeps the evidence as it was), and now their commitment too: 32
+# bytes from two random UUIDs (244 random bits) and the digest, set by the trigger of the
+# inserting role (the digest is a hash anyone may compute) unless the owner gives one.
 _SERVER_FIELDS: Final = """
+        CREATE OR REPLACE FUNCTION sfdb_audit_logs_server_fields() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = {path} AS $$
+        BEGIN
+            IF pg_has_role(current_user, '{owner}', 'MEMBER') THEN
+                IF NEW.personal_digest IS NOT NULL THEN
+                    RETURN NEW;
+                END IF;
+            ELSE
+                NEW.id := gen_random_uuid();
+                NEW.created_at := now();
+            END IF;
+            NEW.personal_salt := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
+            NEW.personal_digest := public.sfdb_audit_personal(
+                NEW.personal_salt, NEW.user_id, NEW.ip_address, NEW.user_agent,
+                NEW.action_description, NEW.metadata);
+            RETURN NEW;
+        END
+        $$
+        """
+# Revision 0006's, as it was.
+_SERVER_FIELDS_BEFORE: Final = """
         CREATE OR REPLACE FUNCTION sfdb_audit_logs_server_fields() RETURNS trigger
         LANGUAGE plpgsql SET search_path = {path} AS $$
         BEGIN
             IF NOT pg_has_role(current_user, '{owner}', 'MEMBER') THEN
                 NEW.id := gen_random_uuid();
                 NEW.created_at := now();
-            END IF;{commitment}
+            END IF;
             RETURN NEW;
         END
         $$
         """
-_COMMITMENT: Final = """
-            NEW.personal_salt := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
-            NEW.personal_digest := public.sfdb_audit_personal(
-                NEW.personal_salt, NEW.user_id, NEW.ip_address, NEW.user_agent,
-                NEW.action_description, NEW.metadata);"""
 _CHAIN: Final = f"""
 CREATE FUNCTION sfdb_audit_logs_chain() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = {SEARCH_PATH} AS $$
@@ -221,9 +241,7 @@ def upgrade() -> None:
     op.execute("ALTER TABLE audit_logs ENABLE TRIGGER audit_logs_append_only")
     op.execute("DROP POLICY audit_backfill ON audit_logs")
     op.execute("ALTER TABLE audit_logs ALTER COLUMN personal_digest SET NOT NULL")
-    op.execute(
-        _SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, commitment=_COMMITMENT)
-    )
+    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner))
     op.execute(
         "CREATE CONSTRAINT TRIGGER audit_logs_chain AFTER INSERT ON audit_logs "
         "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sfdb_audit_logs_chain()"
@@ -234,7 +252,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     roles = _roles()
     op.execute("DROP TRIGGER audit_logs_chain ON audit_logs")
-    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, commitment=""))
+    op.execute(_SERVER_FIELDS_BEFORE.format(path=SEARCH_PATH, owner=roles.owner))
     op.execute("DROP POLICY audit_verifier ON audit_logs")
     for function in reversed(FUNCTIONS):
         op.execute(f"DROP FUNCTION {function}")

@@ -354,13 +354,18 @@ async def test_the_rate_limit_function_pins_its_search_path(
     assert row["prosecdef"] is True
     assert row["owner"] == names(world.settings)["owner"]
     assert PINNED_PATH in row["proconfig"]
+    # Every function of the schema pins its path, but the two whose SQL-standard bodies were
+    # bound when they were made (the audit chain's canonical forms): no path reaches those.
     unpinned = await admin.fetch(
-        "SELECT oid::regprocedure::text AS f FROM pg_proc "
+        "SELECT proname, prosqlbody IS NOT NULL AS bound FROM pg_proc "
         "WHERE pronamespace = 'public'::regnamespace AND NOT ($1 = ANY (coalesce(proconfig, "
         "'{}')))",
         PINNED_PATH,
     )
-    assert [r["f"] for r in unpinned] == []
+    assert sorted((r["proname"], r["bound"]) for r in unpinned) == [
+        ("sfdb_audit_content", True),
+        ("sfdb_audit_personal", True),
+    ]
     # A caller's search path that finds none of the layer's tables changes nothing inside:
     # the function still charges public.api_rate_limits (rolled back here).
     directory = names(world.settings)["directory"]
