@@ -9,8 +9,8 @@ owner's side, and reports for each the first place that breaks it:
   (deleted);
 * a place whose hash is not SHA-256 over its predecessor's hash and its
   event's content (the event edited, or the chain rewritten there);
-* personal fields that no longer match their digest (edited; fields erased
-  together with their salt are not checked, their digest still is);
+* personal fields that no longer match their digest (edited), or a salt erased
+  while something personal is left;
 * an event that has no place (written around the chain's trigger);
 * a chain that does not end where its head (``audit_chain_heads``) says: the
   newest places removed, or places added past it; or places without a head.
@@ -126,7 +126,8 @@ class ChainState:
     events: int
     """Places in the chain."""
     head: tuple[int, bytes] | None
-    """``(chain_seq, row_hash)`` of the chain's newest place (``None``: no place)."""
+    """``(chain_seq, row_hash)`` of the chain's newest place, if it holds (``None``: no
+    such place)."""
     broken: ChainBreak | None = None
 
 
