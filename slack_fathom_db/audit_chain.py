@@ -17,31 +17,40 @@ owner's side, and reports for each the first place that breaks it:
 
 A chain proves what it proves to someone who cannot rewrite all of it: a
 superuser who recomputes every hash after an edit leaves a valid chain. Keep
-the heads it reports (:attr:`ChainState.head`) where the database's
-superusers cannot write, and compare: a chain rewritten below a kept head no
-longer ends in it.
+the heads it reports (:attr:`ChainState.head`, the ``head`` lines of ``sfdb
+audit verify``) where the database's superusers cannot write, and give them
+back (``kept``, ``--kept FILE``): a chain rewritten at or below a kept head no
+longer has the kept hash at that place.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from slack_fathom_db import validation
 from slack_fathom_db.connections import DRIVER_ERRORS
-from slack_fathom_db.errors import TenantNotFound, translate
+from slack_fathom_db.errors import TenantNotFound, ValidationError, translate
 from slack_fathom_db.maintenance import owner_connection
 
 if TYPE_CHECKING:
     import uuid
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
     import asyncpg
 
     from slack_fathom_db.settings import DatabaseSettings
 
-__all__ = ["AuditVerification", "ChainBreak", "ChainState", "verify_audit_chains"]
+__all__ = [
+    "AuditVerification",
+    "ChainBreak",
+    "ChainState",
+    "KeptHead",
+    "parse_kept_heads",
+    "verify_audit_chains",
+]
 
 _ACTION: Final = "verify the audit chains"
 GENESIS: Final = bytes(32)
@@ -103,7 +112,39 @@ FROM public.audit_chain_heads AS h
 WHERE $1::uuid IS NULL OR h.tenant_id = $1::uuid
 """
 _TEAMS: Final = "SELECT id, slack_team_id FROM public.tenants WHERE id = ANY($1::uuid[])"
+_KEPT: Final = """
+SELECT c.row_hash FROM public.audit_chain AS c
+WHERE c.tenant_id = (SELECT id FROM public.tenants WHERE slack_team_id = $1)
+  AND c.chain_seq = $2
+"""
+_KEPT_LINE: Final = re.compile(r"head (?P<team>\S+) (?P<seq>[0-9]{1,18}) (?P<hash>[0-9a-f]{64})")
 _TEAM: Final = "SELECT id FROM public.tenants WHERE slack_team_id = $1"
+
+
+@dataclass(frozen=True, slots=True)
+class KeptHead:
+    """A place of a workspace's chain and its hash, as an earlier verify reported it."""
+
+    slack_team_id: str
+    chain_seq: int
+    row_hash: bytes
+
+
+def parse_kept_heads(text: str) -> list[KeptHead]:
+    """The ``head TEAM PLACE HASH`` lines of ``sfdb audit verify`` output (others ignored).
+
+    Raises :class:`~slack_fathom_db.errors.ValidationError` when none is found.
+    """
+    kept = [
+        KeptHead(
+            validation.slack_team_id(match["team"]), int(match["seq"]), bytes.fromhex(match["hash"])
+        )
+        for match in map(_KEPT_LINE.fullmatch, text.splitlines())
+        if match is not None
+    ]
+    if not kept:
+        raise ValidationError("no 'head TEAM PLACE HASH' line in the kept heads")
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +177,8 @@ class AuditVerification:
     """What :func:`verify_audit_chains` found: every chain, in workspace order."""
 
     chains: list[ChainState] = field(default_factory=list)
+    lost: list[tuple[KeptHead, str]] = field(default_factory=list)
+    """The kept heads the chains no longer hold, and why."""
 
     @property
     def events(self) -> int:
@@ -147,13 +190,17 @@ class AuditVerification:
 
     @property
     def ok(self) -> bool:
-        return not self.broken
+        return not self.broken and not self.lost
 
 
 async def verify_audit_chains(
-    settings: DatabaseSettings, *, slack_team_id: str | None = None
+    settings: DatabaseSettings,
+    *,
+    slack_team_id: str | None = None,
+    kept: Sequence[KeptHead] = (),
 ) -> AuditVerification:
-    """Check every workspace's audit chain, or only ``slack_team_id``'s, as the owner.
+    """Check every workspace's audit chain, or only ``slack_team_id``'s, as the owner; and
+    that each ``kept`` head is still in its chain, with its hash.
 
     Reads in one snapshot; events of transactions still open are not seen (their
     places are taken as they commit). Raises
@@ -176,11 +223,26 @@ async def verify_audit_chains(
             teams = {
                 row["id"]: row["slack_team_id"] for row in await conn.fetch(_TEAMS, list(tenants))
             }
+            now = [await conn.fetchval(_KEPT, k.slack_team_id, k.chain_seq) for k in kept]
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=_ACTION) from exc
     finally:
         await conn.close()
-    return AuditVerification(_judge(heads, walked, unchained, teams))
+    lost = [
+        (head, _lost(head, found))
+        for head, found in zip(kept, now, strict=True)
+        if found is None or bytes(found) != head.row_hash
+    ]
+    return AuditVerification(_judge(heads, walked, unchained, teams), lost)
+
+
+def _lost(head: KeptHead, now: bytes | None) -> str:
+    if now is None:
+        return f"place {head.chain_seq} of {head.slack_team_id}, a kept head, is gone"
+    return (
+        f"place {head.chain_seq} of {head.slack_team_id} no longer has the hash kept for it: "
+        "the chain was rewritten there or before"
+    )
 
 
 def _judge(

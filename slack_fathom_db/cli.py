@@ -35,10 +35,10 @@ from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import __version__, citus, demo, logins, schema
-from slack_fathom_db.audit_chain import verify_audit_chains
+from slack_fathom_db.audit_chain import KeptHead, parse_kept_heads, verify_audit_chains
 from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
-from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError
+from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
 from slack_fathom_db.maintenance import (
     DEFAULT_PURGE_AFTER_DAYS,
     finish_tenant_key_rotation,
@@ -129,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         default=None,
         help="after verify: only this workspace's chain",
+    )
+    audit.add_argument(
+        "--kept",
+        type=Path,
+        metavar="FILE",
+        help="with verify: heads an earlier verify printed, which the chains must still hold",
     )
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
     audit.add_argument(
@@ -664,8 +670,21 @@ async def _audit(
     out.print(_audit_table(events, title=f"audit events of {slack_team_id}, last {days} days"))
 
 
-async def _verify_audit(settings: DatabaseSettings, slack_team_id: str | None) -> bool:
-    found = await verify_audit_chains(settings, slack_team_id=slack_team_id)
+def _kept_heads(path: Path | None) -> list[KeptHead]:
+    if path is None:
+        return []
+    try:
+        return parse_kept_heads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValidationError) as exc:
+        raise UsageProblem(f"audit verify --kept {path}: {exc}") from None
+
+
+async def _verify_audit(
+    settings: DatabaseSettings, slack_team_id: str | None, kept: Sequence[KeptHead]
+) -> bool:
+    found = await verify_audit_chains(settings, slack_team_id=slack_team_id, kept=kept)
+    for _head, why in found.lost:
+        out.print(f"LOST {why}", markup=False, highlight=False)
     for chain in found.chains:
         if (broken := chain.broken) is None:
             continue
@@ -676,7 +695,7 @@ async def _verify_audit(settings: DatabaseSettings, slack_team_id: str | None) -
             markup=False,
             highlight=False,
         )
-    verdict = "verify" if found.ok else "verify, the others do not" if found.chains else ""
+    verdict = "verify" if not found.broken else "verify, the others do not" if found.chains else ""
     out.print(
         f"{len(found.chains) - len(found.broken)} of {len(found.chains)} audit chains "
         f"({found.events} events) {verdict}".rstrip(),
@@ -813,15 +832,13 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
         elif args.command == "audit" and args.slack_team_id == "verify":
-            if (
-                args.failures
-                or args.days != DEFAULT_AUDIT_DAYS
-                or args.limit != DEFAULT_AUDIT_LIMIT
-            ):
+            listing = (args.failures, args.days, args.limit)
+            if listing != (False, DEFAULT_AUDIT_DAYS, DEFAULT_AUDIT_LIMIT):
                 raise UsageProblem("audit verify: --failures, --days and --limit list events")
-            return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id)) else 1
+            kept = _kept_heads(args.kept)
+            return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id, kept)) else 1
         elif args.command == "audit":
-            if args.verified_team_id is not None:
+            if args.verified_team_id is not None or args.kept is not None:
                 raise UsageProblem("audit: one workspace, or verify [SLACK_TEAM_ID]")
             asyncio.run(
                 _audit(

@@ -21,8 +21,13 @@ import asyncpg
 import pytest
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
-from slack_fathom_db.audit_chain import ChainState, verify_audit_chains
-from slack_fathom_db.errors import TenantNotFound
+from slack_fathom_db.audit_chain import (
+    ChainState,
+    KeptHead,
+    parse_kept_heads,
+    verify_audit_chains,
+)
+from slack_fathom_db.errors import TenantNotFound, ValidationError
 from tests.conftest import superuser_connection
 from tests.helpers import claim_statement
 from tests.test_schema import runtime_login
@@ -486,3 +491,55 @@ async def test_the_owner_restores_an_event_with_its_commitment(
     assert (stored["personal_salt"], stored["personal_digest"]) == (salt, digest)
     chain = await chain_of(settings, admin, tenant_a)
     assert (chain.events, chain.broken) == (1, None)
+
+
+async def test_a_chain_a_superuser_rewrote_whole_verifies_but_no_longer_holds_its_kept_heads(
+    db: Database,
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    """Edit an event and recompute every hash from there on: the chain holds again, but the
+    heads an earlier verify printed at or past the edit are no longer in it; one before
+    the edit still is."""
+    settings = sfdb_direct_settings
+    team = await team_of(admin, tenant_a)
+    first = await log(db, tenant_a, "one")
+    early = (await chain_of(settings, admin, tenant_a)).head
+    ids = first + await log(db, tenant_a, "two", "three")
+    late = (await chain_of(settings, admin, tenant_a)).head
+    assert early is not None
+    assert late is not None
+    kept = [KeptHead(team, *early), KeptHead(team, *late)]
+    printed = f"3 of 3 audit chains verify\nhead {team} {late[0]} {late[1].hex()}\n"
+    assert parse_kept_heads(printed) == [KeptHead(team, *late)]
+    assert (await verify_audit_chains(settings, slack_team_id=team, kept=kept)).ok
+
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        await admin.execute(
+            "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
+            tenant_a,
+            ids[1],
+        )
+        for place in (2, 3):  # the chain recomputed past the edit, as the trigger would
+            await admin.execute(
+                "UPDATE audit_chain c SET row_hash = sha256(p.row_hash || sfdb_audit_content("
+                "a.id, a.tenant_id, c.chain_seq, a.event_type, a.event_category, a.status, "
+                "a.resource_type, a.resource_id, a.created_at, a.personal_digest)) "
+                "FROM audit_chain p, audit_logs a WHERE c.tenant_id = $1 AND c.chain_seq = $2 "
+                "AND p.tenant_id = $1 AND p.chain_seq = $2 - 1 "
+                "AND a.tenant_id = $1 AND a.id = c.event_id",
+                tenant_a,
+                place,
+            )
+    found = await verify_audit_chains(settings, slack_team_id=team, kept=kept)
+    assert found.broken == []  # the rewrite holds together
+    assert [head for head, _ in found.lost] == [KeptHead(team, *late)]
+    assert "no longer has the hash kept for it" in found.lost[0][1]
+    assert not found.ok
+
+
+def test_kept_heads_are_read_from_verify_output_and_nothing_else() -> None:
+    with pytest.raises(ValidationError, match="no 'head TEAM PLACE HASH' line"):
+        parse_kept_heads("3 of 3 audit chains verify\nhead T1 x 00\n")

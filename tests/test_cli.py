@@ -569,6 +569,17 @@ async def test_demo_then_stats_and_audit(
     every = sfdb("audit", "verify", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert every.returncode == 0, every.stderr
     assert "BROKEN" not in every.stdout
+    heads = tmp_path / "heads.txt"
+    heads.write_text(every.stdout)
+    kept = sfdb(
+        "audit", "verify", "--kept", str(heads), url=cli_db.url, cwd=tmp_path, extra_env=env
+    )
+    assert (kept.returncode, "LOST" in kept.stdout) == (0, False), kept.stderr
+    heads.write_text("nothing kept here\n")
+    unreadable = sfdb(
+        "audit", "verify", "--kept", str(heads), url=cli_db.url, cwd=tmp_path, extra_env=env
+    )
+    assert unreadable.returncode == 2
     missing = sfdb("audit", "verify", "TNOSUCHTEAM", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert (missing.returncode, missing.stderr.strip()) == (
         1,
