@@ -11,7 +11,7 @@ owner's side, and reports for each the first place that breaks it:
   event's content (the event edited, or the chain rewritten there);
 * personal fields that no longer match their digest (edited), or a salt erased
   while something personal is left;
-* an event that has no place (written around the chain's trigger);
+* an event that has no place (written around the chain's trigger), or two;
 * a chain that does not end where its head (``audit_chain_heads``) says: the
   newest places removed, or places added past it; or places without a head.
 
@@ -62,11 +62,11 @@ GENESIS: Final = bytes(32)
 # erased when its salt is: then nothing of them may be left.
 _WALK: Final = """
 SELECT DISTINCT ON (tenant_id, broken) * FROM (
-    SELECT *, chain_seq <> coalesce(prev_seq, 0) + 1 OR NOT found OR past_head
+    SELECT *, chain_seq <> coalesce(prev_seq, 0) + 1 OR NOT found OR past_head OR repeated
               OR hash_holds IS NOT TRUE OR personal_holds IS NOT TRUE AS broken
     FROM (
         SELECT tenant_id, chain_seq, event_id, prev_seq, places, newest, row_hash, found,
-               past_head,
+               past_head, repeated,
                row_hash = sha256(coalesce(prev_hash, $2::bytea) || public.sfdb_audit_content(
                    event_id, tenant_id, chain_seq, event_type, event_category, status,
                    resource_type, resource_id, created_at, personal_digest)) AS hash_holds,
@@ -86,6 +86,7 @@ SELECT DISTINCT ON (tenant_id, broken) * FROM (
                    lag(c.chain_seq) OVER chain AS prev_seq,
                    lag(c.row_hash) OVER chain AS prev_hash,
                    count(*) OVER (PARTITION BY c.tenant_id) AS places,
+                   count(*) OVER (PARTITION BY c.tenant_id, c.event_id) > 1 AS repeated,
                    lead(c.chain_seq) OVER chain IS NULL AS newest
             FROM public.audit_chain AS c
             LEFT JOIN public.audit_logs AS a ON a.tenant_id = c.tenant_id AND a.id = c.event_id
@@ -301,6 +302,8 @@ def _place_break(row: asyncpg.Record) -> ChainBreak | None:
         problem = "its event is not the one chained there: edited, or the chain rewritten"
     elif not row["personal_holds"]:
         problem = "its event's personal fields were changed after it was written"
+    elif row["repeated"]:
+        problem = "its event has another place too"
     else:
         problem = "a place past the chain's head: added after it"
     return ChainBreak(seq, row["event_id"], problem)

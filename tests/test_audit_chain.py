@@ -329,6 +329,12 @@ TAMPERING: dict[str, tuple[str, int | None, str, int | None]] = {
         "the chain has no head",
         2,
     ),
+    "give an event a second place": (
+        "UPDATE audit_chain SET event_id = $2 WHERE tenant_id = $1 AND chain_seq = 3",
+        2,
+        "its event has another place too",
+        1,
+    ),
     "insert an event around the chain": (
         "INSERT INTO audit_logs (tenant_id, event_type, event_category, action_description, "
         "personal_digest) SELECT $1, 'auth.login', 'auth', 'forged', personal_digest "

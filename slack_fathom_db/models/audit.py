@@ -29,7 +29,6 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Text,
-    UniqueConstraint,
     func,
     text,
 )
@@ -90,7 +89,6 @@ class AuditChainLink(Base):
     commits; the owner's alone (the chain's trigger writes it, as the owner)."""
 
     __tablename__ = "audit_chain"
-    __table_args__ = (UniqueConstraint("tenant_id", "event_id"),)
 
     tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     chain_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
