@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.engine import URL, make_url
 
-from bench import claims, dataset, document, report
+from bench import chain, claims, dataset, document, report
 from bench.counting import count_round_trips, disagreements
 from bench.explain import explain_layer_queries
 from bench.impls import ALL, LayerImpl, UnchainedLayerImpl, UnverifiedLayerImpl
@@ -188,7 +188,11 @@ async def _main(args: argparse.Namespace) -> int:
             cost = await claims.verification_cost(
                 datasets["large"], LayerImpl(), UnverifiedLayerImpl()
             )
-        results = await measure(profile, impls, workloads, datasets)
+        # Then the audit chain under 32 writers of one workspace, when the burst was measured.
+        results, chained = (
+            await measure(profile, impls, workloads, datasets),
+            await chain.targets(impls, workloads, datasets["large"], log=log),
+        )
         profiles: list[HandlerProfile] = []
         if not args.skip_profile and any(w.key == "handler" for w in workloads):
             log("profiling one handler call of each implementation")
@@ -221,7 +225,7 @@ async def _main(args: argparse.Namespace) -> int:
         plans=plans,
         profiles=profiles,
         cost=cost,
-        targets=report.targets(results, counts, plans, datasets),
+        targets=[*report.targets(results, counts, plans, datasets), *chained],
         elapsed=elapsed,
     )
     print(document.render(run, markdown=False))

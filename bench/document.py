@@ -221,6 +221,9 @@ def _method_lines(run: Run) -> list[str]:
         "claim's tenant straight from its text (switched in place before the turn's pool "
         "opens, so every statement is planned anew under the warm-up; switched back after "
         "it closes). Same code, same messages, same data: only the verification differs.",
+        "- **chained vs unchained audit**: on the audit burst the layer takes a second turn "
+        "with the audit chain off (its trigger disabled, no commitment computed on insert; "
+        "put back after the turn).",
     ]
 
 
