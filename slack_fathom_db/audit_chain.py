@@ -56,26 +56,43 @@ _ACTION: Final = "verify the audit chains"
 GENESIS: Final = bytes(32)
 """The hash before a chain's first event."""
 
+# The canonical forms of migration 0009 (``sfdb_audit_content()``, ``sfdb_audit_personal()``),
+# written out here with the server's built-in functions only: the owner, which may replace
+# the schema's functions, cannot make verify compute what it likes. Every function is
+# qualified (an exact-type function of another schema would win over a built-in taking
+# "any"); operators and casts take types the built-ins match exactly, on the connection's
+# pinned path (pg_catalog first).
+_CONTENT: Final = """
+    pg_catalog.convert_to(pg_catalog.jsonb_build_array(
+        'audit/v1'::text, event_id, tenant_id, chain_seq, event_type, event_category, status,
+        resource_type, resource_id,
+        (EXTRACT(epoch FROM created_at) * 1000000::numeric)::bigint,
+        pg_catalog.encode(personal_digest, 'hex'::text)
+    )::text, 'UTF8'::name)
+"""
+_PERSONAL: Final = """
+    pg_catalog.sha256(personal_salt || pg_catalog.convert_to(pg_catalog.jsonb_build_array(
+        user_id, pg_catalog.host(ip_address), pg_catalog.masklen(ip_address), user_agent,
+        action_description, metadata
+    )::text, 'UTF8'::name))
+"""
 # One pass over the places in chain order, each judged against its predecessor, its event
 # and its head; per workspace, the first broken place and the newest intact one (at most
 # two rows a workspace, however many are broken). A place's personal fields count as
 # erased when its salt is: then nothing of them may be left.
-_WALK: Final = """
+_WALK: Final = f"""
 SELECT DISTINCT ON (tenant_id, broken) * FROM (
-    SELECT *, chain_seq <> coalesce(prev_seq, 0) + 1 OR NOT found OR past_head OR repeated
-              OR hash_holds IS NOT TRUE OR personal_holds IS NOT TRUE AS broken
+    SELECT *, chain_seq <> coalesce(prev_seq, 0::bigint) + 1 OR NOT found OR past_head
+              OR repeated OR hash_holds IS NOT TRUE OR personal_holds IS NOT TRUE AS broken
     FROM (
         SELECT tenant_id, chain_seq, event_id, prev_seq, places, newest, row_hash, found,
                past_head, repeated,
-               row_hash = sha256(coalesce(prev_hash, $2::bytea) || public.sfdb_audit_content(
-                   event_id, tenant_id, chain_seq, event_type, event_category, status,
-                   resource_type, resource_id, created_at, personal_digest)) AS hash_holds,
+               row_hash = pg_catalog.sha256(coalesce(prev_hash, $2::bytea) || {_CONTENT})
+                   AS hash_holds,
                CASE WHEN personal_salt IS NOT NULL
-                   THEN personal_digest = public.sfdb_audit_personal(
-                       personal_salt, user_id, ip_address, user_agent, action_description,
-                       metadata)
+                   THEN personal_digest = {_PERSONAL}
                    ELSE user_id IS NULL AND ip_address IS NULL AND user_agent IS NULL
-                       AND action_description = '' AND metadata = '{}'::jsonb
+                       AND action_description = ''::text AND metadata = '{{}}'::jsonb
                END AS personal_holds
         FROM (
             SELECT c.tenant_id, c.chain_seq, c.event_id, c.row_hash, a.id IS NOT NULL AS found,
@@ -83,11 +100,12 @@ SELECT DISTINCT ON (tenant_id, broken) * FROM (
                    a.event_type, a.event_category, a.status, a.resource_type, a.resource_id,
                    a.created_at, a.personal_digest, a.personal_salt, a.user_id, a.ip_address,
                    a.user_agent, a.action_description, a.metadata,
-                   lag(c.chain_seq) OVER chain AS prev_seq,
-                   lag(c.row_hash) OVER chain AS prev_hash,
-                   count(*) OVER (PARTITION BY c.tenant_id) AS places,
-                   count(*) OVER (PARTITION BY c.tenant_id, c.event_id) > 1 AS repeated,
-                   lead(c.chain_seq) OVER chain IS NULL AS newest
+                   pg_catalog.lag(c.chain_seq) OVER chain AS prev_seq,
+                   pg_catalog.lag(c.row_hash) OVER chain AS prev_hash,
+                   pg_catalog.count(*) OVER (PARTITION BY c.tenant_id) AS places,
+                   pg_catalog.count(*) OVER (PARTITION BY c.tenant_id, c.event_id) > 1
+                       AS repeated,
+                   pg_catalog.lead(c.chain_seq) OVER chain IS NULL AS newest
             FROM public.audit_chain AS c
             LEFT JOIN public.audit_logs AS a ON a.tenant_id = c.tenant_id AND a.id = c.event_id
             LEFT JOIN public.audit_chain_heads AS h ON h.tenant_id = c.tenant_id
@@ -98,7 +116,7 @@ SELECT DISTINCT ON (tenant_id, broken) * FROM (
 ) AS verdicts
 WHERE newest OR broken
 ORDER BY tenant_id, broken, chain_seq
-"""
+"""  # noqa: S608 - made of this module's constants
 # The oldest event without a place, of each workspace that has one.
 _UNCHAINED: Final = """
 SELECT DISTINCT ON (a.tenant_id) a.tenant_id, a.id FROM public.audit_logs AS a

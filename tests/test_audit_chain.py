@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -561,3 +562,38 @@ async def test_a_chain_a_superuser_rewrote_whole_verifies_but_no_longer_holds_it
 def test_kept_heads_are_read_from_verify_output_and_nothing_else() -> None:
     with pytest.raises(ValidationError, match="no 'head TEAM PLACE HASH' line"):
         parse_kept_heads("3 of 3 audit chains verify\nhead T1 x 00\n")
+
+
+async def test_verify_computes_with_the_servers_built_ins_not_the_schemas_functions(
+    db: Database,
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    """The owner may replace the schema's canonical forms (it owns them): verify does not
+    call them, so replacing them changes none of its verdicts."""
+    ids = await log(db, tenant_a, "one", "two")
+    names = ("sfdb_audit_content", "sfdb_audit_personal")
+    originals = [
+        await admin.fetchval("SELECT pg_get_functiondef(oid) FROM pg_proc WHERE proname = $1", name)
+        for name in names
+    ]
+    try:
+        for definition in originals:
+            await admin.execute(  # the same signature, a body that answers nothing useful
+                re.sub(r"RETURN .*", "RETURN NULL::bytea", definition, flags=re.DOTALL)
+            )
+        assert (await chain_of(sfdb_direct_settings, admin, tenant_a)).broken is None
+        async with admin.transaction():
+            await admin.execute("SET LOCAL session_replication_role = replica")
+            await admin.execute(
+                "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
+                tenant_a,
+                ids[1],
+            )
+        broken = (await chain_of(sfdb_direct_settings, admin, tenant_a)).broken
+        assert broken is not None
+        assert (broken.chain_seq, broken.event_id) == (2, ids[1])
+    finally:
+        for definition in originals:
+            await admin.execute(definition)
