@@ -152,15 +152,19 @@ class KeptHead:
 def parse_kept_heads(text: str) -> list[KeptHead]:
     """The ``head TEAM PLACE HASH`` lines of ``sfdb audit verify`` output (others ignored).
 
-    Raises :class:`~slack_fathom_db.errors.ValidationError` when none is found.
+    Raises :class:`~slack_fathom_db.errors.ValidationError` for a ``head`` line of another
+    shape (a line cut in two, say: a head left out would go unchecked), or when there is
+    none.
     """
-    kept = [
-        KeptHead(
-            validation.slack_team_id(match["team"]), int(match["seq"]), bytes.fromhex(match["hash"])
-        )
-        for match in map(_KEPT_LINE.fullmatch, text.splitlines())
-        if match is not None
-    ]
+    kept = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip().startswith("head"):
+            continue
+        match = _KEPT_LINE.fullmatch(line.strip())
+        if match is None:
+            raise ValidationError(f"line {number} is not 'head TEAM PLACE HASH'")
+        team = validation.slack_team_id(match["team"])
+        kept.append(KeptHead(team, int(match["seq"]), bytes.fromhex(match["hash"])))
     if not kept:
         raise ValidationError("no 'head TEAM PLACE HASH' line in the kept heads")
     return kept

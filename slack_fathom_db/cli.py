@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         help="recent audit events of one workspace; 'audit verify [SLACK_TEAM_ID]' checks "
         "the audit chains (as the schema owner)",
         usage="sfdb audit [-h] [--failures] [--days N] [--limit N] SLACK_TEAM_ID\n"
-        "       sfdb audit verify [SLACK_TEAM_ID]",
+        "       sfdb audit verify [--kept FILE] [SLACK_TEAM_ID]",
     )
     audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID", help="or: verify")
     audit.add_argument(
@@ -684,33 +684,32 @@ async def _verify_audit(
 ) -> bool:
     found = await verify_audit_chains(settings, slack_team_id=slack_team_id, kept=kept)
     for _head, why in found.lost:
-        out.print(f"LOST {why}", markup=False, highlight=False)
+        _line(f"LOST {why}")
     for chain in found.chains:
         if (broken := chain.broken) is None:
             continue
         where = "an event" if broken.chain_seq is None else f"place {broken.chain_seq}"
         event = "" if broken.event_id is None else f" (event {broken.event_id})"
-        out.print(
-            f"BROKEN {chain.slack_team_id or chain.tenant_id}: {where}{event}: {broken.problem}",
-            markup=False,
-            highlight=False,
-        )
+        _line(f"BROKEN {chain.slack_team_id or chain.tenant_id}: {where}{event}: {broken.problem}")
     verdict = "verify" if not found.broken else "verify, the others do not" if found.chains else ""
-    out.print(
+    lost = f"; {len(found.lost)} kept heads lost" if found.lost else ""
+    _line(
         f"{len(found.chains) - len(found.broken)} of {len(found.chains)} audit chains "
-        f"({found.events} events) {verdict}".rstrip(),
-        markup=False,
-        highlight=False,
+        f"({found.events} events) {verdict}".rstrip()
+        + lost
     )
+    if found.lost:
+        return False  # no new heads to keep from chains that lost the old ones
     for chain in found.chains:
-        if chain.head is not None and chain.broken is None:
+        if chain.head is not None and chain.broken is None and chain.slack_team_id:
             seq, digest = chain.head
-            out.print(
-                f"head {chain.slack_team_id or chain.tenant_id} {seq} {digest.hex()}",
-                markup=False,
-                highlight=False,
-            )
+            _line(f"head {chain.slack_team_id} {seq} {digest.hex()}")
     return found.ok
+
+
+def _line(text: str) -> None:
+    """One line of output, never wrapped (another run of the command may read it back)."""
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _audit_table(events: Sequence[Any], *, title: str) -> Table:

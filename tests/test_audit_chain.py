@@ -561,7 +561,10 @@ async def test_a_chain_a_superuser_rewrote_whole_verifies_but_no_longer_holds_it
 
 def test_kept_heads_are_read_from_verify_output_and_nothing_else() -> None:
     with pytest.raises(ValidationError, match="no 'head TEAM PLACE HASH' line"):
-        parse_kept_heads("3 of 3 audit chains verify\nhead T1 x 00\n")
+        parse_kept_heads("3 of 3 audit chains verify\n")
+    cut = f"1 of 1 audit chains verify\nhead T0123ABCDE 12345 {'ab' * 20}\n{'ab' * 12}\n"
+    with pytest.raises(ValidationError, match="line 2 is not"):  # a head cut in two
+        parse_kept_heads(cut)
 
 
 async def test_verify_computes_with_the_servers_built_ins_not_the_schemas_functions(

@@ -569,6 +569,10 @@ async def test_demo_then_stats_and_audit(
     every = sfdb("audit", "verify", url=cli_db.url, cwd=tmp_path, extra_env=env)
     assert every.returncode == 0, every.stderr
     assert "BROKEN" not in every.stdout
+    narrow = sfdb(  # what a file or a pipe receives: lines never cut, whatever the width
+        "audit", "verify", url=cli_db.url, cwd=tmp_path, extra_env={**env, "COLUMNS": "40"}
+    )
+    assert narrow.stdout == every.stdout
     heads = tmp_path / "heads.txt"
     heads.write_text(every.stdout)
     kept = sfdb(
