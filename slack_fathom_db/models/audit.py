@@ -39,7 +39,6 @@ from slack_fathom_db.models.base import INTERNAL, Base, TenantOwned, one_of
 
 EVENT_CATEGORIES: Final = ("auth", "data", "integration", "admin", "security", "billing", "system")
 EVENT_STATUSES: Final = ("success", "failure", "denied")
-HASH_BYTES: Final = 32
 
 
 class AuditLog(TenantOwned, Base):
