@@ -84,6 +84,19 @@ async def places(admin: asyncpg.Connection, tenant: TenantId) -> list[tuple[int,
     return [(row["chain_seq"], row["event_id"]) for row in rows]
 
 
+async def chained(
+    admin: asyncpg.Connection, tenant: TenantId, column: str
+) -> list[tuple[int, object]]:
+    """``(place, column of its event)`` of ``tenant``'s chain, in chain order."""
+    rows = await admin.fetch(
+        f"SELECT c.chain_seq, a.{column} AS value FROM audit_chain c JOIN audit_logs a "
+        "ON a.tenant_id = c.tenant_id AND a.id = c.event_id WHERE c.tenant_id = $1 "
+        "ORDER BY c.chain_seq",
+        tenant,
+    )
+    return [(row["chain_seq"], row["value"]) for row in rows]
+
+
 def _jsonb(values: list[object]) -> bytes:
     """A JSON array as jsonb prints it (ASCII strings, one-key objects)."""
     return json.dumps(values, separators=(", ", ": ")).encode()
@@ -256,13 +269,7 @@ async def test_a_security_event_logged_inside_a_unit_of_work_that_logged_does_no
             timeout=10,
         )
         await uow.commit()
-    kinds = await admin.fetch(
-        "SELECT c.chain_seq, a.event_type FROM audit_chain c JOIN audit_logs a "
-        "ON a.tenant_id = c.tenant_id AND a.id = c.event_id WHERE c.tenant_id = $1 "
-        "ORDER BY c.chain_seq",
-        tenant_a,
-    )
-    assert [(r["chain_seq"], r["event_type"]) for r in kinds] == [
+    assert await chained(admin, tenant_a, "event_type") == [
         (1, "security.denied"),
         (2, "meeting.created"),
     ]
@@ -410,13 +417,7 @@ async def test_an_event_of_a_rolled_back_savepoint_takes_no_place(
             tenant_a,
         )
         await savepoint.rollback()
-    chained = await admin.fetch(
-        "SELECT c.chain_seq, a.action_description FROM audit_chain c JOIN audit_logs a "
-        "ON a.tenant_id = c.tenant_id AND a.id = c.event_id WHERE c.tenant_id = $1 "
-        "ORDER BY c.chain_seq",
-        tenant_a,
-    )
-    assert [(r["chain_seq"], r["action_description"]) for r in chained] == [
+    assert await chained(admin, tenant_a, "action_description") == [
         (1, "before"),
         (2, "kept"),
     ]

@@ -4,8 +4,9 @@ claim's tenant unverified (what verifying claims costs), or that does not chain 
 
 from __future__ import annotations
 
+import abc
 import re
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import asyncpg
 
@@ -148,36 +149,33 @@ class LayerImpl(Implementation):
         )
 
 
-class UnverifiedLayerImpl(LayerImpl):
-    """The same layer, on a database that trusts the claim's tenant without verifying it.
+Saved = TypeVar("Saved")
+"""What a variant keeps of a database it switched, to switch it back."""
 
-    Its turns measure what verifying claims costs (:mod:`bench.claims`): ``open``
-    switches the database's tenant policies and ``sfdb_require_claim()`` to read
-    the claim's tenant unverified before the pool opens, ``close`` puts the
-    verified definitions back once it is closed, whatever happened.
-    """
 
-    key = "unverified"
-    title = "slack_fathom_db, claim unverified"
+class _SwitchedLayerImpl(LayerImpl, Generic[Saved]):
+    """The layer on a database switched for its turns: ``open`` switches it before the pool
+    opens (keeping what it replaced), ``close`` switches it back once the pool is closed,
+    whatever happened; :meth:`restore` does so for every database still switched."""
+
     variant_of = "layer"
-    isolation = (
-        "the layer, unchanged (the same code, the same messages, the claim signed and set); "
-        "for its turns the database trusts the claim without verifying it: every policy "
-        "calling `sfdb_claimed_tenant()` (`tenant_isolation` on each tenant-owned table, "
-        "`tenant_self` on `tenants`) compares with `NULLIF(split_part(current_setting("
-        "'app.tenant_claim', true), '.', 3), '')::uuid` instead, and `sfdb_require_claim()` "
-        "only checks that this tenant is live; the verified definitions are put back after "
-        "each turn"
-    )
 
     def __init__(self) -> None:
         super().__init__()
-        self._switched: dict[str, claims.Verified] = {}
+        self._switched: dict[str, Saved] = {}
+
+    @abc.abstractmethod
+    async def _switch(self, dsn: str) -> Saved:
+        """Switch the database at ``dsn``; what to switch it back with."""
+
+    @abc.abstractmethod
+    async def _switch_back(self, dsn: str, saved: Saved) -> None:
+        """Switch the database at ``dsn`` back with what :meth:`_switch` kept."""
 
     async def open(self, dsn: str, *, pool_size: int) -> None:
         if dsn in self._switched:
             await self.restore()
-        self._switched[dsn] = await claims.trust(dsn)
+        self._switched[dsn] = await self._switch(dsn)
         try:
             await super().open(dsn, pool_size=pool_size)
         except BaseException:
@@ -191,10 +189,38 @@ class UnverifiedLayerImpl(LayerImpl):
             await self.restore()
 
     async def restore(self) -> None:
-        """Put back the verified definitions of every database this switched (idempotent)."""
-        for dsn, verified in list(self._switched.items()):
-            await claims.restore(dsn, verified)
+        """Switch back every database this switched (idempotent)."""
+        for dsn, saved in list(self._switched.items()):
+            await self._switch_back(dsn, saved)
             del self._switched[dsn]
+
+
+class UnverifiedLayerImpl(_SwitchedLayerImpl[claims.Verified]):
+    """The same layer, on a database that trusts the claim's tenant without verifying it.
+
+    Its turns measure what verifying claims costs (:mod:`bench.claims`): ``open``
+    switches the database's tenant policies and ``sfdb_require_claim()`` to read
+    the claim's tenant unverified before the pool opens, ``close`` puts the
+    verified definitions back once it is closed, whatever happened.
+    """
+
+    key = "unverified"
+    title = "slack_fathom_db, claim unverified"
+    isolation = (
+        "the layer, unchanged (the same code, the same messages, the claim signed and set); "
+        "for its turns the database trusts the claim without verifying it: every policy "
+        "calling `sfdb_claimed_tenant()` (`tenant_isolation` on each tenant-owned table, "
+        "`tenant_self` on `tenants`) compares with `NULLIF(split_part(current_setting("
+        "'app.tenant_claim', true), '.', 3), '')::uuid` instead, and `sfdb_require_claim()` "
+        "only checks that this tenant is live; the verified definitions are put back after "
+        "each turn"
+    )
+
+    async def _switch(self, dsn: str) -> claims.Verified:
+        return await claims.trust(dsn)
+
+    async def _switch_back(self, dsn: str, saved: claims.Verified) -> None:
+        await claims.restore(dsn, saved)
 
 
 UNCHAINED: Final = "unchained"
@@ -209,7 +235,7 @@ _COMMITMENT: Final = re.compile(
 )
 
 
-class UnchainedLayerImpl(LayerImpl):
+class UnchainedLayerImpl(_SwitchedLayerImpl[str]):
     """The same layer, on a database whose audit events are not chained.
 
     Its turns measure what the audit chain costs: ``open`` turns the chain's
@@ -222,42 +248,21 @@ class UnchainedLayerImpl(LayerImpl):
 
     key = UNCHAINED
     title = "slack_fathom_db, audit unchained"
-    variant_of = "layer"
     isolation = (
         "the layer, unchanged; for its turns the audit chain's trigger (`audit_logs_chain`) "
         "is disabled and the insert trigger computes no commitment"
     )
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._switched: dict[str, str] = {}
+    async def _switch(self, dsn: str) -> str:
+        return await _unchain(dsn)
 
-    async def open(self, dsn: str, *, pool_size: int) -> None:
-        if dsn in self._switched:
-            await self.restore()
-        self._switched[dsn] = await _unchain(dsn)
-        try:
-            await super().open(dsn, pool_size=pool_size)
-        except BaseException:
-            await self.restore()
-            raise
-
-    async def close(self) -> None:
-        try:
-            await super().close()
-        finally:
-            await self.restore()
-
-    async def restore(self) -> None:
-        """Put the chain back on every database this took it off (idempotent)."""
-        for dsn, definition in list(self._switched.items()):
-            await _switch(
-                dsn,
-                definition,
-                f"ALTER TABLE public.audit_logs ENABLE TRIGGER {_CHAIN_TRIGGER}, "
-                "ALTER COLUMN personal_digest DROP DEFAULT",
-            )
-            del self._switched[dsn]
+    async def _switch_back(self, dsn: str, saved: str) -> None:
+        await _switch(
+            dsn,
+            saved,
+            f"ALTER TABLE public.audit_logs ENABLE TRIGGER {_CHAIN_TRIGGER}, "
+            "ALTER COLUMN personal_digest DROP DEFAULT",
+        )
 
 
 async def _unchain(dsn: str) -> str:
