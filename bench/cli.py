@@ -32,8 +32,8 @@ from sqlalchemy.engine import URL, make_url
 from bench import chain, claims, dataset, document, report
 from bench.counting import count_round_trips, disagreements
 from bench.explain import explain_layer_queries
-from bench.impls import ALL, LayerImpl, UnchainedLayerImpl, UnverifiedLayerImpl
-from bench.impls.layer import UNCHAINED
+from bench.impls import ALL, LayerImpl, UnverifiedLayerImpl
+from bench.impls.layer import UNCHAINED, SwitchedLayerImpl
 from bench.profiling import profile_handler
 from bench.runner import run_load
 from bench.workloads import WORKLOADS
@@ -202,7 +202,7 @@ async def _main(args: argparse.Namespace) -> int:
             ]
     finally:
         for impl in impls:
-            if isinstance(impl, UnverifiedLayerImpl | UnchainedLayerImpl):
+            if isinstance(impl, SwitchedLayerImpl):
                 await impl.restore()  # verified policies, chained events, whatever happened
         if not args.keep:
             for data in datasets.values():

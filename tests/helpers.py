@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import uuid
 from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
@@ -28,6 +27,8 @@ from slack_fathom_db import Database
 from slack_fathom_db.claims import TenantKey
 
 if TYPE_CHECKING:
+    import uuid
+
     from slack_fathom_db.records import User
     from slack_fathom_db.settings import DatabaseSettings
     from slack_fathom_db.tenancy import TenantId
@@ -35,11 +36,22 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def claim_for(settings: DatabaseSettings, tenant: uuid.UUID, **how: int) -> str:
+    """A claim for ``tenant`` signed with the test database's key, as a unit of work signs
+    one (``how``: ``backend_pid``, ``issued_ms``; by default for any backend, issued now)."""
+    return TenantKey.from_settings(settings).sign(tenant, **how)
+
+
+def set_local(name: str, value: str) -> str:
+    """``SET LOCAL name = 'value'``: what Citus passes on to its workers (set_config() not)."""
+    quoted = value.replace("'", "''")
+    return f"SET LOCAL {name} = '{quoted}'"
+
+
 def claim_statement(settings: DatabaseSettings, tenant: TenantId) -> str:
     """The ``SET LOCAL`` of a claim for ``tenant`` signed now with the database's key, as a
     unit of work's transaction opens (its rows visible to the app role)."""
-    claim = TenantKey.from_settings(settings).sign(uuid.UUID(str(tenant)))
-    return f"SET LOCAL app.tenant_claim = '{claim}'"
+    return set_local("app.tenant_claim", claim_for(settings, tenant))
 
 
 def unique_team_id() -> str:

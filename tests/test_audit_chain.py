@@ -11,6 +11,7 @@ chain's tables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -34,6 +35,8 @@ from tests.helpers import claim_statement, on_citus
 from tests.test_schema import runtime_login
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from sqlalchemy.engine import URL
 
     from tests.conftest import TenantFactory
@@ -60,6 +63,14 @@ async def log(db: Database, tenant: TenantId, *descriptions: str) -> list[uuid.U
         ]
         await uow.commit()
     return ids
+
+
+@contextlib.asynccontextmanager
+async def past_the_triggers(admin: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser's transaction in which no trigger fires, the append-only one included."""
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        yield admin
 
 
 async def team_of(admin: asyncpg.Connection, tenant: TenantId) -> str:
@@ -277,11 +288,12 @@ async def test_a_security_event_logged_inside_a_unit_of_work_that_logged_does_no
 
 # -- tampering, as a superuser ---------------------------------------------------------
 
+EDIT_EVENT = "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2"
 TAMPERING: dict[str, tuple[str, int | None, str, int | None]] = {
     # what a superuser does: (SQL on the tampered tenant and its second event, the place
     # verify names, its problem, which of the three events it names)
     "edit an event": (
-        "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
+        EDIT_EVENT,
         2,
         "its event is not the one chained there: edited, or the chain rewritten",
         1,
@@ -377,8 +389,7 @@ async def test_verify_names_the_first_place_a_superuser_tampered_with(
     ids = await log(db, tampered, "one", "two", "three")
     await log(db, untouched, "one", "two", "three")
     assert (await chain_of(sfdb_direct_settings, admin, tampered)).broken is None
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")  # no trigger fires
+    async with past_the_triggers(admin):
         await admin.execute(sql, tampered, ids[1])
 
     broken = (await chain_of(sfdb_direct_settings, admin, tampered)).broken
@@ -528,13 +539,8 @@ async def test_a_chain_a_superuser_rewrote_whole_verifies_but_no_longer_holds_it
     assert parse_kept_heads(printed) == [KeptHead(team, *late)]
     assert (await verify_audit_chains(settings, slack_team_id=team, kept=kept)).ok
 
-    async with admin.transaction():
-        await admin.execute("SET LOCAL session_replication_role = replica")
-        await admin.execute(
-            "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
-            tenant_a,
-            ids[1],
-        )
+    async with past_the_triggers(admin):
+        await admin.execute(EDIT_EVENT, tenant_a, ids[1])
         for place in (2, 3):  # the chain recomputed past the edit, as the trigger would
             rewritten = await admin.fetchval(
                 "SELECT sha256(p.row_hash || sfdb_audit_content(a.id, a.tenant_id, "
@@ -588,13 +594,8 @@ async def test_verify_computes_with_the_servers_built_ins_not_the_schemas_functi
                 re.sub(r"RETURN .*", "RETURN NULL::bytea", definition, flags=re.DOTALL)
             )
         assert (await chain_of(sfdb_direct_settings, admin, tenant_a)).broken is None
-        async with admin.transaction():
-            await admin.execute("SET LOCAL session_replication_role = replica")
-            await admin.execute(
-                "UPDATE audit_logs SET event_type = 'auth.login' WHERE tenant_id = $1 AND id = $2",
-                tenant_a,
-                ids[1],
-            )
+        async with past_the_triggers(admin):
+            await admin.execute(EDIT_EVENT, tenant_a, ids[1])
         broken = (await chain_of(sfdb_direct_settings, admin, tenant_a)).broken
         assert broken is not None
         assert (broken.chain_seq, broken.event_id) == (2, ids[1])

@@ -32,7 +32,14 @@ from slack_fathom_db import DatabaseSettings
 from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 from tests.conftest import superuser_connection
-from tests.helpers import on_citus, reported_constraint, unique_team_id, unique_user_id
+from tests.helpers import (
+    claim_for,
+    on_citus,
+    reported_constraint,
+    set_local,
+    unique_team_id,
+    unique_user_id,
+)
 
 TABLES = frozenset(
     {
@@ -149,18 +156,6 @@ async def rolled_back(conn: asyncpg.Connection) -> AsyncIterator[asyncpg.Connect
         yield conn
     finally:
         await transaction.rollback()
-
-
-def claim_for(settings: DatabaseSettings, tenant: uuid.UUID, **how: int) -> str:
-    """A claim for ``tenant`` signed with the test database's key, as a unit of work signs
-    one (``how``: ``backend_pid``, ``issued_ms``; by default for any backend, issued now)."""
-    return TenantKey.from_settings(settings).sign(tenant, **how)
-
-
-def set_local(name: str, value: str) -> str:
-    """``SET LOCAL name = 'value'``: what Citus passes on to its workers (set_config() not)."""
-    quoted = value.replace("'", "''")
-    return f"SET LOCAL {name} = '{quoted}'"
 
 
 @contextlib.asynccontextmanager

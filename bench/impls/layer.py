@@ -153,7 +153,7 @@ Saved = TypeVar("Saved")
 """What a variant keeps of a database it switched, to switch it back."""
 
 
-class _SwitchedLayerImpl(LayerImpl, Generic[Saved]):
+class SwitchedLayerImpl(LayerImpl, Generic[Saved]):
     """The layer on a database switched for its turns: ``open`` switches it before the pool
     opens (keeping what it replaced), ``close`` switches it back once the pool is closed,
     whatever happened; :meth:`restore` does so for every database still switched."""
@@ -195,7 +195,7 @@ class _SwitchedLayerImpl(LayerImpl, Generic[Saved]):
             del self._switched[dsn]
 
 
-class UnverifiedLayerImpl(_SwitchedLayerImpl[claims.Verified]):
+class UnverifiedLayerImpl(SwitchedLayerImpl[claims.Verified]):
     """The same layer, on a database that trusts the claim's tenant without verifying it.
 
     Its turns measure what verifying claims costs (:mod:`bench.claims`): ``open``
@@ -235,7 +235,7 @@ _COMMITMENT: Final = re.compile(
 )
 
 
-class UnchainedLayerImpl(_SwitchedLayerImpl[str]):
+class UnchainedLayerImpl(SwitchedLayerImpl[str]):
     """The same layer, on a database whose audit events are not chained.
 
     Its turns measure what the audit chain costs: ``open`` turns the chain's
