@@ -140,6 +140,19 @@ ENDED_WINDOWS = "period <> 'bucket' AND sfdb_window_end(period, window_start) <=
 # The owner's policy of migration 0008 for sfdb_consume_rate_limit(), which sets the plain
 # setting itself from its argument: the one table the owner writes a tenant's rows of so.
 OWNER_SCOPED = {("api_rate_limits", "owner_scoped", b"*")}
+# The owner's policies of migration 0010 for the lifecycle commands (export, import,
+# erasure): the one workspace that ``sfdb.lifecycle_tenant`` names.
+LIFECYCLE_TENANT = "NULLIF(current_setting('sfdb.lifecycle_tenant', true), '')::uuid"
+OWNER_LIFECYCLE = {
+    (table, "owner_lifecycle", b"*")
+    for table in (
+        "users",
+        "crm_connections",
+        "account_mappings",
+        "meeting_sessions",
+        "api_rate_limits",
+    )
+}
 
 
 def _normalise(expression: str) -> str:
@@ -622,7 +635,8 @@ async def test_row_level_security_is_forced_and_scopes_the_app_role_by_the_verif
     """Every policy of a tenant-owned table is one of the owner's maintenance policies or
     the app role's ``tenant_isolation``, which compares ``tenant_id`` with the verified
     claim (both USING and WITH CHECK). No policy is for PUBLIC or the directory role, and
-    none compares with the plain ``app.tenant_id`` but the owner's ``owner_scoped``."""
+    none compares with the plain ``app.tenant_id`` but the owner's ``owner_scoped``; the
+    owner's ``owner_lifecycle`` admits the workspace ``sfdb.lifecycle_tenant`` names."""
     flags = await admin.fetchrow(
         "SELECT relrowsecurity, relforcerowsecurity, pg_get_userbyid(relowner) AS owner "
         "FROM pg_class WHERE oid = $1::regclass",
@@ -651,11 +665,12 @@ async def test_row_level_security_is_forced_and_scopes_the_app_role_by_the_verif
             assert _normalise(policy["using_expr"]) == _normalise(ENDED_WINDOWS)
             assert policy["check_expr"] is None
             continue
-        if key in OWNER_SCOPED:
-            plain = _normalise(f"tenant_id = {PLAIN_TENANT}")
+        if key in OWNER_SCOPED or key in OWNER_LIFECYCLE:
+            setting = PLAIN_TENANT if key in OWNER_SCOPED else LIFECYCLE_TENANT
+            scoped = _normalise(f"tenant_id = {setting}")
             assert list(policy["roles"]) == [settings.roles.owner], policy["polname"]
-            assert _normalise(policy["using_expr"]) == plain
-            assert _normalise(policy["check_expr"]) == plain
+            assert _normalise(policy["using_expr"]) == scoped
+            assert _normalise(policy["check_expr"]) == scoped
             continue
         # The app role's policy. Permissive policies are OR-ed: a single wider one, or one
         # for PUBLIC on the plain setting, would open the table.
