@@ -408,7 +408,7 @@ async def _check(settings: DatabaseSettings) -> bool:
         results += await _role_checks(conn, settings)
         rows = await conn.fetch(
             "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) "
-            "AND relkind = 'r' AND relrowsecurity AND relforcerowsecurity "
+            "AND relkind IN ('r', 'p') AND relrowsecurity AND relforcerowsecurity "
             "AND relnamespace = 'public'::regnamespace",
             list(TENANT_OWNED_TABLES),
         )

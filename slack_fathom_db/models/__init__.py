@@ -2,7 +2,13 @@
 
 from typing import Final
 
-from slack_fathom_db.models.audit import AuditChainHead, AuditChainLink, AuditLog
+from slack_fathom_db.models.audit import (
+    AuditChainHead,
+    AuditChainLink,
+    AuditChainStart,
+    AuditLog,
+    AuditRetention,
+)
 from slack_fathom_db.models.base import Base
 from slack_fathom_db.models.meetings import MeetingSession
 from slack_fathom_db.models.rate_limits import ApiRateLimit
@@ -26,7 +32,7 @@ TENANT_OWNED_TABLES: Final = (
     "slack_bots",
 )
 """The tables keyed by tenant (all but ``tenants``), a table after those it references."""
-AUDIT_CHAIN_TABLES: Final = ("audit_chain_heads", "audit_chain")
+AUDIT_CHAIN_TABLES: Final = ("audit_chain_heads", "audit_chain", "audit_chain_starts")
 """The audit chain's tables: keyed by tenant too, but the owner's alone (no row security)."""
 
 __all__ = [
@@ -36,7 +42,9 @@ __all__ = [
     "ApiRateLimit",
     "AuditChainHead",
     "AuditChainLink",
+    "AuditChainStart",
     "AuditLog",
+    "AuditRetention",
     "Base",
     "CrmConnection",
     "MeetingSession",

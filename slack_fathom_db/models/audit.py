@@ -14,20 +14,30 @@ chain and reveals nothing. ``audit_chain_heads`` keeps each chain's newest
 place; committing writers of one workspace take their turn on its row.
 ``sfdb audit verify`` walks the chains
 (:func:`slack_fathom_db.audit_chain.verify_audit_chains`).
+
+``audit_logs`` is partitioned by month of ``created_at`` (UTC; migration
+0011): the partitions are no models, they live in the owner's schema
+``audit_partitions`` and come and go with ``sfdb audit retain``
+(:mod:`slack_fathom_db.audit_retention`), which records what it dropped
+(``audit_retention``) and where each chain now starts (``audit_chain_starts``).
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Final
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     CheckConstraint,
+    Date,
     ForeignKeyConstraint,
+    Identity,
     Index,
+    Integer,
     Text,
     func,
     text,
@@ -58,6 +68,7 @@ class AuditLog(TenantOwned, Base):
             text("created_at DESC"),
             postgresql_where=text("status <> 'success'"),
         ),
+        {"postgresql_partition_by": "RANGE (created_at)"},
     )
 
     event_type: Mapped[str] = mapped_column(Text)
@@ -73,7 +84,10 @@ class AuditLog(TenantOwned, Base):
     event_metadata: Mapped[dict[str, Any]] = mapped_column(
         "metadata", JSONB, server_default=text("'{}'::jsonb")
     )
-    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), sort_order=90)
+    # Part of the primary key, as a partitioned table's keys must hold its partition key.
+    created_at: Mapped[datetime] = mapped_column(
+        server_default=func.now(), primary_key=True, sort_order=90
+    )
     # Set by the database's trigger on every insert (NOT NULL is checked after it runs): the
     # commitment to the personal fields, the chain's business rather than a reader's.
     personal_digest: Mapped[bytes] = mapped_column(BYTEA, sort_order=95, info=INTERNAL)
@@ -109,3 +123,41 @@ class AuditChainHead(Base):
 
     def __repr__(self) -> str:
         return f"AuditChainHead(tenant_id={self.tenant_id}, chain_seq={self.chain_seq})"
+
+
+class AuditChainStart(Base):
+    """Where one workspace's audit chain starts since retention dropped its oldest events;
+    the owner's alone (``sfdb audit retain`` writes it)."""
+
+    __tablename__ = "audit_chain_starts"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger)
+    """The chain's first place now."""
+    previous_hash: Mapped[bytes] = mapped_column(BYTEA)
+    """The hash of the place before it, which the first place's hash follows from."""
+    dropped_places: Mapped[list[int]] = mapped_column(
+        ARRAY(BigInteger), server_default=text("'{}'")
+    )
+    """Places from ``chain_seq`` on whose events retention dropped (their hashes kept)."""
+    moved_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"AuditChainStart(tenant_id={self.tenant_id}, chain_seq={self.chain_seq})"
+
+
+class AuditRetention(Base):
+    """One monthly partition of the audit log that retention dropped; the owner's alone."""
+
+    __tablename__ = "audit_retention"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    partition: Mapped[str] = mapped_column(Text)
+    month: Mapped[date] = mapped_column(Date)
+    events: Mapped[int] = mapped_column(BigInteger)
+    workspaces: Mapped[int] = mapped_column(Integer)
+    months_kept: Mapped[int] = mapped_column(Integer)
+    dropped_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    def __repr__(self) -> str:
+        return f"AuditRetention(partition={self.partition!r}, events={self.events})"

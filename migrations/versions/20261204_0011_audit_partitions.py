@@ -1,0 +1,303 @@
+"""The audit log partitioned by month, partitions made ahead, and retention by whole months.
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-04
+
+* ``audit_logs`` becomes a table ``PARTITIONED BY RANGE (created_at)``, one
+  partition per calendar month in UTC (``audit_partitions.audit_logs_y2026m12``)
+  and a ``DEFAULT`` partition (``audit_partitions.audit_logs_default``). Every
+  row moves over as it was: id, creation time, digest and salt, so the chains
+  of revision 0009 still hold.
+* A partitioned table's unique keys must contain its partition key: the
+  primary key is now ``(tenant_id, id, created_at)``. It still leads with
+  ``tenant_id`` (Citus), and the database no longer proves by itself that an
+  event id is unique across months: ids are the server's random UUIDs (revision
+  0006) and the chain refuses an event with two places, which ``sfdb audit
+  verify`` reports. Nothing references an audit row by key.
+* The partitions live in schema ``audit_partitions``, the owner's: no other
+  role may use the schema, and none holds a privilege on a partition, so a
+  partition is no way around the parent's grants and forced row-level
+  security (which apply to whatever reaches the rows through ``audit_logs``).
+  Each partition carries the parent's row triggers (cloned by PostgreSQL: the
+  server fields, append-only, the chain) and a ``TRUNCATE`` trigger of its own
+  (statement triggers are not cloned).
+* ``sfdb_audit_partition_make(month)`` makes one month's partition, and
+  ``sfdb_audit_partitions_ensure(months_ahead)`` the current month's and the
+  next ones' (and those of any month whose rows wait in the default
+  partition); both are idempotent, the owner's alone (no other role calls them,
+  so neither is SECURITY DEFINER), and run by this revision, ``sfdb migrate``
+  and ``sfdb audit retain``. An insert never fails for want of a partition: a
+  month that has none yet goes to the default partition, and the month's
+  partition, when it is made, takes those rows with it (copied into the new
+  table before it is attached, then deleted from the default partition with
+  its append-only trigger set aside for that statement; no trigger fires on
+  the copy, so the events keep their places). Making partitions from the
+  inserting transaction instead would need the app role to create tables.
+* ``audit_retention`` (the owner's) records each partition that ``sfdb audit
+  retain`` dropped, and ``audit_chain_starts`` (the owner's) where each
+  workspace's chain now starts: its first place, the hash of the place before
+  it, and the places from there on whose events retention dropped (an event
+  of one month may take its place after an event of the next month).
+
+``downgrade()`` puts back the plain table with every row (a chain whose start
+retention moved then no longer verifies from place 1).
+"""
+
+from collections.abc import Sequence
+from typing import Final
+
+from alembic import context, op
+
+from slack_fathom_db.roles import LayerRoles, migration_roles
+
+revision: str = "0011"
+down_revision: str | None = "0010"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+SEARCH_PATH: Final = "pg_catalog, public, pg_temp"
+SCHEMA: Final = "audit_partitions"
+MONTHS_AHEAD: Final = 3
+CLAIMED_TENANT: Final = "sfdb_claimed_tenant()"
+COLUMNS: Final = (
+    "tenant_id, id, event_type, event_category, action_description, status, user_id, "
+    "resource_type, resource_id, ip_address, user_agent, metadata, created_at, "
+    "personal_digest, personal_salt"
+)
+INDEXES: Final = (
+    "CREATE INDEX ix_audit_logs_tenant_id_created_at ON audit_logs (tenant_id, created_at DESC)",
+    "CREATE INDEX ix_audit_logs_tenant_id_created_at_failures ON audit_logs "
+    "(tenant_id, created_at DESC) WHERE status <> 'success'",
+)
+FUNCTIONS: Final = ("sfdb_audit_partitions_ensure(integer)", "sfdb_audit_partition_make(date)")
+
+# One month's partition, made once. Rows of that month already in the default partition
+# are moved into the new table before it is attached (attaching checks the default
+# partition holds none of its range); the copy fires no trigger, so they keep their places.
+_MAKE: Final = f"""
+CREATE FUNCTION sfdb_audit_partition_make(p_month date) RETURNS text
+LANGUAGE plpgsql SET search_path = {SEARCH_PATH} AS $$
+DECLARE
+    first_day constant timestamp := date_trunc('month', p_month::timestamp);
+    low constant timestamptz := first_day AT TIME ZONE 'UTC';
+    high constant timestamptz := (first_day + interval '1 month') AT TIME ZONE 'UTC';
+    name constant text := 'audit_logs_' || to_char(first_day, '"y"YYYY"m"MM');
+BEGIN
+    IF p_month IS NULL THEN
+        RAISE EXCEPTION 'a month is needed' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF to_regclass(format('{SCHEMA}.%I', name)) IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    IF EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+        -- A new partition of a distributed table is distributed with its cloned triggers.
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+    END IF;
+    IF EXISTS (
+        SELECT FROM {SCHEMA}.audit_logs_default WHERE created_at >= low AND created_at < high
+    ) THEN
+        EXECUTE format(
+            'CREATE TABLE {SCHEMA}.%I (LIKE public.audit_logs INCLUDING DEFAULTS '
+            'INCLUDING CONSTRAINTS)', name);
+        EXECUTE format(
+            'INSERT INTO {SCHEMA}.%I SELECT * FROM {SCHEMA}.audit_logs_default '
+            'WHERE created_at >= %L AND created_at < %L', name, low, high);
+        ALTER TABLE {SCHEMA}.audit_logs_default DISABLE TRIGGER audit_logs_append_only;
+        DELETE FROM {SCHEMA}.audit_logs_default WHERE created_at >= low AND created_at < high;
+        ALTER TABLE {SCHEMA}.audit_logs_default ENABLE TRIGGER audit_logs_append_only;
+        EXECUTE format(
+            'ALTER TABLE public.audit_logs ATTACH PARTITION {SCHEMA}.%I '
+            'FOR VALUES FROM (%L) TO (%L)', name, low, high);
+    ELSE
+        EXECUTE format(
+            'CREATE TABLE {SCHEMA}.%I PARTITION OF public.audit_logs '
+            'FOR VALUES FROM (%L) TO (%L)', name, low, high);
+    END IF;
+    EXECUTE format(
+        'CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON {SCHEMA}.%I '
+        'FOR EACH STATEMENT EXECUTE FUNCTION public.sfdb_audit_logs_append_only()', name);
+    RETURN name;
+END
+$$
+"""
+# The current month's partition and the next p_months_ahead months', and one for every
+# month whose rows wait in the default partition; the names of those it made.
+_ENSURE: Final = f"""
+CREATE FUNCTION sfdb_audit_partitions_ensure(p_months_ahead integer) RETURNS SETOF text
+LANGUAGE plpgsql SET search_path = {SEARCH_PATH} AS $$
+DECLARE
+    month date;
+    made text;
+BEGIN
+    IF p_months_ahead IS NULL OR p_months_ahead NOT BETWEEN 0 AND 120 THEN
+        RAISE EXCEPTION 'months ahead must be 0 to 120, not %', p_months_ahead
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Two at once would both find a month missing; the second waits, then finds it made.
+    PERFORM pg_advisory_xact_lock(hashtext('sfdb_audit_partitions'));
+    FOR month IN
+        SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC')::date
+        FROM {SCHEMA}.audit_logs_default
+        UNION
+        SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => n))::date
+        FROM generate_series(0, p_months_ahead) AS n
+        ORDER BY 1
+    LOOP
+        made := public.sfdb_audit_partition_make(month);
+        IF made IS NOT NULL THEN
+            RETURN NEXT made;
+        END IF;
+    END LOOP;
+END
+$$
+"""
+
+
+def _roles() -> LayerRoles:
+    return migration_roles(context.config.attributes)
+
+
+def _secure_audit_logs(roles: LayerRoles, *, app_tenant: str) -> None:
+    """What revisions 0001-0009 gave ``audit_logs``, on the table now so named."""
+    op.execute(
+        "ALTER TABLE audit_logs ADD CONSTRAINT fk_audit_logs_tenant_id_tenants "
+        "FOREIGN KEY (tenant_id) REFERENCES tenants (id) ON DELETE RESTRICT"
+    )
+    op.execute(
+        "ALTER TABLE audit_logs ADD CONSTRAINT fk_audit_logs_tenant_id_user_id_users "
+        "FOREIGN KEY (tenant_id, user_id) REFERENCES users (tenant_id, id) ON DELETE RESTRICT"
+    )
+    for index in INDEXES:
+        op.execute(index)
+    op.execute(f'REVOKE ALL ON audit_logs FROM PUBLIC, "{roles.app}", "{roles.directory}"')
+    op.execute(f'GRANT SELECT, INSERT ON audit_logs TO "{roles.app}"')
+    op.execute("ALTER TABLE audit_logs ENABLE ROW LEVEL SECURITY")
+    op.execute("ALTER TABLE audit_logs FORCE ROW LEVEL SECURITY")
+    op.execute(
+        f'CREATE POLICY tenant_isolation ON audit_logs TO "{roles.app}" '
+        f"USING (tenant_id = {app_tenant}) WITH CHECK (tenant_id = {app_tenant})"
+    )
+    op.execute(
+        f'CREATE POLICY owner_records ON audit_logs FOR INSERT TO "{roles.owner}" WITH CHECK (true)'
+    )
+    op.execute(
+        f'CREATE POLICY audit_verifier ON audit_logs FOR SELECT TO "{roles.owner}" USING (true)'
+    )
+    op.execute(
+        "CREATE TRIGGER audit_logs_server_fields BEFORE INSERT ON audit_logs "
+        "FOR EACH ROW EXECUTE FUNCTION sfdb_audit_logs_server_fields()"
+    )
+    op.execute(
+        "CREATE TRIGGER audit_logs_append_only BEFORE UPDATE OR DELETE ON audit_logs "
+        "FOR EACH ROW EXECUTE FUNCTION sfdb_audit_logs_append_only()"
+    )
+    op.execute(
+        "CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON audit_logs "
+        "FOR EACH STATEMENT EXECUTE FUNCTION sfdb_audit_logs_append_only()"
+    )
+    op.execute(
+        "CREATE CONSTRAINT TRIGGER audit_logs_chain AFTER INSERT ON audit_logs "
+        "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION sfdb_audit_logs_chain()"
+    )
+
+
+def _set_aside(name: str) -> None:
+    """Rename ``audit_logs`` and its indexes out of the way of the table that replaces it."""
+    op.execute(f"ALTER TABLE audit_logs RENAME TO {name}")
+    for index in (
+        "pk_audit_logs",
+        "ix_audit_logs_tenant_id_created_at",
+        "ix_audit_logs_tenant_id_created_at_failures",
+    ):
+        op.execute(f"ALTER INDEX {index} RENAME TO {index}_{name}")
+
+
+def upgrade() -> None:
+    roles = _roles()
+    # The schema is made by the login that owns the database (the owner may not create
+    # schemas there) and given to the owner; nobody else may use it.
+    op.execute("RESET ROLE")
+    op.execute(f'CREATE SCHEMA {SCHEMA} AUTHORIZATION "{roles.owner}"')
+    op.execute(f"REVOKE ALL ON SCHEMA {SCHEMA} FROM PUBLIC")
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
+
+    _set_aside("audit_logs_unpartitioned")
+    op.execute(
+        "CREATE TABLE audit_logs (LIKE audit_logs_unpartitioned INCLUDING DEFAULTS "
+        "INCLUDING CONSTRAINTS) PARTITION BY RANGE (created_at)"
+    )
+    op.execute(
+        "ALTER TABLE audit_logs ADD CONSTRAINT pk_audit_logs "
+        "PRIMARY KEY (tenant_id, id, created_at)"
+    )
+    op.execute(f"CREATE TABLE {SCHEMA}.audit_logs_default PARTITION OF audit_logs DEFAULT")
+    op.execute(
+        f"CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON {SCHEMA}.audit_logs_default "
+        "FOR EACH STATEMENT EXECUTE FUNCTION sfdb_audit_logs_append_only()"
+    )
+    for function, definition in zip(FUNCTIONS[::-1], (_MAKE, _ENSURE), strict=True):
+        op.execute(definition)
+        op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
+    # Every month that has events, then the rows as they were (no trigger on the new
+    # table yet: ids, times, digests and salts are kept, and nothing takes a new place).
+    op.execute(
+        "SELECT sfdb_audit_partition_make(month) FROM (SELECT DISTINCT "
+        "date_trunc('month', created_at AT TIME ZONE 'UTC')::date AS month "
+        "FROM audit_logs_unpartitioned) AS months"
+    )
+    op.execute(f"SELECT sfdb_audit_partitions_ensure({MONTHS_AHEAD})")
+    op.execute(
+        f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned"  # noqa: S608
+    )
+    op.execute("DROP TABLE audit_logs_unpartitioned")
+    _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)
+
+    op.execute(
+        """
+        CREATE TABLE audit_retention (
+            id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+            partition text NOT NULL,
+            month date NOT NULL,
+            events bigint NOT NULL,
+            workspaces integer NOT NULL,
+            months_kept integer NOT NULL,
+            dropped_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT pk_audit_retention PRIMARY KEY (id)
+        )
+        """
+    )
+    op.execute(
+        """
+        CREATE TABLE audit_chain_starts (
+            tenant_id uuid NOT NULL,
+            chain_seq bigint NOT NULL,
+            previous_hash bytea NOT NULL,
+            dropped_places bigint[] NOT NULL DEFAULT '{}',
+            moved_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT pk_audit_chain_starts PRIMARY KEY (tenant_id)
+        )
+        """
+    )
+    for table in ("audit_retention", "audit_chain_starts"):
+        op.execute(f'REVOKE ALL ON {table} FROM PUBLIC, "{roles.app}", "{roles.directory}"')
+
+
+def downgrade() -> None:
+    roles = _roles()
+    op.execute("DROP TABLE audit_chain_starts")
+    op.execute("DROP TABLE audit_retention")
+    _set_aside("audit_logs_partitioned")
+    op.execute(
+        "CREATE TABLE audit_logs (LIKE audit_logs_partitioned INCLUDING DEFAULTS "
+        "INCLUDING CONSTRAINTS)"
+    )
+    op.execute("ALTER TABLE audit_logs ADD CONSTRAINT pk_audit_logs PRIMARY KEY (tenant_id, id)")
+    op.execute(
+        f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned"  # noqa: S608
+    )
+    op.execute("DROP TABLE audit_logs_partitioned")
+    for function in FUNCTIONS:
+        op.execute(f"DROP FUNCTION {function}")
+    op.execute(f"DROP SCHEMA {SCHEMA}")
+    _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)
