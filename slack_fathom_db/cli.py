@@ -36,6 +36,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from slack_fathom_db import __version__, citus, demo, logins, schema
 from slack_fathom_db.audit_chain import KeptHead, parse_kept_heads, verify_audit_chains
+from slack_fathom_db.audit_retention import (
+    DEFAULT_MONTHS_AHEAD,
+    ensure_audit_partitions,
+    retain_audit_log,
+)
 from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
@@ -118,11 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     audit = commands.add_parser(
         "audit",
         help="recent audit events of one workspace; 'audit verify [SLACK_TEAM_ID]' checks "
-        "the audit chains (as the schema owner)",
+        "the audit chains, 'audit retain --months N' drops the months that ended more than "
+        "N months ago (both as the schema owner)",
         usage="sfdb audit [-h] [--failures] [--days N] [--limit N] SLACK_TEAM_ID\n"
-        "       sfdb audit verify [--kept FILE] [SLACK_TEAM_ID]",
+        "       sfdb audit verify [--kept FILE] [SLACK_TEAM_ID]\n"
+        "       sfdb audit retain --months N [--ahead N]",
     )
-    audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID", help="or: verify")
+    audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID", help="or: verify, retain")
     audit.add_argument(
         "verified_team_id",
         metavar="VERIFY_TEAM_ID",
@@ -135,6 +142,19 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="with verify: heads an earlier verify printed, which the chains must still hold",
+    )
+    audit.add_argument(
+        "--months",
+        type=_positive,
+        metavar="N",
+        help="with retain: drop the monthly partitions whose month ended more than N months ago",
+    )
+    audit.add_argument(
+        "--ahead",
+        type=_non_negative,
+        default=DEFAULT_MONTHS_AHEAD,
+        metavar="N",
+        help=f"with retain: make partitions N months ahead (default {DEFAULT_MONTHS_AHEAD})",
     )
     audit.add_argument("--failures", action="store_true", help="only events that did not succeed")
     audit.add_argument(
@@ -368,6 +388,9 @@ async def _migrate(settings: DatabaseSettings, revision: str) -> None:
             )
         elif await install_tenant_key(settings):
             out.print(f"installed tenant key {TenantKey.from_settings(settings).key_id}")
+    made = await ensure_audit_partitions(settings)
+    if made:
+        out.print(f"made audit log partitions {', '.join(made)}", markup=False)
     if _is_embedded(settings) and current == schema.head():
         # Local socket, trust: the password is never asked for; a fresh one each time.
         await logins.create_login(settings, EMBEDDED_RUNTIME, secrets.token_urlsafe(24))
@@ -685,6 +708,8 @@ async def _verify_audit(
     found = await verify_audit_chains(settings, slack_team_id=slack_team_id, kept=kept)
     for _head, why in found.lost:
         _line(f"LOST {why}")
+    for _head, why in found.retired:
+        _line(f"RETIRED {why}")
     for chain in found.chains:
         if (broken := chain.broken) is None:
             continue
@@ -705,6 +730,23 @@ async def _verify_audit(
             seq, digest = chain.head
             _line(f"head {chain.slack_team_id} {seq} {digest.hex()}")
     return found.ok
+
+
+async def _retain_audit(settings: DatabaseSettings, months: int, ahead: int) -> None:
+    done = await retain_audit_log(settings, months=months, months_ahead=ahead)
+    for name in done.made:
+        _line(f"made partition {name}")
+    for partition in done.dropped:
+        _line(
+            f"dropped partition {partition.partition} ({partition.month:%Y-%m}: "
+            f"{partition.events} events of {partition.workspaces} workspaces)"
+        )
+    for start in done.starts:
+        _line(f"chain of {start.tenant_id} now starts at place {start.chain_seq}")
+    _line(
+        f"{len(done.dropped)} monthly partitions ({done.events} events) dropped; "
+        f"the months that ended more than {months} months ago are gone"
+    )
 
 
 def _line(text: str) -> None:
@@ -830,15 +872,33 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_rotate_tenant_key(settings, finish=args.finish))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
+        elif args.command == "audit" and args.slack_team_id == "retain":
+            listing = (args.failures, args.days, args.limit)
+            if listing != (False, DEFAULT_AUDIT_DAYS, DEFAULT_AUDIT_LIMIT) or (
+                args.kept is not None or args.verified_team_id is not None
+            ):
+                raise UsageProblem("audit retain: only --months N and --ahead N")
+            if args.months is None:
+                raise UsageProblem("audit retain: --months N is required (N >= 1)")
+            asyncio.run(_retain_audit(settings, args.months, args.ahead))
         elif args.command == "audit" and args.slack_team_id == "verify":
             listing = (args.failures, args.days, args.limit)
             if listing != (False, DEFAULT_AUDIT_DAYS, DEFAULT_AUDIT_LIMIT):
                 raise UsageProblem("audit verify: --failures, --days and --limit list events")
+            if args.months is not None or args.ahead != DEFAULT_MONTHS_AHEAD:
+                raise UsageProblem("audit verify: --months and --ahead are for retain")
             kept = _kept_heads(args.kept)
             return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id, kept)) else 1
         elif args.command == "audit":
-            if args.verified_team_id is not None or args.kept is not None:
-                raise UsageProblem("audit: one workspace, or verify [SLACK_TEAM_ID]")
+            if (
+                args.verified_team_id is not None
+                or args.kept is not None
+                or args.months is not None
+                or args.ahead != DEFAULT_MONTHS_AHEAD
+            ):
+                raise UsageProblem(
+                    "audit: one workspace, verify [SLACK_TEAM_ID] or retain --months N"
+                )
             asyncio.run(
                 _audit(
                     settings,
