@@ -127,6 +127,7 @@ _ENSURE: Final = f"""
 CREATE FUNCTION sfdb_audit_partitions_ensure(p_months_ahead integer) RETURNS SETOF text
 LANGUAGE plpgsql SET search_path = {SEARCH_PATH} AS $$
 DECLARE
+    months date[];
     month date;
     made text;
 BEGIN
@@ -136,14 +137,16 @@ BEGIN
     END IF;
     -- Two at once would both find a month missing; the second waits, then finds it made.
     PERFORM pg_advisory_xact_lock(hashtext('sfdb_audit_partitions'));
-    FOR month IN
+    -- Read whole first: the default partition is altered while its rows move.
+    months := ARRAY(
         SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC')::date
         FROM {SCHEMA}.audit_logs_default
         UNION
         SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => n))::date
         FROM generate_series(0, p_months_ahead) AS n
         ORDER BY 1
-    LOOP
+    );
+    FOREACH month IN ARRAY months LOOP
         made := public.sfdb_audit_partition_make(month);
         IF made IS NOT NULL THEN
             RETURN NEXT made;
