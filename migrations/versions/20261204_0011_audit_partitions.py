@@ -250,9 +250,7 @@ def upgrade() -> None:
         "FROM audit_logs_unpartitioned) AS months"
     )
     op.execute(f"SELECT sfdb_audit_partitions_ensure({MONTHS_AHEAD})")
-    op.execute(
-        f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned"  # noqa: S608
-    )
+    op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned")
     op.execute("DROP TABLE audit_logs_unpartitioned")
     _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)
 
@@ -296,9 +294,7 @@ def downgrade() -> None:
         "INCLUDING CONSTRAINTS)"
     )
     op.execute("ALTER TABLE audit_logs ADD CONSTRAINT pk_audit_logs PRIMARY KEY (tenant_id, id)")
-    op.execute(
-        f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned"  # noqa: S608
-    )
+    op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned")
     op.execute("DROP TABLE audit_logs_partitioned")
     for function in FUNCTIONS:
         op.execute(f"DROP FUNCTION {function}")
