@@ -625,3 +625,75 @@ async def test_the_audit_chain_revision_chains_the_events_already_written(
     finally:
         await superuser.close()
     await schema.downgrade(empty, "base")
+
+
+async def test_the_partitions_revision_keeps_every_event_and_the_chains(
+    empty: DatabaseSettings, sfdb_server: URL
+) -> None:
+    """Events of two workspaces written before the audit log was partitioned, a year ago,
+    last month, now and in a month far ahead, move to their months' partitions with their
+    ids, times, digests and salts; the chains verify; down and up again keeps them too."""
+    await schema.upgrade(empty, PREVIOUS)
+    superuser = await asyncpg.connect(superuser_dsn(sfdb_server, empty))
+    events = "SELECT * FROM audit_logs ORDER BY id"
+    chain = "SELECT * FROM audit_chain ORDER BY tenant_id, chain_seq"
+    kind = "SELECT relkind FROM pg_class WHERE oid = 'public.audit_logs'::regclass"
+    try:
+        for _ in range(2):
+            tenant = await superuser.fetchval(
+                "INSERT INTO tenants (slack_team_id, slack_team_name) VALUES ($1, 'Old') "
+                "RETURNING id",
+                unique_team_id(),
+            )
+            for days in (365, 40, 0, -200):
+                await superuser.execute(
+                    "INSERT INTO audit_logs (tenant_id, event_type, event_category, "
+                    "action_description, ip_address, metadata, created_at) VALUES ($1, "
+                    "'auth.login', 'auth', 'old', '10.0.0.1', '{\"n\": 1}', "
+                    "now() - make_interval(days => $2))",
+                    tenant,
+                    days,
+                )
+        before, chained = await superuser.fetch(events), await superuser.fetch(chain)
+        assert len(before) == 8
+        assert await superuser.fetchval(kind) == b"r"
+
+        await schema.upgrade(empty, HEAD)
+        assert await superuser.fetchval(kind) == b"p"
+        assert await superuser.fetch(events) == before
+        assert await superuser.fetch(chain) == chained
+        months = {
+            row["name"]
+            for row in await superuser.fetch(
+                "SELECT DISTINCT 'audit_logs_' || to_char(created_at AT TIME ZONE 'UTC', "
+                '\'"y"YYYY"m"MM\') AS name FROM audit_logs'
+            )
+        }
+        held = {
+            row["relname"]: row["events"]
+            for row in await superuser.fetch(
+                "SELECT c.relname, (SELECT count(*) FROM audit_logs a "
+                "WHERE a.tableoid = c.oid) AS events FROM pg_inherits i "
+                "JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'public.audit_logs'::regclass"
+            )
+        }
+        assert {name for name, count in held.items() if count} == months
+        assert held["audit_logs_default"] == 0
+        assert (await verify_audit_chains(empty)).ok
+
+        await schema.downgrade(empty, PREVIOUS)
+        assert await superuser.fetchval(kind) == b"r"
+        assert await superuser.fetch(events) == before
+        assert await superuser.fetch(chain) == chained
+        assert await superuser.fetchval("SELECT to_regnamespace('audit_partitions')") is None
+
+        await schema.upgrade(empty, HEAD)
+        assert await superuser.fetch(events) == before
+        found = await verify_audit_chains(empty)
+        assert found.ok
+        assert [chain.events for chain in found.chains] == [4, 4]
+    finally:
+        await superuser.close()
+    await schema.check(empty)
+    await schema.downgrade(empty, "base")

@@ -55,7 +55,15 @@ TABLES = frozenset(
     }
 )
 GLOBAL_TABLES = frozenset({"tenants", "slack_oauth_states"})
-OWNER_TABLES = frozenset({"tenant_claim_keys", "audit_chain", "audit_chain_heads"})
+OWNER_TABLES = frozenset(
+    {
+        "tenant_claim_keys",
+        "audit_chain",
+        "audit_chain_heads",
+        "audit_chain_starts",
+        "audit_retention",
+    }
+)
 """The layer's tables no runtime role holds anything of: the owner's alone."""
 ALL_TABLES = TABLES | GLOBAL_TABLES | OWNER_TABLES
 TENANT_OWNED = sorted(TABLES - {"tenants"})
@@ -1079,6 +1087,8 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_audit_logs_chain": set(),
     "sfdb_audit_personal": {"app"},  # the insert trigger's commitment, as the inserting role
     "sfdb_audit_content": set(),  # the chain's trigger and sfdb audit verify, as the owner
+    "sfdb_audit_partitions_ensure": set(),  # the owner's maintenance (sfdb migrate, retain)
+    "sfdb_audit_partition_make": set(),
 }
 # The functions that run as the owner (SECURITY DEFINER): the directory's, and the two that
 # read the tenant keys for the app role.
