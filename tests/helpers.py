@@ -10,7 +10,8 @@ holds the tenant's shard: a lock wait shows there (the coordinator's backend
 only waits for the worker's answer), and an error raised there reaches the
 client as a message only, naming the shard's constraint (the schema's name
 with ``_<shard id>`` appended). ``lock_waiters`` and ``reported_constraint`` see
-through that, so one test holds in every pass.
+through that, so one test holds in every pass. ``reported_constraint`` also names a
+partitioned table (``audit_logs``) where the error names its partition.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ async def reported_constraint(
     if not await on_citus(conn):
         assert exc.table_name, f"the error names no table: {exc!r}"
         assert exc.constraint_name, f"the error names no constraint: {exc!r}"
-        return exc.table_name, exc.constraint_name
+        qualified = f'"{exc.schema_name}"."{exc.table_name}"'
+        return await _partitioned_table(conn, qualified), exc.constraint_name
     quoted = re.fullmatch(r'.*constraint "(.+)_([0-9]+)"', str(exc).splitlines()[0])
     assert quoted, f"the error names no constraint of a shard: {exc!r}"
     name, shard = quoted.group(1), int(quoted.group(2))
@@ -200,4 +202,13 @@ async def reported_constraint(
     if not found and shortened:
         found = [n for n in names if n.startswith(shortened.group(1))]
     assert len(found) == 1, (name, table, found)
-    return table, found[0]
+    return await _partitioned_table(conn, table), found[0]
+
+
+async def _partitioned_table(conn: asyncpg.Connection, table: str) -> str:
+    """``table``, or the partitioned table it is a partition of (a partition reports the
+    constraints it took from that table under their names)."""
+    root: str = await conn.fetchval(
+        "SELECT coalesce(pg_partition_root($1::regclass), $1::regclass)::regclass::text", table
+    )
+    return root

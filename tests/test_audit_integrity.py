@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId
 from slack_fathom_db.errors import NotFound, ValidationError
-from tests.helpers import claim_statement, unique_user_id
+from tests.helpers import claim_statement, on_citus, unique_user_id
 
 ATTEMPTS = {
     "update": "UPDATE audit_logs SET action_description = 'rewritten' WHERE tenant_id = $1",
@@ -29,9 +29,11 @@ ATTEMPTS = {
     "delete": "DELETE FROM audit_logs WHERE tenant_id = $1",
     "delete by id": "DELETE FROM audit_logs WHERE tenant_id = $1 AND id IS NOT NULL",
     "upsert": (
-        "INSERT INTO audit_logs (tenant_id, id, event_type, event_category, "
-        "action_description) SELECT tenant_id, id, 'x', 'data', 'x' FROM audit_logs "
-        "WHERE tenant_id = $1 ON CONFLICT (tenant_id, id) DO UPDATE SET event_type = 'rewritten'"
+        # The whole key, its partition key included (revision 0011).
+        "INSERT INTO audit_logs (tenant_id, id, created_at, event_type, event_category, "
+        "action_description) SELECT tenant_id, id, created_at, 'x', 'data', 'x' FROM audit_logs "
+        "WHERE tenant_id = $1 ON CONFLICT (tenant_id, id, created_at) "
+        "DO UPDATE SET event_type = 'rewritten'"
     ),
     "truncate": "TRUNCATE audit_logs",
     "truncate cascade": "TRUNCATE audit_logs CASCADE",
@@ -136,7 +138,8 @@ async def test_app_role_cannot_change_audit_rows(
 # role says: a row cannot be back-dated, nor made to collide with (and upsert over) another.
 CHOSEN = {
     "id": "'00000000-0000-4000-8000-000000000001'::uuid",
-    "created_at": "now() - interval '1 year'",
+    # The start of this month (UTC): the row's partition is the server time's (revision 0011).
+    "created_at": "date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
 }
 
 
@@ -169,6 +172,29 @@ async def test_an_audit_row_gets_its_id_and_time_from_the_server_whatever_the_ap
     # The server's time of the insert (on Citus, the worker's transaction began a little
     # after the coordinator's).
     assert began <= row["created_at"] <= inserted
+    assert await snapshot(admin, tenant_a) == logged
+
+
+async def test_an_audit_row_of_the_app_role_dated_in_another_month_is_refused(
+    logged: list[str],
+    tenant_a: TenantId,
+    admin: asyncpg.Connection,
+    sfdb_direct_settings: DatabaseSettings,
+) -> None:
+    """A row goes to the partition of the month its insert names before the server gives it
+    its time, and cannot move partition then: a time of another month is refused (the
+    layer never names one)."""
+    async with admin.transaction():
+        await admin.execute(f'SET LOCAL ROLE "{sfdb_direct_settings.roles.app}"')
+        await admin.execute(claim_statement(sfdb_direct_settings, tenant_a))
+        with pytest.raises(asyncpg.PostgresError, match="creation time from the server") as caught:
+            await admin.execute(
+                "INSERT INTO audit_logs (tenant_id, created_at, event_type, event_category, "
+                "action_description) VALUES ($1, now() - interval '1 year', 'x', 'data', 'x')",
+                tenant_a,
+            )
+    if not await on_citus(admin):  # there the worker's error reaches the client as text
+        assert caught.value.sqlstate == "42501"
     assert await snapshot(admin, tenant_a) == logged
 
 

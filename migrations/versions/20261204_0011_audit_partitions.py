@@ -15,6 +15,12 @@ Create Date: 2026-12-04
   event id is unique across months: ids are the server's random UUIDs (revision
   0006) and the chain refuses an event with two places, which ``sfdb audit
   verify`` reports. Nothing references an audit row by key.
+* A row is routed to its month's partition by the time the insert gives,
+  before the insert trigger of revision 0006 gives it the server's time, and
+  cannot move partition there: an insert of the app role that gives a time of
+  another month than the server's is now refused (SQLSTATE 42501) instead of
+  corrected; one of this month is corrected as before. The layer never gives
+  one. An ``ON CONFLICT`` must name the whole key.
 * The partitions live in schema ``audit_partitions``, the owner's: no other
   role may use the schema, and none holds a privilege on a partition, so a
   partition is no way around the parent's grants and forced row-level
@@ -71,6 +77,38 @@ INDEXES: Final = (
     "(tenant_id, created_at DESC) WHERE status <> 'success'",
 )
 FUNCTIONS: Final = ("sfdb_audit_partitions_ensure(integer)", "sfdb_audit_partition_make(date)")
+
+# Revision 0009's insert trigger, which gives a row the server's time: a row is routed to its
+# partition by the time the insert gives, before the trigger runs, and cannot move partition
+# there. A time of another month than the server's is refused instead of replaced (the
+# layer never sends one); one of this month is replaced as before.
+_SERVER_FIELDS: Final = """
+CREATE OR REPLACE FUNCTION sfdb_audit_logs_server_fields() RETURNS trigger
+LANGUAGE plpgsql SET search_path = {path} AS $$
+BEGIN
+    IF pg_has_role(current_user, '{owner}', 'MEMBER') THEN
+        IF NEW.personal_digest IS NOT NULL THEN
+            RETURN NEW;
+        END IF;
+    ELSE{month_check}
+        NEW.id := gen_random_uuid();
+        NEW.created_at := now();
+    END IF;
+    NEW.personal_salt := uuid_send(gen_random_uuid()) || uuid_send(gen_random_uuid());
+    NEW.personal_digest := public.sfdb_audit_personal(
+        NEW.personal_salt, NEW.user_id, NEW.ip_address, NEW.user_agent,
+        NEW.action_description, NEW.metadata);
+    RETURN NEW;
+END
+$$
+"""
+_MONTH_CHECK: Final = """
+        IF date_trunc('month', NEW.created_at AT TIME ZONE 'UTC')
+           IS DISTINCT FROM date_trunc('month', now() AT TIME ZONE 'UTC') THEN
+            RAISE EXCEPTION 'audit rows take their creation time from the server: % is not '
+                'in this month', coalesce(NEW.created_at::text, 'NULL')
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;"""
 
 # One month's partition, made once. Rows of that month already in the default partition
 # are moved into the new table before it is attached (attaching checks the default
@@ -239,6 +277,7 @@ def upgrade() -> None:
         f"CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON {SCHEMA}.audit_logs_default "
         "FOR EACH STATEMENT EXECUTE FUNCTION sfdb_audit_logs_append_only()"
     )
+    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=_MONTH_CHECK))
     for function, definition in zip(FUNCTIONS[::-1], (_MAKE, _ENSURE), strict=True):
         op.execute(definition)
         op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
@@ -257,7 +296,7 @@ def upgrade() -> None:
     op.execute(
         """
         CREATE TABLE audit_retention (
-            id bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+            id uuid NOT NULL DEFAULT gen_random_uuid(),
             partition text NOT NULL,
             month date NOT NULL,
             events bigint NOT NULL,
@@ -299,4 +338,5 @@ def downgrade() -> None:
     for function in FUNCTIONS:
         op.execute(f"DROP FUNCTION {function}")
     op.execute(f"DROP SCHEMA {SCHEMA}")
+    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=""))
     _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)

@@ -35,7 +35,6 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     ForeignKeyConstraint,
-    Identity,
     Index,
     Integer,
     Text,
@@ -151,7 +150,9 @@ class AuditRetention(Base):
 
     __tablename__ = "audit_retention"
 
-    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    id: Mapped[uuid.UUID] = mapped_column(
+        primary_key=True, server_default=text("gen_random_uuid()")
+    )
     partition: Mapped[str] = mapped_column(Text)
     month: Mapped[date] = mapped_column(Date)
     events: Mapped[int] = mapped_column(BigInteger)
