@@ -83,6 +83,15 @@ SELECT name, month FROM (
 WHERE (month + interval '1 month') AT TIME ZONE 'UTC' < now() - make_interval(months => $1)
 ORDER BY month
 """  # noqa: S608 - made of this module's constants
+_CITUS_SEQUENTIAL: Final = """
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        SET LOCAL citus.multi_shard_modify_mode TO 'sequential';
+    END IF;
+END
+$$
+"""
 _HEAD: Final = "SELECT chain_seq FROM public.audit_chain_heads WHERE tenant_id = $1"
 _FIRST_KEPT: Final = """
 SELECT min(c.chain_seq) FROM public.audit_chain AS c
@@ -199,6 +208,8 @@ async def retain_audit_log(
         async with conn.transaction():
             # One run at a time; the listing below then sees what the other left.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('sfdb_audit_retention'))")
+            # On Citus, DDL and writes share one connection per node (keys to tenants).
+            await conn.execute(_CITUS_SEQUENTIAL)
             old = [(row["name"], row["month"]) for row in await conn.fetch(_OLD_PARTITIONS, kept)]
             if not old:
                 return AuditRetention(kept, made)

@@ -37,8 +37,8 @@ Create Date: 2026-12-04
   month that has none yet goes to the default partition, and the month's
   partition, when it is made, takes those rows with it (copied into the new
   table before it is attached, then deleted from the default partition with
-  its append-only trigger set aside for that statement; no trigger fires on
-  the copy, so the events keep their places). Making partitions from the
+  the append-only trigger set aside for that statement, the parent locked; no
+  trigger fires on the copy, so the events keep their places). Making partitions from the
   inserting transaction instead would need the app role to create tables.
 * ``audit_retention`` (the owner's) records each partition that ``sfdb audit
   retain`` dropped, and ``audit_chain_starts`` (the owner's) where each
@@ -129,11 +129,13 @@ BEGIN
         RETURN NULL;
     END IF;
     IF EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
-        -- A new partition of a distributed table is distributed with its cloned triggers.
+        -- A new partition of a distributed table is distributed with its cloned triggers;
+        -- DDL and the move share one connection per node (a key to a reference table).
         PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+        PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
     END IF;
-    IF EXISTS (
-        SELECT FROM {SCHEMA}.audit_logs_default WHERE created_at >= low AND created_at < high
+    IF EXISTS (  -- a column to select: Citus plans no empty target list here
+        SELECT 1 FROM {SCHEMA}.audit_logs_default WHERE created_at >= low AND created_at < high
     ) THEN
         EXECUTE format(
             'CREATE TABLE {SCHEMA}.%I (LIKE public.audit_logs INCLUDING DEFAULTS '
@@ -141,9 +143,11 @@ BEGIN
         EXECUTE format(
             'INSERT INTO {SCHEMA}.%I SELECT * FROM {SCHEMA}.audit_logs_default '
             'WHERE created_at >= %L AND created_at < %L', name, low, high);
-        ALTER TABLE {SCHEMA}.audit_logs_default DISABLE TRIGGER audit_logs_append_only;
+        -- Set aside on the parent, which passes it on to each partition's clone (on Citus
+        -- the clones on the shards have names of their own); the parent is locked meanwhile.
+        ALTER TABLE public.audit_logs DISABLE TRIGGER audit_logs_append_only;
         DELETE FROM {SCHEMA}.audit_logs_default WHERE created_at >= low AND created_at < high;
-        ALTER TABLE {SCHEMA}.audit_logs_default ENABLE TRIGGER audit_logs_append_only;
+        ALTER TABLE public.audit_logs ENABLE TRIGGER audit_logs_append_only;
         EXECUTE format(
             'ALTER TABLE public.audit_logs ATTACH PARTITION {SCHEMA}.%I '
             'FOR VALUES FROM (%L) TO (%L)', name, low, high);
@@ -175,16 +179,20 @@ BEGIN
     END IF;
     -- Two at once would both find a month missing; the second waits, then finds it made.
     PERFORM pg_advisory_xact_lock(hashtext('sfdb_audit_partitions'));
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        -- Before the first query of the transaction: a partition is distributed, and rows
+        -- moved, over one connection per node, which a parallel read before would forbid.
+        PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    END IF;
     -- Read whole first: the default partition is altered while its rows move.
     months := ARRAY(
         SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC')::date
         FROM {SCHEMA}.audit_logs_default
-        UNION
+    ) || ARRAY(
         SELECT (date_trunc('month', now() AT TIME ZONE 'UTC') + make_interval(months => n))::date
         FROM generate_series(0, p_months_ahead) AS n
-        ORDER BY 1
     );
-    FOREACH month IN ARRAY months LOOP
+    FOREACH month IN ARRAY ARRAY(SELECT DISTINCT m FROM unnest(months) AS m ORDER BY m) LOOP
         made := public.sfdb_audit_partition_make(month);
         IF made IS NOT NULL THEN
             RETURN NEXT made;
@@ -257,10 +265,18 @@ def _set_aside(name: str) -> None:
 def upgrade() -> None:
     roles = _roles()
     # The schema is made by the login that owns the database (the owner may not create
-    # schemas there) and given to the owner; nobody else may use it.
+    # schemas there) and given to the owner; nobody else may use it. The functions too are
+    # made by the login and handed to the owner, as revisions 0006 to 0009 made theirs (a
+    # Citus coordinator creates a function on the workers as the role in effect, which they
+    # may not know yet; handing it to the owner brings the role there first).
     op.execute("RESET ROLE")
     op.execute(f'CREATE SCHEMA {SCHEMA} AUTHORIZATION "{roles.owner}"')
     op.execute(f"REVOKE ALL ON SCHEMA {SCHEMA} FROM PUBLIC")
+    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=_MONTH_CHECK))
+    for function, definition in zip(FUNCTIONS[::-1], (_MAKE, _ENSURE), strict=True):
+        op.execute(definition)
+        op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
+        op.execute(f'ALTER FUNCTION {function} OWNER TO "{roles.owner}"')
     op.execute(f'SET LOCAL ROLE "{roles.owner}"')
 
     _set_aside("audit_logs_unpartitioned")
@@ -277,10 +293,6 @@ def upgrade() -> None:
         f"CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON {SCHEMA}.audit_logs_default "
         "FOR EACH STATEMENT EXECUTE FUNCTION sfdb_audit_logs_append_only()"
     )
-    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=_MONTH_CHECK))
-    for function, definition in zip(FUNCTIONS[::-1], (_MAKE, _ENSURE), strict=True):
-        op.execute(definition)
-        op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
     # Every month that has events, then the rows as they were (no trigger on the new
     # table yet: ids, times, digests and salts are kept, and nothing takes a new place).
     op.execute(
@@ -338,5 +350,7 @@ def downgrade() -> None:
     for function in FUNCTIONS:
         op.execute(f"DROP FUNCTION {function}")
     op.execute(f"DROP SCHEMA {SCHEMA}")
-    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=""))
     _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)
+    op.execute("RESET ROLE")
+    op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=""))
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
