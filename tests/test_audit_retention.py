@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db import Database, DatabaseSettings, TenantId, citus, schema
 from slack_fathom_db.audit_chain import (
     GENESIS,
     RETENTION_EVENT,
@@ -33,6 +33,7 @@ from tests.conftest import superuser_connection
 from tests.helpers import claim_statement, unique_team_id
 from tests.test_audit_chain import log, past_the_triggers
 from tests.test_cli import owner_env, sfdb, url_of
+from tests.test_migrations import PREVIOUS
 from tests.test_schema import runtime_login
 
 if TYPE_CHECKING:
@@ -458,6 +459,57 @@ async def test_verify_finds_a_tampered_start_where_it_can(
         assert broken is not None, name
         assert (broken.chain_seq, broken.problem) == (place, problem), name
     assert found[tenants["untouched"]] is None
+
+
+@pytest.mark.citus_only
+async def test_the_partitions_revision_runs_on_a_database_distributed_before_it(
+    sfdb_citus: CitusCluster | None,
+) -> None:
+    """Distributed at the revision before: the partitioned table is distributed by the
+    migration with its partitions, takes every event, and verifies; sfdb distribute then
+    distributes the new chain table; partitions made later are distributed too."""
+    assert sfdb_citus is not None
+    async with (
+        citus_database(sfdb_citus, revision=PREVIOUS) as settings,
+        superuser_connection(sfdb_citus.coordinator.url, settings) as admin,
+    ):
+        tenant = await admin.fetchval(
+            "INSERT INTO tenants (slack_team_id, slack_team_name) VALUES ($1, 'Old') RETURNING id",
+            unique_team_id(),
+        )
+        for when in (in_month(7), in_month(0, 1)):
+            await admin.execute(
+                "INSERT INTO audit_logs (tenant_id, event_type, event_category, "
+                "action_description, created_at) VALUES ($1, 'auth.login', 'auth', 'old', $2)",
+                tenant,
+                when,
+            )
+        before = await admin.fetch("SELECT * FROM audit_logs ORDER BY id")
+        await schema.upgrade(settings)
+        done = await citus.distribute(settings)
+        assert "audit_chain_starts: distributed by tenant_id" in done
+        assert await admin.fetch("SELECT * FROM audit_logs ORDER BY id") == before
+        distributed = {
+            row["name"]
+            for row in await admin.fetch(
+                "SELECT logicalrelid::regclass::text AS name FROM pg_dist_partition"
+            )
+        }
+        assert {
+            "audit_logs",
+            f"{SCHEMA}.audit_logs_default",
+            f"{SCHEMA}.{partition_of(month_start(7))}",
+            f"{SCHEMA}.{partition_of(month_start(0))}",
+        } <= distributed
+        assert (await verify_audit_chains(settings)).ok
+        retained = await retain_audit_log(settings, months=3, months_ahead=5)
+        assert partition_of(month_start(-5)) in retained.made
+        assert [p.events for p in retained.dropped] == [1]
+        assert (await verify_audit_chains(settings)).ok
+        assert await admin.fetchval(
+            "SELECT count(*) FROM pg_dist_partition WHERE logicalrelid = $1::regclass",
+            f"{SCHEMA}.{partition_of(month_start(-5))}",
+        )
 
 
 async def test_retain_refuses_fewer_than_one_month(sfdb_direct_settings: DatabaseSettings) -> None:

@@ -203,6 +203,76 @@ $$
 """
 
 
+# On Citus the schema is made on every node at once (in a transaction Citus would make it
+# there only as a table in it is distributed, which this revision may do itself).
+_SCHEMA_TO_EVERY_NODE: Final = """
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        SET LOCAL citus.create_object_propagation TO 'immediate';
+    END IF;
+END
+$$
+"""
+_PARTITIONS_TO_OWNER: Final = """
+DO $$
+DECLARE
+    partition regclass;
+BEGIN
+    FOR partition IN
+        SELECT inhrelid::regclass FROM pg_inherits
+        WHERE inhparent = 'public.audit_logs'::regclass
+    LOOP
+        EXECUTE format('ALTER TABLE %s OWNER TO %I', partition, '{owner}');
+    END LOOP;
+END
+$$
+"""
+# The workers' part of this transaction was the login's and is prepared and committed as
+# the login: the owner's role is not passed on to them (propagate_set_commands, which sfdb
+# distribute sets, would prepare it as the owner, whom the login may not commit for).
+_KEEP_THE_LOGIN_ON_THE_WORKERS: Final = """
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        SET LOCAL citus.propagate_set_commands TO 'none';
+    END IF;
+END
+$$
+"""
+_MONTHS_WITH_EVENTS: Final = """
+DO $$
+DECLARE
+    month date;
+BEGIN
+    FOREACH month IN ARRAY ARRAY(
+        SELECT DISTINCT date_trunc('month', created_at AT TIME ZONE 'UTC')::date
+        FROM public.audit_logs_unpartitioned
+    ) LOOP
+        PERFORM public.sfdb_audit_partition_make(month);
+    END LOOP;
+END
+$$
+"""
+_DISTRIBUTE_IF_DISTRIBUTED: Final = """
+DO $$
+DECLARE
+    distributed boolean := false;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_dist_partition '
+                'WHERE logicalrelid = ''public.audit_logs_unpartitioned''::regclass)'
+            INTO distributed;
+    END IF;
+    IF distributed THEN
+        PERFORM create_distributed_table('public.audit_logs', 'tenant_id',
+                                         colocate_with => 'public.users');
+    END IF;
+END
+$$
+"""
+
+
 def _roles() -> LayerRoles:
     return migration_roles(context.config.attributes)
 
@@ -264,12 +334,13 @@ def _set_aside(name: str) -> None:
 
 def upgrade() -> None:
     roles = _roles()
-    # The schema is made by the login that owns the database (the owner may not create
-    # schemas there) and given to the owner; nobody else may use it. The functions too are
-    # made by the login and handed to the owner, as revisions 0006 to 0009 made theirs (a
-    # Citus coordinator creates a function on the workers as the role in effect, which they
-    # may not know yet; handing it to the owner brings the role there first).
+    # Made by the login that owns the database and handed to the owner, as revisions 0006
+    # to 0009 made theirs: the owner may not create schemas, and a Citus coordinator does
+    # the work on the workers as the role in effect, over a connection of that role's (one
+    # role for all of it, or the schema made on one connection is not seen on another);
+    # handing an object to the owner brings the role to the workers first.
     op.execute("RESET ROLE")
+    op.execute(_SCHEMA_TO_EVERY_NODE)
     op.execute(f'CREATE SCHEMA {SCHEMA} AUTHORIZATION "{roles.owner}"')
     op.execute(f"REVOKE ALL ON SCHEMA {SCHEMA} FROM PUBLIC")
     op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=_MONTH_CHECK))
@@ -277,7 +348,6 @@ def upgrade() -> None:
         op.execute(definition)
         op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
         op.execute(f'ALTER FUNCTION {function} OWNER TO "{roles.owner}"')
-    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
 
     _set_aside("audit_logs_unpartitioned")
     op.execute(
@@ -295,13 +365,15 @@ def upgrade() -> None:
     )
     # Every month that has events, then the rows as they were (no trigger on the new
     # table yet: ids, times, digests and salts are kept, and nothing takes a new place).
-    op.execute(
-        "SELECT sfdb_audit_partition_make(month) FROM (SELECT DISTINCT "
-        "date_trunc('month', created_at AT TIME ZONE 'UTC')::date AS month "
-        "FROM audit_logs_unpartitioned) AS months"
-    )
+    op.execute(_MONTHS_WITH_EVENTS)
     op.execute(f"SELECT sfdb_audit_partitions_ensure({MONTHS_AHEAD})")
+    # On a cluster distributed before this revision the new table is distributed at once,
+    # colocated with the others as sfdb distribute does (with its partitions, whose shards
+    # take the rows), before it references the distributed users.
+    op.execute(_DISTRIBUTE_IF_DISTRIBUTED)
     op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned")
+    # Citus drops a table's shards as the table's owner: the login's, as the rest of this.
+    op.execute("ALTER TABLE audit_logs_unpartitioned OWNER TO CURRENT_USER")
     op.execute("DROP TABLE audit_logs_unpartitioned")
     _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)
 
@@ -333,6 +405,11 @@ def upgrade() -> None:
     )
     for table in ("audit_retention", "audit_chain_starts"):
         op.execute(f'REVOKE ALL ON {table} FROM PUBLIC, "{roles.app}", "{roles.directory}"')
+        op.execute(f'ALTER TABLE {table} OWNER TO "{roles.owner}"')
+    op.execute(f'ALTER TABLE audit_logs OWNER TO "{roles.owner}"')
+    op.execute(_PARTITIONS_TO_OWNER.format(owner=roles.owner))
+    op.execute(_KEEP_THE_LOGIN_ON_THE_WORKERS)
+    op.execute(f'SET LOCAL ROLE "{roles.owner}"')
 
 
 def downgrade() -> None:
