@@ -1,7 +1,10 @@
 """Distributing a migrated database with Citus: ``await distribute(settings)``, ``sfdb distribute``.
 
 ``tenants`` becomes a reference table (a copy on every node); the
-tenant-owned tables are distributed by ``tenant_id`` and colocated, so every
+tenant-owned tables are distributed by ``tenant_id`` and colocated (the
+partitioned ``audit_logs`` with its monthly partitions; a partition made later
+is distributed as it is made, by the owner's function, with the triggers it
+clones), so every
 statement of a unit of work is routed to the one node that holds the tenant.
 ``sfdb_consume_rate_limit()`` is distributed by its tenant argument, so
 ``db.rate_limit`` runs, whole, on that node (one statement, as on a single
