@@ -251,8 +251,9 @@ async def explain_layer_queries(data: Dataset) -> list[Plan]:
         rows = {
             record["relname"]: int(record["reltuples"])
             for record in await conn.fetch(
-                "SELECT relname, reltuples FROM pg_class "
-                "WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace"
+                "SELECT relname, reltuples FROM pg_class WHERE relkind = 'r' "
+                "AND relnamespace IN ('public'::regnamespace, "
+                "to_regnamespace('audit_partitions'))"  # the audit log's monthly partitions
             )
         }
         for name, method, named, statement, params in statements:
