@@ -11,10 +11,11 @@ Create Date: 2026-12-04
   of revision 0009 still hold.
 * A partitioned table's unique keys must contain its partition key: the
   primary key is now ``(tenant_id, id, created_at)``. It still leads with
-  ``tenant_id`` (Citus), and the database no longer proves by itself that an
-  event id is unique across months: ids are the server's random UUIDs (revision
-  0006) and the chain refuses an event with two places, which ``sfdb audit
-  verify`` reports. Nothing references an audit row by key.
+  ``tenant_id`` (Citus), but the database no longer refuses a second row with
+  an event's id (under another time): the app role's rows take the server's
+  random ids (revision 0006), only the owner names ids (a restore), and such a
+  row takes a place of its own, which ``sfdb audit verify`` reports as an event
+  with two places. Nothing references an audit row by key.
 * A row is routed to its month's partition by the time the insert gives,
   before the insert trigger of revision 0006 gives it the server's time, and
   cannot move partition there: an insert of the app role that gives a time of
@@ -38,13 +39,21 @@ Create Date: 2026-12-04
   partition, when it is made, takes those rows with it (copied into the new
   table before it is attached, then deleted from the default partition with
   the append-only trigger set aside for that statement, the parent locked; no
-  trigger fires on the copy, so the events keep their places). Making partitions from the
-  inserting transaction instead would need the app role to create tables.
+  trigger fires on the copy, so the events keep their places). Making partitions
+  from the inserting transaction instead would need the app role to create
+  tables, and a row cannot change partition in its insert trigger anyway.
 * ``audit_retention`` (the owner's) records each partition that ``sfdb audit
   retain`` dropped, and ``audit_chain_starts`` (the owner's) where each
   workspace's chain now starts: its first place, the hash of the place before
   it, and the places from there on whose events retention dropped (an event
   of one month may take its place after an event of the next month).
+
+On Citus the revision runs as the migrating login throughout and hands what it
+made to the owner (as revisions 0006 to 0009 did theirs); on a cluster
+distributed before it, it distributes the new table itself, with its partitions,
+colocated with the others; ``sfdb distribute`` then distributes
+``audit_chain_starts``. A partition made later on the coordinator is distributed
+as it is made.
 
 ``downgrade()`` puts back the plain table with every row (a chain whose start
 retention moved then no longer verifies from place 1).
