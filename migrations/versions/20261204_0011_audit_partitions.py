@@ -230,9 +230,9 @@ DECLARE
 BEGIN
     FOR partition IN
         SELECT inhrelid::regclass FROM pg_inherits
-        WHERE inhparent = 'public.audit_logs'::regclass
+        WHERE inhparent = 'public.{table}'::regclass
     LOOP
-        EXECUTE format('ALTER TABLE %s OWNER TO %I', partition, '{owner}');
+        EXECUTE format('ALTER TABLE %s OWNER TO {owner}', partition);
     END LOOP;
 END
 $$
@@ -263,6 +263,7 @@ BEGIN
 END
 $$
 """
+# The new audit_logs distributed when the table it replaces (``source``) is.
 _DISTRIBUTE_IF_DISTRIBUTED: Final = """
 DO $$
 DECLARE
@@ -270,7 +271,7 @@ DECLARE
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
         EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_dist_partition '
-                'WHERE logicalrelid = ''public.audit_logs_unpartitioned''::regclass)'
+                'WHERE logicalrelid = ''public.{source}''::regclass)'
             INTO distributed;
     END IF;
     IF distributed THEN
@@ -379,7 +380,7 @@ def upgrade() -> None:
     # On a cluster distributed before this revision the new table is distributed at once,
     # colocated with the others as sfdb distribute does (with its partitions, whose shards
     # take the rows), before it references the distributed users.
-    op.execute(_DISTRIBUTE_IF_DISTRIBUTED)
+    op.execute(_DISTRIBUTE_IF_DISTRIBUTED.format(source="audit_logs_unpartitioned"))
     op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned")
     # Citus drops a table's shards as the table's owner: the login's, as the rest of this.
     op.execute("ALTER TABLE audit_logs_unpartitioned OWNER TO CURRENT_USER")
@@ -416,27 +417,35 @@ def upgrade() -> None:
         op.execute(f'REVOKE ALL ON {table} FROM PUBLIC, "{roles.app}", "{roles.directory}"')
         op.execute(f'ALTER TABLE {table} OWNER TO "{roles.owner}"')
     op.execute(f'ALTER TABLE audit_logs OWNER TO "{roles.owner}"')
-    op.execute(_PARTITIONS_TO_OWNER.format(owner=roles.owner))
+    op.execute(_PARTITIONS_TO_OWNER.format(table="audit_logs", owner=f'"{roles.owner}"'))
     op.execute(_KEEP_THE_LOGIN_ON_THE_WORKERS)
     op.execute(f'SET LOCAL ROLE "{roles.owner}"')
 
 
 def downgrade() -> None:
     roles = _roles()
-    op.execute("DROP TABLE audit_chain_starts")
-    op.execute("DROP TABLE audit_retention")
+    # As the login throughout, as the upgrade (on Citus, one connection per node; a
+    # table's shards are dropped as its owner, so what is dropped is the login's first).
+    op.execute("RESET ROLE")
+    for table in ("audit_chain_starts", "audit_retention"):
+        op.execute(f"ALTER TABLE {table} OWNER TO CURRENT_USER")
+        op.execute(f"DROP TABLE {table}")
     _set_aside("audit_logs_partitioned")
     op.execute(
         "CREATE TABLE audit_logs (LIKE audit_logs_partitioned INCLUDING DEFAULTS "
         "INCLUDING CONSTRAINTS)"
     )
     op.execute("ALTER TABLE audit_logs ADD CONSTRAINT pk_audit_logs PRIMARY KEY (tenant_id, id)")
+    op.execute(_DISTRIBUTE_IF_DISTRIBUTED.format(source="audit_logs_partitioned"))
     op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned")
+    op.execute(_PARTITIONS_TO_OWNER.format(table="audit_logs_partitioned", owner="CURRENT_USER"))
+    op.execute("ALTER TABLE audit_logs_partitioned OWNER TO CURRENT_USER")
     op.execute("DROP TABLE audit_logs_partitioned")
     for function in FUNCTIONS:
         op.execute(f"DROP FUNCTION {function}")
     op.execute(f"DROP SCHEMA {SCHEMA}")
     _secure_audit_logs(roles, app_tenant=CLAIMED_TENANT)
-    op.execute("RESET ROLE")
     op.execute(_SERVER_FIELDS.format(path=SEARCH_PATH, owner=roles.owner, month_check=""))
+    op.execute(f'ALTER TABLE audit_logs OWNER TO "{roles.owner}"')
+    op.execute(_KEEP_THE_LOGIN_ON_THE_WORKERS)
     op.execute(f'SET LOCAL ROLE "{roles.owner}"')
