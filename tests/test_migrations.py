@@ -645,13 +645,19 @@ async def test_the_partitions_revision_keeps_every_event_and_the_chains(
                 "RETURNING id",
                 unique_team_id(),
             )
+            user = await superuser.fetchval(
+                "INSERT INTO users (tenant_id, slack_user_id) VALUES ($1, $2) RETURNING id",
+                tenant,
+                unique_user_id(),
+            )
             for days in (365, 40, 0, -200):
                 await superuser.execute(
-                    "INSERT INTO audit_logs (tenant_id, event_type, event_category, "
-                    "action_description, ip_address, metadata, created_at) VALUES ($1, "
+                    "INSERT INTO audit_logs (tenant_id, user_id, event_type, event_category, "
+                    "action_description, ip_address, metadata, created_at) VALUES ($1, $2, "
                     "'auth.login', 'auth', 'old', '10.0.0.1', '{\"n\": 1}', "
-                    "now() - make_interval(days => $2))",
+                    "now() - make_interval(days => $3))",
                     tenant,
+                    user if days else None,
                     days,
                 )
         before, chained = await superuser.fetch(events), await superuser.fetch(chain)

@@ -287,8 +287,10 @@ def _roles() -> LayerRoles:
     return migration_roles(context.config.attributes)
 
 
-def _secure_audit_logs(roles: LayerRoles, *, app_tenant: str) -> None:
-    """What revisions 0001-0009 gave ``audit_logs``, on the table now so named."""
+def _foreign_keys() -> None:
+    """The keys of revision 0001, made before the rows come: each row is then checked as
+    the referenced table's owner, which row-level security does not hide rows from (a
+    check of the rows already there would run as the login, which sees no users)."""
     op.execute(
         "ALTER TABLE audit_logs ADD CONSTRAINT fk_audit_logs_tenant_id_tenants "
         "FOREIGN KEY (tenant_id) REFERENCES tenants (id) ON DELETE RESTRICT"
@@ -297,6 +299,11 @@ def _secure_audit_logs(roles: LayerRoles, *, app_tenant: str) -> None:
         "ALTER TABLE audit_logs ADD CONSTRAINT fk_audit_logs_tenant_id_user_id_users "
         "FOREIGN KEY (tenant_id, user_id) REFERENCES users (tenant_id, id) ON DELETE RESTRICT"
     )
+
+
+def _secure_audit_logs(roles: LayerRoles, *, app_tenant: str) -> None:
+    """What revisions 0001-0009 gave ``audit_logs`` besides its keys, on the table now so
+    named."""
     for index in INDEXES:
         op.execute(index)
     op.execute(f'REVOKE ALL ON audit_logs FROM PUBLIC, "{roles.app}", "{roles.directory}"')
@@ -381,6 +388,7 @@ def upgrade() -> None:
     # colocated with the others as sfdb distribute does (with its partitions, whose shards
     # take the rows), before it references the distributed users.
     op.execute(_DISTRIBUTE_IF_DISTRIBUTED.format(source="audit_logs_unpartitioned"))
+    _foreign_keys()
     op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_unpartitioned")
     # Citus drops a table's shards as the table's owner: the login's, as the rest of this.
     op.execute("ALTER TABLE audit_logs_unpartitioned OWNER TO CURRENT_USER")
@@ -437,6 +445,7 @@ def downgrade() -> None:
     )
     op.execute("ALTER TABLE audit_logs ADD CONSTRAINT pk_audit_logs PRIMARY KEY (tenant_id, id)")
     op.execute(_DISTRIBUTE_IF_DISTRIBUTED.format(source="audit_logs_partitioned"))
+    _foreign_keys()
     op.execute(f"INSERT INTO audit_logs ({COLUMNS}) SELECT {COLUMNS} FROM audit_logs_partitioned")
     op.execute(_PARTITIONS_TO_OWNER.format(table="audit_logs_partitioned", owner="CURRENT_USER"))
     op.execute("ALTER TABLE audit_logs_partitioned OWNER TO CURRENT_USER")
