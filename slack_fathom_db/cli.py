@@ -38,6 +38,7 @@ from slack_fathom_db import __version__, citus, demo, logins, schema
 from slack_fathom_db.audit_chain import KeptHead, parse_kept_heads, verify_audit_chains
 from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
+from slack_fathom_db.erasure import erase_user, purge_uninstalled_tenants
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
 from slack_fathom_db.maintenance import (
     DEFAULT_PURGE_AFTER_DAYS,
@@ -149,6 +150,31 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_AUDIT_LIMIT,
         help=f"at most N events (default {DEFAULT_AUDIT_LIMIT})",
     )
+    tenant = commands.add_parser(
+        "tenant", help="a workspace's lifecycle: purge after uninstall, erase a user"
+    )
+    tenant_commands = tenant.add_subparsers(
+        dest="tenant_command", required=True, metavar="TENANT_COMMAND"
+    )
+    purge_tenants = tenant_commands.add_parser(
+        "purge",
+        help="erase the workspaces uninstalled more than the grace period ago (as the "
+        "schema owner; audit rows are de-identified, never deleted)",
+    )
+    purge_tenants.add_argument(
+        "--grace-days",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="workspaces uninstalled more than N days ago (default DATABASE_PURGE_GRACE_DAYS)",
+    )
+    erase = tenant_commands.add_parser(
+        "erase-user",
+        help="erase one Slack user of a workspace: their rows and meetings deleted, their "
+        "audit events de-identified (as the schema owner)",
+    )
+    erase.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    erase.add_argument("slack_user_id", metavar="SLACK_USER_ID")
     login = commands.add_parser(
         "create-login",
         help="create the runtime login (or set its password again), as the schema owner",
@@ -601,6 +627,30 @@ async def _purge_rate_limits(settings: DatabaseSettings, older_than_days: int) -
     )
 
 
+async def _purge_tenants(settings: DatabaseSettings, grace_days: int | None) -> None:
+    days = settings.purge_grace_days if grace_days is None else grace_days
+    purged = await purge_uninstalled_tenants(settings, grace_days=days)
+    for done in purged:
+        deleted = sum(done.deleted.values())
+        state = "erased" if done.finished else "reinstalled meanwhile, purge stopped"
+        _line(
+            f"{done.slack_team_id}: {state}; {deleted} row(s) deleted, "
+            f"{done.deidentified} audit event(s) de-identified"
+        )
+    _line(f"{len(purged)} workspace(s) uninstalled more than {days} days ago")
+
+
+async def _erase_user(settings: DatabaseSettings, slack_team_id: str, slack_user_id: str) -> None:
+    done = await erase_user(settings, slack_team_id, slack_user_id)
+    if not done.users:
+        _line(f"no user {slack_user_id} in {slack_team_id}: nothing to erase")
+        return
+    _line(
+        f"{slack_user_id} erased from {slack_team_id}: {done.users} user row(s) and "
+        f"{done.meetings} meeting(s) deleted, {done.deidentified} audit event(s) de-identified"
+    )
+
+
 async def _rotate_token_keys(settings: DatabaseSettings) -> None:
     done = await rotate_token_keys(settings)
     out.print(
@@ -824,6 +874,10 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_distribute(settings))
         elif args.command == "purge-rate-limits":
             asyncio.run(_purge_rate_limits(settings, args.older_than_days))
+        elif args.command == "tenant" and args.tenant_command == "purge":
+            asyncio.run(_purge_tenants(settings, args.grace_days))
+        elif args.command == "tenant" and args.tenant_command == "erase-user":
+            asyncio.run(_erase_user(settings, args.slack_team_id, args.slack_user_id))
         elif args.command == "rotate-token-keys":
             asyncio.run(_rotate_token_keys(settings))
         elif args.command == "rotate-tenant-key":

@@ -254,6 +254,7 @@ async def ready(cli_db: CliDatabase, sfdb_server: URL, cwd: Path) -> None:
         "create-login",
         "distribute",
         "purge-rate-limits",
+        "tenant",
         "generate-tenant-key",
         "rotate-tenant-key",
     ],

@@ -43,8 +43,8 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0010"
-PREVIOUS = "0009"
+HEAD = "0011"
+PREVIOUS = "0010"
 CLAIMS = "0008"
 BEFORE_CLAIMS = "0007"
 """The revision before head: the last whose policies trusted the plain ``app.tenant_id``."""

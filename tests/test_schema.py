@@ -144,14 +144,18 @@ OWNER_SCOPED = {("api_rate_limits", "owner_scoped", b"*")}
 # erasure): the one workspace that ``sfdb.lifecycle_tenant`` names.
 LIFECYCLE_TENANT = "NULLIF(current_setting('sfdb.lifecycle_tenant', true), '')::uuid"
 OWNER_LIFECYCLE = {
-    (table, "owner_lifecycle", b"*")
-    for table in (
-        "users",
-        "crm_connections",
-        "account_mappings",
-        "meeting_sessions",
-        "api_rate_limits",
-    )
+    # Migration 0011: the owner's erasure (a trigger allows only the de-identifying update).
+    ("audit_logs", "owner_erases", b"w"),
+    *(
+        (table, "owner_lifecycle", b"*")
+        for table in (
+            "users",
+            "crm_connections",
+            "account_mappings",
+            "meeting_sessions",
+            "api_rate_limits",
+        )
+    ),
 }
 
 
