@@ -72,12 +72,16 @@ $$
 
 def upgrade() -> None:
     owner = migration_roles(context.config.attributes).owner
+    # As the migrating login, as revisions 0006 to 0009 (a Citus coordinator makes a
+    # function on the workers as the role in effect, which they may not know yet).
+    op.execute("RESET ROLE")
     op.execute("ALTER TABLE tenants ADD COLUMN purged_at timestamptz")
     op.execute(_APPEND_ONLY.format(path=SEARCH_PATH, owner=owner))
     op.execute(
         f'CREATE POLICY owner_erases ON audit_logs FOR UPDATE TO "{owner}" '
         f"USING (tenant_id = {LIFECYCLE_TENANT}) WITH CHECK (tenant_id = {LIFECYCLE_TENANT})"
     )
+    op.execute(f'SET LOCAL ROLE "{owner}"')
 
 
 def downgrade() -> None:
