@@ -27,6 +27,7 @@ that the workspace is still uninstalled and due, so a reinstall stops it.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -37,7 +38,6 @@ from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
-    import uuid
     from collections.abc import Callable
 
     import asyncpg
@@ -67,10 +67,11 @@ _DUE_TENANTS: Final = (
 _HOLD_DUE: Final = (
     f"SELECT id FROM public.tenants WHERE id = $1 AND {_DUE.format(days='$2')} FOR UPDATE"  # noqa: S608
 )
+# In key order from where the last batch ended (its erased rows are not read again).
 _DEIDENTIFY_BATCH: Final = (
     f"UPDATE public.audit_logs SET {_DEIDENTIFY} "  # noqa: S608 - fixed text
     "WHERE tenant_id = $1 AND id IN (SELECT id FROM public.audit_logs "
-    f"WHERE tenant_id = $1 AND NOT {_ERASED} ORDER BY id LIMIT $2)"
+    f"WHERE tenant_id = $1 AND id > $3 AND NOT {_ERASED} ORDER BY id LIMIT $2) RETURNING id"
 )
 _RECORD: Final = (
     "INSERT INTO public.audit_logs (tenant_id, event_type, event_category, "
@@ -170,12 +171,20 @@ async def _purge(
     deleted: dict[str, int] = {}
     deidentified = 0
     for table in _purge_order():
-        statement = _DEIDENTIFY_BATCH if table == "audit_logs" else _delete_batch(table)
+        after = uuid.UUID(int=0)
         while True:
             async with conn.transaction():
                 if not await _hold(conn, tenant, days):
                     return TenantPurge(tenant, slack_team_id, deleted, deidentified)
-                count = _count(await conn.execute(statement, tenant, batch))
+                if table == "audit_logs":
+                    ids = [
+                        row["id"]
+                        for row in await conn.fetch(_DEIDENTIFY_BATCH, tenant, batch, after)
+                    ]
+                    count = len(ids)
+                    after = max(ids, default=after)
+                else:
+                    count = _count(await conn.execute(_delete_batch(table), tenant, batch))
             if table == "audit_logs":
                 deidentified += count
             else:
