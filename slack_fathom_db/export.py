@@ -1,0 +1,564 @@
+"""Moving one workspace between databases: ``sfdb tenant export`` and ``sfdb tenant import``.
+
+An export is a directory: one JSON Lines file per table — ``tenants.jsonl``
+(the workspace's row), then one for each of
+:data:`~slack_fathom_db.models.TENANT_OWNED_TABLES`, in that order (a table
+after those it references) — and ``manifest.json``, written last (a directory
+without it is an export that did not finish).
+
+Invariants:
+
+* **One snapshot.** :func:`export_tenant` reads every table in one
+  ``REPEATABLE READ READ ONLY`` transaction, so the files agree with each other
+  whatever is written meanwhile.
+* **One line per row, rendered by PostgreSQL.** Each line is the row's
+  ``to_jsonb()`` text (keys in jsonb's order, whatever the table's column
+  order), with the transaction's time zone, bytea output and float digits
+  pinned, so no session setting changes a byte. Rows are streamed by ``COPY``
+  and written and hashed as they arrive: memory stays the same however large
+  the workspace. Rows come in key order (text keys in byte order); audit events
+  in their chain's order, each line with the event's place (``chain_seq``) and
+  ``row_hash`` (hex), so a recipient can check the chain.
+* **Deterministic.** The manifest holds no time: the format version, the schema
+  revision (the database's Alembic revision), the tenant id, the Slack team id,
+  and per table the file, its row count and its SHA-256. Exporting a workspace
+  that was imported gives byte-identical files.
+* **Verified before anything is written.** :func:`import_tenant` checks the
+  manifest and every file (row count and SHA-256) before it connects, refuses a
+  database at another schema revision (:class:`SchemaMismatch`) or one that
+  knows the tenant id or the Slack team id already (:class:`Conflict`), and
+  writes everything in one transaction: all of it commits, or nothing. Every
+  row must belong to the manifest's workspace, and each file is hashed again
+  as it is read (a file changed after the check rolls everything back).
+* **The audit chain carries over.** Events are inserted in chain order, with
+  the chain's trigger (``audit_logs_chain``) immediate, and every place and hash
+  the database computes must equal the exported ones, else
+  :class:`ArchiveInvalid` and nothing is written: the chain verifies on the
+  target and heads kept for the workspace still hold there. An event that had
+  no place in the source (a broken chain) takes the next one.
+* **Secrets stay sealed.** Slack tokens are exported as the ciphertexts they
+  are, bound to the workspace and the row: the target needs the same
+  ``DATABASE_TOKEN_KEYS`` to use them. Nothing is decrypted, logged or printed.
+
+Both run on the owner's side (``DATABASE_MIGRATION_URL``), under row-level
+security: ``SET LOCAL sfdb.lifecycle_tenant`` admits the one workspace's rows of
+the tables of migration 0010, ``owner_maintains`` (0007) the installation
+tables, ``audit_verifier`` (0009) and ``owner_records`` (0007) the audit log;
+the owner owns ``tenants``. An audit row the owner inserts keeps its id,
+creation time, salt and digest (the insert trigger of migration 0009).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, TypeAlias
+
+from sqlalchemy import String
+
+from slack_fathom_db import validation
+from slack_fathom_db.connections import DRIVER_ERRORS, SEARCH_PATH
+from slack_fathom_db.errors import (
+    ArchiveInvalid,
+    Conflict,
+    SchemaMismatch,
+    TenantNotFound,
+    ValidationError,
+    translate,
+)
+from slack_fathom_db.maintenance import owner_connection
+from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
+
+if TYPE_CHECKING:
+    import os
+    import uuid
+    from collections.abc import Iterator
+
+    import asyncpg
+
+    from slack_fathom_db.settings import DatabaseSettings
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "TABLES",
+    "ExportManifest",
+    "ProgressCallback",
+    "TableFile",
+    "export_tenant",
+    "import_tenant",
+    "read_manifest",
+]
+
+FORMAT_VERSION: Final = 1
+"""The layout of an export this module writes and reads."""
+MANIFEST_FILE: Final = "manifest.json"
+TABLES: Final = ("tenants", *TENANT_OWNED_TABLES)
+"""The tables of an export, in the order they are written and restored."""
+
+ProgressCallback: TypeAlias = Callable[[str, int, int], None]
+"""Called as rows pass, with the table, its rows done so far and its total rows."""
+
+_EXPORT: Final = "export tenant"
+_IMPORT: Final = "import tenant"
+_READ_CHUNK: Final = 1 << 20
+_BATCH_ROWS: Final = 2_000
+_BATCH_BYTES: Final = 8 << 20
+_REPORT_EVERY: Final = 5_000
+# COPY's csv format with a delimiter and a quote that JSON text never holds raw (PostgreSQL
+# escapes every control character in it): each line is the JSON text, byte for byte.
+_DELIMITER: Final = "\x1f"
+_QUOTE: Final = "\x1e"
+_REVISION_SHAPE: Final = re.compile(r"[0-9A-Za-z_]{1,64}")
+_SHA256_SHAPE: Final = re.compile(r"[0-9a-f]{64}")
+
+_TENANT_OF: Final = "SELECT id FROM public.tenants WHERE slack_team_id = $1"
+_REVISION: Final = "SELECT version_num FROM public.alembic_version"
+_TAKEN: Final = """
+SELECT EXISTS (SELECT FROM public.tenants WHERE id = $1) AS id_taken,
+       EXISTS (SELECT FROM public.tenants WHERE slack_team_id = $2) AS team_taken,
+       EXISTS (SELECT FROM public.audit_chain_heads WHERE tenant_id = $1) AS chain_taken
+"""
+# Each event with its place and hash; events without a place (a broken chain) last.
+_AUDIT_LINES: Final = """
+SELECT (to_jsonb(a) || jsonb_build_object(
+            'chain_seq', c.chain_seq, 'row_hash', encode(c.row_hash, 'hex')))::text
+FROM public.audit_logs AS a
+LEFT JOIN public.audit_chain AS c ON c.tenant_id = a.tenant_id AND c.event_id = a.id
+WHERE a.tenant_id = {tenant}
+ORDER BY c.chain_seq NULLS LAST, a.created_at, a.id
+"""
+# The places the database gave a batch of events, against those the export says.
+_PLACES_HELD: Final = """
+SELECT count(*) FILTER (WHERE e.chain_seq IS NOT NULL) AS expected, count(c.chain_seq) AS held
+FROM json_to_recordset($1::json) AS e(id uuid, chain_seq bigint, row_hash text)
+LEFT JOIN public.audit_chain AS c
+  ON c.tenant_id = $2 AND c.chain_seq = e.chain_seq AND c.event_id = e.id
+ AND c.row_hash = decode(e.row_hash, 'hex')
+"""
+_HEAD: Final = "SELECT chain_seq FROM public.audit_chain_heads WHERE tenant_id = $1"
+
+
+def _session(tenant: uuid.UUID) -> str:
+    """The transaction's settings, one message of ``SET LOCAL`` s and nothing else (Citus
+    passes such a message on to its workers; ``set_config()`` it does not)."""
+    return "; ".join(
+        (
+            f"SET LOCAL sfdb.lifecycle_tenant = '{validation.canonical_uuid(tenant)}'",
+            f"SET LOCAL search_path = {SEARCH_PATH}",
+            "SET LOCAL row_security = on",
+            "SET LOCAL TimeZone = 'UTC'",
+            "SET LOCAL DateStyle = 'ISO, YMD'",
+            "SET LOCAL IntervalStyle = 'postgres'",
+            "SET LOCAL bytea_output = 'hex'",
+            "SET LOCAL extra_float_digits = 1",
+            "SET LOCAL statement_timeout = 0",
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TableFile:
+    """One table's file in an export: its name, its rows and its SHA-256 (hex)."""
+
+    table: str
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExportManifest:
+    """What an export holds (``manifest.json``): no time, so the same rows give the same
+    bytes."""
+
+    format_version: int
+    schema_revision: str
+    tenant_id: uuid.UUID
+    slack_team_id: str
+    tables: tuple[TableFile, ...]
+
+    @property
+    def rows(self) -> int:
+        """Rows of every table together."""
+        return sum(entry.rows for entry in self.tables)
+
+    def to_json(self) -> str:
+        """The manifest's text: fixed key order, two-space indent, a final newline."""
+        document = {
+            "format_version": self.format_version,
+            "schema_revision": self.schema_revision,
+            "tenant_id": str(self.tenant_id),
+            "slack_team_id": self.slack_team_id,
+            "tables": [
+                {"table": e.table, "file": e.file, "rows": e.rows, "sha256": e.sha256}
+                for e in self.tables
+            ],
+        }
+        return json.dumps(document, indent=2, ensure_ascii=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ExportManifest:
+        """Parse and check a manifest; :class:`ArchiveInvalid` says what is wrong."""
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise ArchiveInvalid(f"{MANIFEST_FILE} is not JSON") from None
+        keys = ("format_version", "schema_revision", "tenant_id", "slack_team_id", "tables")
+        if not isinstance(document, dict) or sorted(document) != sorted(keys):
+            raise ArchiveInvalid(f"{MANIFEST_FILE} must hold exactly {', '.join(keys)}")
+        if document["format_version"] != FORMAT_VERSION:
+            raise ArchiveInvalid(
+                f"{MANIFEST_FILE}: format_version {document['format_version']!r} is not "
+                f"{FORMAT_VERSION}, the one this version reads"
+            )
+        revision = document["schema_revision"]
+        if not isinstance(revision, str) or not _REVISION_SHAPE.fullmatch(revision):
+            raise ArchiveInvalid(f"{MANIFEST_FILE}: schema_revision is not a revision id")
+        try:
+            tenant = validation.uuid_value(document["tenant_id"], field="tenant_id")
+            team = validation.slack_team_id(document["slack_team_id"])
+        except ValidationError as exc:
+            raise ArchiveInvalid(f"{MANIFEST_FILE}: {exc}") from None
+        entries = document["tables"]
+        if not isinstance(entries, list) or len(entries) != len(TABLES):
+            raise ArchiveInvalid(f"{MANIFEST_FILE}: tables must list {', '.join(TABLES)}")
+        tables = tuple(
+            _table_file(entry, table) for entry, table in zip(entries, TABLES, strict=True)
+        )
+        if tables[0].rows != 1:
+            raise ArchiveInvalid(f"{MANIFEST_FILE}: tenants must hold exactly one row")
+        return cls(FORMAT_VERSION, revision, tenant, team, tables)
+
+
+def _table_file(entry: object, table: str) -> TableFile:
+    if (
+        not isinstance(entry, dict)
+        or sorted(entry) != ["file", "rows", "sha256", "table"]
+        or entry["table"] != table
+        or entry["file"] != f"{table}.jsonl"
+        or type(entry["rows"]) is not int
+        or entry["rows"] < 0
+        or not isinstance(entry["sha256"], str)
+        or not _SHA256_SHAPE.fullmatch(entry["sha256"])
+    ):
+        raise ArchiveInvalid(
+            f"{MANIFEST_FILE}: the entry for {table} must be "
+            f'{{"table": "{table}", "file": "{table}.jsonl", "rows": N, "sha256": HEX}}'
+        )
+    return TableFile(table, entry["file"], entry["rows"], entry["sha256"])
+
+
+def read_manifest(in_dir: str | os.PathLike[str]) -> ExportManifest:
+    """The manifest of the export in ``in_dir``, checked (not yet its files)."""
+    path = Path(in_dir) / MANIFEST_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArchiveInvalid(f"{in_dir} holds no {MANIFEST_FILE}: not a finished export") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArchiveInvalid(f"{path} cannot be read: {exc}") from None
+    return ExportManifest.from_json(text)
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+async def export_tenant(
+    settings: DatabaseSettings,
+    slack_team_id: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    progress: ProgressCallback | None = None,
+) -> ExportManifest:
+    """Write every row of the workspace ``slack_team_id`` to ``out_dir`` (new or empty) as
+    JSON Lines, one file per table, and its manifest; return the manifest."""
+    team = validation.slack_team_id(slack_team_id)
+    out = Path(out_dir)
+    created = _claim_directory(out)
+    written: list[Path] = []
+    try:
+        conn = await owner_connection(settings, action=_EXPORT, long_reads=True)
+        try:
+            tenant = await conn.fetchval(_TENANT_OF, team)
+            if tenant is None:
+                raise TenantNotFound(f"{_EXPORT}: no workspace {team} in this database")
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await conn.execute(_session(tenant))
+                if await conn.fetchval(_TENANT_OF, team) != tenant:
+                    raise TenantNotFound(f"{_EXPORT}: workspace {team} was removed meanwhile")
+                revision = await conn.fetchval(_REVISION)
+                files = []
+                for table in TABLES:
+                    path = out / f"{table}.jsonl"
+                    written.append(path)
+                    files.append(await _export_table(conn, table, tenant, path, progress))
+        except DRIVER_ERRORS as exc:
+            raise translate(exc, action=_EXPORT) from exc
+        finally:
+            await conn.close(timeout=settings.connect_timeout)
+        manifest = ExportManifest(FORMAT_VERSION, str(revision), tenant, team, tuple(files))
+        _write_manifest(out, manifest, written)
+    except BaseException:
+        _remove(out, written, directory=created)
+        raise
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: ExportManifest, written: list[Path]) -> None:
+    """Written whole under another name, then renamed: last, so a directory without it is
+    an export that did not finish."""
+    draft = out / f".{MANIFEST_FILE}.partial"
+    written.append(draft)
+    draft.write_text(manifest.to_json(), encoding="utf-8")
+    draft.replace(out / MANIFEST_FILE)
+
+
+def _remove(out: Path, written: list[Path], *, directory: bool) -> None:
+    """Undo a failed export: its files, and ``out`` itself if the export made it."""
+    for path in written:
+        path.unlink(missing_ok=True)
+    if directory:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+def _claim_directory(out: Path) -> bool:
+    """Make ``out``, or accept it empty; ``True`` if it was made here."""
+    try:
+        out.mkdir(parents=True)
+    except FileExistsError:
+        if not out.is_dir():
+            raise ValidationError(f"{_EXPORT}: {out} exists and is not a directory") from None
+        if any(out.iterdir()):
+            raise ValidationError(
+                f"{_EXPORT}: {out} is not empty (an export goes to a new or empty directory)"
+            ) from None
+        return False
+    return True
+
+
+def _lines_of(table: str, tenant: uuid.UUID) -> str:
+    """The query whose rows are ``table``'s lines of the export, in their order."""
+    literal = f"'{validation.canonical_uuid(tenant)}'::uuid"
+    if table == "tenants":
+        return f"SELECT to_jsonb(t)::text FROM public.tenants AS t WHERE t.id = {literal}"  # noqa: S608
+    if table == "audit_logs":
+        return _AUDIT_LINES.format(tenant=literal)
+    return (
+        f"SELECT to_jsonb(t)::text FROM public.{table} AS t "  # noqa: S608 - fixed names
+        f"WHERE t.tenant_id = {literal} ORDER BY {_key_order(table)}"
+    )
+
+
+def _key_order(table: str) -> str:
+    """The table's primary key after ``tenant_id``, text in byte order (no locale's)."""
+    columns = [c for c in Base.metadata.tables[table].primary_key.columns if c.name != "tenant_id"]
+    return ", ".join(
+        f't.{c.name} COLLATE "C"' if isinstance(c.type, String) else f"t.{c.name}" for c in columns
+    )
+
+
+async def _export_table(
+    conn: asyncpg.Connection,
+    table: str,
+    tenant: uuid.UUID,
+    path: Path,
+    progress: ProgressCallback | None,
+) -> TableFile:
+    total = 0
+    if progress is not None:
+        total = await conn.fetchval(f"SELECT count(*) FROM ({_lines_of(table, tenant)}) AS lines")  # noqa: S608
+        progress(table, 0, total)
+    digest = hashlib.sha256()
+    rows = reported = 0
+    with path.open("xb") as file:
+
+        async def sink(chunk: bytes) -> None:
+            nonlocal rows, reported
+            file.write(chunk)
+            digest.update(chunk)
+            rows += chunk.count(b"\n")
+            if progress is not None and rows - reported >= _REPORT_EVERY:
+                reported = rows
+                progress(table, rows, total)
+
+        await conn.copy_from_query(
+            _lines_of(table, tenant), output=sink, format="csv", delimiter=_DELIMITER, quote=_QUOTE
+        )
+    if progress is not None:
+        progress(table, rows, total)
+    return TableFile(table, path.name, rows, digest.hexdigest())
+
+
+# -- import -----------------------------------------------------------------------------
+
+
+async def import_tenant(
+    settings: DatabaseSettings,
+    in_dir: str | os.PathLike[str],
+    *,
+    progress: ProgressCallback | None = None,
+) -> ExportManifest:
+    """Restore the workspace exported to ``in_dir`` into this database, whole or not at all;
+    return its manifest."""
+    source = Path(in_dir)
+    manifest = read_manifest(source)
+    for entry in manifest.tables:
+        _check_file(source, entry)
+    tenant_line = (source / manifest.tables[0].file).read_text(encoding="utf-8")
+    _check_tenant_row(tenant_line, manifest)
+    conn = await owner_connection(settings, action=_IMPORT, long_reads=True)
+    try:
+        async with conn.transaction():
+            await conn.execute(_session(manifest.tenant_id))
+            revision = await conn.fetchval(_REVISION)
+            if revision != manifest.schema_revision:
+                raise SchemaMismatch(
+                    f"{_IMPORT}: the export is of schema revision {manifest.schema_revision}, "
+                    f"this database is at {revision}: migrate to the same revision first"
+                )
+            await _refuse_taken(conn, manifest)
+            for entry in manifest.tables:
+                await _import_table(conn, source, entry, manifest.tenant_id, progress)
+    except DRIVER_ERRORS as exc:
+        raise translate(exc, action=_IMPORT) from exc
+    finally:
+        await conn.close(timeout=settings.connect_timeout)
+    return manifest
+
+
+def _check_file(source: Path, entry: TableFile) -> None:
+    """The file holds what the manifest says: its rows (whole lines) and its SHA-256."""
+    path = source / entry.file
+    digest = hashlib.sha256()
+    rows = 0
+    last = b"\n"
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(_READ_CHUNK):
+                digest.update(chunk)
+                rows += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError as exc:
+        raise ArchiveInvalid(f"{_IMPORT}: {entry.file} cannot be read: {exc}") from None
+    if digest.hexdigest() != entry.sha256:
+        raise ArchiveInvalid(f"{_IMPORT}: {entry.file} does not match its SHA-256 in the manifest")
+    if rows != entry.rows or last != b"\n":
+        raise ArchiveInvalid(
+            f"{_IMPORT}: {entry.file} holds {rows} lines, the manifest says {entry.rows}"
+        )
+
+
+def _check_tenant_row(line: str, manifest: ExportManifest) -> None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        raise ArchiveInvalid(f"{_IMPORT}: tenants.jsonl is not a JSON line") from None
+    if (
+        not isinstance(row, dict)
+        or row.get("id") != str(manifest.tenant_id)
+        or row.get("slack_team_id") != manifest.slack_team_id
+    ):
+        raise ArchiveInvalid(f"{_IMPORT}: tenants.jsonl is not the workspace of the manifest")
+
+
+async def _refuse_taken(conn: asyncpg.Connection, manifest: ExportManifest) -> None:
+    taken = await conn.fetchrow(_TAKEN, manifest.tenant_id, manifest.slack_team_id)
+    if taken is None:  # pragma: no cover - a SELECT of three values returns a row
+        return
+    if taken["id_taken"] or taken["chain_taken"]:
+        raise Conflict(f"{_IMPORT}: tenant {manifest.tenant_id} exists in this database")
+    if taken["team_taken"]:
+        raise Conflict(
+            f"{_IMPORT}: a workspace with slack_team_id {manifest.slack_team_id} exists in "
+            "this database"
+        )
+
+
+def _insert(table: str) -> str:
+    """A batch of a table's rows (a JSON array) inserted as they are, if they are the
+    workspace's ($2)."""
+    owner = "id" if table == "tenants" else "tenant_id"
+    return (
+        f"INSERT INTO public.{table} SELECT * FROM "  # noqa: S608 - fixed names
+        f"json_populate_recordset(NULL::public.{table}, $1::json) AS r WHERE r.{owner} = $2"
+    )
+
+
+async def _import_table(
+    conn: asyncpg.Connection,
+    source: Path,
+    entry: TableFile,
+    tenant: uuid.UUID,
+    progress: ProgressCallback | None,
+) -> None:
+    audit = entry.table == "audit_logs"
+    if audit:
+        # Each statement's events take their places as it ends, in the order inserted.
+        await conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
+    insert = _insert(entry.table)
+    digest = hashlib.sha256()
+    rows = 0
+    if progress is not None:
+        progress(entry.table, 0, entry.rows)
+    with (source / entry.file).open("rb") as file:
+        for batch in _batches(file, digest, entry.file):
+            document = "[" + ",".join(batch) + "]"
+            status = await conn.execute(insert, document, tenant)
+            if int(status.rsplit(" ", 1)[1]) != len(batch):
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {entry.file} holds rows of another workspace; nothing written"
+                )
+            if audit:
+                await _check_places(conn, document, tenant, entry.file)
+            rows += len(batch)
+            if progress is not None:
+                progress(entry.table, rows, entry.rows)
+    if rows != entry.rows or digest.hexdigest() != entry.sha256:
+        raise ArchiveInvalid(
+            f"{_IMPORT}: {entry.file} changed while it was imported; nothing written"
+        )
+    if audit:
+        head = await conn.fetchval(_HEAD, tenant)
+        if (head or 0) != rows:
+            raise ArchiveInvalid(
+                f"{_IMPORT}: the audit chain ends at place {head or 0}, not {rows}; nothing written"
+            )
+
+
+async def _check_places(
+    conn: asyncpg.Connection, document: str, tenant: uuid.UUID, file: str
+) -> None:
+    held = await conn.fetchrow(_PLACES_HELD, document, tenant)
+    if held is None or held["expected"] != held["held"]:
+        raise ArchiveInvalid(
+            f"{_IMPORT}: {file}: the audit chain does not recompute to the exported places and "
+            "hashes (an event changed, or the events are out of order); nothing written"
+        )
+
+
+def _batches(file: BinaryIO, digest: Any, name: str) -> Iterator[list[str]]:
+    """The file's lines (without their newline) in batches bounded in rows and bytes,
+    hashed as they are read."""
+    batch: list[str] = []
+    size = 0
+    for line in file:
+        digest.update(line)
+        if not line.endswith(b"\n"):
+            raise ArchiveInvalid(f"{_IMPORT}: {name} ends in a cut line; nothing written")
+        try:
+            batch.append(line[:-1].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ArchiveInvalid(f"{_IMPORT}: {name} is not UTF-8; nothing written") from None
+        size += len(line)
+        if len(batch) >= _BATCH_ROWS or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
