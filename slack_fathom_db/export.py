@@ -34,8 +34,10 @@ Invariants:
   the chain's trigger (``audit_logs_chain``) immediate, and every place and hash
   the database computes must equal the exported ones, else
   :class:`ArchiveInvalid` and nothing is written: the chain verifies on the
-  target and heads kept for the workspace still hold there. An event that had
-  no place in the source (a broken chain) takes the next one.
+  target and heads kept for the workspace still hold there. (On Citus, where
+  the trigger runs on a worker as it commits, the places and hashes it will
+  compute are computed beforehand, with the schema's canonical form.) An event
+  without a place in the source (a broken chain) is refused, not chained anew.
 * **Secrets stay sealed.** Slack tokens are exported as the ciphertexts they
   are, bound to the workspace and the row: the target needs the same
   ``DATABASE_TOKEN_KEYS`` to use them. Nothing is decrypted, logged or printed.
@@ -62,6 +64,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final, TypeAlias
 from sqlalchemy import String
 
 from slack_fathom_db import validation
+from slack_fathom_db.audit_chain import GENESIS
 from slack_fathom_db.connections import DRIVER_ERRORS, SEARCH_PATH
 from slack_fathom_db.errors import (
     ArchiveInvalid,
@@ -133,15 +136,47 @@ LEFT JOIN public.audit_chain AS c ON c.tenant_id = a.tenant_id AND c.event_id = 
 WHERE a.tenant_id = {tenant}
 ORDER BY c.chain_seq NULLS LAST, a.created_at, a.id
 """
-# The places the database gave a batch of events, against those the export says.
-_PLACES_HELD: Final = """
-SELECT count(*) FILTER (WHERE e.chain_seq IS NOT NULL) AS expected, count(c.chain_seq) AS held
+# An event (a) whose personal fields no longer match its digest, computed by the schema's own
+# function (as its insert trigger does), or whose salt was erased with something left.
+_PERSONAL_BROKEN: Final = """
+    CASE WHEN a.personal_salt IS NOT NULL
+        THEN a.personal_digest IS DISTINCT FROM public.sfdb_audit_personal(
+            a.personal_salt, a.user_id, a.ip_address, a.user_agent, a.action_description,
+            a.metadata)
+        ELSE NOT (a.user_id IS NULL AND a.ip_address IS NULL AND a.user_agent IS NULL
+                  AND a.action_description = '' AND a.metadata = '{}'::jsonb)
+    END
+"""
+# Events of a batch that do not hold the place and hash the export gives them, after the
+# trigger gave them theirs (SET CONSTRAINTS … IMMEDIATE), or whose personal fields broke.
+_PLACES_HELD: Final = f"""
+SELECT count(*) FILTER (WHERE c.chain_seq IS NULL OR {_PERSONAL_BROKEN} IS NOT FALSE)
 FROM json_to_recordset($1::json) AS e(id uuid, chain_seq bigint, row_hash text)
+LEFT JOIN public.audit_logs AS a ON a.tenant_id = $2 AND a.id = e.id
 LEFT JOIN public.audit_chain AS c
   ON c.tenant_id = $2 AND c.chain_seq = e.chain_seq AND c.event_id = e.id
  AND c.row_hash = decode(e.row_hash, 'hex')
-"""
+"""  # noqa: S608 - made of this module's constants
+# The same, computed as the trigger will at commit: the next places after $4, each hash over
+# the one before ($3 before the batch) and the event as stored.
+_CHAIN_RECOMPUTED: Final = f"""
+SELECT count(*) FROM (
+    SELECT e.ord, e.chain_seq, decode(e.row_hash, 'hex') AS expected,
+           coalesce(lag(decode(e.row_hash, 'hex')) OVER (ORDER BY e.ord), $3::bytea) AS previous,
+           a.id, a.tenant_id, a.event_type, a.event_category, a.status, a.resource_type,
+           a.resource_id, a.created_at, a.personal_digest, {_PERSONAL_BROKEN} AS personal_broken
+    FROM ROWS FROM (json_to_recordset($1::json) AS (id uuid, chain_seq bigint, row_hash text))
+         WITH ORDINALITY AS e (id, chain_seq, row_hash, ord)
+    LEFT JOIN public.audit_logs AS a ON a.tenant_id = $2 AND a.id = e.id
+) AS placed
+WHERE chain_seq IS DISTINCT FROM $4::bigint + ord
+   OR personal_broken IS NOT FALSE
+   OR expected IS DISTINCT FROM sha256(previous || public.sfdb_audit_content(
+        id, tenant_id, chain_seq, event_type, event_category, status, resource_type,
+        resource_id, created_at, personal_digest))
+"""  # noqa: S608 - made of this module's constants
 _HEAD: Final = "SELECT chain_seq FROM public.audit_chain_heads WHERE tenant_id = $1"
+_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
 def _session(tenant: uuid.UUID) -> str:
@@ -424,8 +459,11 @@ async def import_tenant(
                     f"this database is at {revision}: migrate to the same revision first"
                 )
             await _refuse_taken(conn, manifest)
+            citus = bool(await conn.fetchval(_HAS_CITUS))
             for entry in manifest.tables:
-                await _import_table(conn, source, entry, manifest.tenant_id, progress)
+                await _import_table(
+                    conn, source, entry, manifest.tenant_id, progress=progress, citus=citus
+                )
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=_IMPORT) from exc
     finally:
@@ -481,14 +519,37 @@ async def _refuse_taken(conn: asyncpg.Connection, manifest: ExportManifest) -> N
         )
 
 
+def _owner_column(table: str) -> str:
+    return "id" if table == "tenants" else "tenant_id"
+
+
 def _insert(table: str) -> str:
     """A batch of a table's rows (a JSON array) inserted as they are, if they are the
     workspace's ($2)."""
-    owner = "id" if table == "tenants" else "tenant_id"
     return (
         f"INSERT INTO public.{table} SELECT * FROM "  # noqa: S608 - fixed names
-        f"json_populate_recordset(NULL::public.{table}, $1::json) AS r WHERE r.{owner} = $2"
+        f"json_populate_recordset(NULL::public.{table}, $1::json) AS r "
+        f"WHERE r.{_owner_column(table)} = $2"
     )
+
+
+def _foreign_rows(table: str) -> str:
+    """How many rows of a batch (a JSON array) are not the workspace's ($2)."""
+    owner = _owner_column(table)
+    return (
+        f"SELECT count(*) FROM json_to_recordset($1::json) AS r({owner} uuid) "  # noqa: S608
+        f"WHERE r.{owner} IS DISTINCT FROM $2"
+    )
+
+
+def _insert_values(table: str, rows: int) -> str:
+    """``rows`` rows, one JSON text each ($1 …), as a multi-row ``VALUES``: on Citus, whose
+    ``INSERT … SELECT`` into a distributed table is a ``COPY``, which row-level security
+    refuses; the coordinator evaluates each row and routes the batch to its shard."""
+    values = ", ".join(
+        f"((json_populate_record(NULL::public.{table}, ${n}::json)).*)" for n in range(1, rows + 1)
+    )
+    return f"INSERT INTO public.{table} VALUES {values}"  # noqa: S608 - fixed names
 
 
 async def _import_table(
@@ -496,10 +557,13 @@ async def _import_table(
     source: Path,
     entry: TableFile,
     tenant: uuid.UUID,
+    *,
     progress: ProgressCallback | None,
+    citus: bool,
 ) -> None:
     audit = entry.table == "audit_logs"
-    if audit:
+    before = (0, GENESIS)
+    if audit and not citus:
         # Each statement's events take their places as it ends, in the order inserted.
         await conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
     insert = _insert(entry.table)
@@ -510,13 +574,22 @@ async def _import_table(
     with (source / entry.file).open("rb") as file:
         for batch in _batches(file, digest, entry.file):
             document = "[" + ",".join(batch) + "]"
-            status = await conn.execute(insert, document, tenant)
-            if int(status.rsplit(" ", 1)[1]) != len(batch):
+            if citus:
+                foreign = await conn.fetchval(_foreign_rows(entry.table), document, tenant)
+                if not foreign:
+                    await conn.execute(_insert_values(entry.table, len(batch)), *batch)
+            else:
+                status = await conn.execute(insert, document, tenant)
+                foreign = len(batch) - int(status.rsplit(" ", 1)[1])
+            if foreign:
                 raise ArchiveInvalid(
                     f"{_IMPORT}: {entry.file} holds rows of another workspace; nothing written"
                 )
             if audit:
-                await _check_places(conn, document, tenant, entry.file)
+                await _check_places(
+                    conn, document, tenant, before=before, citus=citus, file=entry.file
+                )
+                before = _place_of(batch[-1])
             rows += len(batch)
             if progress is not None:
                 progress(entry.table, rows, entry.rows)
@@ -524,7 +597,7 @@ async def _import_table(
         raise ArchiveInvalid(
             f"{_IMPORT}: {entry.file} changed while it was imported; nothing written"
         )
-    if audit:
+    if audit and not citus:
         head = await conn.fetchval(_HEAD, tenant)
         if (head or 0) != rows:
             raise ArchiveInvalid(
@@ -533,14 +606,35 @@ async def _import_table(
 
 
 async def _check_places(
-    conn: asyncpg.Connection, document: str, tenant: uuid.UUID, file: str
+    conn: asyncpg.Connection,
+    document: str,
+    tenant: uuid.UUID,
+    *,
+    before: tuple[int, bytes],
+    citus: bool,
+    file: str,
 ) -> None:
-    held = await conn.fetchrow(_PLACES_HELD, document, tenant)
-    if held is None or held["expected"] != held["held"]:
+    """The batch's events hold the places and hashes the export gives them, the next after
+    ``before`` (the place and hash of the event before the batch)."""
+    if citus:
+        # The chain's trigger runs on the worker as it commits (SET CONSTRAINTS is not passed
+        # on): compute what it will compute, with the schema's own canonical form.
+        wrong = await conn.fetchval(_CHAIN_RECOMPUTED, document, tenant, before[1], before[0])
+    else:
+        wrong = await conn.fetchval(_PLACES_HELD, document, tenant)
+    if wrong:
         raise ArchiveInvalid(
             f"{_IMPORT}: {file}: the audit chain does not recompute to the exported places and "
-            "hashes (an event changed, or the events are out of order); nothing written"
+            "hashes (an event changed, is out of order or had no place in the source's chain: "
+            "sfdb audit verify there); nothing written"
         )
+
+
+def _place_of(line: str) -> tuple[int, bytes]:
+    """The place and hash an exported event's line gives it (checked against the database
+    before it is used)."""
+    event = json.loads(line)
+    return int(event["chain_seq"]), bytes.fromhex(event["row_hash"])
 
 
 def _batches(file: BinaryIO, digest: Any, name: str) -> Iterator[list[str]]:

@@ -656,7 +656,7 @@ async def throwaway_database(
 
 @contextlib.asynccontextmanager
 async def citus_database(
-    cluster: CitusCluster, *, revision: str = "head"
+    cluster: CitusCluster, *, revision: str = "head", token_keys: str | None = None
 ) -> AsyncIterator[DatabaseSettings]:
     """A fresh database on ``cluster``, migrated to ``revision`` and distributed; dropped after.
 
@@ -665,8 +665,9 @@ async def citus_database(
     :func:`throwaway_database` makes it) and the extension are made on every
     node, then the nodes are registered in it on the coordinator. The settings
     point at the coordinator, as the runtime login once the schema is at head.
+    ``token_keys`` as for :func:`throwaway_database`.
     """
-    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}")
+    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}", token_keys=token_keys)
     coordinator, worker = cluster.coordinator.url, cluster.worker.url
     settings = _database_settings(coordinator, logins, runtime=False)
     created: list[URL] = []

@@ -2,7 +2,8 @@
 
 The source is the suite's database; the target a second fresh database migrated
 to head with the same ``DATABASE_TOKEN_KEYS`` (its Slack tokens must decrypt
-there), shared by this module's tests, each with workspaces of its own. Both are
+there), shared by this module's tests, each with workspaces of its own; in the
+Citus pass both are distributed on the run's cluster. Both are
 reached as the application reaches them: the rows are written through the
 layer's public API, the round trip is judged by bytes, by ``verify`` and by a
 unit of work on the target.
@@ -10,6 +11,7 @@ unit of work on the target.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -34,7 +36,7 @@ from slack_fathom_db.errors import (
 )
 from slack_fathom_db.export import MANIFEST_FILE, TABLES, export_tenant, import_tenant
 from slack_fathom_db.slack import InstallationStore
-from slack_fathom_db.testing import throwaway_database
+from slack_fathom_db.testing import CitusCluster, citus_database, throwaway_database
 from tests.helpers import dsn, fetch_value, unique_team_id, unique_user_id
 from tests.test_cli import owner_env, sfdb, url_of
 
@@ -123,7 +125,10 @@ async def populate(db: Database, *, meetings: int = 12, name: str = AWKWARD) -> 
                 metadata={"attempt": 2, "ratio": 0.30000000000000004, "why": AWKWARD},
             )
         await uow.audit.log_event(
-            event_type="auth.denied", event_category="auth", action_description="No", status="denied"
+            event_type="auth.denied",
+            event_category="auth",
+            action_description="No",
+            status="denied",
         )
         await uow.rate_limits.take("slack_api", capacity=10, refill_per_second=0.3, tokens=3)
         await uow.commit()
@@ -149,11 +154,16 @@ async def populate(db: Database, *, meetings: int = 12, name: str = AWKWARD) -> 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def target(
-    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings
+    sfdb_server: URL, sfdb_direct_settings: DatabaseSettings, sfdb_citus: CitusCluster | None
 ) -> AsyncIterator[DatabaseSettings]:
-    """A second database at head, with the source's token keys (and a tenant key of its own)."""
+    """A second database at head, with the source's token keys (and a tenant key of its own);
+    in the Citus pass, distributed on the same cluster."""
     keys = sfdb_direct_settings.token_keys
     assert keys is not None
+    if sfdb_citus is not None:
+        async with citus_database(sfdb_citus, token_keys=keys.get_secret_value()) as settings:
+            yield settings
+        return
     async with throwaway_database(sfdb_server, token_keys=keys.get_secret_value()) as settings:
         yield settings
 
@@ -286,16 +296,50 @@ async def test_a_changed_byte_is_refused_before_anything_is_written(
 
     # A manifest made to match rows moved to another workspace: the rows are refused.
     other = str(uuid.uuid4())
-    moved = original.replace(str(workspace.tenant).encode(), other.encode(), 1)
-    meetings.write_bytes(moved)
-    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    for entry in manifest["tables"]:
-        if entry["table"] == "meeting_sessions":
-            entry["sha256"] = __import__("hashlib").sha256(moved).hexdigest()
-    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    rewrite(
+        tmp_path,
+        "meeting_sessions",
+        original.replace(str(workspace.tenant).encode(), other.encode(), 1),
+    )
     with pytest.raises(ArchiveInvalid, match="another workspace"):
         await import_tenant(target, tmp_path)
     assert await count_rows(target, workspace.tenant) == 0
+
+
+@pytest.mark.parametrize(
+    "edit", [("event_type", "meeting.forged"), ("action_description", "nothing happened")]
+)
+async def test_an_audit_event_changed_with_a_manifest_to_match_is_refused(
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    workspace: Workspace,
+    tmp_path: Path,
+    edit: tuple[str, str],
+) -> None:
+    """An event edited in the file, its hash in the manifest made to match: the chain (for
+    what it hashes) or the personal digest (for the personal fields) gives it away, and
+    nothing is written."""
+    await export_tenant(settings, workspace.team, tmp_path)
+    events = tmp_path / "audit_logs.jsonl"
+    lines = events.read_bytes().split(b"\n")
+    edited = json.loads(lines[0])
+    field, value = edit
+    edited[field] = value
+    lines[0] = json.dumps(edited, ensure_ascii=False).encode()
+    rewrite(tmp_path, "audit_logs", b"\n".join(lines))
+    with pytest.raises(ArchiveInvalid, match="audit chain"):
+        await import_tenant(target, tmp_path)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+def rewrite(directory: Path, table: str, data: bytes) -> None:
+    """Replace a table's file of an export and its SHA-256 in the manifest, as a forger would."""
+    (directory / f"{table}.jsonl").write_bytes(data)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for entry in manifest["tables"]:
+        if entry["table"] == table:
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 async def test_an_existing_workspace_is_a_conflict_and_nothing_is_written(
