@@ -12,9 +12,10 @@ Invariants:
   ``REPEATABLE READ READ ONLY`` transaction, so the files agree with each other
   whatever is written meanwhile.
 * **One line per row, rendered by PostgreSQL.** Each line is the row's
-  ``to_jsonb()`` text (keys in jsonb's order, whatever the table's column
-  order), with the transaction's time zone, bytea output and float digits
-  pinned, so no session setting changes a byte. Rows are streamed by ``COPY``
+  ``row_to_json()`` text (keys in the table's column order, which the schema
+  revision fixes; ``to_jsonb()`` would sort them at half the speed), with the
+  transaction's time zone, bytea output and float digits pinned, so no session
+  setting changes a byte. Rows are streamed by ``COPY``
   and written and hashed as they arrive: memory stays the same however large
   the workspace. Rows come in key order (text keys in byte order); audit events
   in their chain's order, each line with the event's place (``chain_seq``) and
@@ -129,12 +130,13 @@ SELECT EXISTS (SELECT FROM public.tenants WHERE id = $1) AS id_taken,
 """
 # Each event with its place and hash; events without a place (a broken chain) last.
 _AUDIT_LINES: Final = """
-SELECT (to_jsonb(a) || jsonb_build_object(
-            'chain_seq', c.chain_seq, 'row_hash', encode(c.row_hash, 'hex')))::text
-FROM public.audit_logs AS a
-LEFT JOIN public.audit_chain AS c ON c.tenant_id = a.tenant_id AND c.event_id = a.id
-WHERE a.tenant_id = {tenant}
-ORDER BY c.chain_seq NULLS LAST, a.created_at, a.id
+SELECT row_to_json(e)::text FROM (
+    SELECT a.*, c.chain_seq, encode(c.row_hash, 'hex') AS row_hash
+    FROM public.audit_logs AS a
+    LEFT JOIN public.audit_chain AS c ON c.tenant_id = a.tenant_id AND c.event_id = a.id
+    WHERE a.tenant_id = {tenant}
+    ORDER BY c.chain_seq NULLS LAST, a.created_at, a.id
+) AS e
 """
 # An event (a) whose personal fields no longer match its digest, computed by the schema's own
 # function (as its insert trigger does), or whose salt was erased with something left.
@@ -382,11 +384,11 @@ def _lines_of(table: str, tenant: uuid.UUID) -> str:
     """The query whose rows are ``table``'s lines of the export, in their order."""
     literal = f"'{validation.canonical_uuid(tenant)}'::uuid"
     if table == "tenants":
-        return f"SELECT to_jsonb(t)::text FROM public.tenants AS t WHERE t.id = {literal}"  # noqa: S608
+        return f"SELECT row_to_json(t)::text FROM public.tenants AS t WHERE t.id = {literal}"  # noqa: S608
     if table == "audit_logs":
         return _AUDIT_LINES.format(tenant=literal)
     return (
-        f"SELECT to_jsonb(t)::text FROM public.{table} AS t "  # noqa: S608 - fixed names
+        f"SELECT row_to_json(t)::text FROM public.{table} AS t "  # noqa: S608 - fixed names
         f"WHERE t.tenant_id = {literal} ORDER BY {_key_order(table)}"
     )
 

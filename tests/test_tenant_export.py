@@ -288,7 +288,7 @@ async def test_a_changed_byte_is_refused_before_anything_is_written(
     await export_tenant(settings, workspace.team, tmp_path)
     meetings = tmp_path / "meeting_sessions.jsonl"
     original = meetings.read_bytes()
-    at = original.index(b'"title": "') + len(b'"title": "')
+    at = original.index(b'"title":"') + len(b'"title":"')
     meetings.write_bytes(original[:at] + b"X" + original[at + 1 :])
     with pytest.raises(ArchiveInvalid, match="SHA-256"):
         await import_tenant(target, tmp_path)
