@@ -220,7 +220,13 @@ async def test_export_import_export_gives_the_same_bytes(
     """Every row of the workspace and none of another's goes out, comes back into a fresh
     database exactly, verifies there, and works through the layer."""
     first, second = tmp_path / "first", tmp_path / "second"
-    manifest = await export_tenant(settings, workspace.team, first)
+    seen: dict[str, tuple[int, int]] = {}
+
+    def progress(table: str, done: int, total: int) -> None:
+        seen[table] = (done, total)
+
+    manifest = await export_tenant(settings, workspace.team, first, progress=progress)
+    assert seen == {e.table: (e.rows, e.rows) for e in manifest.tables}
     assert list(files_of(first)) == sorted([f"{t}.jsonl" for t in TABLES] + [MANIFEST_FILE])
     assert [(e.table, e.file) for e in manifest.tables] == [(t, f"{t}.jsonl") for t in TABLES]
     counts = {e.table: e.rows for e in manifest.tables}
@@ -355,6 +361,20 @@ async def test_an_existing_workspace_is_a_conflict_and_nothing_is_written(
         await import_tenant(target, tmp_path)
     assert await count_rows(target, workspace.tenant) == manifest.rows
     assert (await verify_audit_chains(target, slack_team_id=workspace.team)).ok
+
+
+async def test_a_workspace_installed_there_under_the_same_team_id_is_a_conflict(
+    db: Database, settings: DatabaseSettings, target_db: Database, tmp_path: Path
+) -> None:
+    """The target installed the Slack team itself (another tenant id): Conflict, nothing
+    written, its own workspace untouched."""
+    workspace = await populate(db, meetings=1)
+    await export_tenant(settings, workspace.team, tmp_path)
+    theirs = await target_db.directory.install(slack_team_id=workspace.team, slack_team_name="X")
+    with pytest.raises(Conflict, match="slack_team_id"):
+        await import_tenant(target_db.settings, tmp_path)
+    assert await count_rows(target_db.settings, workspace.tenant) == 0
+    assert await target_db.directory.resolve(workspace.team) == theirs
 
 
 async def test_refusals_are_typed(
