@@ -53,6 +53,7 @@ creation time, salt and digest (the insert trigger of migration 0009).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -114,6 +115,11 @@ _READ_CHUNK: Final = 1 << 20
 _BATCH_ROWS: Final = 2_000
 _BATCH_BYTES: Final = 8 << 20
 _REPORT_EVERY: Final = 5_000
+_SPLIT_ROWS: Final = 100_000
+"""A table of this many rows or more is read in two halves at once."""
+_NOT_SPLIT: Final = ("tenants", "audit_logs")
+"""Tables whose lines are not in ``id`` order (one row; the chain's order)."""
+_SNAPSHOT_SHAPE: Final = re.compile(r"[0-9A-F]+-[0-9A-F]+-[0-9]+")
 # COPY's csv format with a delimiter and a quote that JSON text never holds raw (PostgreSQL
 # escapes every control character in it): each line is the JSON text, byte for byte.
 _DELIMITER: Final = "\x1f"
@@ -135,8 +141,8 @@ SELECT row_to_json(e)::text FROM (
     FROM public.audit_logs AS a
     LEFT JOIN public.audit_chain AS c ON c.tenant_id = a.tenant_id AND c.event_id = a.id
     WHERE a.tenant_id = {tenant}
-    ORDER BY c.chain_seq NULLS LAST, a.created_at, a.id
 ) AS e
+ORDER BY e.chain_seq NULLS LAST, e.created_at, e.id
 """
 # An event (a) whose personal fields no longer match its digest, computed by the schema's own
 # function (as its insert trigger does), or whose salt was erased with something left.
@@ -330,11 +336,16 @@ async def export_tenant(
                 if await conn.fetchval(_TENANT_OF, team) != tenant:
                     raise TenantNotFound(f"{_EXPORT}: workspace {team} was removed meanwhile")
                 revision = await conn.fetchval(_REVISION)
-                files = []
-                for table in TABLES:
-                    path = out / f"{table}.jsonl"
-                    written.append(path)
-                    files.append(await _export_table(conn, table, tenant, path, progress))
+                async with _SecondReader(settings, conn, tenant) as second:
+                    files = []
+                    for table in TABLES:
+                        path = out / f"{table}.jsonl"
+                        written += [path, _part_of(path)]
+                        files.append(
+                            await _export_table(
+                                conn, table, tenant, path, progress=progress, second=second
+                            )
+                        )
         except DRIVER_ERRORS as exc:
             raise translate(exc, action=_EXPORT) from exc
         finally:
@@ -387,9 +398,14 @@ def _lines_of(table: str, tenant: uuid.UUID) -> str:
         return f"SELECT row_to_json(t)::text FROM public.tenants AS t WHERE t.id = {literal}"  # noqa: S608
     if table == "audit_logs":
         return _AUDIT_LINES.format(tenant=literal)
+    return _lines_where(table, f"t.tenant_id = {literal}")
+
+
+def _lines_where(table: str, condition: str) -> str:
+    """The lines of ``table``'s rows that meet ``condition``, in key order."""
     return (
         f"SELECT row_to_json(t)::text FROM public.{table} AS t "  # noqa: S608 - fixed names
-        f"WHERE t.tenant_id = {literal} ORDER BY {_key_order(table)}"
+        f"WHERE {condition} ORDER BY {_key_order(table)}"
     )
 
 
@@ -401,36 +417,138 @@ def _key_order(table: str) -> str:
     )
 
 
+class _SecondReader:
+    """A second connection in the export's snapshot (``pg_export_snapshot()``), opened when
+    a table is large enough to be read in two halves at once: PostgreSQL renders a row on
+    one core per backend. Not on Citus, whose workers do not share the coordinator's
+    snapshot."""
+
+    def __init__(self, settings: DatabaseSettings, conn: asyncpg.Connection, tenant: uuid.UUID):
+        self._settings, self._conn, self._tenant = settings, conn, tenant
+        self._second: asyncpg.Connection | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._usable: bool | None = None
+
+    async def __aenter__(self) -> _SecondReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def connection(self) -> asyncpg.Connection | None:
+        """The second connection, in the same snapshot; ``None`` where there can be none."""
+        if self._usable is None:
+            self._usable = not await self._conn.fetchval(_HAS_CITUS)
+        if not self._usable or self._second is not None:
+            return self._second
+        snapshot = await self._conn.fetchval("SELECT pg_export_snapshot()")
+        if not isinstance(snapshot, str) or not _SNAPSHOT_SHAPE.fullmatch(snapshot):
+            self._usable = False
+            return None
+        second = await owner_connection(self._settings, action=_EXPORT, long_reads=True)
+        self._stack.push_async_callback(second.close, timeout=self._settings.connect_timeout)
+        await self._stack.enter_async_context(
+            second.transaction(isolation="repeatable_read", readonly=True)
+        )
+        await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+        await second.execute(_session(self._tenant))
+        self._second = second
+        return second
+
+
+class _Sink:
+    """Where COPY's chunks go: a file, a running SHA-256 and a count of lines."""
+
+    def __init__(self, file: BinaryIO, counted: Callable[[int], None]) -> None:
+        self.file, self.counted = file, counted
+        self.digest = hashlib.sha256()
+        self.rows = 0
+
+    async def __call__(self, chunk: bytes) -> None:
+        """Take one chunk of COPY's output."""
+        self.take(chunk)
+
+    def take(self, chunk: bytes) -> None:
+        """Write, hash and count ``chunk``."""
+        self.file.write(chunk)
+        self.digest.update(chunk)
+        lines = chunk.count(b"\n")
+        self.rows += lines
+        self.counted(lines)
+
+
+def _part_of(path: Path) -> Path:
+    """Where the second half of a table read in two goes until it is appended."""
+    return path.with_name(f".{path.name}.part")
+
+
 async def _export_table(
     conn: asyncpg.Connection,
     table: str,
     tenant: uuid.UUID,
     path: Path,
+    *,
     progress: ProgressCallback | None,
+    second: _SecondReader,
 ) -> TableFile:
-    total = 0
+    query = _lines_of(table, tenant)
+    total = await conn.fetchval(f"SELECT count(*) FROM ({query}) AS lines")  # noqa: S608
+    done = reported = 0
+
+    def counted(lines: int) -> None:
+        nonlocal done, reported
+        done += lines
+        if progress is not None and (done - reported >= _REPORT_EVERY or done == total):
+            reported = done
+            progress(table, done, total)
+
     if progress is not None:
-        total = await conn.fetchval(f"SELECT count(*) FROM ({_lines_of(table, tenant)}) AS lines")  # noqa: S608
         progress(table, 0, total)
-    digest = hashlib.sha256()
-    rows = reported = 0
+    halves = await _halves(conn, table, tenant, total, second)
     with path.open("xb") as file:
+        sink = _Sink(file, counted)
+        if halves is None:
+            await _copy(conn, query, sink)
+        else:
+            (lower, upper), other = halves
+            part = _part_of(path)
+            with part.open("xb") as spill:
+                # The upper half goes to a file of its own, then after the lower half.
+                await asyncio.gather(
+                    _copy(conn, lower, sink), _copy(other, upper, _Sink(spill, counted))
+                )
+            with part.open("rb") as upper_half:
+                while chunk := upper_half.read(_READ_CHUNK):
+                    sink.take(chunk)
+            part.unlink()
+    return TableFile(table, path.name, sink.rows, sink.digest.hexdigest())
 
-        async def sink(chunk: bytes) -> None:
-            nonlocal rows, reported
-            file.write(chunk)
-            digest.update(chunk)
-            rows += chunk.count(b"\n")
-            if progress is not None and rows - reported >= _REPORT_EVERY:
-                reported = rows
-                progress(table, rows, total)
 
-        await conn.copy_from_query(
-            _lines_of(table, tenant), output=sink, format="csv", delimiter=_DELIMITER, quote=_QUOTE
-        )
-    if progress is not None:
-        progress(table, rows, total)
-    return TableFile(table, path.name, rows, digest.hexdigest())
+async def _halves(
+    conn: asyncpg.Connection, table: str, tenant: uuid.UUID, total: int, second: _SecondReader
+) -> tuple[tuple[str, str], asyncpg.Connection] | None:
+    """The queries of the two halves of a large table keyed by ``id`` (lower, upper) and the
+    connection that reads the upper one; ``None`` to read it whole."""
+    if total < _SPLIT_ROWS or table in _NOT_SPLIT or _key_order(table) != "t.id":
+        return None
+    other = await second.connection()
+    if other is None:
+        return None
+    literal = f"'{validation.canonical_uuid(tenant)}'::uuid"
+    middle = await conn.fetchval(
+        f"SELECT id FROM public.{table} WHERE tenant_id = {literal} "  # noqa: S608 - fixed names
+        f"ORDER BY id OFFSET {total // 2} LIMIT 1"
+    )
+    if middle is None:
+        return None
+    split = f"'{validation.canonical_uuid(middle)}'::uuid"
+    lower = f"t.tenant_id = {literal} AND t.id < {split}"
+    upper = f"t.tenant_id = {literal} AND t.id >= {split}"
+    return (_lines_where(table, lower), _lines_where(table, upper)), other
+
+
+async def _copy(conn: asyncpg.Connection, query: str, sink: _Sink) -> None:
+    await conn.copy_from_query(query, output=sink, format="csv", delimiter=_DELIMITER, quote=_QUOTE)
 
 
 # -- import -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest_asyncio
 from slack_sdk.oauth.installation_store import Installation
 from sqlalchemy.engine import URL
 
-from slack_fathom_db import Database, DatabaseSettings, TenantId
+from slack_fathom_db import Database, DatabaseSettings, TenantId, export
 from slack_fathom_db.audit_chain import verify_audit_chains
 from slack_fathom_db.errors import (
     ArchiveInvalid,
@@ -37,7 +37,7 @@ from slack_fathom_db.errors import (
 from slack_fathom_db.export import MANIFEST_FILE, TABLES, export_tenant, import_tenant
 from slack_fathom_db.slack import InstallationStore
 from slack_fathom_db.testing import CitusCluster, citus_database, throwaway_database
-from tests.helpers import dsn, fetch_value, unique_team_id, unique_user_id
+from tests.helpers import dsn, fetch_value, set_local, unique_team_id, unique_user_id
 from tests.test_cli import owner_env, sfdb, url_of
 
 # Everything JSON and COPY could trip on: backslashes, quotes, newlines, tabs, control
@@ -188,13 +188,13 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 
 async def count_rows(settings: DatabaseSettings, tenant: uuid.UUID) -> int:
-    """The rows a database holds of ``tenant``, every table together, as a superuser sees them
-    (the owner's side: the migrating login, whose policies admit the tenant named)."""
+    """The rows a database holds of ``tenant``, every table of an export together, as the
+    owner sees them with the lifecycle setting naming the tenant."""
     conn = await asyncpg.connect(dsn(settings.for_migrations()))
     try:
         await conn.execute(f'SET ROLE "{settings.roles.owner}"')
         async with conn.transaction():
-            await conn.execute(f"SET LOCAL sfdb.lifecycle_tenant = '{tenant}'")
+            await conn.execute(set_local("sfdb.lifecycle_tenant", str(tenant)))
             total = await fetch_value(
                 conn, int, "SELECT count(*) FROM public.tenants WHERE id = $1", tenant
             )
@@ -284,6 +284,22 @@ async def test_export_import_export_gives_the_same_bytes(
     )
     assert bot is not None
     assert bot.bot_token == f"xoxb-{workspace.team}"  # the same keys decrypt it there
+
+
+@pytest.mark.not_on_citus("no second reader there: its workers do not share the snapshot")
+async def test_a_large_table_read_in_two_halves_gives_the_same_file(
+    settings: DatabaseSettings,
+    workspace: Workspace,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Meetings read by two connections in the export's snapshot, the upper half appended
+    after the lower: the same bytes as read by one."""
+    whole = await export_tenant(settings, workspace.team, tmp_path / "whole")
+    monkeypatch.setattr(export, "_SPLIT_ROWS", 4)
+    halves = await export_tenant(settings, workspace.team, tmp_path / "halves")
+    assert halves == whole
+    assert files_of(tmp_path / "halves") == files_of(tmp_path / "whole")
 
 
 async def test_a_changed_byte_is_refused_before_anything_is_written(
