@@ -10,15 +10,18 @@ Invariants:
 
 * **One snapshot.** :func:`export_tenant` reads every table in one
   ``REPEATABLE READ READ ONLY`` transaction, so the files agree with each other
-  whatever is written meanwhile.
+  whatever is written meanwhile. A large table keyed by ``id`` is read in two
+  halves at once, the upper one by a second connection in the same snapshot
+  (``pg_export_snapshot()``; not on Citus) and appended after the lower one:
+  the same file, rendered on two cores.
 * **One line per row, rendered by PostgreSQL.** Each line is the row's
   ``row_to_json()`` text (keys in the table's column order, which the schema
   revision fixes; ``to_jsonb()`` would sort them at half the speed), with the
   transaction's time zone, bytea output and float digits pinned, so no session
-  setting changes a byte. Rows are streamed by ``COPY``
-  and written and hashed as they arrive: memory stays the same however large
-  the workspace. Rows come in key order (text keys in byte order); audit events
-  in their chain's order, each line with the event's place (``chain_seq``) and
+  setting changes a byte. Rows are streamed by ``COPY`` and written and
+  hashed as they arrive: memory stays the same however large the workspace.
+  Rows come in key order (text keys in byte order); audit events in their
+  chain's order, each line with the event's place (``chain_seq``) and
   ``row_hash`` (hex), so a recipient can check the chain.
 * **Deterministic.** The manifest holds no time: the format version, the schema
   revision (the database's Alembic revision), the tenant id, the Slack team id,
