@@ -85,7 +85,7 @@ from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 if TYPE_CHECKING:
     import os
     import uuid
-    from collections.abc import Iterator
+    from collections.abc import Coroutine, Iterator
 
     import asyncpg
 
@@ -517,9 +517,7 @@ async def _export_table(
             part = _part_of(path)
             with part.open("xb") as spill:
                 # The upper half goes to a file of its own, then after the lower half.
-                await asyncio.gather(
-                    _copy(conn, lower, sink), _copy(other, upper, _Sink(spill, counted))
-                )
+                await _both(_copy(conn, lower, sink), _copy(other, upper, _Sink(spill, counted)))
             with part.open("rb") as upper_half:
                 while chunk := upper_half.read(_READ_CHUNK):
                     sink.take(chunk)
@@ -548,6 +546,18 @@ async def _halves(
     lower = f"t.tenant_id = {literal} AND t.id < {split}"
     upper = f"t.tenant_id = {literal} AND t.id >= {split}"
     return (_lines_where(table, lower), _lines_where(table, upper)), other
+
+
+async def _both(first: Coroutine[Any, Any, None], second: Coroutine[Any, Any, None]) -> None:
+    """Run both at once; if one fails, the other is cancelled before the error goes on."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _copy(conn: asyncpg.Connection, query: str, sink: _Sink) -> None:
