@@ -30,7 +30,14 @@ import asyncpg
 from pydantic import SecretStr
 from pydantic import ValidationError as SettingsError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -40,6 +47,7 @@ from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
 from slack_fathom_db.erasure import erase_user, purge_uninstalled_tenants
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
+from slack_fathom_db.export import ProgressCallback, export_tenant, import_tenant
 from slack_fathom_db.maintenance import (
     DEFAULT_PURGE_AFTER_DAYS,
     finish_tenant_key_rotation,
@@ -53,7 +61,7 @@ from slack_fathom_db.settings import DatabaseSettings, normalize_url
 from slack_fathom_db.tokens import generate_key
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Coroutine, Iterator, Sequence
 
     from sqlalchemy.engine import URL
 
@@ -228,7 +236,35 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="end the rotation: every application signs with DATABASE_TENANT_KEY now",
     )
+    _tenant_parser(
+        commands.add_parser(
+            "tenant",
+            help="one workspace's rows: export them, import them elsewhere (as the schema owner)",
+        )
+    )
     return parser
+
+
+def _tenant_parser(tenant: argparse.ArgumentParser) -> None:
+    """``sfdb tenant ACTION``: what the owner does to one workspace at a time."""
+    actions = tenant.add_subparsers(dest="tenant_action", required=True, metavar="ACTION")
+    export = actions.add_parser(
+        "export",
+        help="write every row of one workspace to DIR: JSON Lines, one file per table, "
+        "and manifest.json",
+    )
+    export.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    export.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="a new or empty directory"
+    )
+    restore = actions.add_parser(
+        "import",
+        help="restore the workspace exported to DIR, in one transaction (needs the same "
+        "schema revision, and the same DATABASE_TOKEN_KEYS for its Slack tokens)",
+    )
+    restore.add_argument(
+        "in_dir", type=Path, metavar="DIR", help="a directory of sfdb tenant export"
+    )
 
 
 def _non_negative(raw: str) -> int:
@@ -686,6 +722,41 @@ async def _rotate_tenant_key(settings: DatabaseSettings, *, finish: bool) -> Non
     )
 
 
+async def _tenant_export(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    _warn_if_owner_falls_back(settings)
+    try:
+        with _table_progress("exporting") as progress:
+            manifest = await export_tenant(
+                settings, args.slack_team_id, args.out, progress=progress
+            )
+    except ValidationError as exc:  # the team id's shape, or a directory in use
+        raise UsageProblem(str(exc)) from None
+    _line(
+        f"exported workspace {manifest.slack_team_id} ({manifest.tenant_id}): "
+        f"{manifest.rows} rows of {len(manifest.tables)} tables to {args.out}"
+    )
+
+
+async def _tenant_import(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    _warn_if_owner_falls_back(settings)
+    with _table_progress("importing") as progress:
+        manifest = await import_tenant(settings, args.in_dir, progress=progress)
+    _line(
+        f"imported workspace {manifest.slack_team_id} ({manifest.tenant_id}): "
+        f"{manifest.rows} rows of {len(manifest.tables)} tables, at schema revision "
+        f"{manifest.schema_revision}"
+    )
+
+
+_TENANT_ACTIONS: dict[
+    str, Callable[[DatabaseSettings, argparse.Namespace], Coroutine[Any, Any, None]]
+] = {
+    "export": _tenant_export,
+    "import": _tenant_import,
+}
+"""``sfdb tenant ACTION``, by action (each parsed in :func:`_tenant_parser`)."""
+
+
 async def _tenant_of(db: Database, slack_team_id: str) -> TenantId:
     tenant_id = await db.directory.resolve(slack_team_id)
     if tenant_id is None:
@@ -843,6 +914,37 @@ def _progress(total: int) -> Iterator[Any]:
             progress.stop()
 
 
+@contextlib.contextmanager
+def _table_progress(verb: str) -> Iterator[ProgressCallback]:
+    """A bar per table on stderr, as :func:`_progress`: only if the work takes over a second."""
+    started = time.monotonic()
+    progress = Progress(
+        TextColumn(f"{verb} " + "{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+    shown = False
+
+    def advance(table: str, done: int, total: int) -> None:
+        nonlocal shown
+        if table not in tasks:
+            tasks[table] = progress.add_task(table, total=total)
+        progress.update(tasks[table], completed=done, total=total)
+        if not shown and time.monotonic() - started > 1.0:
+            progress.start()
+            shown = True
+
+    try:
+        yield advance
+    finally:
+        if shown:
+            progress.stop()
+
+
 # -- entry point -----------------------------------------------------------------------
 
 
@@ -882,6 +984,8 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_rotate_token_keys(settings))
         elif args.command == "rotate-tenant-key":
             asyncio.run(_rotate_tenant_key(settings, finish=args.finish))
+        elif args.command == "tenant":
+            asyncio.run(_TENANT_ACTIONS[args.tenant_action](settings, args))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
         elif args.command == "audit" and args.slack_team_id == "verify":
