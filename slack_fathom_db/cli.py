@@ -158,31 +158,6 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_AUDIT_LIMIT,
         help=f"at most N events (default {DEFAULT_AUDIT_LIMIT})",
     )
-    tenant = commands.add_parser(
-        "tenant", help="a workspace's lifecycle: purge after uninstall, erase a user"
-    )
-    tenant_commands = tenant.add_subparsers(
-        dest="tenant_command", required=True, metavar="TENANT_COMMAND"
-    )
-    purge_tenants = tenant_commands.add_parser(
-        "purge",
-        help="erase the workspaces uninstalled more than the grace period ago (as the "
-        "schema owner; audit rows are de-identified, never deleted)",
-    )
-    purge_tenants.add_argument(
-        "--grace-days",
-        type=_non_negative,
-        default=None,
-        metavar="N",
-        help="workspaces uninstalled more than N days ago (default DATABASE_PURGE_GRACE_DAYS)",
-    )
-    erase = tenant_commands.add_parser(
-        "erase-user",
-        help="erase one Slack user of a workspace: their rows and meetings deleted, their "
-        "audit events de-identified (as the schema owner)",
-    )
-    erase.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
-    erase.add_argument("slack_user_id", metavar="SLACK_USER_ID")
     login = commands.add_parser(
         "create-login",
         help="create the runtime login (or set its password again), as the schema owner",
@@ -239,7 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     _tenant_parser(
         commands.add_parser(
             "tenant",
-            help="one workspace's rows: export them, import them elsewhere (as the schema owner)",
+            help="one workspace's rows: export, import elsewhere, purge after uninstall, "
+            "erase a user (as the schema owner)",
         )
     )
     return parser
@@ -265,6 +241,25 @@ def _tenant_parser(tenant: argparse.ArgumentParser) -> None:
     restore.add_argument(
         "in_dir", type=Path, metavar="DIR", help="a directory of sfdb tenant export"
     )
+    purge = actions.add_parser(
+        "purge",
+        help="erase the workspaces uninstalled more than the grace period ago (audit "
+        "events are de-identified, never deleted)",
+    )
+    purge.add_argument(
+        "--grace-days",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="workspaces uninstalled more than N days ago (default DATABASE_PURGE_GRACE_DAYS)",
+    )
+    erase = actions.add_parser(
+        "erase-user",
+        help="erase one Slack user of a workspace: their rows and meetings deleted, their "
+        "audit events de-identified",
+    )
+    erase.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    erase.add_argument("slack_user_id", metavar="SLACK_USER_ID")
 
 
 def _non_negative(raw: str) -> int:
@@ -663,8 +658,8 @@ async def _purge_rate_limits(settings: DatabaseSettings, older_than_days: int) -
     )
 
 
-async def _purge_tenants(settings: DatabaseSettings, grace_days: int | None) -> None:
-    days = settings.purge_grace_days if grace_days is None else grace_days
+async def _tenant_purge(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    days = settings.purge_grace_days if args.grace_days is None else args.grace_days
     purged = await purge_uninstalled_tenants(settings, grace_days=days)
     for done in purged:
         deleted = sum(done.deleted.values())
@@ -676,7 +671,8 @@ async def _purge_tenants(settings: DatabaseSettings, grace_days: int | None) -> 
     _line(f"{len(purged)} workspace(s) uninstalled more than {days} days ago")
 
 
-async def _erase_user(settings: DatabaseSettings, slack_team_id: str, slack_user_id: str) -> None:
+async def _tenant_erase_user(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    slack_team_id, slack_user_id = args.slack_team_id, args.slack_user_id
     done = await erase_user(settings, slack_team_id, slack_user_id)
     if not done.users:
         _line(f"no user {slack_user_id} in {slack_team_id}: nothing to erase")
@@ -753,6 +749,8 @@ _TENANT_ACTIONS: dict[
 ] = {
     "export": _tenant_export,
     "import": _tenant_import,
+    "purge": _tenant_purge,
+    "erase-user": _tenant_erase_user,
 }
 """``sfdb tenant ACTION``, by action (each parsed in :func:`_tenant_parser`)."""
 
@@ -976,10 +974,6 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_distribute(settings))
         elif args.command == "purge-rate-limits":
             asyncio.run(_purge_rate_limits(settings, args.older_than_days))
-        elif args.command == "tenant" and args.tenant_command == "purge":
-            asyncio.run(_purge_tenants(settings, args.grace_days))
-        elif args.command == "tenant" and args.tenant_command == "erase-user":
-            asyncio.run(_erase_user(settings, args.slack_team_id, args.slack_user_id))
         elif args.command == "rotate-token-keys":
             asyncio.run(_rotate_token_keys(settings))
         elif args.command == "rotate-tenant-key":

@@ -79,7 +79,7 @@ from slack_fathom_db.errors import (
     ValidationError,
     translate,
 )
-from slack_fathom_db.maintenance import owner_connection
+from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _session(tenant: uuid.UUID) -> str:
     passes such a message on to its workers; ``set_config()`` it does not)."""
     return "; ".join(
         (
-            f"SET LOCAL sfdb.lifecycle_tenant = '{validation.canonical_uuid(tenant)}'",
+            lifecycle_scope(tenant),
             f"SET LOCAL search_path = {SEARCH_PATH}",
             "SET LOCAL row_security = on",
             "SET LOCAL TimeZone = 'UTC'",
