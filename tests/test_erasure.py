@@ -166,8 +166,9 @@ async def test_purge_erases_a_workspace_past_its_grace_period_and_nothing_else(
     assert tenant["purged_at"] > tenant["deleted_at"]
     for ws in (recent, live):
         assert await rows_of(admin, ws.tenant_id) == kept[ws.tenant_id]
-    found = await verify_audit_chains(settings)
-    assert found.ok, [chain.broken for chain in found.broken]
+    for ws in (due, recent, live):
+        found = await verify_audit_chains(settings, slack_team_id=ws.slack_team_id)
+        assert found.ok, [chain.broken for chain in found.broken]
     again = await purge_uninstalled_tenants(settings)
     assert due.tenant_id not in {done.tenant_id for done in again}
 
