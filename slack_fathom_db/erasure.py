@@ -13,8 +13,11 @@ The database refuses any other change to an audit row (migration 0011).
 Each erasure leaves a record in the workspace's own audit chain
 (``tenant.purged``, ``user.erased``) that counts what went.
 
-:func:`purge_uninstalled_tenants` erases the workspaces uninstalled more than
-``DATABASE_PURGE_GRACE_DAYS`` days ago: their audit rows de-identified, then
+:func:`purge_uninstalled_tenants` erases the workspaces that the directory
+uninstalled (``db.directory.uninstall``, the installation store's
+``app_uninstalled``) more than ``DATABASE_PURGE_GRACE_DAYS`` days ago, by
+``tenants.uninstalled_at``, which only those functions start (a unit of work's
+``soft_delete()`` hides a workspace but starts no clock): their audit rows de-identified, then
 every other row deleted, children before parents and each table in key
 order, a batch per transaction; last, in one transaction, the ``tenants`` row
 is emptied of its name and settings, stamped ``purged_at`` and the record
@@ -56,10 +59,11 @@ _ERASED: Final = (
     "(user_id IS NULL AND ip_address IS NULL AND user_agent IS NULL "
     "AND action_description = '' AND metadata = '{}'::jsonb AND personal_salt IS NULL)"
 )
-# Uninstalled, past its grace period, and not erased since it was last uninstalled.
+# Uninstalled by the directory, past its grace period, not erased since (uninstalled_at is
+# the owner's, kept by a trigger: the app role cannot start or move the clock).
 _DUE: Final = (
-    "deleted_at IS NOT NULL AND deleted_at <= now() - make_interval(days => {days}) "
-    "AND (purged_at IS NULL OR purged_at < deleted_at)"
+    "deleted_at IS NOT NULL AND uninstalled_at <= now() - make_interval(days => {days}) "
+    "AND (purged_at IS NULL OR purged_at < uninstalled_at)"
 )
 _DUE_TENANTS: Final = (
     f"SELECT id, slack_team_id FROM public.tenants WHERE {_DUE.format(days='$1')} ORDER BY id"  # noqa: S608

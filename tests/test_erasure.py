@@ -17,7 +17,14 @@ from slack_fathom_db.erasure import erase_user, purge_uninstalled_tenants
 from slack_fathom_db.errors import TenantNotFound, ValidationError
 from slack_fathom_db.models import TENANT_OWNED_TABLES
 from slack_fathom_db.slack import InstallationStore
-from tests.helpers import add_user, set_local, unique_team_id, unique_user_id
+from tests.helpers import (
+    add_user,
+    claim_statement,
+    dsn,
+    set_local,
+    unique_team_id,
+    unique_user_id,
+)
 from tests.test_cli import owner_env, sfdb, url_of
 
 PERSONAL = ("user_id", "ip_address", "user_agent", "action_description", "metadata")
@@ -100,12 +107,20 @@ async def rows_of(admin: asyncpg.Connection, tenant: uuid.UUID) -> dict[str, int
 async def uninstall(db: Database, admin: asyncpg.Connection, team: str, *, days_ago: int) -> None:
     """Uninstall ``team`` as Slack's event would, ``days_ago`` days back."""
     assert await db.directory.uninstall(team) is not None
-    await admin.execute(
-        "UPDATE tenants SET deleted_at = now() - make_interval(days => $2) "
-        "WHERE slack_team_id = $1",
-        team,
-        days_ago,
-    )
+    await backdate(admin, team, days_ago=days_ago)
+
+
+async def backdate(admin: asyncpg.Connection, team: str, *, days_ago: int) -> None:
+    """Move an uninstalled workspace's clock ``days_ago`` days back, past the trigger that
+    keeps it (as time passing would)."""
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        await admin.execute(
+            "UPDATE tenants SET deleted_at = now() - make_interval(days => $2), "
+            "uninstalled_at = now() - make_interval(days => $2) WHERE slack_team_id = $1",
+            team,
+            days_ago,
+        )
 
 
 async def audit_rows(admin: asyncpg.Connection, tenant: uuid.UUID) -> list[asyncpg.Record]:
@@ -227,9 +242,7 @@ async def test_a_reinstall_stops_a_purge_cut_short_and_a_new_uninstall_starts_th
     assert await db.directory.uninstall(ws.slack_team_id) == ws.tenant_id
     purged = await purge_uninstalled_tenants(settings)
     assert ws.tenant_id not in {done.tenant_id for done in purged}
-    await admin.execute(
-        "UPDATE tenants SET deleted_at = now() - interval '31 days' WHERE id = $1", ws.tenant_id
-    )
+    await backdate(admin, ws.slack_team_id, days_ago=31)
     purged = await purge_uninstalled_tenants(settings)
     assert [done.finished for done in purged if done.tenant_id == ws.tenant_id] == [True]
 
@@ -466,3 +479,52 @@ async def test_sfdb_tenant_purge_and_erase_user(
         "tenant", "purge", "--grace-days", "-1", url=url_of(settings), cwd=tmp_path, extra_env=env
     )
     assert refused.returncode == 2
+
+
+async def test_the_app_role_can_neither_start_nor_move_the_purge_clock(
+    db: Database, settings: DatabaseSettings, admin: asyncpg.Connection
+) -> None:
+    """As the runtime login with its workspace's claim, raw SQL may soft-delete the
+    workspace at any time it likes, but the purge goes by when the directory uninstalled
+    it: a workspace soft-deleted "ten years ago" by its own app role is not purged, nor is
+    one the directory uninstalled yesterday, however far back the app role then moves its
+    soft delete; the clock itself is out of the app role's reach."""
+    own, uninstalled = await populate(db), await populate(db)
+    await uninstall(db, admin, uninstalled.slack_team_id, days_ago=1)
+    conn = await asyncpg.connect(dsn(settings))
+    try:
+        for ws in (own, uninstalled):
+            async with conn.transaction():
+                await conn.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+                await conn.execute(claim_statement(settings, ws.tenant_id))
+                await conn.execute(
+                    "UPDATE tenants SET deleted_at = now() - interval '10 years', "
+                    "updated_at = now() - interval '10 years' WHERE id = $1",
+                    ws.tenant_id,
+                )
+            async with conn.transaction():
+                await conn.execute(f'SET LOCAL ROLE "{settings.roles.app}"')
+                await conn.execute(claim_statement(settings, ws.tenant_id))
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute(
+                        "UPDATE tenants SET uninstalled_at = now() - interval '10 years' "
+                        "WHERE id = $1",
+                        ws.tenant_id,
+                    )
+    finally:
+        await conn.close()
+    clocks = {
+        row["id"]: (row["deleted_at"], row["uninstalled_at"])
+        for row in await admin.fetch(
+            "SELECT id, deleted_at, uninstalled_at FROM tenants WHERE id = ANY($1::uuid[])",
+            [own.tenant_id, uninstalled.tenant_id],
+        )
+    }
+    assert clocks[own.tenant_id][0] is not None  # the app role's soft delete happened
+    assert clocks[own.tenant_id][1] is None
+    assert clocks[uninstalled.tenant_id][1] is not None
+    assert clocks[uninstalled.tenant_id][1] > clocks[uninstalled.tenant_id][0]
+    purged = await purge_uninstalled_tenants(settings)
+    assert {own.tenant_id, uninstalled.tenant_id}.isdisjoint(done.tenant_id for done in purged)
+    assert (await rows_of(admin, own.tenant_id))["users"] == 2
+    assert (await rows_of(admin, uninstalled.tenant_id))["users"] == 2

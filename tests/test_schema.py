@@ -1083,6 +1083,7 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_audit_logs_chain": set(),
     "sfdb_audit_personal": {"app"},  # the insert trigger's commitment, as the inserting role
     "sfdb_audit_content": set(),  # the chain's trigger and sfdb audit verify, as the owner
+    "sfdb_tenants_uninstalled_at": set(),  # the trigger that keeps the purge's clock
 }
 # The functions that run as the owner (SECURITY DEFINER): the directory's, and the two that
 # read the tenant keys for the app role.

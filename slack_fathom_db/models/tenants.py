@@ -59,6 +59,8 @@ class Tenant(Timestamps, SoftDelete, Base):
     settings: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     # When ``sfdb tenant purge`` last erased the workspace's rows (slack_fathom_db.erasure).
     purged_at: Mapped[datetime | None] = mapped_column(sort_order=95, info=INTERNAL)
+    # When the directory uninstalled it (the purge's clock); kept by a trigger (revision 0011).
+    uninstalled_at: Mapped[datetime | None] = mapped_column(sort_order=96, info=INTERNAL)
 
     def __repr__(self) -> str:
         return f"Tenant(id={self.id}, slack_team_id={self.slack_team_id!r})"
