@@ -662,24 +662,28 @@ async def _tenant_purge(settings: DatabaseSettings, args: argparse.Namespace) ->
     days = settings.purge_grace_days if args.grace_days is None else args.grace_days
     purged = await purge_uninstalled_tenants(settings, grace_days=days)
     for done in purged:
-        deleted = sum(done.deleted.values())
-        state = "erased" if done.finished else "reinstalled meanwhile, purge stopped"
         _line(
-            f"{done.slack_team_id}: {state}; {deleted} row(s) deleted, "
+            f"{done.slack_team_id}: {done.error or done.outcome}; "
+            f"{sum(done.deleted.values())} row(s) deleted, "
             f"{done.deidentified} audit event(s) de-identified"
         )
     _line(f"{len(purged)} workspace(s) uninstalled more than {days} days ago")
+    failed = [done.slack_team_id for done in purged if done.outcome == "failed"]
+    if failed:
+        raise CommandError(f"{len(failed)} workspace(s) not erased, the next run resumes them")
 
 
 async def _tenant_erase_user(settings: DatabaseSettings, args: argparse.Namespace) -> None:
     slack_team_id, slack_user_id = args.slack_team_id, args.slack_user_id
     done = await erase_user(settings, slack_team_id, slack_user_id)
-    if not done.users:
-        _line(f"no user {slack_user_id} in {slack_team_id}: nothing to erase")
+    if not (done.users or done.installations or done.deidentified):
+        _line(f"no trace of {slack_user_id} in {slack_team_id}: nothing to erase")
         return
     _line(
-        f"{slack_user_id} erased from {slack_team_id}: {done.users} user row(s) and "
-        f"{done.meetings} meeting(s) deleted, {done.deidentified} audit event(s) de-identified"
+        f"{slack_user_id} erased from {slack_team_id}: {done.users} user row(s), "
+        f"{done.meetings} meeting(s) and {done.installations} Slack installation(s) deleted, "
+        f"{done.mentions} participant list(s) and {done.deidentified} audit event(s) "
+        "de-identified"
     )
 
 

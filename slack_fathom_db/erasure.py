@@ -3,7 +3,9 @@
 Both run on the owner's side (``DATABASE_MIGRATION_URL``, acting as the owner):
 the runtime roles can neither delete rows for good nor touch an audit row, and
 must not be able to. Every transaction names the one workspace it erases
-(``sfdb.lifecycle_tenant``, migration 0010) and reaches no other's rows.
+(``sfdb.lifecycle_tenant``, migration 0010: the owner's policies then admit
+that workspace's users, connections, mappings, meetings and counters, and the
+de-identification of its audit events), and so does every statement.
 
 Audit rows are never deleted here: they are de-identified. Their personal
 fields (actor, address, user agent, description, metadata) are emptied and
@@ -32,7 +34,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from slack_fathom_db import validation
 from slack_fathom_db.connections import DRIVER_ERRORS
@@ -82,6 +84,18 @@ _RECORD: Final = (
     "action_description, status, resource_type, resource_id, metadata) "
     "VALUES ($1, $2, 'admin', $3, 'success', $4, $5, $6::jsonb)"
 )
+# A participant entry naming one of the emails: an object with that "email", or the email.
+_NAMES: Final = (
+    "lower(coalesce(p ->> 'email', CASE WHEN jsonb_typeof(p) = 'string' THEN p #>> '{}' END, "
+    "'')) = ANY($2::text[])"
+)
+_FORGET_PARTICIPANT: Final = (
+    "UPDATE public.meeting_sessions m SET updated_at = now(), participants = coalesce(("  # noqa: S608
+    "SELECT jsonb_agg(p ORDER BY n) FROM jsonb_array_elements(m.participants) "
+    f"WITH ORDINALITY AS e(p, n) WHERE NOT {_NAMES}), '[]'::jsonb) "
+    "WHERE tenant_id = $1 AND jsonb_typeof(participants) = 'array' AND EXISTS ("
+    f"SELECT FROM jsonb_array_elements(m.participants) AS e(p) WHERE {_NAMES})"
+)
 _EMPTY_TENANT: Final = (
     "UPDATE public.tenants SET slack_team_name = '', settings = '{}'::jsonb, "
     "purged_at = now(), updated_at = now() WHERE id = $1"
@@ -98,8 +112,16 @@ class TenantPurge:
     """Rows deleted, by table (this run's)."""
     deidentified: int = 0
     """Audit rows de-identified (this run's)."""
-    finished: bool = False
-    """Whether the workspace is erased; ``False`` when a reinstall stopped the purge."""
+    outcome: Literal["erased", "erased by another run", "reinstalled", "failed"] = "failed"
+    """``reinstalled``: installed again meanwhile, the purge stopped (what it deleted
+    stays deleted); ``failed``: the database refused (``error`` says why; the next run
+    resumes)."""
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the workspace is erased now (by this run or another)."""
+        return self.outcome in ("erased", "erased by another run")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +132,9 @@ class UserErasure:
     users: int
     """User rows deleted: every row of that Slack user, removed ones included."""
     meetings: int
+    """Meetings they recorded, deleted."""
+    mentions: int
+    """Other meetings whose participants named them by email: those entries removed."""
     installations: int
     """Slack installations the user authorized, deleted (their user tokens with them)."""
     deidentified: int
@@ -140,7 +165,8 @@ async def purge_uninstalled_tenants(
     ``DATABASE_PURGE_GRACE_DAYS``); see the module docstring.
 
     ``on_batch(table, rows)`` is called after every batch that committed.
-    Returns one :class:`TenantPurge` per workspace that was due, oldest id first.
+    Returns one :class:`TenantPurge` per workspace that was due, by id; a workspace the
+    database refuses to erase (``outcome == "failed"``) does not stop the others.
     """
     days = validation.integer(
         settings.purge_grace_days if grace_days is None else grace_days,
@@ -150,13 +176,23 @@ async def purge_uninstalled_tenants(
     batch = validation.integer(batch_size, field="batch_size", minimum=1, maximum=_MAX_BATCH)
     conn = await owner_connection(settings, action="purge uninstalled workspaces")
     try:
-        due = await conn.fetch(_DUE_TENANTS, days)
-        return [
-            await _purge(
-                conn, row["id"], row["slack_team_id"], days=days, batch=batch, on_batch=on_batch
-            )
-            for row in due
-        ]
+        done: list[TenantPurge] = []
+        for row in await conn.fetch(_DUE_TENANTS, days):
+            try:
+                done.append(
+                    await _purge(
+                        conn,
+                        row["id"],
+                        row["slack_team_id"],
+                        days=days,
+                        batch=batch,
+                        on_batch=on_batch,
+                    )
+                )
+            except DRIVER_ERRORS as exc:
+                error = translate(exc, action=f"purge workspace {row['slack_team_id']}")
+                done.append(TenantPurge(row["id"], row["slack_team_id"], error=str(error)))
+        return done
     except DRIVER_ERRORS as exc:
         raise translate(exc, action="purge uninstalled workspaces") from exc
     finally:
@@ -179,7 +215,7 @@ async def _purge(
         while True:
             async with conn.transaction():
                 if not await _hold(conn, tenant, days):
-                    return TenantPurge(tenant, slack_team_id, deleted, deidentified)
+                    return await _stopped(conn, tenant, slack_team_id, deleted, deidentified)
                 if table == "audit_logs":
                     ids = [
                         row["id"]
@@ -199,7 +235,7 @@ async def _purge(
                 break
     async with conn.transaction():
         if not await _hold(conn, tenant, days):
-            return TenantPurge(tenant, slack_team_id, deleted, deidentified)
+            return await _stopped(conn, tenant, slack_team_id, deleted, deidentified)
         await conn.execute(_EMPTY_TENANT, tenant)
         await conn.execute(
             _RECORD,
@@ -210,7 +246,24 @@ async def _purge(
             str(tenant),
             json.dumps({"deleted": deleted, "audit_events_deidentified": deidentified}),
         )
-    return TenantPurge(tenant, slack_team_id, deleted, deidentified, finished=True)
+    return TenantPurge(tenant, slack_team_id, deleted, deidentified, outcome="erased")
+
+
+async def _stopped(
+    conn: asyncpg.Connection,
+    tenant: uuid.UUID,
+    slack_team_id: str,
+    deleted: dict[str, int],
+    deidentified: int,
+) -> TenantPurge:
+    """A purge that found its workspace no longer due: live again, or erased by another."""
+    live = await conn.fetchval(
+        "SELECT deleted_at IS NULL FROM public.tenants WHERE id = $1", tenant
+    )
+    outcome: Literal["erased by another run", "reinstalled"] = (
+        "reinstalled" if live else "erased by another run"
+    )
+    return TenantPurge(tenant, slack_team_id, deleted, deidentified, outcome=outcome)
 
 
 async def _hold(conn: asyncpg.Connection, tenant: uuid.UUID, days: int) -> bool:
@@ -227,12 +280,15 @@ async def erase_user(
 ) -> UserErasure:
     """Erase one Slack user of a workspace, in one transaction: every row of that user
     (removed ones too), the meetings they recorded and the Slack installations they
-    authorized deleted, CRM connections they made kept without them, and their audit
+    authorized deleted, their entries (by email) removed from other meetings'
+    participants, CRM connections they made kept without them, and their audit
     events (theirs by ``user_id``, or naming them as ``metadata.slack_user_id``, as the
     layer's own Slack events do) de-identified; a ``user.erased`` record counts it.
 
     Idempotent: a user already erased (or never known) erases nothing and writes no
-    record. Free text that names the user elsewhere is not searched. The workspace's
+    record. Free text that names the user elsewhere (a summary, another user's event) is
+    not searched; ``event_type`` and ``resource_id`` are chained as they are and must
+    never hold personal data. The workspace's
     bot token stays (it is the workspace's, not the user's).
     :class:`TenantNotFound` if no workspace has that Slack team id.
     """
@@ -248,7 +304,7 @@ async def erase_user(
                 raise TenantNotFound(f"erase user: no workspace with slack_team_id {team}")
             await conn.execute(lifecycle_scope(tenant))
             done = await _erase_user(conn, tenant, person)
-            if done.users or done.meetings or done.installations or done.deidentified:
+            if done.users or done.installations or done.deidentified:
                 await conn.execute(
                     _RECORD,
                     tenant,
@@ -260,6 +316,7 @@ async def erase_user(
                         {
                             "users": done.users,
                             "meetings": done.meetings,
+                            "participant_entries": done.mentions,
                             "slack_installations": done.installations,
                             "audit_events": done.deidentified,
                         }
@@ -273,15 +330,14 @@ async def erase_user(
 
 
 async def _erase_user(conn: asyncpg.Connection, tenant: uuid.UUID, person: str) -> UserErasure:
-    users = [
-        row["id"]
-        for row in await conn.fetch(
-            "SELECT id FROM public.users WHERE tenant_id = $1 AND slack_user_id = $2 "
-            "ORDER BY id FOR UPDATE",
-            tenant,
-            person,
-        )
-    ]
+    rows = await conn.fetch(
+        "SELECT id, lower(slack_email) AS email FROM public.users "
+        "WHERE tenant_id = $1 AND slack_user_id = $2 ORDER BY id FOR UPDATE",
+        tenant,
+        person,
+    )
+    users = [row["id"] for row in rows]
+    emails = sorted({row["email"] for row in rows if row["email"]})
     deidentified = _count(
         await conn.execute(
             f"UPDATE public.audit_logs SET {_DEIDENTIFY} "  # noqa: S608 - fixed text
@@ -306,6 +362,7 @@ async def _erase_user(conn: asyncpg.Connection, tenant: uuid.UUID, person: str) 
             users,
         )
     )
+    mentions = _count(await conn.execute(_FORGET_PARTICIPANT, tenant, emails)) if emails else 0
     installations = _count(
         await conn.execute(
             "DELETE FROM public.slack_installations WHERE tenant_id = $1 AND user_id = $2",
@@ -316,4 +373,4 @@ async def _erase_user(conn: asyncpg.Connection, tenant: uuid.UUID, person: str) 
     await conn.execute(
         "DELETE FROM public.users WHERE tenant_id = $1 AND id = ANY($2::uuid[])", tenant, users
     )
-    return UserErasure(tenant, len(users), meetings, installations, deidentified)
+    return UserErasure(tenant, len(users), meetings, mentions, installations, deidentified)

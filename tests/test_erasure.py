@@ -3,6 +3,8 @@ erased on request; audit rows de-identified, never deleted, and every chain stil
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,12 @@ from tests.helpers import (
 )
 from tests.test_cli import owner_env, sfdb, url_of
 
-PERSONAL = ("user_id", "ip_address", "user_agent", "action_description", "metadata")
+# Bob's meeting, which Ann attended (named by her email, in either form).
+PARTICIPANTS = (
+    {"name": "Ann", "email": "ANN@acme.example"},
+    "ann@acme.example",
+    {"name": "Carl", "email": "carl@client.example"},
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,10 @@ async def populate(db: Database, *, name: str = "Acme") -> Workspace:
         )
         for who in (user, other):
             meeting = await uow.meetings.create(
-                user_id=who.id, fathom_recording_id=f"rec-{uuid.uuid4()}", title="Intro call"
+                user_id=who.id,
+                fathom_recording_id=f"rec-{uuid.uuid4()}",
+                title="Intro call",
+                participants=PARTICIPANTS if who is other else (),
             )
             await uow.audit.log_event(
                 event_type="meeting.created",
@@ -280,9 +290,13 @@ async def test_erase_user_deletes_their_rows_and_de_identifies_their_audit_event
     users = await admin.fetch("SELECT id FROM users WHERE tenant_id = $1", ws.tenant_id)
     assert [row["id"] for row in users] == [ws.other_user_id]
     meetings = await admin.fetch(
-        "SELECT user_id FROM meeting_sessions WHERE tenant_id = $1", ws.tenant_id
+        "SELECT user_id, participants FROM meeting_sessions WHERE tenant_id = $1", ws.tenant_id
     )
     assert [row["user_id"] for row in meetings] == [ws.other_user_id]
+    assert json.loads(meetings[0]["participants"]) == [
+        {"name": "Carl", "email": "carl@client.example"}
+    ]
+    assert done.mentions == 1
     crm = await admin.fetchrow(
         "SELECT connected_by_user_id, deleted_at FROM crm_connections WHERE id = $1",
         ws.crm_connection_id,
@@ -528,3 +542,55 @@ async def test_the_app_role_can_neither_start_nor_move_the_purge_clock(
     assert {own.tenant_id, uninstalled.tenant_id}.isdisjoint(done.tenant_id for done in purged)
     assert (await rows_of(admin, own.tenant_id))["users"] == 2
     assert (await rows_of(admin, uninstalled.tenant_id))["users"] == 2
+
+
+@pytest.mark.not_on_citus("the refusal is a trigger on a distributed table, added by the test")
+async def test_a_workspace_the_database_refuses_to_erase_does_not_stop_the_others(
+    db: Database, settings: DatabaseSettings, admin: asyncpg.Connection
+) -> None:
+    """The failing workspace is reported (``failed``, with the database's reason) and
+    resumed by a later run; the other is erased in the same run."""
+    stuck, fine = await populate(db), await populate(db)
+    for ws in (stuck, fine):
+        await uninstall(db, admin, ws.slack_team_id, days_ago=40)
+    await admin.execute(
+        f"""
+        CREATE FUNCTION pg_temp.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF OLD.tenant_id = '{stuck.tenant_id}' THEN
+                RAISE EXCEPTION 'held for a legal hold' USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN OLD;
+        END $$;
+        CREATE TRIGGER zz_refuse BEFORE DELETE ON users
+        FOR EACH ROW EXECUTE FUNCTION pg_temp.refuse();
+        """
+    )
+    try:
+        purged = {done.tenant_id: done for done in await purge_uninstalled_tenants(settings)}
+    finally:
+        await admin.execute("DROP TRIGGER zz_refuse ON users")
+    assert purged[stuck.tenant_id].outcome == "failed"
+    assert "[23514]" in (purged[stuck.tenant_id].error or "")
+    assert purged[fine.tenant_id].outcome == "erased"
+    again = {done.tenant_id: done for done in await purge_uninstalled_tenants(settings)}
+    assert again[stuck.tenant_id].outcome == "erased"
+    assert fine.tenant_id not in again
+
+
+async def test_two_purges_at_once_erase_a_workspace_once(
+    db: Database, settings: DatabaseSettings, admin: asyncpg.Connection
+) -> None:
+    """Both finish; one erased it, the other says another run did; one record."""
+    ws = await populate(db)
+    await uninstall(db, admin, ws.slack_team_id, days_ago=40)
+    runs = await asyncio.gather(
+        *(purge_uninstalled_tenants(settings, batch_size=1) for _ in range(2))
+    )
+    outcomes = sorted(
+        done.outcome for run in runs for done in run if done.tenant_id == ws.tenant_id
+    )
+    assert outcomes == ["erased", "erased by another run"]
+    events = await audit_rows(admin, ws.tenant_id)
+    assert [row["event_type"] for row in events].count("tenant.purged") == 1
+    assert (await verify_audit_chains(settings, slack_team_id=ws.slack_team_id)).ok
