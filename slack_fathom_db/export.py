@@ -27,6 +27,9 @@ Invariants:
   revision (the database's Alembic revision), the tenant id, the Slack team id,
   and per table the file, its row count and its SHA-256. Exporting a workspace
   that was imported gives byte-identical files.
+* **For its user only.** A directory the export makes is ``0o700``, every file
+  it writes ``0o600``: the files hold everything of the workspace but its
+  plaintext secrets.
 * **Verified before anything is written.** :func:`import_tenant` checks the
   manifest and every file (row count and SHA-256) before it connects, refuses a
   database at another schema revision (:class:`SchemaMismatch`) or one that
@@ -60,6 +63,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,7 +87,6 @@ from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
-    import os
     import uuid
     from collections.abc import Coroutine, Iterator
 
@@ -300,6 +303,18 @@ def _table_file(entry: object, table: str) -> TableFile:
     return TableFile(table, entry["file"], entry["rows"], entry["sha256"])
 
 
+def _create(path: Path) -> BinaryIO:
+    """A new file at ``path`` (never an existing one, nor through a link), readable and
+    writable by this user only: an export holds everything of a workspace but its
+    plaintext secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_manifest(in_dir: str | os.PathLike[str]) -> ExportManifest:
     """The manifest of the export in ``in_dir``, checked (not yet its files)."""
     path = Path(in_dir) / MANIFEST_FILE
@@ -366,7 +381,8 @@ def _write_manifest(out: Path, manifest: ExportManifest, written: list[Path]) ->
     an export that did not finish."""
     draft = out / f".{MANIFEST_FILE}.partial"
     written.append(draft)
-    draft.write_text(manifest.to_json(), encoding="utf-8")
+    with _create(draft) as file:
+        file.write(manifest.to_json().encode("utf-8"))
     draft.replace(out / MANIFEST_FILE)
 
 
@@ -380,9 +396,10 @@ def _remove(out: Path, written: list[Path], *, directory: bool) -> None:
 
 
 def _claim_directory(out: Path) -> bool:
-    """Make ``out``, or accept it empty; ``True`` if it was made here."""
+    """Make ``out`` (``0o700``: for this user only), or accept it empty; ``True`` if it was
+    made here."""
     try:
-        out.mkdir(parents=True)
+        out.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         if not out.is_dir():
             raise ValidationError(f"{_EXPORT}: {out} exists and is not a directory") from None
@@ -508,14 +525,14 @@ async def _export_table(
     if progress is not None:
         progress(table, 0, total)
     halves = await _halves(conn, table, tenant, total, second)
-    with path.open("xb") as file:
+    with _create(path) as file:
         sink = _Sink(file, counted)
         if halves is None:
             await _copy(conn, query, sink)
         else:
             (lower, upper), other = halves
             part = _part_of(path)
-            with part.open("xb") as spill:
+            with _create(part) as spill:
                 # The upper half goes to a file of its own, then after the lower half.
                 await _both(_copy(conn, lower, sink), _copy(other, upper, _Sink(spill, counted)))
             with part.open("rb") as upper_half:

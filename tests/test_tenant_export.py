@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -482,3 +484,24 @@ async def test_cli_exports_and_imports(
     assert "exists" in conflict.stderr
     for result in (exported, imported):
         assert f"xoxb-{workspace.team}" not in result.stdout + result.stderr
+
+
+async def test_an_export_is_readable_by_its_user_only(
+    settings: DatabaseSettings, workspace: Workspace, tmp_path: Path
+) -> None:
+    """A directory the export makes is 0o700, every file 0o600, whatever the umask; a
+    directory it is given keeps its mode."""
+    previous = os.umask(0o002)
+    try:
+        made = tmp_path / "made" / "here"
+        await export_tenant(settings, workspace.team, made)
+        given = tmp_path / "given"
+        given.mkdir(mode=0o755)
+        await export_tenant(settings, workspace.team, given)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert stat.S_IMODE(given.stat().st_mode) == 0o755
+    for directory in (made, given):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert modes == dict.fromkeys([f"{t}.jsonl" for t in TABLES] + [MANIFEST_FILE], 0o600)
