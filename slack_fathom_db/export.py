@@ -36,7 +36,9 @@ Invariants:
   knows the tenant id or the Slack team id already (:class:`Conflict`), and
   writes everything in one transaction: all of it commits, or nothing. Every
   row must belong to the manifest's workspace, and each file is hashed again
-  as it is read (a file changed after the check rolls everything back).
+  as it is read (a file changed after the check rolls everything back). Only
+  regular files of the directory are read: not through a symbolic link, never a
+  FIFO or a device.
 * **The audit chain carries over.** Events are inserted in chain order, with
   the chain's trigger (``audit_logs_chain``) immediate, and every place and hash
   the database computes must equal the exported ones, else
@@ -61,10 +63,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +122,7 @@ ProgressCallback: TypeAlias = Callable[[str, int, int], None]
 _EXPORT: Final = "export tenant"
 _IMPORT: Final = "import tenant"
 _READ_CHUNK: Final = 1 << 20
+_MANIFEST_MAX: Final = 1 << 20
 _BATCH_ROWS: Final = 2_000
 _BATCH_BYTES: Final = 8 << 20
 _REPORT_EVERY: Final = 5_000
@@ -303,6 +308,48 @@ def _table_file(entry: object, table: str) -> TableFile:
     return TableFile(table, entry["file"], entry["rows"], entry["sha256"])
 
 
+def read_manifest(in_dir: str | os.PathLike[str]) -> ExportManifest:
+    """The manifest of the export in ``in_dir``, checked (not yet its files)."""
+    path = Path(in_dir) / MANIFEST_FILE
+    try:
+        with _open_regular(path) as file:
+            data = file.read(_MANIFEST_MAX + 1)
+    except FileNotFoundError:
+        raise ArchiveInvalid(f"{in_dir} holds no {MANIFEST_FILE}: not a finished export") from None
+    except OSError as exc:
+        raise ArchiveInvalid(f"{path} cannot be read: {exc}") from None
+    if len(data) > _MANIFEST_MAX:
+        raise ArchiveInvalid(f"{path} is longer than {_MANIFEST_MAX} bytes: not a manifest")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchiveInvalid(f"{path} is not UTF-8") from None
+    return ExportManifest.from_json(text)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file itself: not through a symbolic
+    link (``O_NOFOLLOW``), and never waiting on a FIFO or a device (``O_NONBLOCK``, then
+    ``fstat``); :class:`ArchiveInvalid` otherwise. An export holds regular files only, and
+    an import reads nothing from outside its directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArchiveInvalid(
+                f"{_IMPORT}: {path.name} is a symbolic link (an export holds regular files "
+                "only); nothing written"
+            ) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArchiveInvalid(f"{_IMPORT}: {path.name} is not a regular file; nothing written")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _create(path: Path) -> BinaryIO:
     """A new file at ``path`` (never an existing one, nor through a link), readable and
     writable by this user only: an export holds everything of a workspace but its
@@ -313,18 +360,6 @@ def _create(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
-
-
-def read_manifest(in_dir: str | os.PathLike[str]) -> ExportManifest:
-    """The manifest of the export in ``in_dir``, checked (not yet its files)."""
-    path = Path(in_dir) / MANIFEST_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArchiveInvalid(f"{in_dir} holds no {MANIFEST_FILE}: not a finished export") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ArchiveInvalid(f"{path} cannot be read: {exc}") from None
-    return ExportManifest.from_json(text)
 
 
 # -- export -----------------------------------------------------------------------------
@@ -596,7 +631,8 @@ async def import_tenant(
     manifest = read_manifest(source)
     for entry in manifest.tables:
         _check_file(source, entry)
-    tenant_line = (source / manifest.tables[0].file).read_text(encoding="utf-8")
+    with _open_regular(source / manifest.tables[0].file) as file:
+        tenant_line = file.read().decode("utf-8")
     _check_tenant_row(tenant_line, manifest)
     conn = await owner_connection(settings, action=_IMPORT, long_reads=True)
     try:
@@ -628,7 +664,7 @@ def _check_file(source: Path, entry: TableFile) -> None:
     rows = 0
     last = b"\n"
     try:
-        with path.open("rb") as file:
+        with _open_regular(path) as file:
             while chunk := file.read(_READ_CHUNK):
                 digest.update(chunk)
                 rows += chunk.count(b"\n")
@@ -721,7 +757,7 @@ async def _import_table(
     rows = 0
     if progress is not None:
         progress(entry.table, 0, entry.rows)
-    with (source / entry.file).open("rb") as file:
+    with _open_regular(source / entry.file) as file:
         for batch in _batches(file, digest, entry.file):
             document = "[" + ",".join(batch) + "]"
             if citus:

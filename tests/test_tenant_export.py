@@ -505,3 +505,32 @@ async def test_an_export_is_readable_by_its_user_only(
     for directory in (made, given):
         modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
         assert modes == dict.fromkeys([f"{t}.jsonl" for t in TABLES] + [MANIFEST_FILE], 0o600)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "manifest symlink"])
+async def test_an_import_reads_regular_files_of_its_directory_only(
+    db: Database,
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """A file of the export that is a symbolic link (even to the same bytes), a FIFO (which
+    would block a reader) or a directory: refused before anything is read from it."""
+    workspace = await populate(db, meetings=1)
+    out = tmp_path / "export"
+    await export_tenant(settings, workspace.team, out)
+    name = MANIFEST_FILE if kind == "manifest symlink" else "api_rate_limits.jsonl"
+    outside = tmp_path / name
+    outside.write_bytes((out / name).read_bytes())
+    (out / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(out / name)
+    elif kind == "directory":
+        (out / name).mkdir()
+    else:
+        (out / name).symlink_to(outside)
+    refusal = "is a symbolic link" if "symlink" in kind else "is not a regular file"
+    with pytest.raises(ArchiveInvalid, match=f"{name} {refusal}"):
+        await import_tenant(target, out)
+    assert await count_rows(target, workspace.tenant) == 0
