@@ -36,9 +36,13 @@ Invariants:
   knows the tenant id or the Slack team id already (:class:`Conflict`), and
   writes everything in one transaction: all of it commits, or nothing. Every
   row must belong to the manifest's workspace, and each file is hashed again
-  as it is read (a file changed after the check rolls everything back). Only
-  regular files of the directory are read: not through a symbolic link, never a
-  FIFO or a device.
+  as it is read (a file changed after the check rolls everything back).
+* **A malformed export is an** :class:`ArchiveInvalid` **naming its file**
+  (and the line, or the batch's lines, where the database refused a value),
+  never a value of it, and nothing is written. Only regular files of the
+  directory are read: not through a symbolic link, never a FIFO or a device.
+  No line longer than :data:`MAX_LINE_BYTES` is held: memory stays bounded
+  whatever the files hold.
 * **The audit chain carries over.** Events are inserted in chain order, with
   the chain's trigger (``audit_logs_chain``) immediate, and every place and hash
   the database computes must equal the exported ones, else
@@ -69,11 +73,13 @@ import json
 import os
 import re
 import stat
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, TypeAlias
 
+import asyncpg
 from sqlalchemy import String
 
 from slack_fathom_db import validation
@@ -91,16 +97,14 @@ from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
-    import uuid
     from collections.abc import Coroutine, Iterator
-
-    import asyncpg
 
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "MAX_LINE_BYTES",
     "TABLES",
     "ExportManifest",
     "ProgressCallback",
@@ -115,6 +119,12 @@ FORMAT_VERSION: Final = 1
 MANIFEST_FILE: Final = "manifest.json"
 TABLES: Final = ("tenants", *TENANT_OWNED_TABLES)
 """The tables of an export, in the order they are written and restored."""
+MAX_LINE_BYTES: Final = 64 << 20
+"""The longest line (its newline included) an import reads, and the largest
+``tenants.jsonl``: a longer one is refused (:class:`ArchiveInvalid`) before it is held
+whole, so an import's memory stays bounded whatever the files hold (a batch is held a few
+times over: as read, decoded, joined and sent). A row whose JSON is longer cannot be
+imported."""
 
 ProgressCallback: TypeAlias = Callable[[str, int, int], None]
 """Called as rows pass, with the table, its rows done so far and its total rows."""
@@ -631,9 +641,7 @@ async def import_tenant(
     manifest = read_manifest(source)
     for entry in manifest.tables:
         _check_file(source, entry)
-    with _open_regular(source / manifest.tables[0].file) as file:
-        tenant_line = file.read().decode("utf-8")
-    _check_tenant_row(tenant_line, manifest)
+    _check_tenant_row(source, manifest)
     conn = await owner_connection(settings, action=_IMPORT, long_reads=True)
     try:
         async with conn.transaction():
@@ -679,17 +687,45 @@ def _check_file(source: Path, entry: TableFile) -> None:
         )
 
 
-def _check_tenant_row(line: str, manifest: ExportManifest) -> None:
+def _check_tenant_row(source: Path, manifest: ExportManifest) -> None:
+    """``tenants.jsonl`` is the manifest's workspace: read whole, so its size first."""
+    name = manifest.tables[0].file
+    limit = MAX_LINE_BYTES
     try:
-        row = json.loads(line)
-    except ValueError:
-        raise ArchiveInvalid(f"{_IMPORT}: tenants.jsonl is not a JSON line") from None
+        with _open_regular(source / name) as file:
+            if os.fstat(file.fileno()).st_size > limit:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {name} is longer than {limit} bytes (MAX_LINE_BYTES), the "
+                    "longest line an import reads; nothing written"
+                )
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise ArchiveInvalid(f"{_IMPORT}: {name} cannot be read: {exc}") from None
+    if len(data) > limit:
+        raise ArchiveInvalid(f"{_IMPORT}: {name} grew while it was read; nothing written")
+    try:
+        row = _json_object(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArchiveInvalid(f"{_IMPORT}: {name} is not UTF-8; nothing written") from None
     if (
-        not isinstance(row, dict)
+        row is None
         or row.get("id") != str(manifest.tenant_id)
         or row.get("slack_team_id") != manifest.slack_team_id
     ):
-        raise ArchiveInvalid(f"{_IMPORT}: tenants.jsonl is not the workspace of the manifest")
+        raise ArchiveInvalid(f"{_IMPORT}: {name} is not the workspace of the manifest")
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as one JSON object, if it is one (as PostgreSQL reads JSON: no ``NaN``)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _refuse_taken(conn: asyncpg.Connection, manifest: ExportManifest) -> None:
@@ -758,24 +794,29 @@ async def _import_table(
     if progress is not None:
         progress(entry.table, 0, entry.rows)
     with _open_regular(source / entry.file) as file:
-        for batch in _batches(file, digest, entry.file):
+        for first, batch in _batches(file, digest, entry.file):
             document = "[" + ",".join(batch) + "]"
-            if citus:
-                foreign = await conn.fetchval(_foreign_rows(entry.table), document, tenant)
-                if not foreign:
-                    await conn.execute(_insert_values(entry.table, len(batch)), *batch)
-            else:
-                status = await conn.execute(insert, document, tenant)
-                foreign = len(batch) - int(status.rsplit(" ", 1)[1])
-            if foreign:
-                raise ArchiveInvalid(
-                    f"{_IMPORT}: {entry.file} holds rows of another workspace; nothing written"
-                )
+            try:
+                if citus:
+                    foreign = await conn.fetchval(_foreign_rows(entry.table), document, tenant)
+                    if not foreign:
+                        await conn.execute(_insert_values(entry.table, len(batch)), *batch)
+                    inserted = 0 if foreign else len(batch)
+                else:
+                    status = await conn.execute(insert, document, tenant)
+                    inserted = int(status.rsplit(" ", 1)[1])
+                if inserted != len(batch):
+                    raise _refusal(entry, tenant, batch, first)
+                if audit:
+                    await _check_places(
+                        conn, document, tenant, before=before, citus=citus, file=entry.file
+                    )
+            except asyncpg.PostgresError as exc:
+                if not _refuses_the_archive(exc, entry.table):
+                    raise
+                raise _refusal(entry, tenant, batch, first, exc) from exc
             if audit:
-                await _check_places(
-                    conn, document, tenant, before=before, citus=citus, file=entry.file
-                )
-                before = _place_of(batch[-1])
+                before = _place_of(batch[-1], file=entry.file)
             rows += len(batch)
             if progress is not None:
                 progress(entry.table, rows, entry.rows)
@@ -789,6 +830,52 @@ async def _import_table(
             raise ArchiveInvalid(
                 f"{_IMPORT}: the audit chain ends at place {head or 0}, not {rows}; nothing written"
             )
+
+
+def _refuses_the_archive(exc: asyncpg.PostgresError, table: str) -> bool:
+    """The database refused a value of the export (a data exception, a violated
+    constraint), not the transaction (a conflict with a workspace being installed under the
+    same team id meanwhile, a lost connection, …)."""
+    code = str(exc.sqlstate or "")
+    return code[:2] in ("22", "23") and not (table == "tenants" and code in ("23505", "23P01"))
+
+
+def _refusal(
+    entry: TableFile,
+    tenant: uuid.UUID,
+    batch: list[str],
+    first: int,
+    exc: asyncpg.PostgresError | None = None,
+) -> ArchiveInvalid:
+    """Why a batch was refused (``exc``) or not inserted whole: the first line that is not
+    one JSON object of the workspace, else the database's refusal (never a value) and the
+    batch's lines."""
+    owner = _owner_column(entry.table)
+    for number, line in enumerate(batch, start=first):
+        row = _json_object(line)
+        if row is None:
+            problem = "is not one JSON object"
+        elif not _names(row.get(owner), tenant):
+            problem = f"is a row of another workspace, or of none ({owner})"
+        else:
+            continue
+        return ArchiveInvalid(f"{_IMPORT}: {entry.file} line {number} {problem}; nothing written")
+    last = first + len(batch) - 1
+    lines = f"{entry.file} line {first}" if last == first else f"{entry.file} lines {first}-{last}"
+    if exc is None:
+        return ArchiveInvalid(f"{_IMPORT}: {lines} hold rows of another workspace; nothing written")
+    column = f" (column {exc.column_name})" if getattr(exc, "column_name", None) else ""
+    return ArchiveInvalid(
+        f"{translate(exc, action=f'{_IMPORT}: {lines}')}{column}; nothing written"
+    )
+
+
+def _names(value: object, tenant: uuid.UUID) -> bool:
+    """``value`` is the text of ``tenant``'s id."""
+    try:
+        return isinstance(value, str) and uuid.UUID(value) == tenant
+    except ValueError:
+        return False
 
 
 async def _check_places(
@@ -816,29 +903,48 @@ async def _check_places(
         )
 
 
-def _place_of(line: str) -> tuple[int, bytes]:
+def _place_of(line: str, *, file: str) -> tuple[int, bytes]:
     """The place and hash an exported event's line gives it (checked against the database
     before it is used)."""
-    event = json.loads(line)
-    return int(event["chain_seq"]), bytes.fromhex(event["row_hash"])
+    try:
+        event = json.loads(line)
+        return int(event["chain_seq"]), bytes.fromhex(event["row_hash"])
+    except (ValueError, TypeError, KeyError):
+        raise ArchiveInvalid(
+            f"{_IMPORT}: {file}: an event without a place and hash; nothing written"
+        ) from None
 
 
-def _batches(file: BinaryIO, digest: Any, name: str) -> Iterator[list[str]]:
-    """The file's lines (without their newline) in batches bounded in rows and bytes,
-    hashed as they are read."""
+def _batches(file: BinaryIO, digest: Any, name: str) -> Iterator[tuple[int, list[str]]]:
+    """The file's lines (without their newline) in batches bounded in rows and bytes, each
+    with the number of its first line, hashed as they are read. A line is read at most
+    :data:`MAX_LINE_BYTES` at a time: a longer one is refused before it is held whole."""
+    limit = MAX_LINE_BYTES
     batch: list[str] = []
-    size = 0
-    for line in file:
+    size = number = 0
+    while line := file.readline(limit):
+        number += 1
         digest.update(line)
         if not line.endswith(b"\n"):
+            if len(line) >= limit:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {name} line {number} is longer than {limit} bytes "
+                    "(MAX_LINE_BYTES); nothing written"
+                )
             raise ArchiveInvalid(f"{_IMPORT}: {name} ends in a cut line; nothing written")
+        if batch and size + len(line) > _BATCH_BYTES:
+            # A long line goes in a batch of its own: a batch holds _BATCH_BYTES, or one line.
+            yield number - len(batch), batch
+            batch, size = [], 0
         try:
             batch.append(line[:-1].decode("utf-8"))
         except UnicodeDecodeError:
-            raise ArchiveInvalid(f"{_IMPORT}: {name} is not UTF-8; nothing written") from None
+            raise ArchiveInvalid(
+                f"{_IMPORT}: {name} line {number} is not UTF-8; nothing written"
+            ) from None
         size += len(line)
         if len(batch) >= _BATCH_ROWS or size >= _BATCH_BYTES:
-            yield batch
+            yield number - len(batch) + 1, batch
             batch, size = [], 0
     if batch:
-        yield batch
+        yield number - len(batch) + 1, batch

@@ -16,10 +16,11 @@ import json
 import os
 import stat
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import asyncpg
 import pytest
@@ -533,4 +534,119 @@ async def test_an_import_reads_regular_files_of_its_directory_only(
     refusal = "is a symbolic link" if "symlink" in kind else "is not a regular file"
     with pytest.raises(ArchiveInvalid, match=f"{name} {refusal}"):
         await import_tenant(target, out)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+def append_line(directory: Path, table: str, line: bytes) -> None:
+    """One more line at the end of a table's file, its count and SHA-256 in the manifest made
+    to match."""
+    rewrite(directory, table, (directory / f"{table}.jsonl").read_bytes() + line + b"\n")
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for entry in manifest["tables"]:
+        if entry["table"] == table:
+            entry["rows"] += 1
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def user_line(directory: Path, **columns: object) -> bytes:
+    """A line of the export's users.jsonl: its first user's, with a new id and Slack user,
+    then ``columns``."""
+    row = json.loads((directory / "users.jsonl").read_bytes().split(b"\n")[0])
+    row |= {"id": str(uuid.uuid4()), "slack_user_id": unique_user_id()}
+    return json.dumps(row | columns).encode()
+
+
+async def test_a_line_longer_than_the_maximum_is_refused_before_it_is_held(
+    db: Database,
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line past MAX_LINE_BYTES is refused by file and line as it is read (not held
+    whole), and a tenants.jsonl past it before it is read; nothing is written."""
+    workspace = await populate(db, meetings=2)
+    await export_tenant(settings, workspace.team, tmp_path)
+    monkeypatch.setattr(export, "MAX_LINE_BYTES", 64 << 10)
+    long = {"tenant_id": str(workspace.tenant), "title": "x" * (1 << 20)}
+    append_line(tmp_path, "meeting_sessions", json.dumps(long).encode())
+    reads: list[int] = []
+    readline = export._batches
+
+    def spied(file: BinaryIO, digest: Any, name: str) -> Iterator[tuple[int, list[str]]]:
+        original = file.readline
+
+        def read(limit: int = -1) -> bytes:
+            line = original(limit)
+            reads.append(len(line))
+            return line
+
+        file.readline = read  # type: ignore[method-assign]
+        return readline(file, digest, name)
+
+    monkeypatch.setattr(export, "_batches", spied)
+    too_long = r"meeting_sessions\.jsonl line 3 is longer than 65536"
+    with pytest.raises(ArchiveInvalid, match=too_long):
+        await import_tenant(target, tmp_path)
+    assert max(reads) <= 64 << 10
+    assert await count_rows(target, workspace.tenant) == 0
+
+    tenant_row = (tmp_path / "tenants.jsonl").stat().st_size
+    monkeypatch.setattr(export, "MAX_LINE_BYTES", tenant_row - 1)
+    with pytest.raises(ArchiveInvalid, match=rf"tenants\.jsonl is longer than {tenant_row - 1}"):
+        await import_tenant(target, tmp_path)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (b"{not json", r"users\.jsonl line 3 is not one JSON object"),
+        (b"null", r"users\.jsonl line 3 is not one JSON object"),
+        (b"[1,2]", r"users\.jsonl line 3 is not one JSON object"),
+        (b'{"tenant_id": NaN}', r"users\.jsonl line 3 is not one JSON object"),
+        (b'{"id": "nope"}', r"users\.jsonl line 3 is a row of another workspace, or of none"),
+        (b"\xff{}", r"users\.jsonl line 3 is not UTF-8"),
+        (b"TWO", r"users\.jsonl line 3 is not one JSON object"),
+        (b"BAD ID", r"users\.jsonl lines 1-3: .*rejected a value \[22P02\]"),
+        (b"NO SLACK USER", r"users\.jsonl lines 1-3: .*rejected a value.*\[23502\]"),
+        (b"BAD ROLE", r"users\.jsonl lines 1-3: .*rejected a value.*\[23514\]"),
+    ],
+)
+async def test_a_malformed_line_is_refused_by_file_and_line(
+    db: Database,
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    tmp_path: Path,
+    case: tuple[bytes, str],
+) -> None:
+    """Lines that are not JSON objects, or not rows of the workspace, or rows the database
+    refuses, with a manifest to match: ArchiveInvalid naming the file and the line (or the
+    batch's lines), never a value of the file; nothing written."""
+    line, refusal = case
+    workspace = await populate(db, meetings=1)
+    await export_tenant(settings, workspace.team, tmp_path)
+    written = {
+        b"TWO": user_line(tmp_path) + b"," + user_line(tmp_path),
+        b"BAD ID": user_line(tmp_path, id="secret-nope"),
+        b"NO SLACK USER": user_line(tmp_path, slack_user_id=None),
+        b"BAD ROLE": user_line(tmp_path, role="secret-role"),
+    }.get(line, line)
+    append_line(tmp_path, "users", written)
+    with pytest.raises(ArchiveInvalid, match=refusal) as refused:
+        await import_tenant(target, tmp_path)
+    assert "nothing written" in str(refused.value)
+    assert "secret" not in str(refused.value)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+async def test_a_tenants_file_not_utf8_is_refused(
+    db: Database, settings: DatabaseSettings, target: DatabaseSettings, tmp_path: Path
+) -> None:
+    """tenants.jsonl with a byte that is not UTF-8, its SHA-256 made to match: refused."""
+    workspace = await populate(db, meetings=1)
+    await export_tenant(settings, workspace.team, tmp_path)
+    rewrite(tmp_path, "tenants", (tmp_path / "tenants.jsonl").read_bytes()[:-1] + b"\xff\n")
+    with pytest.raises(ArchiveInvalid, match=r"tenants\.jsonl is not UTF-8"):
+        await import_tenant(target, tmp_path)
     assert await count_rows(target, workspace.tenant) == 0
