@@ -46,11 +46,21 @@ Invariants:
 * **The audit chain carries over.** Events are inserted in chain order, with
   the chain's trigger (``audit_logs_chain``) immediate, and every place and hash
   the database computes must equal the exported ones, else
-  :class:`ArchiveInvalid` and nothing is written: the chain verifies on the
-  target and heads kept for the workspace still hold there. (On Citus, where
-  the trigger runs on a worker as it commits, the places and hashes it will
-  compute are computed beforehand, with the schema's canonical form.) An event
-  without a place in the source (a broken chain) is refused, not chained anew.
+  :class:`ArchiveInvalid` and nothing is written: an event edited (or cut out,
+  or moved) without the chain recomputed is refused, and the chain verifies on
+  the target. (On Citus, where the trigger runs on a worker as it commits, the
+  places and hashes it will compute are computed beforehand, with the schema's
+  canonical form.) An event without a place in the source (a broken chain) is
+  refused, not chained anew.
+* **An export is not authenticated.** Its SHA-256s and its chain's hashes show
+  damage, not forgery: the canonical form is public (``sfdb_audit_content()``),
+  so whoever can write the files can edit events and recompute the chain and
+  the manifest, or drop the newest events, and the import verifies. Against
+  that, :func:`import_tenant` takes heads kept of the source (``sfdb audit
+  verify`` there, kept where the export's carrier cannot write; ``kept``,
+  ``--kept FILE``): the export's chain must hold each of its workspace's, at its
+  place with its hash. It returns the imported chain's head, to keep of the
+  target.
 * **Secrets stay sealed.** Slack tokens are exported as the ciphertexts they
   are, bound to the workspace and the row: the target needs the same
   ``DATABASE_TOKEN_KEYS`` to use them. Nothing is decrypted, logged or printed.
@@ -97,8 +107,9 @@ from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterator
+    from collections.abc import Coroutine, Iterator, Sequence
 
+    from slack_fathom_db.audit_chain import KeptHead
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = [
@@ -107,6 +118,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "TABLES",
     "ExportManifest",
+    "ImportedWorkspace",
     "ProgressCallback",
     "TableFile",
     "export_tenant",
@@ -298,6 +310,18 @@ class ExportManifest:
         if tables[0].rows != 1:
             raise ArchiveInvalid(f"{MANIFEST_FILE}: tenants must hold exactly one row")
         return cls(FORMAT_VERSION, revision, tenant, team, tables)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedWorkspace:
+    """What :func:`import_tenant` restored: the export's manifest, and where the
+    workspace's audit chain ends in this database."""
+
+    manifest: ExportManifest
+    audit_head: tuple[int, bytes] | None
+    """``(chain_seq, row_hash)`` of the imported chain's newest event (``None``: it has
+    none), as ``sfdb audit verify`` reports a head: what a head kept of the source is held
+    to, and the head to keep of the target from now on."""
 
 
 def _table_file(entry: object, table: str) -> TableFile:
@@ -633,12 +657,22 @@ async def import_tenant(
     settings: DatabaseSettings,
     in_dir: str | os.PathLike[str],
     *,
+    kept: Sequence[KeptHead] = (),
     progress: ProgressCallback | None = None,
-) -> ExportManifest:
+) -> ImportedWorkspace:
     """Restore the workspace exported to ``in_dir`` into this database, whole or not at all;
-    return its manifest."""
+    return its manifest and the head of its audit chain there.
+
+    An export is not authenticated: its SHA-256s and its chain's hashes show damage, not
+    forgery. ``kept`` are heads of the source's chains (``sfdb audit verify`` there, kept
+    where the export's carrier cannot write); each of this workspace's must be in the
+    export's chain, at its place with its hash, else :class:`ArchiveInvalid` and nothing
+    is written (heads of other workspaces are passed over; kept heads none of which is
+    this workspace's are a :class:`ValidationError`).
+    """
     source = Path(in_dir)
     manifest = read_manifest(source)
+    heads = _kept_of(manifest, kept)
     for entry in manifest.tables:
         _check_file(source, entry)
     _check_tenant_row(source, manifest)
@@ -654,15 +688,33 @@ async def import_tenant(
                 )
             await _refuse_taken(conn, manifest)
             citus = bool(await conn.fetchval(_HAS_CITUS))
+            chain = _Chain(conn, manifest.tenant_id, citus=citus, kept=heads)
             for entry in manifest.tables:
                 await _import_table(
-                    conn, source, entry, manifest.tenant_id, progress=progress, citus=citus
+                    conn,
+                    source,
+                    entry,
+                    manifest.tenant_id,
+                    progress=progress,
+                    citus=citus,
+                    chain=chain if entry.table == "audit_logs" else None,
                 )
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=_IMPORT) from exc
     finally:
         await conn.close(timeout=settings.connect_timeout)
-    return manifest
+    return ImportedWorkspace(manifest, chain.head if chain.head[0] else None)
+
+
+def _kept_of(manifest: ExportManifest, kept: Sequence[KeptHead]) -> tuple[KeptHead, ...]:
+    """The kept heads of the manifest's workspace."""
+    mine = tuple(head for head in kept if head.slack_team_id == manifest.slack_team_id)
+    if kept and not mine:
+        raise ValidationError(
+            f"{_IMPORT}: none of the {len(kept)} kept heads is of workspace "
+            f"{manifest.slack_team_id}: nothing to hold the export's audit chain to"
+        )
+    return mine
 
 
 def _check_file(source: Path, entry: TableFile) -> None:
@@ -782,12 +834,10 @@ async def _import_table(
     *,
     progress: ProgressCallback | None,
     citus: bool,
+    chain: _Chain | None,
 ) -> None:
-    audit = entry.table == "audit_logs"
-    before = (0, GENESIS)
-    if audit and not citus:
-        # Each statement's events take their places as it ends, in the order inserted.
-        await conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
+    if chain is not None:
+        await chain.start()
     insert = _insert(entry.table)
     digest = hashlib.sha256()
     rows = 0
@@ -807,16 +857,12 @@ async def _import_table(
                     inserted = int(status.rsplit(" ", 1)[1])
                 if inserted != len(batch):
                     raise _refusal(entry, tenant, batch, first)
-                if audit:
-                    await _check_places(
-                        conn, document, tenant, before=before, citus=citus, file=entry.file
-                    )
+                if chain is not None:
+                    await chain.take(document, batch, first=first, file=entry.file)
             except asyncpg.PostgresError as exc:
                 if not _refuses_the_archive(exc, entry.table):
                     raise
                 raise _refusal(entry, tenant, batch, first, exc) from exc
-            if audit:
-                before = _place_of(batch[-1], file=entry.file)
             rows += len(batch)
             if progress is not None:
                 progress(entry.table, rows, entry.rows)
@@ -824,12 +870,8 @@ async def _import_table(
         raise ArchiveInvalid(
             f"{_IMPORT}: {entry.file} changed while it was imported; nothing written"
         )
-    if audit and not citus:
-        head = await conn.fetchval(_HEAD, tenant)
-        if (head or 0) != rows:
-            raise ArchiveInvalid(
-                f"{_IMPORT}: the audit chain ends at place {head or 0}, not {rows}; nothing written"
-            )
+    if chain is not None:
+        await chain.finish(rows, file=entry.file)
 
 
 def _refuses_the_archive(exc: asyncpg.PostgresError, table: str) -> bool:
@@ -878,6 +920,69 @@ def _names(value: object, tenant: uuid.UUID) -> bool:
         return False
 
 
+class _Chain:
+    """The audit events of an import, batch by batch: each holds the place and hash the
+    export gives it, the next after the batch before; and the export's chain holds every
+    kept head of the workspace."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        tenant: uuid.UUID,
+        *,
+        citus: bool,
+        kept: Sequence[KeptHead],
+    ) -> None:
+        self._conn, self._tenant, self._citus, self._kept = conn, tenant, citus, kept
+        self._held: dict[int, bytes] = {}
+        self.head: tuple[int, bytes] = (0, GENESIS)
+        """The place and hash of the newest event checked so far."""
+
+    async def start(self) -> None:
+        """Before the first event."""
+        if not self._citus:
+            # Each statement's events take their places as it ends, in the order inserted.
+            await self._conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
+
+    async def take(self, document: str, batch: list[str], *, first: int, file: str) -> None:
+        """Check a batch of events, inserted; ``first`` is the number of its first line,
+        which is its place once checked."""
+        await _check_places(
+            self._conn, document, self._tenant, before=self.head, citus=self._citus, file=file
+        )
+        for head in self._kept:
+            if first <= head.chain_seq < first + len(batch):
+                place, digest = _place_of(batch[head.chain_seq - first], file=file)
+                if place == head.chain_seq:
+                    self._held[place] = digest
+        self.head = _place_of(batch[-1], file=file)
+
+    async def finish(self, events: int, *, file: str) -> None:
+        """After the last event: the chain ends at the last place, and holds the kept
+        heads."""
+        if not self._citus:
+            head = await self._conn.fetchval(_HEAD, self._tenant)
+            if (head or 0) != events:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: the audit chain ends at place {head or 0}, not {events}; "
+                    "nothing written"
+                )
+        for kept in self._kept:
+            held = self._held.get(kept.chain_seq)
+            if held is None:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {file}: the export's audit chain ends at place {events}, "
+                    f"before the head kept at place {kept.chain_seq}: events were cut from "
+                    "it; nothing written"
+                )
+            if held != kept.row_hash:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {file}: place {kept.chain_seq} of the export's audit chain "
+                    "does not have the hash kept for it: the chain was rewritten there or "
+                    "before; nothing written"
+                )
+
+
 async def _check_places(
     conn: asyncpg.Connection,
     document: str,
@@ -898,8 +1003,8 @@ async def _check_places(
     if wrong:
         raise ArchiveInvalid(
             f"{_IMPORT}: {file}: the audit chain does not recompute to the exported places and "
-            "hashes (an event changed, is out of order or had no place in the source's chain: "
-            "sfdb audit verify there); nothing written"
+            "hashes (an event changed without the chain recomputed, is out of order or had no "
+            "place in the source's chain: sfdb audit verify there); nothing written"
         )
 
 

@@ -29,7 +29,7 @@ from slack_sdk.oauth.installation_store import Installation
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, export
-from slack_fathom_db.audit_chain import verify_audit_chains
+from slack_fathom_db.audit_chain import KeptHead, parse_kept_heads, verify_audit_chains
 from slack_fathom_db.errors import (
     ArchiveInvalid,
     Conflict,
@@ -262,7 +262,7 @@ async def test_export_import_export_gives_the_same_bytes(
     assert sorted(titles) == sorted(f"{n} {AWKWARD}" for n in range(12))
 
     imported = await import_tenant(target, first)
-    assert imported == manifest
+    assert imported.manifest == manifest
     again = await export_tenant(target, workspace.team, second)
     assert again == manifest
     assert files_of(second) == files_of(first)
@@ -271,6 +271,7 @@ async def test_export_import_export_gives_the_same_bytes(
     assert verified.ok, verified
     source_chain = await verify_audit_chains(settings, slack_team_id=workspace.team)
     assert [c.head for c in verified.chains] == [c.head for c in source_chain.chains]
+    assert imported.audit_head == source_chain.chains[0].head
 
     async with target_db.unit_of_work(slack_team_id=workspace.team) as uow:
         meeting = await uow.meetings.get(workspace.meeting_ids[0])
@@ -341,9 +342,10 @@ async def test_an_audit_event_changed_with_a_manifest_to_match_is_refused(
     tmp_path: Path,
     edit: tuple[str, str],
 ) -> None:
-    """An event edited in the file, its hash in the manifest made to match: the chain (for
-    what it hashes) or the personal digest (for the personal fields) gives it away, and
-    nothing is written."""
+    """An event edited in the file without the chain recomputed, its hash in the manifest
+    made to match: the chain (for what it hashes) or the personal digest (for the personal
+    fields) gives it away, and nothing is written. (One who recomputes the chain too is
+    caught by kept heads only: see the forged-chain test.)"""
     await export_tenant(settings, workspace.team, tmp_path)
     events = tmp_path / "audit_logs.jsonl"
     lines = events.read_bytes().split(b"\n")
@@ -472,11 +474,28 @@ async def test_cli_exports_and_imports(
     assert unknown.stderr.count("\n") == 1
     assert "no workspace" in unknown.stderr
 
-    imported = sfdb(
-        "tenant", "import", str(out), url=url_of(target), cwd=tmp_path, extra_env=owner_env(target)
+    verified = sfdb(
+        "audit", "verify", workspace.team, url=url_of(settings), cwd=tmp_path, extra_env=env
     )
+    assert verified.returncode == 0, verified.stderr
+    kept = tmp_path / "kept.txt"  # in practice, where the export's carrier cannot write
+    kept.write_text(verified.stdout)
+    [head] = [line for line in verified.stdout.splitlines() if line.startswith("head ")]
+    (tmp_path / "cut.txt").write_text(head[:-1])
+    unreadable = sfdb(
+        "tenant", "import", str(out), "--kept", str(tmp_path / "cut.txt"),
+        url=url_of(target), cwd=tmp_path, extra_env=owner_env(target),
+    )  # fmt: skip
+    assert unreadable.returncode == 2
+    assert "tenant import --kept" in unreadable.stderr
+    imported = sfdb(
+        "tenant", "import", str(out), "--kept", str(kept),
+        url=url_of(target), cwd=tmp_path, extra_env=owner_env(target),
+    )  # fmt: skip
     assert imported.returncode == 0, imported.stderr
     assert f"imported workspace {workspace.team}" in imported.stdout
+    assert "holds the 1 kept head" in imported.stdout
+    assert head in imported.stdout.splitlines()  # as verify prints it: to keep of the target
     conflict = sfdb(
         "tenant", "import", str(out), url=url_of(target), cwd=tmp_path, extra_env=owner_env(target)
     )
@@ -650,3 +669,90 @@ async def test_a_tenants_file_not_utf8_is_refused(
     with pytest.raises(ArchiveInvalid, match=r"tenants\.jsonl is not UTF-8"):
         await import_tenant(target, tmp_path)
     assert await count_rows(target, workspace.tenant) == 0
+
+
+async def forge_chain(
+    settings: DatabaseSettings, directory: Path, *, edit: int | None = None, cut: int = 0
+) -> None:
+    """As a forger would: cut the newest ``cut`` events, or edit event ``edit`` and
+    recompute every hash after it with the schema's public canonical form; then the
+    manifest."""
+    path = directory / "audit_logs.jsonl"
+    events = [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+    events = events[: len(events) - cut]
+    if edit is not None:
+        events[edit]["event_type"] = "meeting.forged"
+        previous = bytes(32) if edit == 0 else bytes.fromhex(events[edit - 1]["row_hash"])
+        conn = await asyncpg.connect(dsn(settings.for_migrations()))
+        try:
+            for event in events[edit:]:
+                previous = await fetch_value(
+                    conn,
+                    bytes,
+                    "SELECT sha256($1 || public.sfdb_audit_content($2::uuid, $3::uuid, $4, $5, "
+                    "$6, $7, $8, $9, $10::timestamptz, decode(substr($11, 3), 'hex')))",
+                    previous,
+                    uuid.UUID(event["id"]),
+                    uuid.UUID(event["tenant_id"]),
+                    event["chain_seq"],
+                    event["event_type"],
+                    event["event_category"],
+                    event["status"],
+                    event["resource_type"],
+                    event["resource_id"],
+                    datetime.fromisoformat(event["created_at"]),
+                    event["personal_digest"],
+                )
+                event["row_hash"] = previous.hex()
+        finally:
+            await conn.close()
+    data = b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in events)
+    rewrite(directory, "audit_logs", data)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for entry in manifest["tables"]:
+        if entry["table"] == "audit_logs":
+            entry["rows"] = len(events)
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+async def test_a_forged_or_cut_chain_is_refused_with_the_sources_kept_head(
+    db: Database, settings: DatabaseSettings, target: DatabaseSettings, tmp_path: Path
+) -> None:
+    """An export is not authenticated: a chain rewritten with its hashes recomputed, or cut
+    at its newest events, with a manifest to match, imports and verifies. Held to the head
+    kept of the source (heads of other workspaces passed over), it is refused and nothing
+    is written."""
+    other = await populate(db, meetings=1, name="Other workspace")
+    workspace = await populate(db, meetings=1)
+    chains = await verify_audit_chains(settings, slack_team_id=workspace.team)
+    others = await verify_audit_chains(settings, slack_team_id=other.team)
+    heads = [(workspace.team, chains.chains[0].head), (other.team, others.chains[0].head)]
+    kept = parse_kept_heads(
+        "".join(f"head {team} {head[0]} {head[1].hex()}\n" for team, head in heads if head)
+    )
+    assert [k.slack_team_id for k in kept] == [workspace.team, other.team]
+
+    await export_tenant(settings, workspace.team, tmp_path / "cut")
+    await forge_chain(settings, tmp_path / "cut", cut=2)
+    with pytest.raises(ArchiveInvalid, match=r"before the head kept at place \d+: events were cut"):
+        await import_tenant(target, tmp_path / "cut", kept=kept)
+    assert await count_rows(target, workspace.tenant) == 0
+
+    forged = tmp_path / "forged"
+    await export_tenant(settings, workspace.team, forged)
+    await forge_chain(settings, forged, edit=0)
+    with pytest.raises(ArchiveInvalid, match="does not have the hash kept for it"):
+        await import_tenant(target, forged, kept=kept)
+    assert await count_rows(target, workspace.tenant) == 0
+    with pytest.raises(ValidationError, match="none of the 1 kept heads"):
+        await import_tenant(target, forged, kept=[KeptHead(other.team, 1, bytes(32))])
+    assert await count_rows(target, workspace.tenant) == 0
+
+    # Without the kept head nothing tells: it imports, and the target's chain verifies.
+    imported = await import_tenant(target, forged)
+    source_head = chains.chains[0].head
+    assert source_head is not None
+    assert imported.audit_head is not None
+    assert imported.audit_head[0] == source_head[0]
+    assert imported.audit_head[1] != source_head[1]
+    assert (await verify_audit_chains(target, slack_team_id=workspace.team)).ok
