@@ -703,7 +703,7 @@ async def import_tenant(
         raise translate(exc, action=_IMPORT) from exc
     finally:
         await conn.close(timeout=settings.connect_timeout)
-    return ImportedWorkspace(manifest, chain.head if chain.head[0] else None)
+    return ImportedWorkspace(manifest, chain.newest)
 
 
 def _kept_of(manifest: ExportManifest, kept: Sequence[KeptHead]) -> tuple[KeptHead, ...]:
@@ -936,7 +936,12 @@ class _Chain:
         self._conn, self._tenant, self._citus, self._kept = conn, tenant, citus, kept
         self._held: dict[int, bytes] = {}
         self.head: tuple[int, bytes] = (0, GENESIS)
-        """The place and hash of the newest event checked so far."""
+        """The place and hash of the newest event checked so far (place 0: none yet)."""
+
+    @property
+    def newest(self) -> tuple[int, bytes] | None:
+        """The place and hash of the newest event imported, if there is one."""
+        return self.head if self.head[0] else None
 
     async def start(self) -> None:
         """Before the first event."""

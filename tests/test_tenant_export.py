@@ -727,15 +727,25 @@ async def test_a_forged_or_cut_chain_is_refused_with_the_sources_kept_head(
     chains = await verify_audit_chains(settings, slack_team_id=workspace.team)
     others = await verify_audit_chains(settings, slack_team_id=other.team)
     heads = [(workspace.team, chains.chains[0].head), (other.team, others.chains[0].head)]
-    kept = parse_kept_heads(
+    kept_file = tmp_path / "kept.txt"
+    kept_file.write_text(
         "".join(f"head {team} {head[0]} {head[1].hex()}\n" for team, head in heads if head)
     )
+    kept = parse_kept_heads(kept_file.read_text())
     assert [k.slack_team_id for k in kept] == [workspace.team, other.team]
 
     await export_tenant(settings, workspace.team, tmp_path / "cut")
     await forge_chain(settings, tmp_path / "cut", cut=2)
     with pytest.raises(ArchiveInvalid, match=r"before the head kept at place \d+: events were cut"):
         await import_tenant(target, tmp_path / "cut", kept=kept)
+    assert await count_rows(target, workspace.tenant) == 0
+    refused = sfdb(
+        "tenant", "import", str(tmp_path / "cut"), "--kept", str(kept_file),
+        url=url_of(target), cwd=tmp_path, extra_env=owner_env(target),
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1
+    assert "events were cut" in refused.stderr
     assert await count_rows(target, workspace.tenant) == 0
 
     forged = tmp_path / "forged"
