@@ -241,6 +241,14 @@ def _tenant_parser(tenant: argparse.ArgumentParser) -> None:
     restore.add_argument(
         "in_dir", type=Path, metavar="DIR", help="a directory of sfdb tenant export"
     )
+    restore.add_argument(
+        "--kept",
+        type=Path,
+        metavar="FILE",
+        help="heads sfdb audit verify printed on the source, kept where the export's carrier "
+        "cannot write: the export's audit chain must hold its workspace's (an export is not "
+        "authenticated: this refuses one whose chain was rewritten or cut)",
+    )
     purge = actions.add_parser(
         "purge",
         help="erase the workspaces uninstalled more than the grace period ago (audit "
@@ -739,13 +747,19 @@ async def _tenant_export(settings: DatabaseSettings, args: argparse.Namespace) -
 
 async def _tenant_import(settings: DatabaseSettings, args: argparse.Namespace) -> None:
     _warn_if_owner_falls_back(settings)
+    kept = _kept_heads(args.kept, command="tenant import")
     with _table_progress("importing") as progress:
-        manifest = await import_tenant(settings, args.in_dir, progress=progress)
+        imported = await import_tenant(settings, args.in_dir, kept=kept, progress=progress)
+    manifest = imported.manifest
+    held = sum(head.slack_team_id == manifest.slack_team_id for head in kept)
     _line(
         f"imported workspace {manifest.slack_team_id} ({manifest.tenant_id}): "
         f"{manifest.rows} rows of {len(manifest.tables)} tables, at schema revision "
         f"{manifest.schema_revision}"
+        + (f"; its audit chain holds the {held} kept head(s)" if held else "")
     )
+    if imported.audit_head is not None:
+        _line(_head_line(manifest.slack_team_id, *imported.audit_head))
 
 
 _TENANT_ACTIONS: dict[
@@ -793,13 +807,18 @@ async def _audit(
     out.print(_audit_table(events, title=f"audit events of {slack_team_id}, last {days} days"))
 
 
-def _kept_heads(path: Path | None) -> list[KeptHead]:
+def _kept_heads(path: Path | None, *, command: str = "audit verify") -> list[KeptHead]:
     if path is None:
         return []
     try:
         return parse_kept_heads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValidationError) as exc:
-        raise UsageProblem(f"audit verify --kept {path}: {exc}") from None
+        raise UsageProblem(f"{command} --kept {path}: {exc}") from None
+
+
+def _head_line(slack_team_id: str, chain_seq: int, row_hash: bytes) -> str:
+    """A chain's head as ``--kept FILE`` reads it back (:func:`parse_kept_heads`)."""
+    return f"head {slack_team_id} {chain_seq} {row_hash.hex()}"
 
 
 async def _verify_audit(
@@ -825,8 +844,7 @@ async def _verify_audit(
         return False  # no new heads to keep from chains that lost the old ones
     for chain in found.chains:
         if chain.head is not None and chain.broken is None and chain.slack_team_id:
-            seq, digest = chain.head
-            _line(f"head {chain.slack_team_id} {seq} {digest.hex()}")
+            _line(_head_line(chain.slack_team_id, *chain.head))
     return found.ok
 
 

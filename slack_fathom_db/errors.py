@@ -69,8 +69,9 @@ class RateLimitExceeded(Conflict):
 
 class ArchiveInvalid(ValidationError):
     """A tenant export does not hold what its manifest says (a file changed, missing or
-    extra rows, rows of another workspace, an audit chain that does not recompute); nothing
-    was written."""
+    extra rows, rows of another workspace, an audit chain that does not recompute or does not
+    hold a kept head), or is malformed (a line that is not a row, too long, not UTF-8; a file
+    that is not a regular file); nothing was written."""
 
 
 class InvalidStateTransition(SlackFathomDBError):

@@ -27,6 +27,9 @@ Invariants:
   revision (the database's Alembic revision), the tenant id, the Slack team id,
   and per table the file, its row count and its SHA-256. Exporting a workspace
   that was imported gives byte-identical files.
+* **For its user only.** A directory the export makes is ``0o700``, every file
+  it writes ``0o600``: the files hold everything of the workspace but its
+  plaintext secrets.
 * **Verified before anything is written.** :func:`import_tenant` checks the
   manifest and every file (row count and SHA-256) before it connects, refuses a
   database at another schema revision (:class:`SchemaMismatch`) or one that
@@ -34,14 +37,30 @@ Invariants:
   writes everything in one transaction: all of it commits, or nothing. Every
   row must belong to the manifest's workspace, and each file is hashed again
   as it is read (a file changed after the check rolls everything back).
+* **A malformed export is an** :class:`ArchiveInvalid` **naming its file**
+  (and the line, or the batch's lines, where the database refused a value),
+  never a value of it, and nothing is written. Only regular files of the
+  directory are read: not through a symbolic link, never a FIFO or a device.
+  No line longer than :data:`MAX_LINE_BYTES` is held: memory stays bounded
+  whatever the files hold.
 * **The audit chain carries over.** Events are inserted in chain order, with
   the chain's trigger (``audit_logs_chain``) immediate, and every place and hash
   the database computes must equal the exported ones, else
-  :class:`ArchiveInvalid` and nothing is written: the chain verifies on the
-  target and heads kept for the workspace still hold there. (On Citus, where
-  the trigger runs on a worker as it commits, the places and hashes it will
-  compute are computed beforehand, with the schema's canonical form.) An event
-  without a place in the source (a broken chain) is refused, not chained anew.
+  :class:`ArchiveInvalid` and nothing is written: an event edited (or cut out,
+  or moved) without the chain recomputed is refused, and the chain verifies on
+  the target. (On Citus, where the trigger runs on a worker as it commits, the
+  places and hashes it will compute are computed beforehand, with the schema's
+  canonical form.) An event without a place in the source (a broken chain) is
+  refused, not chained anew.
+* **An export is not authenticated.** Its SHA-256s and its chain's hashes show
+  damage, not forgery: the canonical form is public (``sfdb_audit_content()``),
+  so whoever can write the files can edit events and recompute the chain and
+  the manifest, or drop the newest events, and the import verifies. Against
+  that, :func:`import_tenant` takes heads kept of the source (``sfdb audit
+  verify`` there, kept where the export's carrier cannot write; ``kept``,
+  ``--kept FILE``): the export's chain must hold each of its workspace's, at its
+  place with its hash. It returns the imported chain's head, to keep of the
+  target.
 * **Secrets stay sealed.** Slack tokens are exported as the ciphertexts they
   are, bound to the workspace and the row: the target needs the same
   ``DATABASE_TOKEN_KEYS`` to use them. Nothing is decrypted, logged or printed.
@@ -58,14 +77,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final, TypeAlias
 
+import asyncpg
 from sqlalchemy import String
 
 from slack_fathom_db import validation
@@ -83,19 +107,18 @@ from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
-    import os
-    import uuid
-    from collections.abc import Coroutine, Iterator
+    from collections.abc import Coroutine, Iterator, Sequence
 
-    import asyncpg
-
+    from slack_fathom_db.audit_chain import KeptHead
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
+    "MAX_LINE_BYTES",
     "TABLES",
     "ExportManifest",
+    "ImportedWorkspace",
     "ProgressCallback",
     "TableFile",
     "export_tenant",
@@ -108,6 +131,12 @@ FORMAT_VERSION: Final = 1
 MANIFEST_FILE: Final = "manifest.json"
 TABLES: Final = ("tenants", *TENANT_OWNED_TABLES)
 """The tables of an export, in the order they are written and restored."""
+MAX_LINE_BYTES: Final = 64 << 20
+"""The longest line (its newline included) an import reads, and the largest
+``tenants.jsonl``: a longer one is refused (:class:`ArchiveInvalid`) before it is held
+whole, so an import's memory stays bounded whatever the files hold (a batch is held a few
+times over: as read, decoded, joined and sent). A row whose JSON is longer cannot be
+imported."""
 
 ProgressCallback: TypeAlias = Callable[[str, int, int], None]
 """Called as rows pass, with the table, its rows done so far and its total rows."""
@@ -115,6 +144,7 @@ ProgressCallback: TypeAlias = Callable[[str, int, int], None]
 _EXPORT: Final = "export tenant"
 _IMPORT: Final = "import tenant"
 _READ_CHUNK: Final = 1 << 20
+_MANIFEST_MAX: Final = 1 << 20
 _BATCH_ROWS: Final = 2_000
 _BATCH_BYTES: Final = 8 << 20
 _REPORT_EVERY: Final = 5_000
@@ -282,6 +312,18 @@ class ExportManifest:
         return cls(FORMAT_VERSION, revision, tenant, team, tables)
 
 
+@dataclass(frozen=True, slots=True)
+class ImportedWorkspace:
+    """What :func:`import_tenant` restored: the export's manifest, and where the
+    workspace's audit chain ends in this database."""
+
+    manifest: ExportManifest
+    audit_head: tuple[int, bytes] | None
+    """``(chain_seq, row_hash)`` of the imported chain's newest event (``None``: it has
+    none), as ``sfdb audit verify`` reports a head: what a head kept of the source is held
+    to, and the head to keep of the target from now on."""
+
+
 def _table_file(entry: object, table: str) -> TableFile:
     if (
         not isinstance(entry, dict)
@@ -304,12 +346,54 @@ def read_manifest(in_dir: str | os.PathLike[str]) -> ExportManifest:
     """The manifest of the export in ``in_dir``, checked (not yet its files)."""
     path = Path(in_dir) / MANIFEST_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        with _open_regular(path) as file:
+            data = file.read(_MANIFEST_MAX + 1)
     except FileNotFoundError:
         raise ArchiveInvalid(f"{in_dir} holds no {MANIFEST_FILE}: not a finished export") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ArchiveInvalid(f"{path} cannot be read: {exc}") from None
+    if len(data) > _MANIFEST_MAX:
+        raise ArchiveInvalid(f"{path} is longer than {_MANIFEST_MAX} bytes: not a manifest")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArchiveInvalid(f"{path} is not UTF-8") from None
     return ExportManifest.from_json(text)
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file itself: not through a symbolic
+    link (``O_NOFOLLOW``), and never waiting on a FIFO or a device (``O_NONBLOCK``, then
+    ``fstat``); :class:`ArchiveInvalid` otherwise. An export holds regular files only, and
+    an import reads nothing from outside its directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ArchiveInvalid(
+                f"{_IMPORT}: {path.name} is a symbolic link (an export holds regular files "
+                "only); nothing written"
+            ) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArchiveInvalid(f"{_IMPORT}: {path.name} is not a regular file; nothing written")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _create(path: Path) -> BinaryIO:
+    """A new file at ``path`` (never an existing one, nor through a link), readable and
+    writable by this user only: an export holds everything of a workspace but its
+    plaintext secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # -- export -----------------------------------------------------------------------------
@@ -366,7 +450,8 @@ def _write_manifest(out: Path, manifest: ExportManifest, written: list[Path]) ->
     an export that did not finish."""
     draft = out / f".{MANIFEST_FILE}.partial"
     written.append(draft)
-    draft.write_text(manifest.to_json(), encoding="utf-8")
+    with _create(draft) as file:
+        file.write(manifest.to_json().encode("utf-8"))
     draft.replace(out / MANIFEST_FILE)
 
 
@@ -380,9 +465,10 @@ def _remove(out: Path, written: list[Path], *, directory: bool) -> None:
 
 
 def _claim_directory(out: Path) -> bool:
-    """Make ``out``, or accept it empty; ``True`` if it was made here."""
+    """Make ``out`` (``0o700``: for this user only), or accept it empty; ``True`` if it was
+    made here."""
     try:
-        out.mkdir(parents=True)
+        out.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         if not out.is_dir():
             raise ValidationError(f"{_EXPORT}: {out} exists and is not a directory") from None
@@ -508,14 +594,14 @@ async def _export_table(
     if progress is not None:
         progress(table, 0, total)
     halves = await _halves(conn, table, tenant, total, second)
-    with path.open("xb") as file:
+    with _create(path) as file:
         sink = _Sink(file, counted)
         if halves is None:
             await _copy(conn, query, sink)
         else:
             (lower, upper), other = halves
             part = _part_of(path)
-            with part.open("xb") as spill:
+            with _create(part) as spill:
                 # The upper half goes to a file of its own, then after the lower half.
                 await _both(_copy(conn, lower, sink), _copy(other, upper, _Sink(spill, counted)))
             with part.open("rb") as upper_half:
@@ -571,16 +657,25 @@ async def import_tenant(
     settings: DatabaseSettings,
     in_dir: str | os.PathLike[str],
     *,
+    kept: Sequence[KeptHead] = (),
     progress: ProgressCallback | None = None,
-) -> ExportManifest:
+) -> ImportedWorkspace:
     """Restore the workspace exported to ``in_dir`` into this database, whole or not at all;
-    return its manifest."""
+    return its manifest and the head of its audit chain there.
+
+    An export is not authenticated: its SHA-256s and its chain's hashes show damage, not
+    forgery. ``kept`` are heads of the source's chains (``sfdb audit verify`` there, kept
+    where the export's carrier cannot write); each of this workspace's must be in the
+    export's chain, at its place with its hash, else :class:`ArchiveInvalid` and nothing
+    is written (heads of other workspaces are passed over; kept heads none of which is
+    this workspace's are a :class:`ValidationError`).
+    """
     source = Path(in_dir)
     manifest = read_manifest(source)
+    heads = _kept_of(manifest, kept)
     for entry in manifest.tables:
         _check_file(source, entry)
-    tenant_line = (source / manifest.tables[0].file).read_text(encoding="utf-8")
-    _check_tenant_row(tenant_line, manifest)
+    _check_tenant_row(source, manifest)
     conn = await owner_connection(settings, action=_IMPORT, long_reads=True)
     try:
         async with conn.transaction():
@@ -593,15 +688,33 @@ async def import_tenant(
                 )
             await _refuse_taken(conn, manifest)
             citus = bool(await conn.fetchval(_HAS_CITUS))
+            chain = _Chain(conn, manifest.tenant_id, citus=citus, kept=heads)
             for entry in manifest.tables:
                 await _import_table(
-                    conn, source, entry, manifest.tenant_id, progress=progress, citus=citus
+                    conn,
+                    source,
+                    entry,
+                    manifest.tenant_id,
+                    progress=progress,
+                    citus=citus,
+                    chain=chain if entry.table == "audit_logs" else None,
                 )
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=_IMPORT) from exc
     finally:
         await conn.close(timeout=settings.connect_timeout)
-    return manifest
+    return ImportedWorkspace(manifest, chain.newest)
+
+
+def _kept_of(manifest: ExportManifest, kept: Sequence[KeptHead]) -> tuple[KeptHead, ...]:
+    """The kept heads of the manifest's workspace."""
+    mine = tuple(head for head in kept if head.slack_team_id == manifest.slack_team_id)
+    if kept and not mine:
+        raise ValidationError(
+            f"{_IMPORT}: none of the {len(kept)} kept heads is of workspace "
+            f"{manifest.slack_team_id}: nothing to hold the export's audit chain to"
+        )
+    return mine
 
 
 def _check_file(source: Path, entry: TableFile) -> None:
@@ -611,7 +724,7 @@ def _check_file(source: Path, entry: TableFile) -> None:
     rows = 0
     last = b"\n"
     try:
-        with path.open("rb") as file:
+        with _open_regular(path) as file:
             while chunk := file.read(_READ_CHUNK):
                 digest.update(chunk)
                 rows += chunk.count(b"\n")
@@ -626,17 +739,45 @@ def _check_file(source: Path, entry: TableFile) -> None:
         )
 
 
-def _check_tenant_row(line: str, manifest: ExportManifest) -> None:
+def _check_tenant_row(source: Path, manifest: ExportManifest) -> None:
+    """``tenants.jsonl`` is the manifest's workspace: read whole, so its size first."""
+    name = manifest.tables[0].file
+    limit = MAX_LINE_BYTES
     try:
-        row = json.loads(line)
-    except ValueError:
-        raise ArchiveInvalid(f"{_IMPORT}: tenants.jsonl is not a JSON line") from None
+        with _open_regular(source / name) as file:
+            if os.fstat(file.fileno()).st_size > limit:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {name} is longer than {limit} bytes (MAX_LINE_BYTES), the "
+                    "longest line an import reads; nothing written"
+                )
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise ArchiveInvalid(f"{_IMPORT}: {name} cannot be read: {exc}") from None
+    if len(data) > limit:
+        raise ArchiveInvalid(f"{_IMPORT}: {name} grew while it was read; nothing written")
+    try:
+        row = _json_object(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArchiveInvalid(f"{_IMPORT}: {name} is not UTF-8; nothing written") from None
     if (
-        not isinstance(row, dict)
+        row is None
         or row.get("id") != str(manifest.tenant_id)
         or row.get("slack_team_id") != manifest.slack_team_id
     ):
-        raise ArchiveInvalid(f"{_IMPORT}: tenants.jsonl is not the workspace of the manifest")
+        raise ArchiveInvalid(f"{_IMPORT}: {name} is not the workspace of the manifest")
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """``text`` as one JSON object, if it is one (as PostgreSQL reads JSON: no ``NaN``)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _refuse_taken(conn: asyncpg.Connection, manifest: ExportManifest) -> None:
@@ -693,36 +834,35 @@ async def _import_table(
     *,
     progress: ProgressCallback | None,
     citus: bool,
+    chain: _Chain | None,
 ) -> None:
-    audit = entry.table == "audit_logs"
-    before = (0, GENESIS)
-    if audit and not citus:
-        # Each statement's events take their places as it ends, in the order inserted.
-        await conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
+    if chain is not None:
+        await chain.start()
     insert = _insert(entry.table)
     digest = hashlib.sha256()
     rows = 0
     if progress is not None:
         progress(entry.table, 0, entry.rows)
-    with (source / entry.file).open("rb") as file:
-        for batch in _batches(file, digest, entry.file):
+    with _open_regular(source / entry.file) as file:
+        for first, batch in _batches(file, digest, entry.file):
             document = "[" + ",".join(batch) + "]"
-            if citus:
-                foreign = await conn.fetchval(_foreign_rows(entry.table), document, tenant)
-                if not foreign:
-                    await conn.execute(_insert_values(entry.table, len(batch)), *batch)
-            else:
-                status = await conn.execute(insert, document, tenant)
-                foreign = len(batch) - int(status.rsplit(" ", 1)[1])
-            if foreign:
-                raise ArchiveInvalid(
-                    f"{_IMPORT}: {entry.file} holds rows of another workspace; nothing written"
-                )
-            if audit:
-                await _check_places(
-                    conn, document, tenant, before=before, citus=citus, file=entry.file
-                )
-                before = _place_of(batch[-1])
+            try:
+                if citus:
+                    foreign = await conn.fetchval(_foreign_rows(entry.table), document, tenant)
+                    if not foreign:
+                        await conn.execute(_insert_values(entry.table, len(batch)), *batch)
+                    inserted = 0 if foreign else len(batch)
+                else:
+                    status = await conn.execute(insert, document, tenant)
+                    inserted = int(status.rsplit(" ", 1)[1])
+                if inserted != len(batch):
+                    raise _refusal(entry, tenant, batch, first)
+                if chain is not None:
+                    await chain.take(document, batch, first=first, file=entry.file)
+            except asyncpg.PostgresError as exc:
+                if not _refuses_the_archive(exc, entry.table):
+                    raise
+                raise _refusal(entry, tenant, batch, first, exc) from exc
             rows += len(batch)
             if progress is not None:
                 progress(entry.table, rows, entry.rows)
@@ -730,12 +870,122 @@ async def _import_table(
         raise ArchiveInvalid(
             f"{_IMPORT}: {entry.file} changed while it was imported; nothing written"
         )
-    if audit and not citus:
-        head = await conn.fetchval(_HEAD, tenant)
-        if (head or 0) != rows:
-            raise ArchiveInvalid(
-                f"{_IMPORT}: the audit chain ends at place {head or 0}, not {rows}; nothing written"
-            )
+    if chain is not None:
+        await chain.finish(rows, file=entry.file)
+
+
+def _refuses_the_archive(exc: asyncpg.PostgresError, table: str) -> bool:
+    """The database refused a value of the export (a data exception, a violated
+    constraint), not the transaction (a conflict with a workspace being installed under the
+    same team id meanwhile, a lost connection, …)."""
+    code = str(exc.sqlstate or "")
+    return code[:2] in ("22", "23") and not (table == "tenants" and code in ("23505", "23P01"))
+
+
+def _refusal(
+    entry: TableFile,
+    tenant: uuid.UUID,
+    batch: list[str],
+    first: int,
+    exc: asyncpg.PostgresError | None = None,
+) -> ArchiveInvalid:
+    """Why a batch was refused (``exc``) or not inserted whole: the first line that is not
+    one JSON object of the workspace, else the database's refusal (never a value) and the
+    batch's lines."""
+    owner = _owner_column(entry.table)
+    for number, line in enumerate(batch, start=first):
+        row = _json_object(line)
+        if row is None:
+            problem = "is not one JSON object"
+        elif not _names(row.get(owner), tenant):
+            problem = f"is a row of another workspace, or of none ({owner})"
+        else:
+            continue
+        return ArchiveInvalid(f"{_IMPORT}: {entry.file} line {number} {problem}; nothing written")
+    last = first + len(batch) - 1
+    lines = f"{entry.file} line {first}" if last == first else f"{entry.file} lines {first}-{last}"
+    if exc is None:
+        return ArchiveInvalid(f"{_IMPORT}: {lines} hold rows of another workspace; nothing written")
+    column = f" (column {exc.column_name})" if getattr(exc, "column_name", None) else ""
+    return ArchiveInvalid(
+        f"{translate(exc, action=f'{_IMPORT}: {lines}')}{column}; nothing written"
+    )
+
+
+def _names(value: object, tenant: uuid.UUID) -> bool:
+    """``value`` is the text of ``tenant``'s id."""
+    try:
+        return isinstance(value, str) and uuid.UUID(value) == tenant
+    except ValueError:
+        return False
+
+
+class _Chain:
+    """The audit events of an import, batch by batch: each holds the place and hash the
+    export gives it, the next after the batch before; and the export's chain holds every
+    kept head of the workspace."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        tenant: uuid.UUID,
+        *,
+        citus: bool,
+        kept: Sequence[KeptHead],
+    ) -> None:
+        self._conn, self._tenant, self._citus, self._kept = conn, tenant, citus, kept
+        self._held: dict[int, bytes] = {}
+        self.head: tuple[int, bytes] = (0, GENESIS)
+        """The place and hash of the newest event checked so far (place 0: none yet)."""
+
+    @property
+    def newest(self) -> tuple[int, bytes] | None:
+        """The place and hash of the newest event imported, if there is one."""
+        return self.head if self.head[0] else None
+
+    async def start(self) -> None:
+        """Before the first event."""
+        if not self._citus:
+            # Each statement's events take their places as it ends, in the order inserted.
+            await self._conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
+
+    async def take(self, document: str, batch: list[str], *, first: int, file: str) -> None:
+        """Check a batch of events, inserted; ``first`` is the number of its first line,
+        which is its place once checked."""
+        await _check_places(
+            self._conn, document, self._tenant, before=self.head, citus=self._citus, file=file
+        )
+        for head in self._kept:
+            if first <= head.chain_seq < first + len(batch):
+                place, digest = _place_of(batch[head.chain_seq - first], file=file)
+                if place == head.chain_seq:
+                    self._held[place] = digest
+        self.head = _place_of(batch[-1], file=file)
+
+    async def finish(self, events: int, *, file: str) -> None:
+        """After the last event: the chain ends at the last place, and holds the kept
+        heads."""
+        if not self._citus:
+            head = await self._conn.fetchval(_HEAD, self._tenant)
+            if (head or 0) != events:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: the audit chain ends at place {head or 0}, not {events}; "
+                    "nothing written"
+                )
+        for kept in self._kept:
+            held = self._held.get(kept.chain_seq)
+            if held is None:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {file}: the export's audit chain ends at place {events}, "
+                    f"before the head kept at place {kept.chain_seq}: events were cut from "
+                    "it; nothing written"
+                )
+            if held != kept.row_hash:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {file}: place {kept.chain_seq} of the export's audit chain "
+                    "does not have the hash kept for it: the chain was rewritten there or "
+                    "before; nothing written"
+                )
 
 
 async def _check_places(
@@ -758,34 +1008,53 @@ async def _check_places(
     if wrong:
         raise ArchiveInvalid(
             f"{_IMPORT}: {file}: the audit chain does not recompute to the exported places and "
-            "hashes (an event changed, is out of order or had no place in the source's chain: "
-            "sfdb audit verify there); nothing written"
+            "hashes (an event changed without the chain recomputed, is out of order or had no "
+            "place in the source's chain: sfdb audit verify there); nothing written"
         )
 
 
-def _place_of(line: str) -> tuple[int, bytes]:
+def _place_of(line: str, *, file: str) -> tuple[int, bytes]:
     """The place and hash an exported event's line gives it (checked against the database
     before it is used)."""
-    event = json.loads(line)
-    return int(event["chain_seq"]), bytes.fromhex(event["row_hash"])
+    try:
+        event = json.loads(line)
+        return int(event["chain_seq"]), bytes.fromhex(event["row_hash"])
+    except (ValueError, TypeError, KeyError):
+        raise ArchiveInvalid(
+            f"{_IMPORT}: {file}: an event without a place and hash; nothing written"
+        ) from None
 
 
-def _batches(file: BinaryIO, digest: Any, name: str) -> Iterator[list[str]]:
-    """The file's lines (without their newline) in batches bounded in rows and bytes,
-    hashed as they are read."""
+def _batches(file: BinaryIO, digest: Any, name: str) -> Iterator[tuple[int, list[str]]]:
+    """The file's lines (without their newline) in batches bounded in rows and bytes, each
+    with the number of its first line, hashed as they are read. A line is read at most
+    :data:`MAX_LINE_BYTES` at a time: a longer one is refused before it is held whole."""
+    limit = MAX_LINE_BYTES
     batch: list[str] = []
-    size = 0
-    for line in file:
+    size = number = 0
+    while line := file.readline(limit):
+        number += 1
         digest.update(line)
         if not line.endswith(b"\n"):
+            if len(line) >= limit:
+                raise ArchiveInvalid(
+                    f"{_IMPORT}: {name} line {number} is longer than {limit} bytes "
+                    "(MAX_LINE_BYTES); nothing written"
+                )
             raise ArchiveInvalid(f"{_IMPORT}: {name} ends in a cut line; nothing written")
+        if batch and size + len(line) > _BATCH_BYTES:
+            # A long line goes in a batch of its own: a batch holds _BATCH_BYTES, or one line.
+            yield number - len(batch), batch
+            batch, size = [], 0
         try:
             batch.append(line[:-1].decode("utf-8"))
         except UnicodeDecodeError:
-            raise ArchiveInvalid(f"{_IMPORT}: {name} is not UTF-8; nothing written") from None
+            raise ArchiveInvalid(
+                f"{_IMPORT}: {name} line {number} is not UTF-8; nothing written"
+            ) from None
         size += len(line)
         if len(batch) >= _BATCH_ROWS or size >= _BATCH_BYTES:
-            yield batch
+            yield number - len(batch) + 1, batch
             batch, size = [], 0
     if batch:
-        yield batch
+        yield number - len(batch) + 1, batch

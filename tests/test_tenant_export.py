@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import asyncpg
 import pytest
@@ -26,7 +29,7 @@ from slack_sdk.oauth.installation_store import Installation
 from sqlalchemy.engine import URL
 
 from slack_fathom_db import Database, DatabaseSettings, TenantId, export
-from slack_fathom_db.audit_chain import verify_audit_chains
+from slack_fathom_db.audit_chain import KeptHead, parse_kept_heads, verify_audit_chains
 from slack_fathom_db.errors import (
     ArchiveInvalid,
     Conflict,
@@ -259,7 +262,7 @@ async def test_export_import_export_gives_the_same_bytes(
     assert sorted(titles) == sorted(f"{n} {AWKWARD}" for n in range(12))
 
     imported = await import_tenant(target, first)
-    assert imported == manifest
+    assert imported.manifest == manifest
     again = await export_tenant(target, workspace.team, second)
     assert again == manifest
     assert files_of(second) == files_of(first)
@@ -268,6 +271,7 @@ async def test_export_import_export_gives_the_same_bytes(
     assert verified.ok, verified
     source_chain = await verify_audit_chains(settings, slack_team_id=workspace.team)
     assert [c.head for c in verified.chains] == [c.head for c in source_chain.chains]
+    assert imported.audit_head == source_chain.chains[0].head
 
     async with target_db.unit_of_work(slack_team_id=workspace.team) as uow:
         meeting = await uow.meetings.get(workspace.meeting_ids[0])
@@ -338,9 +342,10 @@ async def test_an_audit_event_changed_with_a_manifest_to_match_is_refused(
     tmp_path: Path,
     edit: tuple[str, str],
 ) -> None:
-    """An event edited in the file, its hash in the manifest made to match: the chain (for
-    what it hashes) or the personal digest (for the personal fields) gives it away, and
-    nothing is written."""
+    """An event edited in the file without the chain recomputed, its hash in the manifest
+    made to match: the chain (for what it hashes) or the personal digest (for the personal
+    fields) gives it away, and nothing is written. (One who recomputes the chain too is
+    caught by kept heads only: see the forged-chain test.)"""
     await export_tenant(settings, workspace.team, tmp_path)
     events = tmp_path / "audit_logs.jsonl"
     lines = events.read_bytes().split(b"\n")
@@ -469,11 +474,28 @@ async def test_cli_exports_and_imports(
     assert unknown.stderr.count("\n") == 1
     assert "no workspace" in unknown.stderr
 
-    imported = sfdb(
-        "tenant", "import", str(out), url=url_of(target), cwd=tmp_path, extra_env=owner_env(target)
+    verified = sfdb(
+        "audit", "verify", workspace.team, url=url_of(settings), cwd=tmp_path, extra_env=env
     )
+    assert verified.returncode == 0, verified.stderr
+    kept = tmp_path / "kept.txt"  # in practice, where the export's carrier cannot write
+    kept.write_text(verified.stdout)
+    [head] = [line for line in verified.stdout.splitlines() if line.startswith("head ")]
+    (tmp_path / "cut.txt").write_text(head[:-1])
+    unreadable = sfdb(
+        "tenant", "import", str(out), "--kept", str(tmp_path / "cut.txt"),
+        url=url_of(target), cwd=tmp_path, extra_env=owner_env(target),
+    )  # fmt: skip
+    assert unreadable.returncode == 2
+    assert "tenant import --kept" in unreadable.stderr
+    imported = sfdb(
+        "tenant", "import", str(out), "--kept", str(kept),
+        url=url_of(target), cwd=tmp_path, extra_env=owner_env(target),
+    )  # fmt: skip
     assert imported.returncode == 0, imported.stderr
     assert f"imported workspace {workspace.team}" in imported.stdout
+    assert "holds the 1 kept head" in imported.stdout
+    assert head in imported.stdout.splitlines()  # as verify prints it: to keep of the target
     conflict = sfdb(
         "tenant", "import", str(out), url=url_of(target), cwd=tmp_path, extra_env=owner_env(target)
     )
@@ -482,3 +504,265 @@ async def test_cli_exports_and_imports(
     assert "exists" in conflict.stderr
     for result in (exported, imported):
         assert f"xoxb-{workspace.team}" not in result.stdout + result.stderr
+
+
+async def test_an_export_is_readable_by_its_user_only(
+    settings: DatabaseSettings, workspace: Workspace, tmp_path: Path
+) -> None:
+    """A directory the export makes is 0o700, every file 0o600, whatever the umask; a
+    directory it is given keeps its mode."""
+    previous = os.umask(0o002)
+    try:
+        made = tmp_path / "made" / "here"
+        await export_tenant(settings, workspace.team, made)
+        given = tmp_path / "given"
+        given.mkdir(mode=0o755)
+        await export_tenant(settings, workspace.team, given)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+    assert stat.S_IMODE(given.stat().st_mode) == 0o755
+    for directory in (made, given):
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert modes == dict.fromkeys([f"{t}.jsonl" for t in TABLES] + [MANIFEST_FILE], 0o600)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "manifest symlink"])
+async def test_an_import_reads_regular_files_of_its_directory_only(
+    db: Database,
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """A file of the export that is a symbolic link (even to the same bytes), a FIFO (which
+    would block a reader) or a directory: refused before anything is read from it."""
+    workspace = await populate(db, meetings=1)
+    out = tmp_path / "export"
+    await export_tenant(settings, workspace.team, out)
+    name = MANIFEST_FILE if kind == "manifest symlink" else "api_rate_limits.jsonl"
+    outside = tmp_path / name
+    outside.write_bytes((out / name).read_bytes())
+    (out / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(out / name)
+    elif kind == "directory":
+        (out / name).mkdir()
+    else:
+        (out / name).symlink_to(outside)
+    refusal = "is a symbolic link" if "symlink" in kind else "is not a regular file"
+    with pytest.raises(ArchiveInvalid, match=f"{name} {refusal}"):
+        await import_tenant(target, out)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+def append_line(directory: Path, table: str, line: bytes) -> None:
+    """One more line at the end of a table's file, its count and SHA-256 in the manifest made
+    to match."""
+    rewrite(directory, table, (directory / f"{table}.jsonl").read_bytes() + line + b"\n")
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for entry in manifest["tables"]:
+        if entry["table"] == table:
+            entry["rows"] += 1
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def user_line(directory: Path, **columns: object) -> bytes:
+    """A line of the export's users.jsonl: its first user's, with a new id and Slack user,
+    then ``columns``."""
+    row = json.loads((directory / "users.jsonl").read_bytes().split(b"\n")[0])
+    row |= {"id": str(uuid.uuid4()), "slack_user_id": unique_user_id()}
+    return json.dumps(row | columns).encode()
+
+
+async def test_a_line_longer_than_the_maximum_is_refused_before_it_is_held(
+    db: Database,
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A line past MAX_LINE_BYTES is refused by file and line as it is read (not held
+    whole), and a tenants.jsonl past it before it is read; nothing is written."""
+    workspace = await populate(db, meetings=2)
+    await export_tenant(settings, workspace.team, tmp_path)
+    monkeypatch.setattr(export, "MAX_LINE_BYTES", 64 << 10)
+    long = {"tenant_id": str(workspace.tenant), "title": "x" * (1 << 20)}
+    append_line(tmp_path, "meeting_sessions", json.dumps(long).encode())
+    reads: list[int] = []
+    readline = export._batches
+
+    def spied(file: BinaryIO, digest: Any, name: str) -> Iterator[tuple[int, list[str]]]:
+        original = file.readline
+
+        def read(limit: int = -1) -> bytes:
+            line = original(limit)
+            reads.append(len(line))
+            return line
+
+        file.readline = read  # type: ignore[method-assign]
+        return readline(file, digest, name)
+
+    monkeypatch.setattr(export, "_batches", spied)
+    too_long = r"meeting_sessions\.jsonl line 3 is longer than 65536"
+    with pytest.raises(ArchiveInvalid, match=too_long):
+        await import_tenant(target, tmp_path)
+    assert max(reads) <= 64 << 10
+    assert await count_rows(target, workspace.tenant) == 0
+
+    tenant_row = (tmp_path / "tenants.jsonl").stat().st_size
+    monkeypatch.setattr(export, "MAX_LINE_BYTES", tenant_row - 1)
+    with pytest.raises(ArchiveInvalid, match=rf"tenants\.jsonl is longer than {tenant_row - 1}"):
+        await import_tenant(target, tmp_path)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (b"{not json", r"users\.jsonl line 3 is not one JSON object"),
+        (b"null", r"users\.jsonl line 3 is not one JSON object"),
+        (b"[1,2]", r"users\.jsonl line 3 is not one JSON object"),
+        (b'{"tenant_id": NaN}', r"users\.jsonl line 3 is not one JSON object"),
+        (b'{"id": "nope"}', r"users\.jsonl line 3 is a row of another workspace, or of none"),
+        (b"\xff{}", r"users\.jsonl line 3 is not UTF-8"),
+        (b"TWO", r"users\.jsonl line 3 is not one JSON object"),
+        (b"BAD ID", r"users\.jsonl lines 1-3: .*rejected a value \[22P02\]"),
+        (b"NO SLACK USER", r"users\.jsonl lines 1-3: .*rejected a value.*\[23502\]"),
+        (b"BAD ROLE", r"users\.jsonl lines 1-3: .*rejected a value.*\[23514\]"),
+    ],
+)
+async def test_a_malformed_line_is_refused_by_file_and_line(
+    db: Database,
+    settings: DatabaseSettings,
+    target: DatabaseSettings,
+    tmp_path: Path,
+    case: tuple[bytes, str],
+) -> None:
+    """Lines that are not JSON objects, or not rows of the workspace, or rows the database
+    refuses, with a manifest to match: ArchiveInvalid naming the file and the line (or the
+    batch's lines), never a value of the file; nothing written."""
+    line, refusal = case
+    workspace = await populate(db, meetings=1)
+    await export_tenant(settings, workspace.team, tmp_path)
+    written = {
+        b"TWO": user_line(tmp_path) + b"," + user_line(tmp_path),
+        b"BAD ID": user_line(tmp_path, id="secret-nope"),
+        b"NO SLACK USER": user_line(tmp_path, slack_user_id=None),
+        b"BAD ROLE": user_line(tmp_path, role="secret-role"),
+    }.get(line, line)
+    append_line(tmp_path, "users", written)
+    with pytest.raises(ArchiveInvalid, match=refusal) as refused:
+        await import_tenant(target, tmp_path)
+    assert "nothing written" in str(refused.value)
+    assert "secret" not in str(refused.value)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+async def test_a_tenants_file_not_utf8_is_refused(
+    db: Database, settings: DatabaseSettings, target: DatabaseSettings, tmp_path: Path
+) -> None:
+    """tenants.jsonl with a byte that is not UTF-8, its SHA-256 made to match: refused."""
+    workspace = await populate(db, meetings=1)
+    await export_tenant(settings, workspace.team, tmp_path)
+    rewrite(tmp_path, "tenants", (tmp_path / "tenants.jsonl").read_bytes()[:-1] + b"\xff\n")
+    with pytest.raises(ArchiveInvalid, match=r"tenants\.jsonl is not UTF-8"):
+        await import_tenant(target, tmp_path)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
+async def forge_chain(
+    settings: DatabaseSettings, directory: Path, *, edit: int | None = None, cut: int = 0
+) -> None:
+    """As a forger would: cut the newest ``cut`` events, or edit event ``edit`` and
+    recompute every hash after it with the schema's public canonical form; then the
+    manifest."""
+    path = directory / "audit_logs.jsonl"
+    events = [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+    events = events[: len(events) - cut]
+    if edit is not None:
+        events[edit]["event_type"] = "meeting.forged"
+        previous = bytes(32) if edit == 0 else bytes.fromhex(events[edit - 1]["row_hash"])
+        conn = await asyncpg.connect(dsn(settings.for_migrations()))
+        try:
+            for event in events[edit:]:
+                previous = await fetch_value(
+                    conn,
+                    bytes,
+                    "SELECT sha256($1 || public.sfdb_audit_content($2::uuid, $3::uuid, $4, $5, "
+                    "$6, $7, $8, $9, $10::timestamptz, decode(substr($11, 3), 'hex')))",
+                    previous,
+                    uuid.UUID(event["id"]),
+                    uuid.UUID(event["tenant_id"]),
+                    event["chain_seq"],
+                    event["event_type"],
+                    event["event_category"],
+                    event["status"],
+                    event["resource_type"],
+                    event["resource_id"],
+                    datetime.fromisoformat(event["created_at"]),
+                    event["personal_digest"],
+                )
+                event["row_hash"] = previous.hex()
+        finally:
+            await conn.close()
+    data = b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in events)
+    rewrite(directory, "audit_logs", data)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    for entry in manifest["tables"]:
+        if entry["table"] == "audit_logs":
+            entry["rows"] = len(events)
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+async def test_a_forged_or_cut_chain_is_refused_with_the_sources_kept_head(
+    db: Database, settings: DatabaseSettings, target: DatabaseSettings, tmp_path: Path
+) -> None:
+    """An export is not authenticated: a chain rewritten with its hashes recomputed, or cut
+    at its newest events, with a manifest to match, imports and verifies. Held to the head
+    kept of the source (heads of other workspaces passed over), it is refused and nothing
+    is written."""
+    other = await populate(db, meetings=1, name="Other workspace")
+    workspace = await populate(db, meetings=1)
+    chains = await verify_audit_chains(settings, slack_team_id=workspace.team)
+    others = await verify_audit_chains(settings, slack_team_id=other.team)
+    heads = [(workspace.team, chains.chains[0].head), (other.team, others.chains[0].head)]
+    kept_file = tmp_path / "kept.txt"
+    kept_file.write_text(
+        "".join(f"head {team} {head[0]} {head[1].hex()}\n" for team, head in heads if head)
+    )
+    kept = parse_kept_heads(kept_file.read_text())
+    assert [k.slack_team_id for k in kept] == [workspace.team, other.team]
+
+    await export_tenant(settings, workspace.team, tmp_path / "cut")
+    await forge_chain(settings, tmp_path / "cut", cut=2)
+    with pytest.raises(ArchiveInvalid, match=r"before the head kept at place \d+: events were cut"):
+        await import_tenant(target, tmp_path / "cut", kept=kept)
+    assert await count_rows(target, workspace.tenant) == 0
+    refused = sfdb(
+        "tenant", "import", str(tmp_path / "cut"), "--kept", str(kept_file),
+        url=url_of(target), cwd=tmp_path, extra_env=owner_env(target),
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1
+    assert "events were cut" in refused.stderr
+    assert await count_rows(target, workspace.tenant) == 0
+
+    forged = tmp_path / "forged"
+    await export_tenant(settings, workspace.team, forged)
+    await forge_chain(settings, forged, edit=0)
+    with pytest.raises(ArchiveInvalid, match="does not have the hash kept for it"):
+        await import_tenant(target, forged, kept=kept)
+    assert await count_rows(target, workspace.tenant) == 0
+    with pytest.raises(ValidationError, match="none of the 1 kept heads"):
+        await import_tenant(target, forged, kept=[KeptHead(other.team, 1, bytes(32))])
+    assert await count_rows(target, workspace.tenant) == 0
+
+    # Without the kept head nothing tells: it imports, and the target's chain verifies.
+    imported = await import_tenant(target, forged)
+    source_head = chains.chains[0].head
+    assert source_head is not None
+    assert imported.audit_head is not None
+    assert imported.audit_head[0] == source_head[0]
+    assert imported.audit_head[1] != source_head[1]
+    assert (await verify_audit_chains(target, slack_team_id=workspace.team)).ok
