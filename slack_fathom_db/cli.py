@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         help="recent audit events of one workspace; 'audit verify [SLACK_TEAM_ID]' checks "
         "the audit chains (as the schema owner)",
         usage="sfdb audit [-h] [--failures] [--days N] [--limit N] SLACK_TEAM_ID\n"
-        "       sfdb audit verify [--kept FILE] [SLACK_TEAM_ID]",
+        "       sfdb audit verify [SLACK_TEAM_ID] [--kept FILE]",
     )
     audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID", help="or: verify")
     audit.add_argument(
