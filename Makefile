@@ -28,7 +28,7 @@ PGBOUNCER_TESTS := tests/test_isolation.py tests/test_audit_and_rate_limits.py \
 	tests/test_audit_integrity.py tests/test_pgbouncer.py tests/test_bounds.py \
 	tests/test_claim_leases.py tests/test_client_timeouts.py tests/test_runner.py \
 	tests/test_slack_store.py tests/test_slack_token_rotation.py tests/security/test_claims.py \
-	tests/test_audit_chain.py
+	tests/test_audit_chain.py tests/test_erasure.py
 test-pgbouncer: install
 	SFDB_TEST_PGBOUNCER=1 $(BIN)/pytest -m "not not_through_pgbouncer" $(PGBOUNCER_TESTS)
 

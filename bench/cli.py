@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.engine import URL, make_url
 
-from bench import chain, claims, dataset, document, report
+from bench import chain, claims, dataset, document, export, report
 from bench.counting import count_round_trips, disagreements
 from bench.explain import explain_layer_queries
 from bench.impls import ALL, LayerImpl, UnverifiedLayerImpl
@@ -140,6 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-counts", action="store_true", help="no round-trip counting pass")
     parser.add_argument("--skip-explain", action="store_true", help="no EXPLAIN pass")
     parser.add_argument("--skip-profile", action="store_true", help="no handler profile")
+    parser.add_argument("--skip-export", action="store_true", help="no sfdb tenant export target")
     return parser.parse_args(argv)
 
 
@@ -188,10 +189,14 @@ async def _main(args: argparse.Namespace) -> int:
             cost = await claims.verification_cost(
                 datasets["large"], LayerImpl(), UnverifiedLayerImpl()
             )
-        # Then the audit chain under 32 writers of one workspace, when the burst was measured.
-        results, chained = (
+        # Then the audit chain under 32 writers of one workspace, when the burst was measured;
+        # then, on a database of its own, one large workspace through sfdb tenant export.
+        results, chained, exported = (
             await measure(profile, impls, workloads, datasets),
             await chain.targets(impls, workloads, datasets["large"], log=log),
+            []
+            if args.skip_export
+            else await export.targets(server, quick=args.quick, keep=args.keep, log=log),
         )
         profiles: list[HandlerProfile] = []
         if not args.skip_profile and any(w.key == "handler" for w in workloads):
@@ -225,7 +230,7 @@ async def _main(args: argparse.Namespace) -> int:
         plans=plans,
         profiles=profiles,
         cost=cost,
-        targets=[*report.targets(results, counts, plans, datasets), *chained],
+        targets=[*report.targets(results, counts, plans, datasets), *chained, *exported],
         elapsed=elapsed,
     )
     print(document.render(run, markdown=False))

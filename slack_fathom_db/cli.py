@@ -30,7 +30,14 @@ import asyncpg
 from pydantic import SecretStr
 from pydantic import ValidationError as SettingsError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -43,7 +50,9 @@ from slack_fathom_db.audit_retention import (
 )
 from slack_fathom_db.claims import TenantKey, generate_tenant_key
 from slack_fathom_db.database import Database
+from slack_fathom_db.erasure import erase_user, purge_uninstalled_tenants
 from slack_fathom_db.errors import ConfigurationError, SlackFathomDBError, ValidationError
+from slack_fathom_db.export import ProgressCallback, export_tenant, import_tenant
 from slack_fathom_db.maintenance import (
     DEFAULT_PURGE_AFTER_DAYS,
     finish_tenant_key_rotation,
@@ -57,7 +66,7 @@ from slack_fathom_db.settings import DatabaseSettings, normalize_url
 from slack_fathom_db.tokens import generate_key
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Coroutine, Iterator, Sequence
 
     from sqlalchemy.engine import URL
 
@@ -126,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         "the audit chains, 'audit retain --months N' drops the months that ended more than "
         "N months ago (both as the schema owner)",
         usage="sfdb audit [-h] [--failures] [--days N] [--limit N] SLACK_TEAM_ID\n"
-        "       sfdb audit verify [--kept FILE] [SLACK_TEAM_ID]\n"
+        "       sfdb audit verify [SLACK_TEAM_ID] [--kept FILE]\n"
         "       sfdb audit retain --months N [--ahead N]",
     )
     audit.add_argument("slack_team_id", metavar="SLACK_TEAM_ID", help="or: verify, retain")
@@ -222,7 +231,63 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="end the rotation: every application signs with DATABASE_TENANT_KEY now",
     )
+    _tenant_parser(
+        commands.add_parser(
+            "tenant",
+            help="one workspace's rows: export, import elsewhere, purge after uninstall, "
+            "erase a user (as the schema owner)",
+        )
+    )
     return parser
+
+
+def _tenant_parser(tenant: argparse.ArgumentParser) -> None:
+    """``sfdb tenant ACTION``: what the owner does to one workspace at a time."""
+    actions = tenant.add_subparsers(dest="tenant_action", required=True, metavar="ACTION")
+    export = actions.add_parser(
+        "export",
+        help="write every row of one workspace to DIR: JSON Lines, one file per table, "
+        "and manifest.json",
+    )
+    export.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    export.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="a new or empty directory"
+    )
+    restore = actions.add_parser(
+        "import",
+        help="restore the workspace exported to DIR, in one transaction (needs the same "
+        "schema revision, and the same DATABASE_TOKEN_KEYS for its Slack tokens)",
+    )
+    restore.add_argument(
+        "in_dir", type=Path, metavar="DIR", help="a directory of sfdb tenant export"
+    )
+    restore.add_argument(
+        "--kept",
+        type=Path,
+        metavar="FILE",
+        help="heads sfdb audit verify printed on the source, kept where the export's carrier "
+        "cannot write: the export's audit chain must hold its workspace's (an export is not "
+        "authenticated: this refuses one whose chain was rewritten or cut)",
+    )
+    purge = actions.add_parser(
+        "purge",
+        help="erase the workspaces uninstalled more than the grace period ago (audit "
+        "events are de-identified, never deleted)",
+    )
+    purge.add_argument(
+        "--grace-days",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="workspaces uninstalled more than N days ago (default DATABASE_PURGE_GRACE_DAYS)",
+    )
+    erase = actions.add_parser(
+        "erase-user",
+        help="erase one Slack user of a workspace: their rows and meetings deleted, their "
+        "audit events de-identified",
+    )
+    erase.add_argument("slack_team_id", metavar="SLACK_TEAM_ID")
+    erase.add_argument("slack_user_id", metavar="SLACK_USER_ID")
 
 
 def _non_negative(raw: str) -> int:
@@ -624,6 +689,35 @@ async def _purge_rate_limits(settings: DatabaseSettings, older_than_days: int) -
     )
 
 
+async def _tenant_purge(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    days = settings.purge_grace_days if args.grace_days is None else args.grace_days
+    purged = await purge_uninstalled_tenants(settings, grace_days=days)
+    for done in purged:
+        _line(
+            f"{done.slack_team_id}: {done.error or done.outcome}; "
+            f"{sum(done.deleted.values())} row(s) deleted, "
+            f"{done.deidentified} audit event(s) de-identified"
+        )
+    _line(f"{len(purged)} workspace(s) uninstalled more than {days} days ago")
+    failed = [done.slack_team_id for done in purged if done.outcome == "failed"]
+    if failed:
+        raise CommandError(f"{len(failed)} workspace(s) not erased, the next run resumes them")
+
+
+async def _tenant_erase_user(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    slack_team_id, slack_user_id = args.slack_team_id, args.slack_user_id
+    done = await erase_user(settings, slack_team_id, slack_user_id)
+    if not (done.users or done.installations or done.deidentified):
+        _line(f"no trace of {slack_user_id} in {slack_team_id}: nothing to erase")
+        return
+    _line(
+        f"{slack_user_id} erased from {slack_team_id}: {done.users} user row(s), "
+        f"{done.meetings} meeting(s) and {done.installations} Slack installation(s) deleted, "
+        f"{done.mentions} participant list(s) and {done.deidentified} audit event(s) "
+        "de-identified"
+    )
+
+
 async def _rotate_token_keys(settings: DatabaseSettings) -> None:
     done = await rotate_token_keys(settings)
     out.print(
@@ -657,6 +751,49 @@ async def _rotate_tenant_key(settings: DatabaseSettings, *, finish: bool) -> Non
         "sfdb rotate-tenant-key --finish",
         markup=False,
     )
+
+
+async def _tenant_export(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    _warn_if_owner_falls_back(settings)
+    try:
+        with _table_progress("exporting") as progress:
+            manifest = await export_tenant(
+                settings, args.slack_team_id, args.out, progress=progress
+            )
+    except ValidationError as exc:  # the team id's shape, or a directory in use
+        raise UsageProblem(str(exc)) from None
+    _line(
+        f"exported workspace {manifest.slack_team_id} ({manifest.tenant_id}): "
+        f"{manifest.rows} rows of {len(manifest.tables)} tables to {args.out}"
+    )
+
+
+async def _tenant_import(settings: DatabaseSettings, args: argparse.Namespace) -> None:
+    _warn_if_owner_falls_back(settings)
+    kept = _kept_heads(args.kept, command="tenant import")
+    with _table_progress("importing") as progress:
+        imported = await import_tenant(settings, args.in_dir, kept=kept, progress=progress)
+    manifest = imported.manifest
+    held = sum(head.slack_team_id == manifest.slack_team_id for head in kept)
+    _line(
+        f"imported workspace {manifest.slack_team_id} ({manifest.tenant_id}): "
+        f"{manifest.rows} rows of {len(manifest.tables)} tables, at schema revision "
+        f"{manifest.schema_revision}"
+        + (f"; its audit chain holds the {held} kept head(s)" if held else "")
+    )
+    if imported.audit_head is not None:
+        _line(_head_line(manifest.slack_team_id, *imported.audit_head))
+
+
+_TENANT_ACTIONS: dict[
+    str, Callable[[DatabaseSettings, argparse.Namespace], Coroutine[Any, Any, None]]
+] = {
+    "export": _tenant_export,
+    "import": _tenant_import,
+    "purge": _tenant_purge,
+    "erase-user": _tenant_erase_user,
+}
+"""``sfdb tenant ACTION``, by action (each parsed in :func:`_tenant_parser`)."""
 
 
 async def _tenant_of(db: Database, slack_team_id: str) -> TenantId:
@@ -693,13 +830,18 @@ async def _audit(
     out.print(_audit_table(events, title=f"audit events of {slack_team_id}, last {days} days"))
 
 
-def _kept_heads(path: Path | None) -> list[KeptHead]:
+def _kept_heads(path: Path | None, *, command: str = "audit verify") -> list[KeptHead]:
     if path is None:
         return []
     try:
         return parse_kept_heads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValidationError) as exc:
-        raise UsageProblem(f"audit verify --kept {path}: {exc}") from None
+        raise UsageProblem(f"{command} --kept {path}: {exc}") from None
+
+
+def _head_line(slack_team_id: str, chain_seq: int, row_hash: bytes) -> str:
+    """A chain's head as ``--kept FILE`` reads it back (:func:`parse_kept_heads`)."""
+    return f"head {slack_team_id} {chain_seq} {row_hash.hex()}"
 
 
 async def _verify_audit(
@@ -727,8 +869,7 @@ async def _verify_audit(
         return False  # no new heads to keep from chains that lost the old ones
     for chain in found.chains:
         if chain.head is not None and chain.broken is None and chain.slack_team_id:
-            seq, digest = chain.head
-            _line(f"head {chain.slack_team_id} {seq} {digest.hex()}")
+            _line(_head_line(chain.slack_team_id, *chain.head))
     return found.ok
 
 
@@ -835,6 +976,37 @@ def _progress(total: int) -> Iterator[Any]:
             progress.stop()
 
 
+@contextlib.contextmanager
+def _table_progress(verb: str) -> Iterator[ProgressCallback]:
+    """A bar per table on stderr, as :func:`_progress`: only if the work takes over a second."""
+    started = time.monotonic()
+    progress = Progress(
+        TextColumn(f"{verb} " + "{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+    shown = False
+
+    def advance(table: str, done: int, total: int) -> None:
+        nonlocal shown
+        if table not in tasks:
+            tasks[table] = progress.add_task(table, total=total)
+        progress.update(tasks[table], completed=done, total=total)
+        if not shown and time.monotonic() - started > 1.0:
+            progress.start()
+            shown = True
+
+    try:
+        yield advance
+    finally:
+        if shown:
+            progress.stop()
+
+
 # -- entry point -----------------------------------------------------------------------
 
 
@@ -870,44 +1042,44 @@ def _run(args: argparse.Namespace) -> int:
             asyncio.run(_rotate_token_keys(settings))
         elif args.command == "rotate-tenant-key":
             asyncio.run(_rotate_tenant_key(settings, finish=args.finish))
+        elif args.command == "tenant":
+            asyncio.run(_TENANT_ACTIONS[args.tenant_action](settings, args))
         elif args.command == "stats":
             asyncio.run(_stats(settings, args.slack_team_id))
-        elif args.command == "audit" and args.slack_team_id == "retain":
-            listing = (args.failures, args.days, args.limit)
-            if listing != (False, DEFAULT_AUDIT_DAYS, DEFAULT_AUDIT_LIMIT) or (
-                args.kept is not None or args.verified_team_id is not None
-            ):
-                raise UsageProblem("audit retain: only --months N and --ahead N")
-            if args.months is None:
-                raise UsageProblem("audit retain: --months N is required (N >= 1)")
-            asyncio.run(_retain_audit(settings, args.months, args.ahead))
-        elif args.command == "audit" and args.slack_team_id == "verify":
-            listing = (args.failures, args.days, args.limit)
-            if listing != (False, DEFAULT_AUDIT_DAYS, DEFAULT_AUDIT_LIMIT):
-                raise UsageProblem("audit verify: --failures, --days and --limit list events")
-            if args.months is not None or args.ahead != DEFAULT_MONTHS_AHEAD:
-                raise UsageProblem("audit verify: --months and --ahead are for retain")
-            kept = _kept_heads(args.kept)
-            return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id, kept)) else 1
         elif args.command == "audit":
-            if (
-                args.verified_team_id is not None
-                or args.kept is not None
-                or args.months is not None
-                or args.ahead != DEFAULT_MONTHS_AHEAD
-            ):
-                raise UsageProblem(
-                    "audit: one workspace, verify [SLACK_TEAM_ID] or retain --months N"
-                )
-            asyncio.run(
-                _audit(
-                    settings,
-                    args.slack_team_id,
-                    failures=args.failures,
-                    days=args.days,
-                    limit=args.limit,
-                )
-            )
+            return _run_audit(settings, args)
+    return 0
+
+
+def _run_audit(settings: DatabaseSettings, args: argparse.Namespace) -> int:
+    """``sfdb audit``: list one workspace's events, ``verify`` or ``retain``."""
+    listing = (args.failures, args.days, args.limit) != (
+        False,
+        DEFAULT_AUDIT_DAYS,
+        DEFAULT_AUDIT_LIMIT,
+    )
+    retaining = args.months is not None or args.ahead != DEFAULT_MONTHS_AHEAD
+    if args.slack_team_id == "retain":
+        if listing or args.kept is not None or args.verified_team_id is not None:
+            raise UsageProblem("audit retain: only --months N and --ahead N")
+        if args.months is None:
+            raise UsageProblem("audit retain: --months N is required (N >= 1)")
+        asyncio.run(_retain_audit(settings, args.months, args.ahead))
+        return 0
+    if args.slack_team_id == "verify":
+        if listing:
+            raise UsageProblem("audit verify: --failures, --days and --limit list events")
+        if retaining:
+            raise UsageProblem("audit verify: --months and --ahead are for retain")
+        kept = _kept_heads(args.kept)
+        return 0 if asyncio.run(_verify_audit(settings, args.verified_team_id, kept)) else 1
+    if args.verified_team_id is not None or args.kept is not None or retaining:
+        raise UsageProblem("audit: one workspace, verify [SLACK_TEAM_ID] or retain --months N")
+    asyncio.run(
+        _audit(
+            settings, args.slack_team_id, failures=args.failures, days=args.days, limit=args.limit
+        )
+    )
     return 0
 
 

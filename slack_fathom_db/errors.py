@@ -16,6 +16,7 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 
 __all__ = [
+    "ArchiveInvalid",
     "ConfigurationError",
     "Conflict",
     "DatabaseUnavailable",
@@ -23,6 +24,7 @@ __all__ = [
     "NotFound",
     "PoolExhausted",
     "RateLimitExceeded",
+    "SchemaMismatch",
     "SerializationConflict",
     "SlackFathomDBError",
     "StatementTimeout",
@@ -65,6 +67,13 @@ class RateLimitExceeded(Conflict):
     """A rate-limit charge deferred to commit no longer fits; the unit of work rolled back."""
 
 
+class ArchiveInvalid(ValidationError):
+    """A tenant export does not hold what its manifest says (a file changed, missing or
+    extra rows, rows of another workspace, an audit chain that does not recompute or does not
+    hold a kept head), or is malformed (a line that is not a row, too long, not UTF-8; a file
+    that is not a regular file); nothing was written."""
+
+
 class InvalidStateTransition(SlackFathomDBError):
     """A meeting was asked to move to a status its current status does not allow."""
 
@@ -91,6 +100,11 @@ class TenantClaimRefused(ConfigurationError):
     why: it holds no key of that id (``sfdb migrate`` installs ``DATABASE_TENANT_KEY``), the
     signature does not verify with its key of that id, the clocks of the application and
     the database disagree, or the claim was made for another server connection."""
+
+
+class SchemaMismatch(ConfigurationError):
+    """A tenant export was made at another schema revision than the database's: migrate one
+    side (``sfdb migrate``) so both are at the same revision."""
 
 
 class DatabaseUnavailable(SlackFathomDBError):

@@ -26,6 +26,8 @@ from slack_fathom_db.models.slack import SECRET_COLUMNS
 from slack_fathom_db.tokens import TokenCipher, TokenDecryptionError, token_context
 
 if TYPE_CHECKING:
+    import uuid
+
     from slack_fathom_db.settings import DatabaseSettings
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "KeyRotation",
     "finish_tenant_key_rotation",
     "install_tenant_key",
+    "lifecycle_scope",
     "purge_rate_limit_windows",
     "rotate_tenant_key",
     "rotate_token_keys",
@@ -204,6 +207,13 @@ async def owner_connection(
         )
     except DRIVER_ERRORS as exc:
         raise translate(exc, action=action) from exc
+
+
+def lifecycle_scope(tenant_id: uuid.UUID) -> str:
+    """The ``SET LOCAL`` that lets the owner reach one workspace's rows for the rest of the
+    transaction (the ``owner_lifecycle`` policies of migration 0010); a literal, as Citus
+    passes ``SET LOCAL`` on to its workers (``set_config()`` not)."""
+    return f"SET LOCAL sfdb.lifecycle_tenant = '{validation.canonical_uuid(tenant_id)}'"
 
 
 # -- tenant keys ------------------------------------------------------------------------

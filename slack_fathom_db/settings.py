@@ -102,6 +102,7 @@ class DatabaseSettings(BaseSettings):
     ``DATABASE_STATEMENT_TIMEOUT_MS``, ``DATABASE_CONNECT_TIMEOUT``,
     ``DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_MS``, ``DATABASE_MAX_JSON_BYTES``,
     ``DATABASE_CLAIM_LEASE_SECONDS``, ``DATABASE_MAX_PROCESSING_ATTEMPTS``,
+    ``DATABASE_PURGE_GRACE_DAYS``,
     ``DATABASE_MIGRATION_URL``, ``DATABASE_ROLE_PREFIX``, ``DATABASE_APP_ROLE``.
     """
 
@@ -155,6 +156,11 @@ class DatabaseSettings(BaseSettings):
     max_processing_attempts: Annotated[int, Field(ge=1, le=1000)] = Field(
         default=5,
         description="Claims of one meeting before an expired lease fails it for good.",
+    )
+    purge_grace_days: Annotated[int, Field(ge=0, le=36_600)] = Field(
+        default=30,
+        description="Days an uninstalled workspace keeps its rows before sfdb tenant purge "
+        "erases them.",
     )
     token_keys: SecretStr | None = Field(
         default=None,

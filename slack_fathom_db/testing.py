@@ -559,14 +559,14 @@ class _Logins:
     """The database's ``DATABASE_TENANT_KEY``: made for it, installed when it is migrated."""
 
     @classmethod
-    def for_database(cls, name: str) -> _Logins:
+    def for_database(cls, name: str, *, token_keys: str | None = None) -> _Logins:
         return cls(
             name=name,
             migrator=f"{name}_migrator",
             migrator_password=secrets.token_urlsafe(24),
             runtime=f"{name}_runtime",
             runtime_password=secrets.token_urlsafe(24),
-            token_keys=generate_key("test"),
+            token_keys=token_keys or generate_key("test"),
             tenant_key=generate_tenant_key("test"),
         )
 
@@ -628,7 +628,7 @@ def _layer_roles(settings: DatabaseSettings) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def throwaway_database(
-    server: URL, *, migrate: bool = True
+    server: URL, *, migrate: bool = True, token_keys: str | None = None
 ) -> AsyncIterator[DatabaseSettings]:
     """A fresh database on ``server``, as an application would have it; dropped after.
 
@@ -637,9 +637,11 @@ async def throwaway_database(
     that login's credentials (``migration_url``), and used through a runtime
     login made by :func:`slack_fathom_db.logins.create_login` (``url``).
     Without ``migrate`` the runtime login does not exist yet: ``url`` is the
-    migrating login's. Everything, roles included, is dropped afterwards.
+    migrating login's. ``token_keys`` (``DATABASE_TOKEN_KEYS``) defaults to a key
+    made for it: give another database's to read the Slack tokens of a workspace
+    imported from there. Everything, roles included, is dropped afterwards.
     """
-    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}")
+    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}", token_keys=token_keys)
     settings = _database_settings(server, logins, runtime=False)
     await _create_database(server, logins)
     try:
@@ -654,7 +656,7 @@ async def throwaway_database(
 
 @contextlib.asynccontextmanager
 async def citus_database(
-    cluster: CitusCluster, *, revision: str = "head"
+    cluster: CitusCluster, *, revision: str = "head", token_keys: str | None = None
 ) -> AsyncIterator[DatabaseSettings]:
     """A fresh database on ``cluster``, migrated to ``revision`` and distributed; dropped after.
 
@@ -663,8 +665,9 @@ async def citus_database(
     :func:`throwaway_database` makes it) and the extension are made on every
     node, then the nodes are registered in it on the coordinator. The settings
     point at the coordinator, as the runtime login once the schema is at head.
+    ``token_keys`` as for :func:`throwaway_database`.
     """
-    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}")
+    logins = _Logins.for_database(f"sfdb_test_{uuid.uuid4().hex[:12]}", token_keys=token_keys)
     coordinator, worker = cluster.coordinator.url, cluster.worker.url
     settings = _database_settings(coordinator, logins, runtime=False)
     created: list[URL] = []

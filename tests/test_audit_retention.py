@@ -33,7 +33,7 @@ from tests.conftest import superuser_connection
 from tests.helpers import claim_statement, unique_team_id
 from tests.test_audit_chain import log, past_the_triggers
 from tests.test_cli import owner_env, sfdb, url_of
-from tests.test_migrations import PREVIOUS
+from tests.test_migrations import BEFORE_PARTITIONS
 from tests.test_schema import runtime_login
 
 if TYPE_CHECKING:
@@ -470,7 +470,7 @@ async def test_the_partitions_revision_runs_on_a_database_distributed_before_it(
     distributes the new chain table; partitions made later are distributed too."""
     assert sfdb_citus is not None
     async with (
-        citus_database(sfdb_citus, revision=PREVIOUS) as settings,
+        citus_database(sfdb_citus, revision=BEFORE_PARTITIONS) as settings,
         superuser_connection(sfdb_citus.coordinator.url, settings) as admin,
     ):
         tenant = await admin.fetchval(

@@ -254,6 +254,7 @@ async def ready(cli_db: CliDatabase, sfdb_server: URL, cwd: Path) -> None:
         "create-login",
         "distribute",
         "purge-rate-limits",
+        "tenant",
         "generate-tenant-key",
         "rotate-tenant-key",
     ],
@@ -579,6 +580,17 @@ async def test_demo_then_stats_and_audit(
         "audit", "verify", "--kept", str(heads), url=cli_db.url, cwd=tmp_path, extra_env=env
     )
     assert (kept.returncode, "LOST" in kept.stdout) == (0, False), kept.stderr
+    one = sfdb(  # as the usage line has it: the workspace, then the kept heads
+        "audit",
+        "verify",
+        DEMO_TEAM,
+        "--kept",
+        str(heads),
+        url=cli_db.url,
+        cwd=tmp_path,
+        extra_env=env,
+    )
+    assert (one.returncode, "1 of 1 audit chains" in one.stdout) == (0, True), one.stderr
     heads.write_text("nothing kept here\n")
     unreadable = sfdb(
         "audit", "verify", "--kept", str(heads), url=cli_db.url, cwd=tmp_path, extra_env=env

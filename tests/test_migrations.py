@@ -43,8 +43,9 @@ OUR_TABLES = {
     "audit_logs",
     "api_rate_limits",
 }
-HEAD = "0011"
-PREVIOUS = "0010"
+HEAD = "0012"
+PREVIOUS = "0011"
+BEFORE_PARTITIONS = "0010"
 CLAIMS = "0008"
 BEFORE_CLAIMS = "0007"
 """The revision before head: the last whose policies trusted the plain ``app.tenant_id``."""
@@ -633,7 +634,7 @@ async def test_the_partitions_revision_keeps_every_event_and_the_chains(
     """Events of two workspaces written before the audit log was partitioned, a year ago,
     last month, now and in a month far ahead, move to their months' partitions with their
     ids, times, digests and salts; the chains verify; down and up again keeps them too."""
-    await schema.upgrade(empty, PREVIOUS)
+    await schema.upgrade(empty, BEFORE_PARTITIONS)
     superuser = await asyncpg.connect(superuser_dsn(sfdb_server, empty))
     events = "SELECT * FROM audit_logs ORDER BY id"
     chain = "SELECT * FROM audit_chain ORDER BY tenant_id, chain_seq"
@@ -688,7 +689,7 @@ async def test_the_partitions_revision_keeps_every_event_and_the_chains(
         assert held["audit_logs_default"] == 0
         assert (await verify_audit_chains(empty)).ok
 
-        await schema.downgrade(empty, PREVIOUS)
+        await schema.downgrade(empty, BEFORE_PARTITIONS)
         assert await superuser.fetchval(kind) == b"r"
         assert await superuser.fetch(events) == before
         assert await superuser.fetch(chain) == chained

@@ -152,14 +152,18 @@ OWNER_SCOPED = {("api_rate_limits", "owner_scoped", b"*")}
 # erasure): the one workspace that ``sfdb.lifecycle_tenant`` names.
 LIFECYCLE_TENANT = "NULLIF(current_setting('sfdb.lifecycle_tenant', true), '')::uuid"
 OWNER_LIFECYCLE = {
-    (table, "owner_lifecycle", b"*")
-    for table in (
-        "users",
-        "crm_connections",
-        "account_mappings",
-        "meeting_sessions",
-        "api_rate_limits",
-    )
+    # Migration 0012: the owner's erasure (a trigger allows only the de-identifying update).
+    ("audit_logs", "owner_erases", b"w"),
+    *(
+        (table, "owner_lifecycle", b"*")
+        for table in (
+            "users",
+            "crm_connections",
+            "account_mappings",
+            "meeting_sessions",
+            "api_rate_limits",
+        )
+    ),
 }
 
 
@@ -1089,6 +1093,7 @@ EXECUTE: dict[str, set[str]] = {
     "sfdb_audit_content": set(),  # the chain's trigger and sfdb audit verify, as the owner
     "sfdb_audit_partitions_ensure": set(),  # the owner's maintenance (sfdb migrate, retain)
     "sfdb_audit_partition_make": set(),
+    "sfdb_tenants_uninstalled_at": set(),  # the trigger that keeps the purge's clock
 }
 # The functions that run as the owner (SECURITY DEFINER): the directory's, and the two that
 # read the tenant keys for the app role.

@@ -41,11 +41,15 @@ LIFECYCLE_TENANT: Final = "NULLIF(current_setting('sfdb.lifecycle_tenant', true)
 
 def upgrade() -> None:
     owner = migration_roles(context.config.attributes).owner
+    # As the migrating login, as revisions 0006 to 0009: on a distributed Citus cluster the
+    # coordinator opens its connections to the workers as the role in effect.
+    op.execute("RESET ROLE")
     for table in TABLES:
         op.execute(
             f'CREATE POLICY owner_lifecycle ON {table} TO "{owner}" '
             f"USING (tenant_id = {LIFECYCLE_TENANT}) WITH CHECK (tenant_id = {LIFECYCLE_TENANT})"
         )
+    op.execute(f'SET LOCAL ROLE "{owner}"')
 
 
 def downgrade() -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from slack_fathom_db.models.base import Base, SoftDelete, TenantOwned, Timestamps, one_of
+from slack_fathom_db.models.base import INTERNAL, Base, SoftDelete, TenantOwned, Timestamps, one_of
 
 PLAN_TIERS: Final = ("free", "starter", "pro", "enterprise")
 SUBSCRIPTION_STATUSES: Final = ("trialing", "active", "past_due", "canceled")
@@ -57,6 +57,10 @@ class Tenant(Timestamps, SoftDelete, Base):
     subscription_status: Mapped[str] = mapped_column(Text, server_default="active")
     trial_ends_at: Mapped[datetime | None]
     settings: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    # When ``sfdb tenant purge`` last erased the workspace's rows (slack_fathom_db.erasure).
+    purged_at: Mapped[datetime | None] = mapped_column(sort_order=95, info=INTERNAL)
+    # When the directory uninstalled it (the purge's clock); kept by a trigger (revision 0012).
+    uninstalled_at: Mapped[datetime | None] = mapped_column(sort_order=96, info=INTERNAL)
 
     def __repr__(self) -> str:
         return f"Tenant(id={self.id}, slack_team_id={self.slack_team_id!r})"
