@@ -947,7 +947,9 @@ class _Chain:
         """Before the first event."""
         if not self._citus:
             # Each statement's events take their places as it ends, in the order inserted.
-            await self._conn.execute("SET CONSTRAINTS public.audit_logs_chain IMMEDIATE")
+            # ALL: the chain's trigger fires as its clones on the partitions (in their own
+            # schema, which the name in public does not reach); nothing else is deferred here.
+            await self._conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
     async def take(self, document: str, batch: list[str], *, first: int, file: str) -> None:
         """Check a batch of events, inserted; ``first`` is the number of its first line,
