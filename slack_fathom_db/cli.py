@@ -948,37 +948,22 @@ async def _demo(settings: DatabaseSettings, meetings: int) -> None:
 
 
 @contextlib.contextmanager
-def _progress(total: int) -> Iterator[Any]:
-    """A progress bar on stderr that appears only if the work takes more than a second."""
-    started = time.monotonic()
-    progress = Progress(
-        TextColumn("ingesting meetings"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    task = progress.add_task("meetings", total=total)
-    shown = False
+def _progress(total: int) -> Iterator[Callable[[], None]]:
+    """One bar of meetings ingested, as :func:`_table_progress` draws it."""
+    done = 0
+    with _table_progress("ingesting") as bars:
 
-    def advance() -> None:
-        nonlocal shown
-        progress.advance(task)
-        if not shown and time.monotonic() - started > 1.0:
-            progress.start()
-            shown = True
+        def advance() -> None:
+            nonlocal done
+            done += 1
+            bars("meetings", done, total)
 
-    try:
         yield advance
-    finally:
-        if shown:
-            progress.stop()
 
 
 @contextlib.contextmanager
 def _table_progress(verb: str) -> Iterator[ProgressCallback]:
-    """A bar per table on stderr, as :func:`_progress`: only if the work takes over a second."""
+    """A bar per table on stderr that appears only if the work takes more than a second."""
     started = time.monotonic()
     progress = Progress(
         TextColumn(f"{verb} " + "{task.description}"),

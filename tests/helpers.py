@@ -29,6 +29,7 @@ from slack_fathom_db.claims import TenantKey
 
 if TYPE_CHECKING:
     import uuid
+    from collections.abc import Sequence
 
     from slack_fathom_db.records import User
     from slack_fathom_db.settings import DatabaseSettings
@@ -212,3 +213,26 @@ async def _partitioned_table(conn: asyncpg.Connection, table: str) -> str:
         "SELECT coalesce(pg_partition_root($1::regclass), $1::regclass)::regclass::text", table
     )
     return root
+
+
+async def refused_to_every_runtime_role(
+    admin: asyncpg.Connection,
+    settings: DatabaseSettings,
+    tenant: TenantId,
+    statements: Sequence[str],
+) -> None:
+    """Each statement, sent with ``tenant``'s claim as the app role, the directory role and
+    the runtime login itself (what code that can send SQL as the login may become), is
+    refused for want of a privilege (SQLSTATE 42501); ``admin`` is a superuser's."""
+    login = settings.sqlalchemy_url().username
+    assert login, "the test database's URL names no login"
+    for role in (settings.roles.app, settings.roles.directory, login):
+        for sql in statements:
+            async with admin.transaction():
+                await admin.execute(f'SET LOCAL ROLE "{role}"')
+                await admin.execute(claim_statement(settings, tenant))
+                try:
+                    await admin.execute(sql)
+                except asyncpg.InsufficientPrivilegeError:
+                    continue
+                raise AssertionError(f"{role} was allowed: {sql}")

@@ -31,8 +31,7 @@ from slack_fathom_db.audit_chain import (
 )
 from slack_fathom_db.errors import TenantNotFound, ValidationError
 from tests.conftest import superuser_connection
-from tests.helpers import claim_statement, on_citus
-from tests.test_schema import runtime_login
+from tests.helpers import claim_statement, on_citus, refused_to_every_runtime_role
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -237,14 +236,7 @@ async def test_no_runtime_role_may_read_or_write_the_chain(
         f"INSERT INTO public.{table} (tenant_id, chain_seq) VALUES ('{tenant_a}', 1)",
         f"TRUNCATE public.{table}",
     ]
-    roles = (settings.roles.app, settings.roles.directory, runtime_login(settings))
-    for role in roles:
-        for sql in attempts:
-            async with admin.transaction():
-                await admin.execute(f'SET LOCAL ROLE "{role}"')
-                await admin.execute(claim_statement(settings, tenant_a))
-                with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                    await admin.execute(sql)
+    await refused_to_every_runtime_role(admin, settings, tenant_a, attempts)
 
 
 async def test_32_concurrent_writers_of_one_workspace_leave_one_valid_chain(

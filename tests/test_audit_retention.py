@@ -30,11 +30,10 @@ from slack_fathom_db.audit_retention import ensure_audit_partitions, retain_audi
 from slack_fathom_db.errors import ValidationError
 from slack_fathom_db.testing import citus_database, throwaway_database
 from tests.conftest import superuser_connection
-from tests.helpers import claim_statement, unique_team_id
+from tests.helpers import refused_to_every_runtime_role, unique_team_id
 from tests.test_audit_chain import log, past_the_triggers
 from tests.test_cli import owner_env, sfdb, url_of
 from tests.test_migrations import BEFORE_PARTITIONS
-from tests.test_schema import runtime_login
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -185,14 +184,7 @@ async def test_no_runtime_role_reaches_a_partition_or_the_owners_functions(
         "SELECT public.sfdb_audit_partitions_ensure(3)",
         "SELECT public.sfdb_audit_partition_make(current_date)",
     ]
-    roles = (settings.roles.app, settings.roles.directory, runtime_login(settings))
-    for role in roles:
-        for sql in attempts:
-            async with admin.transaction():
-                await admin.execute(f'SET LOCAL ROLE "{role}"')
-                await admin.execute(claim_statement(settings, tenant_a))
-                with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                    await admin.execute(sql)
+    await refused_to_every_runtime_role(admin, settings, tenant_a, attempts)
     # And logged in as the runtime login itself, with its own privileges.
     login = await asyncpg.connect(
         settings.sqlalchemy_url().set(drivername="postgresql").render_as_string(False)
