@@ -61,17 +61,21 @@ async def test_the_suite_database_is_distributed_exactly_in_the_citus_pass(
     if sfdb_citus is None:  # the plain and PgBouncer passes run on one plain server
         assert not await citus.is_distributed(admin)
         return
-    placed = {
-        row["name"]: (row["method"], row["colocation"])
-        for row in await admin.fetch(
-            "SELECT logicalrelid::regclass::text AS name, partmethod::text AS method, "
-            "colocationid AS colocation FROM pg_dist_partition"
-        )
-    }
-    assert set(placed) == {"tenants", *citus.DISTRIBUTED_TABLES}
+    rows = await admin.fetch(
+        "SELECT logicalrelid::regclass::text AS name, partmethod::text AS method, "
+        "colocationid AS colocation, c.relispartition AS partition "
+        "FROM pg_dist_partition JOIN pg_class c ON c.oid = logicalrelid"
+    )
+    placed = {row["name"]: (row["method"], row["colocation"]) for row in rows}
+    partitions = {row["name"] for row in rows if row["partition"]}
+    assert set(placed) - partitions == {"tenants", *citus.DISTRIBUTED_TABLES}
+    # The audit log's monthly partitions (and its default one) go with it.
+    assert partitions
+    assert all(name.startswith("audit_partitions.audit_logs_") for name in partitions)
     assert placed["tenants"][0] == "n"
-    assert {placed[table][0] for table in citus.DISTRIBUTED_TABLES} == {"h"}
-    assert len({placed[table][1] for table in citus.DISTRIBUTED_TABLES}) == 1  # colocated
+    spread = [*citus.DISTRIBUTED_TABLES, *partitions]
+    assert {placed[table][0] for table in spread} == {"h"}
+    assert len({placed[table][1] for table in spread}) == 1  # colocated
     nodes = await admin.fetch("SELECT nodeport, groupid FROM pg_dist_node ORDER BY groupid")
     assert [(n["nodeport"], n["groupid"] == 0) for n in nodes] == [
         (sfdb_citus.coordinator.url.port, True),
