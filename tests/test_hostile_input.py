@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -92,6 +93,7 @@ WRONG_TYPE = st.one_of(
     st.just(uuid.uuid4()),
 )
 HOSTILE = st.one_of(TEXT, TEXT, WRONG_TYPE)
+WELL_FORMED_TEAM = re.compile(r"[TE][A-Z0-9]{2,30}")
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | TEXT,
     lambda inner: (
@@ -353,6 +355,9 @@ def test_resolve_and_unit_of_work_by_team(harness: Harness) -> None:
         value = data.draw(st.one_of(HOSTILE, st.from_regex(r"T[A-Z0-9]{2,30}", fullmatch=True)))
 
         async def check() -> str:
+            if isinstance(value, str) and WELL_FORMED_TEAM.fullmatch(value):
+                # Never refused: whatever goes wrong with a well-formed id fails here, loudly.
+                assert await h.db.directory.resolve(value) is None
             outcome, resolved = await h.outside(lambda: h.db.directory.resolve(value), value)
             if outcome == "accepted":
                 assert resolved is None  # a well-formed id nobody installed
