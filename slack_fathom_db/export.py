@@ -954,6 +954,14 @@ class _Chain:
     async def take(self, document: str, batch: list[str], *, first: int, file: str) -> None:
         """Check a batch of events, inserted; ``first`` is the number of its first line,
         which is its place once checked."""
+        if not self.head[0] and (start := _place_of(batch[0], file=file)[0]) != 1:
+            # A chain whose oldest months retention dropped (sfdb audit retain) starts
+            # later, and the target's trigger would chain its events from place 1.
+            raise ArchiveInvalid(
+                f"{_IMPORT}: {file}: the export's audit chain starts at place {start}, not 1 "
+                "(its older months were dropped by retention): such a chain cannot be "
+                "imported; nothing written"
+            )
         await _check_places(
             self._conn, document, self._tenant, before=self.head, citus=self._citus, file=file
         )

@@ -369,6 +369,25 @@ def rewrite(directory: Path, table: str, data: bytes) -> None:
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
+async def test_a_chain_that_starts_after_place_1_is_refused(
+    settings: DatabaseSettings, target: DatabaseSettings, workspace: Workspace, tmp_path: Path
+) -> None:
+    """An export whose audit chain starts later (retention dropped its oldest events) is
+    refused by name, and nothing is written."""
+    await export_tenant(settings, workspace.team, tmp_path)
+    lines = (tmp_path / "audit_logs.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) > 1
+    rewrite(tmp_path, "audit_logs", b"".join(lines[1:]))
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    for entry in manifest["tables"]:
+        if entry["table"] == "audit_logs":
+            entry["rows"] -= 1
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArchiveInvalid, match="starts at place 2, not 1"):
+        await import_tenant(target, tmp_path)
+    assert await count_rows(target, workspace.tenant) == 0
+
+
 async def test_an_existing_workspace_is_a_conflict_and_nothing_is_written(
     settings: DatabaseSettings, target: DatabaseSettings, workspace: Workspace, tmp_path: Path
 ) -> None:
