@@ -1,7 +1,10 @@
 """The audit aggregate: an append-only, tamper-evident log of what happened in a workspace.
 
 The database keeps it append-only by itself: the app role may only INSERT and
-SELECT, and a trigger rejects UPDATE, DELETE and TRUNCATE for everybody.
+SELECT, and a trigger rejects UPDATE, DELETE and TRUNCATE for everybody, but
+for one update by the owner: erasure (:mod:`slack_fathom_db.erasure`) empties
+an event's personal fields and erases its salt, every other column as it was.
+Events leave only with their month's partition (``sfdb audit retain``).
 
 Each workspace's events form a hash chain that the database computes as the
 transaction writing them commits, whatever the inserts said: ``audit_chain``
