@@ -35,7 +35,7 @@ import asyncpg
 
 from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import ConfigurationError, translate
-from slack_fathom_db.maintenance import sync_tenant_keys
+from slack_fathom_db.maintenance import has_citus, sync_tenant_keys
 from slack_fathom_db.models import AUDIT_CHAIN_TABLES, TENANT_OWNED_TABLES
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ async def distribute(settings: DatabaseSettings) -> list[str]:
 
 async def is_distributed(conn: asyncpg.Connection) -> bool:
     """Whether the database of ``conn`` has Citus and its tables are distributed."""
-    if not await _has_citus(conn):
+    if not await has_citus(conn):
         return False
     distributed: bool = await conn.fetchval(
         "SELECT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = 'users'::regclass)"
@@ -95,15 +95,8 @@ async def is_distributed(conn: asyncpg.Connection) -> bool:
     return distributed
 
 
-async def _has_citus(conn: asyncpg.Connection) -> bool:
-    found: bool = await conn.fetchval(
-        "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
-    )
-    return found
-
-
 async def _check_ready(conn: asyncpg.Connection) -> None:
-    if not await _has_citus(conn):
+    if not await has_citus(conn):
         raise ConfigurationError(
             f"{_ACTION}: Citus is not installed in this database (CREATE EXTENSION citus "
             "on the coordinator and every worker, in this database)"

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from slack_fathom_db import validation
 from slack_fathom_db.connections import DRIVER_ERRORS
 from slack_fathom_db.errors import TenantNotFound, translate
-from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
+from slack_fathom_db.maintenance import lifecycle_scope, owner_connection, rows_affected
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ async def _purge(
                     count = len(ids)
                     after = max(ids, default=after)
                 else:
-                    count = _count(await conn.execute(_delete_batch(table), tenant, batch))
+                    count = rows_affected(await conn.execute(_delete_batch(table), tenant, batch))
             if table == "audit_logs":
                 deidentified += count
             else:
@@ -269,10 +269,6 @@ async def _stopped(
 async def _hold(conn: asyncpg.Connection, tenant: uuid.UUID, days: int) -> bool:
     await conn.execute(lifecycle_scope(tenant))
     return await conn.fetchval(_HOLD_DUE, tenant, days) is not None
-
-
-def _count(status: str) -> int:
-    return int(status.rsplit(" ", 1)[1])
 
 
 async def erase_user(
@@ -338,7 +334,7 @@ async def _erase_user(conn: asyncpg.Connection, tenant: uuid.UUID, person: str) 
     )
     users = [row["id"] for row in rows]
     emails = sorted({row["email"] for row in rows if row["email"]})
-    deidentified = _count(
+    deidentified = rows_affected(
         await conn.execute(
             f"UPDATE public.audit_logs SET {_DEIDENTIFY} "  # noqa: S608 - fixed text
             "WHERE tenant_id = $1 AND (user_id = ANY($2::uuid[]) "
@@ -354,7 +350,7 @@ async def _erase_user(conn: asyncpg.Connection, tenant: uuid.UUID, person: str) 
         tenant,
         users,
     )
-    meetings = _count(
+    meetings = rows_affected(
         await conn.execute(
             "DELETE FROM public.meeting_sessions "
             "WHERE tenant_id = $1 AND user_id = ANY($2::uuid[])",
@@ -362,8 +358,10 @@ async def _erase_user(conn: asyncpg.Connection, tenant: uuid.UUID, person: str) 
             users,
         )
     )
-    mentions = _count(await conn.execute(_FORGET_PARTICIPANT, tenant, emails)) if emails else 0
-    installations = _count(
+    mentions = (
+        rows_affected(await conn.execute(_FORGET_PARTICIPANT, tenant, emails)) if emails else 0
+    )
+    installations = rows_affected(
         await conn.execute(
             "DELETE FROM public.slack_installations WHERE tenant_id = $1 AND user_id = $2",
             tenant,

@@ -103,7 +103,12 @@ from slack_fathom_db.errors import (
     ValidationError,
     translate,
 )
-from slack_fathom_db.maintenance import lifecycle_scope, owner_connection
+from slack_fathom_db.maintenance import (
+    has_citus,
+    lifecycle_scope,
+    owner_connection,
+    rows_affected,
+)
 from slack_fathom_db.models import TENANT_OWNED_TABLES, Base
 
 if TYPE_CHECKING:
@@ -217,7 +222,6 @@ WHERE chain_seq IS DISTINCT FROM $4::bigint + ord
         resource_id, created_at, personal_digest))
 """  # noqa: S608 - made of this module's constants
 _HEAD: Final = "SELECT chain_seq FROM public.audit_chain_heads WHERE tenant_id = $1"
-_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
 def _session(tenant: uuid.UUID) -> str:
@@ -527,7 +531,7 @@ class _SecondReader:
     async def connection(self) -> asyncpg.Connection | None:
         """The second connection, in the same snapshot; ``None`` where there can be none."""
         if self._usable is None:
-            self._usable = not await self._conn.fetchval(_HAS_CITUS)
+            self._usable = not await has_citus(self._conn)
         if not self._usable or self._second is not None:
             return self._second
         snapshot = await self._conn.fetchval("SELECT pg_export_snapshot()")
@@ -687,7 +691,7 @@ async def import_tenant(
                     f"this database is at {revision}: migrate to the same revision first"
                 )
             await _refuse_taken(conn, manifest)
-            citus = bool(await conn.fetchval(_HAS_CITUS))
+            citus = await has_citus(conn)
             chain = _Chain(conn, manifest.tenant_id, citus=citus, kept=heads)
             for entry in manifest.tables:
                 await _import_table(
@@ -854,7 +858,7 @@ async def _import_table(
                     inserted = 0 if foreign else len(batch)
                 else:
                     status = await conn.execute(insert, document, tenant)
-                    inserted = int(status.rsplit(" ", 1)[1])
+                    inserted = rows_affected(status)
                 if inserted != len(batch):
                     raise _refusal(entry, tenant, batch, first)
                 if chain is not None:

@@ -34,11 +34,13 @@ __all__ = [
     "DEFAULT_PURGE_AFTER_DAYS",
     "KeyRotation",
     "finish_tenant_key_rotation",
+    "has_citus",
     "install_tenant_key",
     "lifecycle_scope",
     "purge_rate_limit_windows",
     "rotate_tenant_key",
     "rotate_token_keys",
+    "rows_affected",
     "sync_tenant_keys",
 ]
 
@@ -80,8 +82,7 @@ async def purge_rate_limit_windows(
     deleted = 0
     try:
         while True:
-            status = await conn.execute(_PURGE_BATCH, days, batch)
-            count = int(status.rsplit(" ", 1)[1])
+            count = rows_affected(await conn.execute(_PURGE_BATCH, days, batch))
             deleted += count
             if count < batch:
                 return deleted
@@ -209,6 +210,19 @@ async def owner_connection(
         raise translate(exc, action=action) from exc
 
 
+async def has_citus(conn: asyncpg.Connection) -> bool:
+    """Whether the database behind ``conn`` has the Citus extension."""
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
+    )
+    return found
+
+
+def rows_affected(status: str) -> int:
+    """The row count of a command's status (``DELETE 3`` → 3)."""
+    return int(status.rsplit(" ", 1)[1])
+
+
 def lifecycle_scope(tenant_id: uuid.UUID) -> str:
     """The ``SET LOCAL`` that lets the owner reach one workspace's rows for the rest of the
     transaction (the ``owner_lifecycle`` policies of migration 0010); a literal, as Citus
@@ -268,7 +282,6 @@ _KEYS_DIGEST: Final = (
     "|| encode(outer_pad, 'hex'), ',' ORDER BY key_id) FROM public.tenant_claim_keys), '')) "
     "FROM pg_class c WHERE c.oid = 'public.tenant_claim_keys'::regclass"
 )
-_HAS_CITUS: Final = "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')"
 
 
 async def install_tenant_key(settings: DatabaseSettings) -> bool:
@@ -378,7 +391,7 @@ async def sync_tenant_keys(conn: asyncpg.Connection) -> bool:
     ``True`` if a worker's copy was made anew; ``False`` when all agree (or there
     are no workers).
     """
-    if not await conn.fetchval(_HAS_CITUS):
+    if not await has_citus(conn):
         return False
     held = await conn.fetchval(_KEYS_DIGEST)
     copies = await conn.fetch(
@@ -407,7 +420,7 @@ async def _holds(conn: asyncpg.Connection, key: TenantKey) -> bool:
 
 
 async def _sync_workers(conn: asyncpg.Connection) -> bool:
-    if not await conn.fetchval(_HAS_CITUS):
+    if not await has_citus(conn):
         return False
     owner = await conn.fetchval(
         "SELECT pg_get_userbyid(relowner) FROM pg_class "
